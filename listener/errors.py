@@ -1,0 +1,29 @@
+"""The one exception hierarchy of merkle-listener.
+
+Subclasses are split by what the caller does next: fix the configuration, fix the source
+table, retry against the database, or distrust a proof. Every message says what to do.
+"""
+
+
+class MerkleListenerError(Exception):
+    """Root of every error merkle-listener raises on purpose."""
+
+
+class ConfigurationError(MerkleListenerError):
+    """Bad settings or command-line input; nothing was written."""
+
+
+class SourceTableError(MerkleListenerError):
+    """A source table cannot be registered or captured as asked; nothing was written."""
+
+
+class DatabaseError(MerkleListenerError):
+    """The database is unreachable or refused an operation; retrying may help."""
+
+
+class ProcessingError(MerkleListenerError):
+    """The listener found the log in a state it must not extend (for example a fencing failure)."""
+
+
+class ProofVerificationError(MerkleListenerError):
+    """A proof, root or checkpoint did not verify: do not trust the log's claim."""

@@ -1,0 +1,1 @@
+"""Persistence in PostgreSQL: connections, schema migrations, tiles, processed_log."""

@@ -1,0 +1,49 @@
+"""Where to connect: --dsn, else DATABASE_URL, else libpq's PG* variables, else embedded.
+
+The connection settings pinned here are the ones the canonical entry encoding is defined
+under (docs/canonical-entry.md); every connection of the listener uses them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+PINNED_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "client_encoding": "UTF8",
+}
+
+LIBPQ_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved database target: a DSN, or None meaning the embedded server."""
+
+    dsn: str | None
+    described_as: str
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn is None
+
+
+def resolve(dsn: str | None, environ: dict[str, str] | None = None) -> Target:
+    env = os.environ if environ is None else environ
+    if dsn:
+        return Target(dsn, "--dsn")
+    if env.get("DATABASE_URL"):
+        return Target(env["DATABASE_URL"], "DATABASE_URL")
+    if any(env.get(v) for v in LIBPQ_VARS):
+        return Target("", "PG* environment variables")  # libpq reads them itself
+    return Target(None, "embedded PostgreSQL")
+
+
+def options_string() -> str:
+    """libpq `options` value that pins the canonical-encoding settings for a session."""
+    return " ".join(f"-c {k.lower()}={v.replace(' ', '')}" for k, v in PINNED_SETTINGS.items())
