@@ -116,3 +116,23 @@ def test_document_quotes_every_vector():
         assert v["leaf_hash"] in doc, f"docs/canonical-entry.md lacks the leaf hash of vector {v['name']}"
     for v in DATA["entry_column_vectors"]:
         assert v["leaf_hash"] in doc
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_standard_library_recipe_of_the_doc(v):
+    # docs/canonical-entry.md tells clients that Python's json module produces the entry.
+    doc = {"op": v["op"], "row": {c["name"]: c["text"] for c in v["columns"]},
+           "source": f'{v["schema"]}.{v["table"]}', "v": 1}
+    entry = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    assert hashlib.sha256(b"\x00" + entry).hexdigest() == v["leaf_hash"]
+
+
+def test_psql_recipe_of_the_doc(dsn, conn):
+    v = next(v for v in VECTORS if v["name"] == "orders_delete")
+    _create_and_fill(dsn, v)
+    got = conn.execute(
+        "SELECT encode(merkle.canonical_leaf_hash(merkle.canonical_entry_v1('delete', 'public.orders_del',"
+        " ARRAY['id'], ARRAY[CASE WHEN id IS NULL THEN NULL ELSE format('%s', id) END])), 'hex')"
+        " FROM public.orders_del WHERE id = 42"
+    ).fetchone()[0]
+    assert got == v["leaf_hash"]
