@@ -1,0 +1,357 @@
+"""`merkle-listener …`: the command line.
+
+Database target, in order: --dsn, DATABASE_URL, libpq's PG* variables, else the embedded
+PostgreSQL under --data-dir (default: the user's data directory), started on demand and
+stopped again on exit by the command that started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+
+from listener import __version__, jsonlog
+from listener.embedded import EmbeddedPostgres, default_data_dir
+from listener.errors import ConfigurationError, MerkleListenerError, ProofVerificationError
+from listener.store.connect import options_string, resolve
+
+EMBEDDED_DATABASE = "merkle"
+
+EPILOG = """\
+First steps (embedded PostgreSQL, nothing to install):
+  merkle-listener demo                      # a guided run on two sample tables
+  merkle-listener init                      # create schema merkle
+  merkle-listener log create audit
+  merkle-listener source add audit public.orders --append-only --backfill
+  merkle-listener run                       # sequence changes as they commit
+  merkle-listener prove inclusion audit 0 > proof.json && merkle-listener verify proof.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="merkle-listener",
+        description="Make PostgreSQL tables tamper-evident: every committed change becomes a leaf "
+        "of an RFC 9162 Merkle tree, with inclusion and consistency proofs.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"merkle-listener {__version__}")
+    p.add_argument("--dsn", help="PostgreSQL connection string (default: $DATABASE_URL, PG* variables, else embedded)")
+    p.add_argument("--data-dir", type=Path, help="embedded PostgreSQL home (default: $MERKLE_LISTENER_HOME or the user data dir)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="structured (JSON) log level on stderr (default: warning; `run` uses info)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = sub.add_parser("db", help="manage the embedded PostgreSQL").add_subparsers(dest="db_command", required=True)
+    db.add_parser("start", help="start it and leave it running")
+    db.add_parser("stop", help="stop it")
+    db.add_parser("status", help="say whether it runs")
+    db.add_parser("url", help="print a DSN for psql and psycopg (starts nothing)")
+
+    sub.add_parser("init", help="create or upgrade schema merkle (idempotent)")
+
+    lg = sub.add_parser("log", help="create and list logs").add_subparsers(dest="log_command", required=True)
+    lc = lg.add_parser("create", help="create a log")
+    lc.add_argument("name", help="[a-z][a-z0-9_]*")
+    lc.add_argument("--origin", help="checkpoint origin line (default: merkle-listener/NAME)")
+    lg.add_parser("list", help="list logs")
+
+    src = sub.add_parser("source", help="register tables as sources of a log").add_subparsers(dest="source_command", required=True)
+    sa = src.add_parser("add", help="capture every row inserted into TABLE as a leaf of LOG")
+    sa.add_argument("log")
+    sa.add_argument("table", help="table name, optionally schema-qualified")
+    sa.add_argument("--key", help="comma-separated unique key columns (default: the primary key)")
+    sa.add_argument("--columns", help="comma-separated columns to hash (default: all)")
+    sa.add_argument("--where", help="row filter: column references, constants and operators only")
+    sa.add_argument("--entry-column", help="a NOT NULL bytea column holding the entry bytes to log as is")
+    sa.add_argument("--backfill", action="store_true", help="also log the rows already in the table, in key order")
+    sa.add_argument("--append-only", action="store_true", help="refuse UPDATE, DELETE and TRUNCATE on the table")
+    sl = src.add_parser("list", help="list sources")
+    sl.add_argument("log", nargs="?")
+    sr = src.add_parser("remove", help="stop capturing TABLE")
+    sr.add_argument("log")
+    sr.add_argument("table")
+
+    rp = sub.add_parser("run", help="sequence captured changes into the logs until stopped (Ctrl-C)")
+    rp.add_argument("--log", action="append", dest="logs", metavar="NAME", help="only this log (repeatable)")
+    rp.add_argument("--poll", type=float, default=1.0, help="safety poll interval in seconds (default 1)")
+    rp.add_argument("--max-batch", type=int, default=20_000, help="rows per batch transaction (default 20000)")
+
+    st = sub.add_parser("status", help="logs, sizes, roots, queued changes")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    pr = sub.add_parser("prove", help="print a proof as JSON").add_subparsers(dest="proof_type", required=True)
+    pi = pr.add_parser("inclusion", help="leaf INDEX is in the tree of size N")
+    pi.add_argument("log")
+    pi.add_argument("index", type=int)
+    pi.add_argument("--size", type=int, help="tree size (default: current)")
+    pc = pr.add_parser("consistency", help="the tree of size SECOND extends the one of size FIRST")
+    pc.add_argument("log")
+    pc.add_argument("first", type=int)
+    pc.add_argument("second", type=int)
+
+    vf = sub.add_parser("verify", help="check a proof JSON offline (no database)")
+    vf.add_argument("file", help="a file written by `prove`, or - for standard input")
+    vf.add_argument("--root", help="base64 root you trust; the proof must lead to it")
+
+    dm = sub.add_parser("demo", help="a guided run: two tables, concurrent writers, proofs verified")
+    dm.add_argument("--rows", type=int, default=200, help="rows per writer (default 200)")
+    dm.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
+
+    bp = sub.add_parser("bench", help="benchmarks printing ratios against limits measured in the same run")
+    bp.add_argument("what", choices=["tree", "sql", "capture"])
+    bp.add_argument("--leaves", type=int, help="log size for `tree`/`sql` (default per benchmark)")
+    bp.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    return p
+
+
+@contextlib.contextmanager
+def database(args: argparse.Namespace) -> Iterator[str]:
+    """Yield a DSN; for the embedded server, run it for the duration if it was not running."""
+    target = resolve(args.dsn)
+    if not target.embedded:
+        yield target.dsn
+        return
+    server = EmbeddedPostgres(args.data_dir or default_data_dir())
+    with server.running():
+        _ensure_database(server)
+        yield server.dsn(EMBEDDED_DATABASE)
+
+
+def _ensure_database(server: EmbeddedPostgres) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)).fetchone():
+            admin.execute(f"CREATE DATABASE {EMBEDDED_DATABASE}")
+
+
+def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, options=options_string(), application_name="merkle-listener")
+    except psycopg.OperationalError as exc:
+        raise ConfigurationError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from None
+
+
+def _checked(conn: psycopg.Connection) -> psycopg.Connection:
+    from listener.store import migrate
+
+    migrate.check_version(conn)
+    return conn
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    from listener.sources.validate import parse_column_list
+
+    return parse_column_list(value)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_db(args) -> int:
+    server = EmbeddedPostgres(args.data_dir or default_data_dir())
+    if args.db_command == "start":
+        started = server.start(owned=False)
+        _ensure_database(server)
+        print(("started" if started else "already running") + f": {server.dsn(EMBEDDED_DATABASE)}")
+    elif args.db_command == "stop":
+        print("stopped" if server.stop() else "not running")
+    elif args.db_command == "status":
+        st = server.state()
+        if st.running:
+            owner = "left running by `db start`" if st.owner_pid is None else (
+                f"orphaned (its owner, pid {st.owner_pid}, is gone)" if st.orphaned else f"owned by pid {st.owner_pid}")
+            print(f"running (pid {st.pid}, {owner}) in {server.pgdata}")
+        else:
+            print(f"not running ({'not created yet' if not server.initialized() else server.pgdata})")
+            return 3
+    elif args.db_command == "url":
+        print(server.dsn(EMBEDDED_DATABASE))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from listener.store import migrate
+
+    with database(args) as dsn, connect(dsn, autocommit=False) as conn:
+        applied = migrate.apply(conn)
+        conn.commit()
+        version = migrate.current_version(conn)
+    print(f"schema merkle at version {version}" + (f" (applied {', '.join(f'{m.version:03d}_{m.name}' for m in applied)})" if applied else " (up to date)"))
+    return 0
+
+
+def cmd_log(args) -> int:
+    from listener import registry
+
+    with database(args) as dsn, connect(dsn) as conn:
+        _checked(conn)
+        if args.log_command == "create":
+            log = registry.create_log(conn, args.name, args.origin)
+            print(f"created log {log.name!r} (origin {log.origin!r})")
+        else:
+            for log in registry.list_logs(conn):
+                print(f"{log.name}\tsize {log.tree_size}\troot {log.root.hex()}\torigin {log.origin}")
+    return 0
+
+
+def cmd_source(args) -> int:
+    from listener import registry
+
+    with database(args) as dsn, connect(dsn, autocommit=False) as conn:
+        _checked(conn)
+        conn.commit()
+        if args.source_command == "add":
+            source, queued = registry.add_source(
+                conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
+                entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
+            )
+            extra = f"; {queued} existing rows queued" if args.backfill else ""
+            print(f"{source.qualified} now feeds log {args.log!r} (key {', '.join(source.key_columns)}; "
+                  f"columns {', '.join(source.columns)}{'; append-only' if source.append_only else ''}{extra})")
+        elif args.source_command == "list":
+            log_id = registry.get_log(conn, args.log).log_id if args.log else None
+            for s in registry.list_sources(conn, log_id):
+                print(f"{s.qualified}\tlog_id {s.log_id}\tmode {s.mode}\tkey {','.join(s.key_columns)}\t"
+                      f"columns {','.join(s.columns)}\tfilter {s.row_filter or '-'}\tappend-only {s.append_only}")
+            conn.commit()
+        else:
+            queued = registry.remove_source(conn, args.log, args.table)
+            if queued:
+                print(f"capture of {args.table} stopped; {queued} queued changes will still be logged by "
+                      "`merkle-listener run`; run `source remove` again afterwards to finish")
+            else:
+                print(f"{args.table} removed from log {args.log!r}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import anyio
+
+    from listener.runner import RunOptions, run
+
+    with database(args) as dsn:
+        with connect(dsn) as conn:
+            _checked(conn)
+        opts = RunOptions(dsn=dsn, logs=args.logs, poll_interval=args.poll, max_batch=args.max_batch)
+        anyio.run(_until_signal, run, opts)
+    return 0
+
+
+async def _until_signal(fn, *args) -> None:
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+        async def stop_on_signal():
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(stop_on_signal)
+        await tg.start(fn, *args)
+
+
+def cmd_status(args) -> int:
+    from listener.status import collect, render
+
+    with database(args) as dsn, connect(dsn) as conn:
+        _checked(conn)
+        report = collect(conn)
+    if args.json:
+        _print_json(report)
+    else:
+        print(render(report))
+    return 0
+
+
+def cmd_prove(args) -> int:
+    from listener import proofs
+
+    with database(args) as dsn, connect(dsn, autocommit=False) as conn:
+        _checked(conn)
+        conn.commit()
+        if args.proof_type == "inclusion":
+            doc = proofs.inclusion(conn, args.log, args.index, args.size)
+        else:
+            doc = proofs.consistency(conn, args.log, args.first, args.second)
+    _print_json(doc)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from listener import proofs
+
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProofVerificationError(f"{args.file} is not JSON: {exc}") from None
+    trusted = proofs.unb64(args.root, "--root") if args.root else None
+    print(proofs.verify_document(doc, trusted))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from listener.demo import run_demo
+
+    target = resolve(args.dsn)
+    if target.embedded:
+        server = EmbeddedPostgres(args.data_dir or default_data_dir())
+        with server.running():
+            return run_demo(server.dsn(), rows=args.rows, writers=args.writers)
+    return run_demo(target.dsn, rows=args.rows, writers=args.writers)
+
+
+def cmd_bench(args) -> int:
+    from listener.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {
+    "db": cmd_db, "init": cmd_init, "log": cmd_log, "source": cmd_source, "run": cmd_run, "status": cmd_status,
+    "prove": cmd_prove, "verify": cmd_verify, "demo": cmd_demo, "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level
+    if args.command == "run" and "--log-level" not in (argv if argv is not None else sys.argv):
+        level = "info"
+    jsonlog.setup(level)
+    # SIGTERM unwinds like Ctrl-C so an embedded server started here is stopped (`run` handles both itself).
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return COMMANDS[args.command](args)
+    except ProofVerificationError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    except MerkleListenerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:
+        print(f"database error: {str(exc).strip()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt

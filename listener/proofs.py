@@ -1,0 +1,115 @@
+"""Proof documents: what `prove` prints and `verify` checks, as JSON with base64 hashes.
+
+    {"type": "inclusion", "log", "origin", "leaf_index", "tree_size", "leaf_hash", "root",
+     "proof": [...], "source", "source_key", "op"}
+    {"type": "consistency", "log", "origin", "first", "second", "first_root", "second_root",
+     "proof": [...]}
+
+A document checks itself (the proof leads to the root it names); it is worth something once
+that root is one you trust, e.g. from a signed checkpoint (`verify --root`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import psycopg
+
+from listener import merkle
+from listener.errors import ConfigurationError, ProofVerificationError
+from listener.registry import get_log
+from listener.store.tiles import TileNodeReader
+
+
+def b64(h: bytes) -> str:
+    return base64.b64encode(h).decode()
+
+
+def unb64(s: Any, what: str) -> bytes:
+    if not isinstance(s, str):
+        raise ProofVerificationError(f"{what} must be a base64 string, got {type(s).__name__}")
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProofVerificationError(f"{what} is not valid base64: {s!r}") from None
+    if len(raw) != 32:
+        raise ProofVerificationError(f"{what} must be a 32-byte hash, got {len(raw)} bytes")
+    return raw
+
+
+def _size(conn: psycopg.Connection, log, size: int | None) -> int:
+    if size is None:
+        return log.tree_size
+    if not 0 <= size <= log.tree_size:
+        raise ConfigurationError(f"size {size} is outside log {log.name!r}'s range 0..{log.tree_size}")
+    return size
+
+
+def inclusion(conn: psycopg.Connection, log_name: str, index: int, size: int | None = None) -> dict:
+    with conn.transaction():
+        log = get_log(conn, log_name)
+        size = _size(conn, log, size)
+        if not 0 <= index < size:
+            raise ConfigurationError(f"leaf index {index} is outside 0..{size - 1} (tree size {size})")
+        row = conn.execute(
+            "SELECT p.leaf_hash, s.table_schema || '.' || s.table_name, p.source_key, p.op "
+            "FROM merkle.processed_log p LEFT JOIN merkle.sources s USING (source_id) "
+            "WHERE p.log_id = %s AND p.seq = %s",
+            (log.log_id, index),
+        ).fetchone()
+        reader = TileNodeReader(conn, log.log_id)
+        proof = merkle.inclusion_proof(reader, index, size)
+        root = merkle.root_at(reader, size)
+    leaf_hash, source, key, op = row
+    return {
+        "type": "inclusion", "log": log.name, "origin": log.origin, "leaf_index": index, "tree_size": size,
+        "leaf_hash": b64(leaf_hash), "root": b64(root), "proof": [b64(h) for h in proof],
+        "source": source, "source_key": key, "op": op,
+    }
+
+
+def consistency(conn: psycopg.Connection, log_name: str, first: int, second: int) -> dict:
+    with conn.transaction():
+        log = get_log(conn, log_name)
+        second = _size(conn, log, second)
+        if not 0 <= first <= second:
+            raise ConfigurationError(f"need 0 <= FIRST <= SECOND, got {first} and {second}")
+        reader = TileNodeReader(conn, log.log_id)
+        proof = merkle.consistency_proof(reader, first, second)
+        first_root, second_root = merkle.root_at(reader, first), merkle.root_at(reader, second)
+    return {
+        "type": "consistency", "log": log.name, "origin": log.origin, "first": first, "second": second,
+        "first_root": b64(first_root), "second_root": b64(second_root), "proof": [b64(h) for h in proof],
+    }
+
+
+def _int(doc: dict, key: str) -> int:
+    v = doc.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProofVerificationError(f"field {key!r} must be an integer, got {v!r}")
+    return v
+
+
+def verify_document(doc: Any, trusted_root: bytes | None = None) -> str:
+    """Check a proof document; returns a one-line description, raises ProofVerificationError."""
+    if not isinstance(doc, dict) or doc.get("type") not in ("inclusion", "consistency"):
+        raise ProofVerificationError('not a proof document: expected a JSON object with "type" inclusion or consistency')
+    proof = doc.get("proof")
+    if not isinstance(proof, list):
+        raise ProofVerificationError('field "proof" must be a list of base64 hashes')
+    path = [unb64(h, f"proof[{i}]") for i, h in enumerate(proof)]
+    if doc["type"] == "inclusion":
+        index, size = _int(doc, "leaf_index"), _int(doc, "tree_size")
+        root = unb64(doc.get("root"), "root")
+        merkle.verify_inclusion(unb64(doc.get("leaf_hash"), "leaf_hash"), index, size, path, root)
+        what = f"leaf {index} is in the tree of size {size}"
+    else:
+        first, second = _int(doc, "first"), _int(doc, "second")
+        root = unb64(doc.get("second_root"), "second_root")
+        merkle.verify_consistency(first, second, path, unb64(doc.get("first_root"), "first_root"), root)
+        what = f"the tree of size {second} extends the tree of size {first}"
+    if trusted_root is not None and trusted_root != root:
+        raise ProofVerificationError(f"the proof is valid but for root {b64(root)}, not the trusted root {b64(trusted_root)}")
+    return f"OK: {what} (root {b64(root)})"

@@ -1,0 +1,182 @@
+"""Logs and their sources: creating, listing and removing them in schema merkle.
+
+Every change here locks the log's row first, so it never interleaves with a sequencer
+batch (which locks the same row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+from listener.errors import ConfigurationError, SourceTableError
+from listener.sources import trigger
+from listener.sources.validate import SourceSpec, check_log_name, validate_source
+
+
+@dataclass(frozen=True)
+class Log:
+    log_id: int
+    name: str
+    origin: str
+    tree_size: int
+    root: bytes
+    paused: bool
+
+
+@dataclass(frozen=True)
+class Source:
+    source_id: int
+    log_id: int
+    table_schema: str
+    table_name: str
+    table_oid: int
+    mode: str
+    key_columns: list[str]
+    columns: list[str]
+    events: list[str]
+    append_only: bool
+    row_filter: str | None
+    entry_column: str | None
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.table_schema}.{self.table_name}"
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.table_schema, self.table_name)
+
+
+_LOG_COLUMNS = "log_id, name, origin, tree_size, root, paused"
+_SOURCE_COLUMNS = (
+    "source_id, log_id, table_schema, table_name, table_oid, mode, key_columns, columns, events, "
+    "append_only, row_filter, entry_column"
+)
+
+
+def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -> Log:
+    check_log_name(name)
+    origin = origin or f"merkle-listener/{name}"
+    if not origin.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in origin):
+        raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
+    with conn.transaction():
+        if conn.execute("SELECT 1 FROM merkle.logs WHERE name = %s", (name,)).fetchone():
+            raise ConfigurationError(f"log {name!r} exists already; pick another name")
+        with conn.cursor(row_factory=class_row(Log)) as cur:
+            cur.execute(
+                f"INSERT INTO merkle.logs (name, origin) VALUES (%s, %s) RETURNING {_LOG_COLUMNS}",
+                (name, origin),
+            )
+            return cur.fetchone()
+
+
+def get_log(conn: psycopg.Connection, name: str, *, for_update: bool = False) -> Log:
+    lock = " FOR UPDATE" if for_update else ""
+    with conn.cursor(row_factory=class_row(Log)) as cur:
+        cur.execute(f"SELECT {_LOG_COLUMNS} FROM merkle.logs WHERE name = %s{lock}", (name,))
+        log = cur.fetchone()
+    if log is None:
+        known = [r[0] for r in conn.execute("SELECT name FROM merkle.logs ORDER BY name")]
+        hint = f"known logs: {', '.join(known)}" if known else "create one with `merkle-listener log create NAME`"
+        raise ConfigurationError(f"no log named {name!r}; {hint}")
+    return log
+
+
+def list_logs(conn: psycopg.Connection) -> list[Log]:
+    with conn.cursor(row_factory=class_row(Log)) as cur:
+        return cur.execute(f"SELECT {_LOG_COLUMNS} FROM merkle.logs ORDER BY name").fetchall()
+
+
+def list_sources(conn: psycopg.Connection, log_id: int | None = None) -> list[Source]:
+    with conn.cursor(row_factory=class_row(Source)) as cur:
+        cur.execute(
+            f"SELECT {_SOURCE_COLUMNS} FROM merkle.sources "
+            "WHERE %(log)s::integer IS NULL OR log_id = %(log)s ORDER BY source_id",
+            {"log": log_id},
+        )
+        return cur.fetchall()
+
+
+def add_source(
+    conn: psycopg.Connection,
+    log_name: str,
+    table: str,
+    *,
+    key: list[str] | None = None,
+    columns: list[str] | None = None,
+    where: str | None = None,
+    entry_column: str | None = None,
+    append_only: bool = False,
+    backfill: bool = False,
+) -> tuple[Source, int]:
+    """Validate and register `table` as a trigger-mode source of the log; returns the source
+    and the number of existing rows queued by the backfill. All or nothing."""
+    with conn.transaction():
+        log = get_log(conn, log_name, for_update=True)
+        spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
+        _check_entry_column_not_null(conn, spec)
+        other = conn.execute(
+            "SELECT l.name FROM merkle.sources s JOIN merkle.logs l USING (log_id) WHERE s.table_oid = %s",
+            (spec.oid,),
+        ).fetchone()
+        if other:
+            raise SourceTableError(
+                f"table {spec.qualified} is already a source of log {other[0]!r}; "
+                "a table feeds one log (remove it there first)"
+            )
+        source = _insert_source(conn, log, spec, append_only)
+        queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill)
+    return source, queued
+
+
+def _insert_source(conn: psycopg.Connection, log: Log, spec: SourceSpec, append_only: bool) -> Source:
+    with conn.cursor(row_factory=class_row(Source)) as cur:
+        cur.execute(
+            "INSERT INTO merkle.sources (log_id, table_schema, table_name, table_oid, mode, key_columns, "
+            "columns, append_only, row_filter, entry_column) "
+            f"VALUES (%s, %s, %s, %s, 'trigger', %s, %s, %s, %s, %s) RETURNING {_SOURCE_COLUMNS}",
+            (log.log_id, spec.schema, spec.table, spec.oid, list(spec.key_columns), list(spec.columns),
+             append_only, spec.row_filter, spec.entry_column),
+        )
+        return cur.fetchone()
+
+
+def _check_entry_column_not_null(conn: psycopg.Connection, spec: SourceSpec) -> None:
+    if not spec.entry_column:
+        return
+    notnull = conn.execute(
+        "SELECT attnotnull FROM pg_attribute WHERE attrelid = %s AND attname = %s", (spec.oid, spec.entry_column)
+    ).fetchone()[0]
+    if not notnull:
+        raise SourceTableError(
+            f"entry column {spec.entry_column!r} of {spec.qualified} must be NOT NULL "
+            f"(a NULL entry cannot be hashed): ALTER TABLE ... ALTER {spec.entry_column} SET NOT NULL"
+        )
+
+
+def find_source(conn: psycopg.Connection, log: Log, table: str) -> Source:
+    for s in list_sources(conn, log.log_id):
+        if table in (s.qualified, s.table_name):
+            return s
+    raise ConfigurationError(f"table {table!r} is not a source of log {log.name!r} (see `merkle-listener source list`)")
+
+
+def remove_source(conn: psycopg.Connection, log_name: str, table: str) -> int:
+    """Stop capturing `table`. Returns how many captured changes are still queued: while any
+    are, the source stays registered so the listener can log them; run again to finish."""
+    with conn.transaction():
+        log = get_log(conn, log_name, for_update=True)
+        source = find_source(conn, log, table)
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (source.qualified,)).fetchone()[0]
+        trigger.drop_triggers(conn, source.source_id, source.ident if exists else None)
+        queued = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(trigger.outbox_name(source.source_id))
+        ).fetchone()[0]
+        if queued == 0:
+            trigger.drop_outbox(conn, source.source_id)
+            conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
+    return queued

@@ -1,0 +1,191 @@
+"""The single writer of one log: drain captured changes into processed_log and the tree.
+
+One batch is one transaction on the writer's connection:
+
+    1. lock the log's row and check that its persisted (tree_size, root) is the state this
+       writer extends (the fence: a writer that lost its advisory lock cannot corrupt the log);
+    2. one statement deletes the committed rows of every outbox of the log (oldest statements
+       first, at most max_batch rows), computes each canonical entry and leaf hash from the row
+       image under the pinned settings, and appends them to processed_log with seq = size, ...;
+    3. the leaf hashes go through the in-memory TileBuilder; the changed tiles are upserted;
+    4. the log's tree_size and root are advanced; COMMIT.
+
+At COMMIT the batch is durable as a whole: outbox rows gone, leaves and tiles present. A
+crash anywhere before leaves the outbox as it was. Nothing is found by "id > last".
+The caller owns the connection and holds the log's advisory lock (listener/runner.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from listener import canonical_sql
+from listener.errors import ProcessingError
+from listener.merkle import TileBuilder
+from listener.registry import Log, Source, get_log, list_sources
+from listener.sources.trigger import outbox_name
+from listener.store.tiles import load_partial_tiles, write_tiles
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 20_000
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    first_seq: int
+    count: int
+    tree_size: int
+    root: bytes
+    seconds: float
+
+
+class Sequencer:
+    """Appends one log's captured changes. Not thread-safe: one owner, one connection."""
+
+    def __init__(self, conn: psycopg.Connection, log_name: str, *, max_batch: int = DEFAULT_MAX_BATCH):
+        if conn.autocommit:
+            raise ValueError("the sequencer needs a connection with autocommit off")
+        self.conn = conn
+        self.log_name = log_name
+        self.max_batch = max_batch
+        self.log: Log | None = None
+        self.tree: TileBuilder | None = None
+        self._sources_key: tuple[int, ...] = ()
+        self._drain: sql.Composed | None = None
+
+    def load(self) -> None:
+        """Read the log's state: its row and the right-most partial tile of each level."""
+        with self.conn.transaction():
+            self.log = get_log(self.conn, self.log_name)
+            tiles = load_partial_tiles(self.conn, self.log.log_id, self.log.tree_size)
+        tree = TileBuilder(self.log.tree_size, tiles)
+        if tree.root != self.log.root:
+            raise ProcessingError(
+                f"log {self.log_name!r}: the stored tiles give root {tree.root.hex()} but the log "
+                f"records {self.log.root.hex()} at size {self.log.tree_size}; the tree is damaged, "
+                "restore the database from a backup"
+            )
+        self.tree = tree
+
+    def drain_once(self) -> BatchResult | None:
+        """Run one batch; None when nothing was waiting. On any error the transaction is rolled
+        back and the in-memory state reloaded, so a retry starts from what is durable."""
+        if self.tree is None:
+            self.load()
+        started = time.perf_counter()
+        try:
+            with self.conn.transaction():
+                self._fence()
+                hashes = self._append_leaves()
+                if not hashes:
+                    return None
+                first = self.tree.size
+                tiles = self.tree.append(hashes)
+                write_tiles(self.conn, self.log.log_id, tiles)
+                self.conn.execute(
+                    "UPDATE merkle.logs SET tree_size = %s, root = %s WHERE log_id = %s",
+                    (self.tree.size, self.tree.root, self.log.log_id),
+                )
+        except BaseException:
+            self.tree = None  # reload from what is durable before the next batch
+            raise
+        self.log = Log(self.log.log_id, self.log.name, self.log.origin, self.tree.size, self.tree.root, self.log.paused)
+        return BatchResult(first, len(hashes), self.tree.size, self.tree.root, time.perf_counter() - started)
+
+    def drain_all(self) -> int:
+        """Drain until the outboxes are empty; returns the number of leaves appended."""
+        total = 0
+        while (batch := self.drain_once()) is not None:
+            total += batch.count
+        return total
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _fence(self) -> None:
+        row = self.conn.execute(
+            "SELECT tree_size, root FROM merkle.logs WHERE log_id = %s FOR UPDATE", (self.log.log_id,)
+        ).fetchone()
+        if row is None:
+            raise ProcessingError(f"log {self.log_name!r} was dropped while the listener ran")
+        size, root = row
+        if size != self.tree.size or root != self.tree.root:
+            raise ProcessingError(
+                f"log {self.log_name!r} moved under this writer: persisted size {size} root "
+                f"{root.hex()}, this writer extends size {self.tree.size} root {self.tree.root.hex()}; "
+                "another process wrote to it (is a second listener running without its advisory lock?)"
+            )
+
+    def _append_leaves(self) -> list[bytes]:
+        sources = list_sources(self.conn, self.log.log_id)
+        key = tuple(s.source_id for s in sources)
+        if key != self._sources_key or self._drain is None:
+            captured = [s for s in sources if s.mode == "trigger"]
+            self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
+            self._sources_key = key
+        if self._drain is None:
+            return []
+        params = {"log_id": self.log.log_id, "base": self.tree.size, "max_batch": self.max_batch}
+        with self.conn.cursor(binary=True) as cur:
+            cur.execute(self._drain, params)
+            return [r[0] for r in cur]
+
+
+    def _column_types(self, source: Source) -> dict[str, int]:
+        """Type OIDs of the outbox's columns (those of the source), for cheaper entry SQL."""
+        rows = self.conn.execute(
+            "SELECT attname, atttypid::integer FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (f"merkle.outbox_{source.source_id}",),
+        )
+        return dict(rows)
+
+
+def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> sql.Composed | None:
+    """The one statement of step 2 for these trigger-mode sources (None without sources).
+
+    The cutoff takes whole statements, oldest first, up to max_batch rows (a larger single
+    statement is taken whole), so a transaction's rows keep their (stmt_id, ord) order.
+    """
+    if not sources:
+        return None
+    stmt_ids = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT stmt_id FROM {}").format(outbox_name(s.source_id)) for s in sources
+    )
+    deletes = []
+    for s in sources:
+        if s.entry_column:
+            leaf = canonical_sql.leaf_hash_of_bytes_sql(sql.Identifier("o", s.entry_column))
+        else:
+            entry = canonical_sql.entry_sql("o", s.qualified, s.columns, sql.Identifier("o", "op"), types[s.source_id])
+            leaf = canonical_sql.leaf_hash_sql(entry)
+        deletes.append(sql.SQL(
+            "{name} AS (DELETE FROM {outbox} o WHERE o.stmt_id < (SELECT stmt_id FROM cutoff) "
+            "RETURNING {sid}::integer AS source_id, o.stmt_id, o.ord, o.op, {key} AS source_key, {leaf} AS leaf_hash)"
+        ).format(
+            name=sql.Identifier(f"d{s.source_id}"), outbox=outbox_name(s.source_id),
+            sid=sql.Literal(s.source_id), key=canonical_sql.key_sql("o", s.key_columns, types[s.source_id]), leaf=leaf,
+        ))
+    changes = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT * FROM {}").format(sql.Identifier(f"d{s.source_id}")) for s in sources
+    )
+    return sql.SQL(
+        "WITH ids AS ({stmt_ids}), "
+        "cutoff AS (SELECT greatest(coalesce("
+        "(SELECT stmt_id FROM ids ORDER BY stmt_id OFFSET %(max_batch)s LIMIT 1), 9223372036854775807), "
+        "(SELECT min(stmt_id) + 1 FROM ids)) AS stmt_id), "
+        "{deletes}, "
+        "changes AS ({changes}), "
+        "ins AS (INSERT INTO merkle.processed_log "
+        "(log_id, seq, source_id, source_key, op, leaf_hash, change_id, change_ord) "
+        "SELECT %(log_id)s, %(base)s + row_number() OVER (ORDER BY stmt_id, ord) - 1, "
+        "source_id, source_key, op, leaf_hash, stmt_id, ord FROM changes "
+        "RETURNING seq, leaf_hash) "
+        "SELECT leaf_hash FROM ins ORDER BY seq"
+    ).format(stmt_ids=stmt_ids, deletes=sql.SQL(", ").join(deletes), changes=changes)
+

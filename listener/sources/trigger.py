@@ -1,0 +1,130 @@
+"""Trigger-mode capture: the DDL that copies each inserted row image into a durable outbox.
+
+For source S on table T (all names composed with psycopg.sql, never pasted):
+
+    merkle.outbox_S   (stmt_id, ord, op, queued_at, <hashed columns of T, same types>)
+    merkle.capture_S  AFTER INSERT ... REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT:
+                      one nextval per statement, rows numbered in insertion order,
+                      the row filter applied, then one NOTIFY on channel merkle_outbox
+                      with the log name (a doorbell: correctness never depends on it).
+
+The outbox has no index and no per-row sequence: both are what makes capture expensive for
+writers (docs/design.md). The entry is computed later, by the drain, from the row image as
+inserted; see listener/sequencer.py.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from listener.sources.validate import SourceSpec
+
+DOORBELL_CHANNEL = "merkle_outbox"
+
+
+def outbox_name(source_id: int) -> sql.Identifier:
+    return sql.Identifier("merkle", f"outbox_{source_id}")
+
+
+def _capture_function(source_id: int) -> sql.Identifier:
+    return sql.Identifier("merkle", f"capture_{source_id}")
+
+
+def _trigger_names(source_id: int) -> tuple[sql.Identifier, sql.Identifier, sql.Identifier]:
+    return (
+        sql.Identifier(f"merkle_capture_{source_id}"),
+        sql.Identifier(f"merkle_guard_{source_id}"),
+        sql.Identifier(f"merkle_guard_truncate_{source_id}"),
+    )
+
+
+def captured_columns(spec: SourceSpec) -> tuple[str, ...]:
+    """Columns copied into the outbox: the hashed ones, or key + entry column."""
+    if spec.entry_column:
+        cols = list(spec.key_columns)
+        if spec.entry_column not in cols:
+            cols.append(spec.entry_column)
+        return tuple(cols)
+    return spec.columns
+
+
+def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: SourceSpec,
+            *, append_only: bool, backfill: bool) -> int:
+    """Create outbox, capture trigger and optional guard, in the caller's transaction.
+
+    With backfill, the table is locked against writers (SHARE mode) first and its existing rows
+    are queued in key order with op 'backfill', so the seam with live capture has no gap and
+    no duplicate. Returns the number of rows queued by the backfill.
+    """
+    cols = captured_columns(spec)
+    outbox = outbox_name(source_id)
+    col_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+    new_cols = sql.SQL(", ").join(sql.Identifier("n", c) for c in cols)
+    where = sql.SQL("WHERE ({})").format(sql.SQL(spec.row_filter)) if spec.row_filter else sql.SQL("")
+
+    if backfill:
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(spec.ident()))
+
+    conn.execute(sql.SQL(
+        "CREATE TABLE {outbox} AS SELECT 0::bigint AS stmt_id, 0::integer AS ord, "
+        "'insert'::text AS op, now() AS queued_at, {cols} FROM {table} WITH NO DATA"
+    ).format(outbox=outbox, cols=col_list, table=spec.ident()))
+    conn.execute(sql.SQL(
+        "ALTER TABLE {outbox} ALTER stmt_id SET NOT NULL, ALTER ord SET NOT NULL, "
+        "ALTER op SET NOT NULL, ALTER op SET DEFAULT 'insert', "
+        "ALTER queued_at SET NOT NULL, ALTER queued_at SET DEFAULT now()"
+    ).format(outbox=outbox))
+
+    body = sql.SQL(
+        "DECLARE stmt bigint := nextval('merkle.stmt_seq');\n"
+        "BEGIN\n"
+        "  INSERT INTO {outbox} (stmt_id, ord, {cols})\n"
+        "  SELECT stmt, row_number() OVER (), {new_cols} FROM new_rows n {where};\n"
+        "  IF FOUND THEN PERFORM pg_notify({channel}, {log}); END IF;\n"
+        "  RETURN NULL;\n"
+        "END"
+    ).format(outbox=outbox, cols=col_list, new_cols=new_cols, where=where,
+             channel=sql.Literal(DOORBELL_CHANNEL), log=sql.Literal(log_name))
+    conn.execute(sql.SQL(
+        "CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}"
+    ).format(fn=_capture_function(source_id), body=sql.Literal(body.as_string(conn))))
+
+    capture, guard, guard_truncate = _trigger_names(source_id)
+    conn.execute(sql.SQL(
+        "CREATE TRIGGER {trg} AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()"
+    ).format(trg=capture, table=spec.ident(), fn=_capture_function(source_id)))
+    if append_only:
+        conn.execute(sql.SQL(
+            "CREATE TRIGGER {trg} BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
+        ).format(trg=guard, table=spec.ident(), log=sql.Literal(log_name)))
+        conn.execute(sql.SQL(
+            "CREATE TRIGGER {trg} BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
+        ).format(trg=guard_truncate, table=spec.ident(), log=sql.Literal(log_name)))
+
+    if not backfill:
+        return 0
+    key_order = sql.SQL(", ").join(sql.Identifier("n", c) for c in spec.key_columns)
+    stmt = conn.execute("SELECT nextval('merkle.stmt_seq')").fetchone()[0]
+    cur = conn.execute(sql.SQL(
+        "INSERT INTO {outbox} (stmt_id, ord, op, {cols}) "
+        "SELECT {stmt}, row_number() OVER (ORDER BY {key_order}), 'backfill', {new_cols} "
+        "FROM {table} n {where}"
+    ).format(outbox=outbox, cols=col_list, new_cols=new_cols, table=spec.ident(), stmt=sql.Literal(stmt),
+             key_order=key_order, where=where))
+    return cur.rowcount
+
+
+def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composable | None) -> None:
+    """Stop capture (and lift the guard); queued rows stay in the outbox for the sequencer."""
+    if table is not None:
+        for trg in _trigger_names(source_id):
+            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
+    conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+
+
+def drop_outbox(conn: psycopg.Connection, source_id: int) -> None:
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(outbox_name(source_id)))

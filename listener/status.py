@@ -1,0 +1,54 @@
+"""`merkle-listener status`: logs, sizes, roots, queued changes and their age."""
+
+from __future__ import annotations
+
+import base64
+
+import psycopg
+from psycopg import sql
+
+from listener.registry import list_logs, list_sources
+from listener.sources.trigger import outbox_name
+
+
+def collect(conn: psycopg.Connection) -> dict:
+    logs = []
+    for log in list_logs(conn):
+        sources = []
+        for s in list_sources(conn, log.log_id):
+            queued, oldest = conn.execute(sql.SQL(
+                "SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
+            ).format(outbox_name(s.source_id))).fetchone()
+            capturing = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s AND tgname = %s)",
+                (s.table_oid, f"merkle_capture_{s.source_id}"),
+            ).fetchone()[0]
+            sources.append({
+                "table": s.qualified, "mode": s.mode, "capturing": capturing, "append_only": s.append_only,
+                "queued": queued, "oldest_queued_seconds": round(oldest, 3) if oldest is not None else None,
+            })
+        ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
+        logs.append({
+            "name": log.name, "origin": log.origin, "tree_size": log.tree_size,
+            "root": base64.b64encode(log.root).decode(), "root_hex": log.root.hex(),
+            "queued": sum(s["queued"] for s in sources),
+            "oldest_queued_seconds": max(ages) if ages else None,
+            "sources": sources,
+        })
+    return {"logs": logs}
+
+
+def render(report: dict) -> str:
+    if not report["logs"]:
+        return "no logs yet: create one with `merkle-listener log create NAME`"
+    lines = []
+    for log in report["logs"]:
+        age = "" if log["oldest_queued_seconds"] is None else f", oldest {log['oldest_queued_seconds']:.3f} s ago"
+        lines.append(f"log {log['name']}  size {log['tree_size']}  root {log['root']}")
+        lines.append(f"  origin {log['origin']}; queued {log['queued']}{age}")
+        for s in log["sources"]:
+            flags = [s["mode"], "capturing" if s["capturing"] else "capture stopped"]
+            if s["append_only"]:
+                flags.append("append-only")
+            lines.append(f"  source {s['table']} ({', '.join(flags)}): queued {s['queued']}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The command line as a user meets it: bad input refused with nothing written, proofs that
+verify offline, the demo, and the embedded server's lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from listener import registry
+from listener.embedded import EmbeddedPostgres
+from tests.helpers import ROOT, cli
+
+
+def _footprint(conn) -> tuple:
+    return conn.execute(
+        "SELECT (SELECT count(*) FROM merkle.sources), (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal), "
+        "(SELECT count(*) FROM pg_class WHERE relnamespace = 'merkle'::regnamespace), "
+        "(SELECT count(*) FROM pg_proc WHERE pronamespace = 'merkle'::regnamespace)"
+    ).fetchone()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nosuch"], "does not exist"),
+    (["items", "--key", "sku"], "unique"),
+    (["items", "--columns", "id,nope"], "nope"),
+    (["items; DROP TABLE items"], ""),
+    (["items", "--where", "1=1; DROP TABLE items"], ""),
+    (["items", "--where", "(SELECT 1) = 1"], ""),
+    (["items", "--where", "random() > 0.5"], ""),
+    (["items", "--where", "sku = $1"], ""),
+    (["items", "--entry-column", "sku"], "bytea"),
+])
+def test_bad_source_input_is_refused_and_nothing_is_written(conn, dsn, args, message):
+    conn.execute("CREATE TABLE items (id int PRIMARY KEY, sku text, qty int)")
+    registry.create_log(conn, "audit")
+    before = _footprint(conn)
+    out = cli("source", "add", "audit", *args, dsn=dsn)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert _footprint(conn) == before
+    assert conn.execute("SELECT to_regclass('items')").fetchone()[0] == "items"
+
+
+def test_unknown_log_and_bad_log_name(conn, dsn):
+    out = cli("source", "add", "nolog", "items", dsn=dsn)
+    assert out.returncode == 2 and "no log named 'nolog'" in out.stderr
+    out = cli("log", "create", "Bad-Name", dsn=dsn)
+    assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_prove_and_verify_round_trip_and_tampering_is_caught(conn, dsn, tmp_path):
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "notes", "--append-only", dsn=dsn, check=True)
+    conn.execute("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 300) g")
+    proc = subprocess.Popen([sys.executable, "-m", "listener", "--dsn", dsn, "run"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    status = json.loads(cli("status", "--json", dsn=dsn, check=True).stdout)
+    assert status["logs"][0]["tree_size"] == 300 and status["logs"][0]["queued"] == 0
+
+    inc = tmp_path / "inc.json"
+    inc.write_text(cli("prove", "inclusion", "audit", "123", "--size", "250", dsn=dsn, check=True).stdout)
+    assert cli("verify", str(inc), check=True).stdout.startswith("OK: leaf 123")
+    doc = json.loads(inc.read_text())
+    assert doc["source"] == "public.notes" and doc["source_key"] == '{"id":"124"}'
+    doc["proof"][0] = doc["proof"][1]
+    out = cli("verify", "-", input=json.dumps(doc))
+    assert out.returncode == 1 and out.stderr.startswith("FAILED")
+
+    cons = cli("prove", "consistency", "audit", "17", "300", dsn=dsn, check=True).stdout
+    assert cli("verify", "-", input=cons, check=True).stdout.startswith("OK: the tree of size 300 extends")
+    root = json.loads(cons)["second_root"]
+    assert cli("verify", "-", "--root", root, input=cons).returncode == 0
+    other = json.loads(cons)["first_root"]
+    assert cli("verify", "-", "--root", other, input=cons).returncode == 1
+
+    out = cli("prove", "inclusion", "audit", "300", dsn=dsn)
+    assert out.returncode == 2 and "outside" in out.stderr
+
+
+def test_demo_runs_and_every_check_holds(pg_server):
+    out = cli("demo", "--rows", "60", dsn=pg_server.dsn(), timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every check held" in out.stdout and "FAILED" not in out.stdout
+
+
+def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
+    home = tmp_path / "home"
+    env = {"MERKLE_LISTENER_HOME": str(home)}
+    for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
+        env[var] = ""
+    assert cli("init", env=env, check=True).stdout.startswith("schema merkle at version")
+    server = EmbeddedPostgres(home)
+    assert not server.state().running, "a command that started the server on demand must stop it"
+
+    # A listener killed with SIGKILL leaves its server running: the next command adopts and stops it.
+    proc = subprocess.Popen([sys.executable, "-m", "listener", "run"], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not server.state().running:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    assert server.state().orphaned
+    assert "orphaned" in cli("db", "status", env=env).stdout
+    cli("status", env=env, check=True)
+    assert not server.state().running
+
+    assert "started" in cli("db", "start", env=env, check=True).stdout
+    url = cli("db", "url", env=env, check=True).stdout.strip()
+    assert url.startswith("postgresql://") and str(server.socket_dir) in url
+    cli("log", "list", env=env, check=True)
+    assert server.state().running, "`db start` leaves the server running"
+    assert cli("db", "stop", env=env, check=True).stdout.strip() == "stopped"
+    assert cli("db", "status", env=env).returncode == 3

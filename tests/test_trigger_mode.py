@@ -1,0 +1,233 @@
+"""Trigger mode end to end: every committed row is a leaf exactly once, whatever happens."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+from listener import canonical, merkle, registry
+from listener.runner import connect
+from listener.sequencer import Sequencer
+from tests.helpers import check_log, cli, start_listener
+
+TABLES = """
+CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(12,2), placed_at timestamptz);
+CREATE TABLE payments (id bigint PRIMARY KEY, order_id bigint NOT NULL, method text);
+"""
+
+
+@pytest.fixture
+def two_sources(conn):
+    conn.execute(TABLES)
+    registry.create_log(conn, "audit")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "audit", "orders")
+        registry.add_source(c, "audit", "payments")
+    return conn
+
+
+def _committed_keys(conn) -> set[tuple[str, str]]:
+    keys = {("public.orders", canonical.key_json({"id": str(i)})) for (i,) in conn.execute("SELECT id FROM orders")}
+    keys |= {("public.payments", canonical.key_json({"id": str(i)})) for (i,) in conn.execute("SELECT id FROM payments")}
+    return keys
+
+
+def _logged_keys(conn, rows) -> list[tuple[str, str]]:
+    names = dict(conn.execute("SELECT source_id, table_schema || '.' || table_name FROM merkle.sources"))
+    return [(names[r[1]], r[2]) for r in rows]
+
+
+def _writers(dsn: str, n_writers: int, per_writer: int, stop: threading.Event | None = None) -> None:
+    """Writers whose transactions interleave and commit out of id order; ~1 in 5 rolls back."""
+    ids = iter(range(1, 10**9))
+    id_lock = threading.Lock()
+
+    def next_id() -> int:
+        with id_lock:
+            return next(ids)
+
+    def work(n: int) -> None:
+        rnd = random.Random(n)
+        with psycopg.connect(dsn) as c:
+            for _ in range(per_writer):
+                if stop is not None and stop.is_set():
+                    return
+                with c.transaction():
+                    oid = next_id()
+                    batch = [(oid + 10**6 * k, f"c{n}", rnd.randint(1, 9999) / 100) for k in range(rnd.randint(1, 3))]
+                    c.cursor().executemany(
+                        "INSERT INTO orders (id, customer, amount, placed_at) VALUES (%s, %s, %s, now())", batch)
+                    time.sleep(rnd.random() * 0.004)  # hold the transaction open so commits reorder
+                    c.execute("INSERT INTO payments (id, order_id, method) VALUES (%s, %s, 'card')", (oid, oid))
+                    if rnd.random() < 0.2:
+                        raise psycopg.Rollback()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(n_writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_concurrent_writers_every_committed_row_exactly_once(two_sources, dsn):
+    conn = two_sources
+    done = threading.Event()
+    with connect(dsn) as wconn:
+        seq = Sequencer(wconn, "audit", max_batch=50)
+
+        def drain_while_writing():
+            while not done.is_set():
+                seq.drain_once()
+
+        drainer = threading.Thread(target=drain_while_writing)
+        drainer.start()
+        _writers(dsn, n_writers=8, per_writer=40)
+        done.set()
+        drainer.join()
+        seq.drain_all()
+
+    rows = check_log(conn, "audit")
+    logged = _logged_keys(conn, rows)
+    assert len(logged) == len(set(logged))
+    assert set(logged) == _committed_keys(conn)
+    assert len(rows) > 200
+    # Each leaf is the hash of the canonical entry of the row as inserted.
+    by_key = {r[2]: bytes(r[4]) for r in rows if r[1] == 1}
+    for id_, customer, amount, placed_at in conn.execute(
+            "SELECT id::text, customer, amount::text, placed_at::text FROM orders"):
+        entry = canonical.entry_v1("insert", "public.orders",
+                                   {"id": id_, "customer": customer, "amount": amount, "placed_at": placed_at})
+        assert by_key[canonical.key_json({"id": id_})] == merkle.hash_leaf(entry)
+
+
+def test_outbox_is_empty_and_order_within_a_transaction_is_kept(two_sources, dsn):
+    conn = two_sources
+    with conn.transaction():
+        conn.execute("INSERT INTO payments (id, order_id) VALUES (3, 3)")
+        conn.execute("INSERT INTO orders (id, customer) SELECT g, 'x' FROM generate_series(10, 14) g")
+        conn.execute("INSERT INTO payments (id, order_id) VALUES (1, 1), (2, 2)")
+    with connect(dsn) as wconn:
+        Sequencer(wconn, "audit").drain_all()
+    rows = check_log(conn, "audit")
+    assert [r[2] for r in rows] == [canonical.key_json({"id": str(i)}) for i in (3, 10, 11, 12, 13, 14, 1, 2)]
+    assert conn.execute("SELECT count(*) FROM merkle.outbox_1").fetchone()[0] == 0
+
+
+def test_kill_9_listener_mid_batches_loses_and_duplicates_nothing(two_sources, dsn):
+    conn = two_sources
+    stop = threading.Event()
+    writer = threading.Thread(target=_writers, args=(dsn, 4, 400, stop))
+    writer.start()
+    rnd = random.Random(7)
+    try:
+        for _ in range(4):
+            proc = start_listener(dsn, "--max-batch", "7")
+            time.sleep(0.3 + rnd.random() * 0.7)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    finally:
+        stop.set()
+        writer.join()
+    proc = start_listener(dsn)
+    try:
+        deadline = time.monotonic() + 60
+        queued = "SELECT (SELECT count(*) FROM merkle.outbox_1) + (SELECT count(*) FROM merkle.outbox_2)"
+        while conn.execute(queued).fetchone()[0]:
+            assert time.monotonic() < deadline, "the restarted listener did not drain the outbox"
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    rows = check_log(conn, "audit")
+    logged = _logged_keys(conn, rows)
+    assert set(logged) == _committed_keys(conn) and len(logged) == len(set(logged))
+
+
+def _wait_size(conn, n, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while conn.execute("SELECT tree_size FROM merkle.logs WHERE name = 'audit'").fetchone()[0] < n:
+        assert time.monotonic() < deadline, f"log did not reach size {n}"
+        time.sleep(0.05)
+
+
+def test_two_listeners_one_writer_and_the_standby_takes_over(two_sources, dsn):
+    conn = two_sources
+    first = start_listener(dsn)
+    time.sleep(1.0)
+    second = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO orders (id, customer) SELECT g, 'a' FROM generate_series(1, 50) g")
+        _wait_size(conn, 50)
+        holders = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s", (0x4D4C,)
+        ).fetchone()[0]
+        assert holders == 1
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        conn.execute("INSERT INTO orders (id, customer) SELECT g, 'b' FROM generate_series(51, 120) g")
+        _wait_size(conn, 120)
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=30)
+    err = second.stderr.read()
+    assert "hot standby" in err and "writer for log" in err
+    check_log(conn, "audit")
+
+
+def test_backfill_logs_existing_rows_in_key_order_then_live_rows(conn, dsn):
+    conn.execute("CREATE TABLE ledger (k text PRIMARY KEY, v int)")
+    conn.execute("INSERT INTO ledger VALUES ('b', 2), ('c', 3), ('a', 1)")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        _, queued = registry.add_source(c, "audit", "ledger", backfill=True)
+    assert queued == 3
+    conn.execute("INSERT INTO ledger VALUES ('0', 0)")
+    with connect(dsn) as wconn:
+        Sequencer(wconn, "audit").drain_all()
+    rows = check_log(conn, "audit")
+    assert [(r[2], r[3]) for r in rows] == [
+        ('{"k":"a"}', "backfill"), ('{"k":"b"}', "backfill"), ('{"k":"c"}', "backfill"), ('{"k":"0"}', "insert")]
+
+
+def test_append_only_guard_refuses_update_delete_truncate(conn, dsn):
+    conn.execute("CREATE TABLE facts (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO facts VALUES (1, 'x')")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "facts", append_only=True)
+    for stmt in ("UPDATE facts SET body = 'y'", "DELETE FROM facts", "TRUNCATE facts"):
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only") as exc:
+            conn.execute(stmt)
+        assert exc.value.sqlstate == "ML100"
+    assert conn.execute("SELECT body FROM facts").fetchall() == [("x",)]
+
+
+def test_row_filter_only_logs_matching_rows(conn, dsn):
+    conn.execute("CREATE TABLE events (id int PRIMARY KEY, kind text, amount int)")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "events", where="kind = 'pay' AND amount > 10")
+    conn.execute("INSERT INTO events VALUES (1, 'pay', 5), (2, 'pay', 50), (3, 'ref', 50), (4, 'pay', 11)")
+    with connect(dsn) as wconn:
+        Sequencer(wconn, "audit").drain_all()
+    assert [r[2] for r in check_log(conn, "audit")] == ['{"id":"2"}', '{"id":"4"}']
+
+
+def test_source_remove_waits_for_queued_changes(two_sources, dsn):
+    conn = two_sources
+    conn.execute("INSERT INTO payments (id, order_id) VALUES (1, 1)")
+    out = cli("source", "remove", "audit", "payments", dsn=dsn, check=True)
+    assert "1 queued changes will still be logged" in out.stdout
+    conn.execute("INSERT INTO payments (id, order_id) VALUES (2, 2)")  # no longer captured
+    with connect(dsn) as wconn:
+        Sequencer(wconn, "audit").drain_all()
+    assert [r[2] for r in check_log(conn, "audit")] == ['{"id":"1"}']
+    assert "removed" in cli("source", "remove", "audit", "payments", dsn=dsn, check=True).stdout
+    assert conn.execute("SELECT to_regclass('merkle.outbox_2')").fetchone()[0] is None
