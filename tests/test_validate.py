@@ -334,6 +334,34 @@ def test_filter_type_check_uses_built_in_operators_only(db):
     assert_refused(db, SourceTableError, "operator does not exist: text > integer", table="orders", where="status > 1")
 
 
+@pytest.mark.parametrize(
+    ("where", "match"),
+    [
+        ("created > 'now'", r"compares date/time column created with 'now'"),
+        ("created BETWEEN ' Yesterday' AND 'tomorrow'", "which means the time the filter runs"),
+        ("created IN ('today') OR status = 'open'", "give a fixed date or timestamp"),
+    ],
+)
+def test_filter_reading_the_clock_is_refused(shared_db, where, match):
+    assert_refused(shared_db, SourceTableError, match, table="orders", where=where)
+
+
+def test_clock_words_are_plain_text_for_text_columns(db):
+    assert validate_source(db, "orders", where="status IN ('today', 'now')").row_filter == (
+        "status IN ('today', 'now')"
+    )
+
+
+def test_filter_literals_are_read_under_pinned_settings(db):
+    # Under DateStyle DMY this literal is 13 January; the capture path reads it under the
+    # pinned ISO, YMD setting, where it is invalid, so validation must refuse it.
+    db.execute("SET DateStyle = 'ISO, DMY'")
+    db.execute("SELECT 1 FROM orders WHERE created > '13/01/2024'")
+    assert_refused(db, SourceTableError, "date/time field value out of range", table="orders",
+                   where="created > '13/01/2024'")
+    assert db.execute("SHOW DateStyle").fetchone()[0] == "ISO, DMY"
+
+
 def test_filter_needs_select_privilege(db):
     db.execute("CREATE ROLE validator_nosel")
     db.execute("GRANT USAGE ON SCHEMA merkle TO validator_nosel")

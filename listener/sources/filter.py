@@ -141,6 +141,30 @@ def check_filter(expr: str) -> tuple[str, set[str]]:
     return normalized, columns
 
 
+def moving_datetime_literals(row_filter: str) -> set[str]:
+    """String constants in a checked filter that PostgreSQL reads as the current time
+    ('now', 'today', ...) if they meet a date/time column, for example `created > 'now'`.
+
+    Requires `row_filter` to be the normalized text returned by check_filter. Whether such a
+    constant actually meets a date/time column depends on the table: validate_source decides.
+    """
+    found: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item)
+        elif isinstance(node, ast.A_Const):
+            if isinstance(node.val, ast.String) and node.val.sval.strip().lower() in _MOVING_DATETIMES:
+                found.add(node.val.sval)
+        elif isinstance(node, ast.Node):
+            for slot in node:
+                walk(getattr(node, slot))
+
+    walk(parse_sql("SELECT 1 WHERE " + row_filter)[0].stmt.whereClause)
+    return found
+
+
 def _check(node: ast.Node, expr: str, columns: set[str], *, constant_only: bool) -> None:
     """Walk `node`, refusing anything not on the whitelist; collect column names."""
     if isinstance(node, ast.A_Const):

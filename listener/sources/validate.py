@@ -17,10 +17,12 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 
 from listener.errors import DatabaseError, SourceTableError
-from listener.sources.filter import check_filter
+from listener.sources.filter import check_filter, moving_datetime_literals
 from listener.sources.names import check_log_name, parse_column_list, parse_table_name
+from listener.store.connect import PINNED_SETTINGS
 
 __all__ = [
+    "FILTER_SETTINGS",
     "SourceSpec",
     "check_filter",
     "check_log_name",
@@ -44,14 +46,22 @@ _RELKIND_NAMES = {
 }
 # The search_path the row filter is type-checked under: built-in operators and types only.
 FILTER_SEARCH_PATH = "pg_catalog, pg_temp"
+# Everything a filter's meaning can depend on in a session: which operators and types its
+# names resolve to, and how date/time literals are read. Capture must evaluate it so too.
+FILTER_SETTINGS = {
+    "search_path": FILTER_SEARCH_PATH,
+    **{k: v for k, v in PINNED_SETTINGS.items() if k != "client_encoding"},
+}
 
 
 @dataclass(frozen=True)
 class SourceSpec:
     """A checked source registration.
 
-    `row_filter` was type-checked with search_path = FILTER_SEARCH_PATH; evaluate it under
-    the same setting so that its operators resolve to the same built-in ones.
+    `row_filter` was type-checked under FILTER_SETTINGS (search_path pinned to pg_catalog,
+    TimeZone UTC, ...); evaluate it under the same settings, for example as SET clauses of
+    the trigger function, so that its operators resolve to the same built-in ones and its
+    literals mean the same instant whatever the writer's session settings are.
     """
 
     schema: str
@@ -78,6 +88,7 @@ class _Column:
     type_oid: int
     type_name: str
     not_null: bool  # by a validated NOT NULL constraint (or primary key)
+    type_category: str  # pg_type.typcategory: 'D' for date/time types
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,7 @@ def validate_source(
                 _check_entry_column(table, entry_column, by_name)
             if row_filter is not None:
                 _check_filter_columns(table, where, filter_columns, by_name)
+                _check_filter_is_fixed(where, row_filter, filter_columns, by_name)
                 _type_check_filter(conn, ident, table, where, row_filter)
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"database failed while validating table {table}: {exc}; retry") from exc
@@ -207,7 +219,8 @@ def _columns(conn: psycopg.Connection, oid: int) -> list[_Column]:
                   a.attnotnull AND NOT EXISTS (
                       SELECT FROM pg_catalog.pg_constraint k
                        WHERE k.conrelid = a.attrelid AND k.contype = 'n'
-                         AND NOT k.convalidated AND a.attnum = ANY (k.conkey))
+                         AND NOT k.convalidated AND a.attnum = ANY (k.conkey)),
+                  (SELECT t.typcategory FROM pg_catalog.pg_type t WHERE t.oid = a.atttypid)
              FROM pg_catalog.pg_attribute a
             WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
             ORDER BY a.attnum""",
@@ -340,15 +353,29 @@ def _check_filter_columns(shown: str, where: str, used: set[str], by_name: dict[
         )
 
 
+def _check_filter_is_fixed(where: str, row_filter: str, used: set[str], by_name: dict[str, _Column]) -> None:
+    """Refuse 'now', 'today', ... when the filter reads a date/time column: such a literal
+    would be read as the time of evaluation, so which rows are logged would drift."""
+    moving = moving_datetime_literals(row_filter)
+    datetime_columns = sorted(c for c in used if by_name[c].type_category == "D")
+    if moving and datetime_columns:
+        raise SourceTableError(
+            f"row filter {where!r} compares date/time column {', '.join(datetime_columns)} with "
+            f"{', '.join(repr(m) for m in sorted(moving))}, which means the time the filter runs, "
+            "not a fixed value; give a fixed date or timestamp"
+        )
+
+
 def _type_check_filter(
     conn: psycopg.Connection, ident: sql.Composable, shown: str, where: str, row_filter: str
 ) -> None:
     """Let PostgreSQL type-check the vetted filter against the table; LIMIT 0 reads no row.
 
-    Runs under a pinned search_path so that only built-in operators and types resolve. Must
-    be called inside the rolled-back validation transaction: the setting is SET LOCAL.
+    Runs under FILTER_SETTINGS so that only built-in operators and types resolve. Must be
+    called inside the rolled-back validation transaction: the settings are transaction-local.
     """
-    conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.SQL(FILTER_SEARCH_PATH)))
+    for name, value in FILTER_SETTINGS.items():
+        conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [name, value])
     query = sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(ident, sql.SQL(row_filter))
     try:
         with conn.transaction():
