@@ -143,7 +143,9 @@ def validate_source(
                 _check_filter_columns(table, where, filter_columns, by_name)
                 _check_filter_is_fixed(where, row_filter, filter_columns, by_name)
                 _type_check_filter(conn, ident, table, where, row_filter)
-    except psycopg.OperationalError as exc:
+    except psycopg.Error as exc:
+        # Catalog lookups fail only if the server or connection does; the user's mistakes
+        # were mapped to SourceTableError where they were found.
         raise DatabaseError(f"database failed while validating table {table}: {exc}; retry") from exc
     return SourceSpec(
         schema=schema,
