@@ -3,7 +3,8 @@ call to check inclusion and consistency without trusting the log.
 
 Every failure raises ProofError (a ProofVerificationError) saying why; a proof that folds to
 the wrong hash raises its subclass RootMismatchError carrying both hashes. Proofs must have
-exactly the length RFC 9162 implies for the sizes, so no trailing or missing hash is accepted.
+exactly the length RFC 9162 implies for the sizes (checked before folding, which replaces the
+RFC's in-loop "sn == 0" checks), so no trailing or missing hash is accepted.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def root_from_inclusion_proof(leaf_hash: bytes, index: int, size: int, proof: Se
             r = hash_children(r, p)
         fn >>= 1
         sn >>= 1
-    if sn != 0:  # unreachable with the exact length checked above; kept as RFC 9162's final check
-        raise ProofError(f"inclusion proof for leaf {index} in size {size} is too short")
+    if sn != 0:  # RFC 9162's final check; the exact length checked above guarantees it
+        raise AssertionError("root_from_inclusion_proof: bad math, proof length and sizes disagree")
     return r
 
 
@@ -111,8 +112,6 @@ def verify_consistency(first: int, second: int, proof: Sequence[bytes], first_ro
         sn >>= 1
     fr = sr = path[0]
     for c in path[1:]:
-        if sn == 0:  # unreachable with the exact length checked above
-            raise ProofError(f"{kind} is too long")
         if fn & 1 or fn == sn:
             fr = hash_children(c, fr)
             sr = hash_children(c, sr)
@@ -123,8 +122,8 @@ def verify_consistency(first: int, second: int, proof: Sequence[bytes], first_ro
             sr = hash_children(sr, c)
         fn >>= 1
         sn >>= 1
-    if sn != 0:
-        raise ProofError(f"{kind} is too short")
+    if sn != 0:  # RFC 9162's final check; the exact length checked above guarantees it
+        raise AssertionError("verify_consistency: bad math, proof length and sizes disagree")
     if fr != first_root:
         raise RootMismatchError(f"{kind} gives another root for size {first}", fr, bytes(first_root))
     if sr != second_root:
