@@ -31,42 +31,63 @@ def split(n: int) -> int:
     return k
 
 
+class Reference:
+    """RFC 9162's recursive definitions over D = leaves, on half-open ranges [lo, hi).
+
+    MTH values are memoised by range: the recursion is the RFC's, only not recomputed.
+    """
+
+    def __init__(self, leaves: Sequence[bytes]):
+        self.d = list(leaves)
+        self._mth: dict[tuple[int, int], bytes] = {}
+
+    def mth(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) (RFC 9162 §2.1.1)."""
+        if hi - lo == 0:
+            return EMPTY_ROOT
+        if hi - lo == 1:
+            return self.d[lo]
+        got = self._mth.get((lo, hi))
+        if got is None:
+            k = split(hi - lo)
+            got = self._mth[(lo, hi)] = node(self.mth(lo, lo + k), self.mth(lo + k, hi))
+        return got
+
+    def path(self, m: int, lo: int, hi: int) -> list[bytes]:
+        """PATH(m, D[lo:hi]) (RFC 9162 §2.1.3.1). Requires 0 <= m < hi - lo."""
+        if hi - lo == 1:
+            return []
+        k = split(hi - lo)
+        if m < k:
+            return self.path(m, lo, lo + k) + [self.mth(lo + k, hi)]
+        return self.path(m - k, lo + k, hi) + [self.mth(lo, lo + k)]
+
+    def subproof(self, m: int, lo: int, hi: int, b: bool) -> list[bytes]:
+        """SUBPROOF(m, D[lo:hi], b) (RFC 9162 §2.1.4.1)."""
+        if m == hi - lo:
+            return [] if b else [self.mth(lo, hi)]
+        k = split(hi - lo)
+        if m <= k:
+            return self.subproof(m, lo, lo + k, b) + [self.mth(lo + k, hi)]
+        return self.subproof(m - k, lo + k, hi, False) + [self.mth(lo, lo + k)]
+
+    def proof(self, m: int, n: int) -> list[bytes]:
+        """PROOF(m, D[0:n]); empty for m = 0 or m = n. Requires 0 <= m <= n."""
+        if m == 0 or m == n:
+            return []
+        return self.subproof(m, 0, n, True)
+
+
 def mth(d: Sequence[bytes]) -> bytes:
-    """MTH over leaf hashes (RFC 9162 §2.1.1)."""
-    if not d:
-        return EMPTY_ROOT
-    if len(d) == 1:
-        return d[0]
-    k = split(len(d))
-    return node(mth(d[:k]), mth(d[k:]))
+    return Reference(d).mth(0, len(d))
 
 
 def path(m: int, d: Sequence[bytes]) -> list[bytes]:
-    """PATH(m, D[n]) (RFC 9162 §2.1.3.1). Requires 0 <= m < len(d)."""
-    if len(d) == 1:
-        return []
-    k = split(len(d))
-    if m < k:
-        return path(m, d[:k]) + [mth(d[k:])]
-    return path(m - k, d[k:]) + [mth(d[:k])]
-
-
-def subproof(m: int, d: Sequence[bytes], b: bool) -> list[bytes]:
-    """SUBPROOF(m, D[n], b) (RFC 9162 §2.1.4.1)."""
-    n = len(d)
-    if m == n:
-        return [] if b else [mth(d)]
-    k = split(n)
-    if m <= k:
-        return subproof(m, d[:k], b) + [mth(d[k:])]
-    return subproof(m - k, d[k:], False) + [mth(d[:k])]
+    return Reference(d).path(m, 0, len(d))
 
 
 def proof(m: int, d: Sequence[bytes]) -> list[bytes]:
-    """PROOF(m, D[n]); empty for m = 0 or m = n. Requires 0 <= m <= len(d)."""
-    if m == 0 or m == len(d):
-        return []
-    return subproof(m, d, True)
+    return Reference(d).proof(m, len(d))
 
 
 def tree_levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
