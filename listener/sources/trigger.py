@@ -18,7 +18,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from listener.sources.validate import SourceSpec
+from listener.sources.validate import FILTER_SETTINGS, SourceSpec
 
 DOORBELL_CHANNEL = "merkle_outbox"
 
@@ -87,8 +87,9 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     ).format(outbox=outbox, cols=col_list, new_cols=new_cols, where=where,
              channel=sql.Literal(DOORBELL_CHANNEL), log=sql.Literal(log_name))
     conn.execute(sql.SQL(
-        "CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}"
-    ).format(fn=_capture_function(source_id), body=sql.Literal(body.as_string(conn))))
+        "CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} AS {body}"
+    ).format(fn=_capture_function(source_id), settings=_pinned_settings_clause(),
+             body=sql.Literal(body.as_string(conn))))
 
     capture, guard, guard_truncate = _trigger_names(source_id)
     conn.execute(sql.SQL(
@@ -116,6 +117,19 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     ).format(outbox=outbox, cols=col_list, new_cols=new_cols, table=spec.ident(), stmt=sql.Literal(stmt),
              key_order=key_order, where=where))
     return cur.rowcount
+
+
+def _pinned_settings_clause() -> sql.Composed:
+    """SET clauses that make the row filter mean the same in every writer's session: the
+    settings it was checked under at registration (search_path, TimeZone, DateStyle, ...)."""
+    clauses = []
+    for name, value in FILTER_SETTINGS.items():
+        if name == "search_path":
+            value_sql = sql.SQL(", ").join(sql.Identifier(p.strip()) for p in value.split(","))
+        else:
+            value_sql = sql.Literal(value)
+        clauses.append(sql.SQL("SET {} TO {}").format(sql.Identifier(name.lower()), value_sql))
+    return sql.SQL(" ").join(clauses)
 
 
 def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composable | None) -> None:
