@@ -10,10 +10,10 @@ import hashlib
 from collections.abc import Sequence
 
 from .nodes import NodeID
-from .proof import consistency_proof, inclusion_proof, root_at
+from .proof import NodeReader, consistency_proof, inclusion_proof, root_at
 
 
-class MemoryTree:
+class MemoryTree(NodeReader):
     """All complete nodes of a tree, level by level: levels[h][i] is node (h, i)."""
 
     def __init__(self, leaf_hashes: Sequence[bytes] = ()) -> None:

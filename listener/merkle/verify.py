@@ -5,6 +5,12 @@ Every failure raises ProofError (a ProofVerificationError) saying why; a proof t
 the wrong hash raises its subclass RootMismatchError carrying both hashes. Proofs must have
 exactly the length RFC 9162 implies for the sizes (checked before folding, which replaces the
 RFC's in-loop "sn == 0" checks), so no trailing or missing hash is accepted.
+
+    from listener.merkle import hash_leaf, verify_inclusion, verify_consistency, ProofError
+
+    # root and size come from a checkpoint whose signature you checked; proof from the log.
+    verify_inclusion(hash_leaf(entry), index, size, proof, root)          # raises ProofError
+    verify_consistency(old_size, size, proof, old_root, root)             # raises ProofError
 """
 
 from __future__ import annotations
