@@ -234,9 +234,12 @@ class EmbeddedPostgres:
 
     def _run(self, program: str, *args: str) -> str:
         cmd = [str(bin_dir() / program), *args]
+        # Drop root's groups too: a process still in group root is judged by the group bits.
+        as_user = {} if self.os_user is None else {"user": self.os_user, "group": self.os_user, "extra_groups": []}
         try:
             proc = subprocess.run(
-                cmd, user=self.os_user, cwd=self.data_dir, stdin=subprocess.DEVNULL,
+                cmd, **as_user, cwd=self.data_dir, stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("PG")},  # the caller's PG* are not ours
                 capture_output=True, text=True, timeout=120,
             )
         except subprocess.TimeoutExpired:

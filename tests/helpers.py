@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -14,23 +16,49 @@ from listener import merkle
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def environment(changes: dict | None) -> dict:
+    """os.environ with `changes` applied; a value of None removes the variable."""
+    env = {**os.environ, **(changes or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
 def cli(*args: str, dsn: str | None = None, env: dict | None = None, check: bool = False, timeout: float = 120,
         input: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "listener"]
     if dsn:
         cmd += ["--dsn", dsn]
     proc = subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, input=input)
+                          env=environment(env), input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd + list(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def start_listener(dsn: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "listener", "--dsn", dsn, "run", "--poll", "0.2", *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+class Listener:
+    """`merkle-listener run` in a subprocess; its JSON log goes to a file (a pipe could fill up
+    and stall it)."""
+
+    def __init__(self, dsn: str, *extra: str):
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "listener", "--dsn", dsn, "run", "--poll", "0.2", *extra],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, text=True,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Send `sig`, wait for the exit, return what the listener logged."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        if not self._log.closed:
+            self._log.seek(0)
+            self.text = self._log.read()
+            self._log.close()
+        return self.text
+
+
+def start_listener(dsn: str, *extra: str) -> Listener:
+    return Listener(dsn, *extra)
 
 
 def check_log(conn: psycopg.Connection, log_name: str) -> list[tuple]:

@@ -14,7 +14,7 @@ import pytest
 
 from listener import registry
 from listener.embedded import EmbeddedPostgres
-from tests.helpers import ROOT, cli
+from tests.helpers import ROOT, cli, environment
 
 
 def _footprint(conn) -> tuple:
@@ -103,13 +103,13 @@ def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
     home = tmp_path / "home"
     env = {"MERKLE_LISTENER_HOME": str(home)}
     for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
-        env[var] = ""
+        env[var] = None
     assert cli("init", env=env, check=True).stdout.startswith("schema merkle at version")
     server = EmbeddedPostgres(home)
     assert not server.state().running, "a command that started the server on demand must stop it"
 
     # A listener killed with SIGKILL leaves its server running: the next command adopts and stops it.
-    proc = subprocess.Popen([sys.executable, "-m", "listener", "run"], cwd=ROOT, env={**os.environ, **env},
+    proc = subprocess.Popen([sys.executable, "-m", "listener", "run"], cwd=ROOT, env=environment(env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not server.state().running:
