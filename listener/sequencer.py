@@ -131,9 +131,12 @@ class Sequencer:
         if self._drain is None:
             return []
         params = {"log_id": self.log.log_id, "base": self.tree.size, "max_batch": self.max_batch}
+        # One bytea of 32-byte hashes in seq order: far cheaper to fetch than a row per leaf.
         with self.conn.cursor(binary=True) as cur:
-            cur.execute(self._drain, params)
-            return [r[0] for r in cur]
+            packed = cur.execute(self._drain, params).fetchone()[0]
+        if packed is None:
+            return []
+        return [packed[i:i + 32] for i in range(0, len(packed), 32)]
 
 
     def _column_types(self, source: Source) -> dict[str, int]:
@@ -186,6 +189,6 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
         "SELECT %(log_id)s, %(base)s + row_number() OVER (ORDER BY stmt_id, ord) - 1, "
         "source_id, source_key, op, leaf_hash, stmt_id, ord FROM changes "
         "RETURNING seq, leaf_hash) "
-        "SELECT leaf_hash FROM ins ORDER BY seq"
+        "SELECT string_agg(leaf_hash, ''::bytea ORDER BY seq) FROM ins"
     ).format(stmt_ids=stmt_ids, deletes=sql.SQL(", ").join(deletes), changes=changes)
 

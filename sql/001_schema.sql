@@ -48,24 +48,26 @@ CREATE TABLE merkle.sources (
 
 -- The log itself: seq is the leaf index. No copy of the row data, only its hash and key.
 -- change_id/change_ord identify the captured change (trigger mode: statement id and row
--- ordinal; replication mode: commit LSN and position in the transaction) so that a replayed
--- change can never be appended twice.
+-- ordinal; replication mode: commit LSN and position in the transaction); the unique index
+-- over (source, key, change) both finds a row's leaves by key and makes it impossible to
+-- append a replayed change twice.
+-- No foreign key to merkle.logs: a per-row FK check would cost more than half of the
+-- sequencer's insert time; only the sequencer writes here, for a log it has locked.
 CREATE TABLE merkle.processed_log (
-    log_id        integer NOT NULL REFERENCES merkle.logs ON DELETE CASCADE,
+    log_id        integer NOT NULL,
     seq           bigint NOT NULL CHECK (seq >= 0),
     source_id     integer NOT NULL,
-    source_key    text NOT NULL,
+    source_key    text COLLATE "C" NOT NULL,
     op            text NOT NULL CHECK (op IN ('insert', 'update', 'delete', 'truncate', 'backfill')),
     leaf_hash     bytea NOT NULL CHECK (length(leaf_hash) = 32),
     change_id     bigint NOT NULL,
     change_ord    integer NOT NULL,
     commit_lsn    pg_lsn,
     sequenced_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (log_id, seq),
-    UNIQUE (log_id, source_id, change_id, change_ord)
+    PRIMARY KEY (log_id, seq)
 );
-CREATE INDEX processed_log_by_key ON merkle.processed_log (log_id, source_id, source_key);
-CREATE INDEX processed_log_by_leaf ON merkle.processed_log (log_id, leaf_hash);
+CREATE UNIQUE INDEX processed_log_change ON merkle.processed_log
+    (log_id, source_id, source_key, change_id, change_ord);
 
 -- The tree as C2SP tlog-tiles of height 8. Tile (level, idx) of width W (1..256) covers the
 -- nodes of tree level 8*level with indices [idx*256, idx*256 + W). `nodes` holds the tile's

@@ -1,0 +1,227 @@
+"""Benchmark of trigger-mode capture, each figure beside its limit measured in the same run.
+
+    writers   INSERT throughput into a captured table vs an identical table without capture,
+              as bulk statements of 1,000 rows and as single-row commits;
+    drain     leaves/s appended by the sequencer from a filled outbox, vs the same rows
+              hashed by PostgreSQL alone (sha256 over the same entries, no writes);
+    latency   commit -> sequenced (visible in merkle.logs.tree_size) p50/p99 with a writer
+              paced at --rate single-row commits/s and `merkle-listener run` in its own process.
+
+Runs on a throwaway embedded PostgreSQL (default settings) unless --dsn names a database.
+    python -m listener.bench.capture [--rows N] [--rate R] [--seconds S] [--dsn DSN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import orjson
+import psycopg
+
+from listener import registry
+from listener.runner import connect
+from listener.sequencer import Sequencer
+from listener.store import migrate
+
+TABLE = """
+CREATE TABLE {name} (
+    id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(12,2) NOT NULL,
+    placed_at timestamptz NOT NULL DEFAULT now(), note text
+)"""
+BULK = (
+    "INSERT INTO {name} (id, customer, amount, note) "
+    "SELECT g, 'customer ' || g, (g %% 100000) / 100.0, 'note ' || g FROM generate_series(%s::bigint, %s::bigint) g"
+)
+
+
+@contextlib.contextmanager
+def bench_database(dsn: str | None) -> Iterator[str]:
+    if dsn:
+        yield dsn
+        return
+    from listener.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tempfile.mkdtemp(prefix="ml-bench-"))
+    server.start(owned=True)
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE bench")
+        yield server.dsn("bench")
+    finally:
+        server.destroy()
+
+
+def _setup(dsn: str) -> None:
+    with connect(dsn) as conn:
+        migrate.apply(conn)
+        conn.commit()
+        for name in ("plain", "captured", "paced"):
+            conn.execute(f"DROP TABLE IF EXISTS {name}")
+            conn.execute(TABLE.format(name=name))
+        conn.commit()
+        registry.create_log(conn, "bench")
+        registry.add_source(conn, "bench", "captured")
+        registry.create_log(conn, "paced")
+        registry.add_source(conn, "paced", "paced")
+
+
+def _bulk_rate(conn: psycopg.Connection, table: str, start: int, rows: int, per_stmt: int = 1000) -> float:
+    t = time.perf_counter()
+    for lo in range(start, start + rows, per_stmt):
+        conn.execute(BULK.format(name=table), (lo, lo + per_stmt - 1))
+        conn.commit()
+    return rows / (time.perf_counter() - t)
+
+
+def _single_rate(conn: psycopg.Connection, table: str, start: int, rows: int) -> float:
+    t = time.perf_counter()
+    for i in range(start, start + rows):
+        conn.execute(f"INSERT INTO {table} (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
+        conn.commit()
+    return rows / (time.perf_counter() - t)
+
+
+def bench_writers(dsn: str, rows: int) -> dict:
+    """Alternate plain and captured rounds so both see the same machine state."""
+    out = {"bulk_plain": [], "bulk_captured": [], "single_plain": [], "single_captured": []}
+    with connect(dsn) as conn:
+        base = 0
+        for _ in range(3):
+            for table in ("plain", "captured"):
+                out[f"bulk_{table}"].append(_bulk_rate(conn, table, base, rows))
+            base += rows
+        singles = max(500, rows // 50)
+        for _ in range(3):
+            for table in ("plain", "captured"):
+                out[f"single_{table}"].append(_single_rate(conn, table, base, singles))
+            base += singles
+    best = {k: max(v) for k, v in out.items()}
+    return {
+        "bulk_rows_per_s_without_capture": round(best["bulk_plain"]),
+        "bulk_rows_per_s_with_capture": round(best["bulk_captured"]),
+        "bulk_ratio": round(best["bulk_captured"] / best["bulk_plain"], 3),
+        "single_commits_per_s_without_capture": round(best["single_plain"]),
+        "single_commits_per_s_with_capture": round(best["single_captured"]),
+        "single_ratio": round(best["single_captured"] / best["single_plain"], 3),
+    }
+
+
+def bench_drain(dsn: str) -> dict:
+    """Drain what bench_writers left queued; the limit hashes the same entries in SQL."""
+    with connect(dsn) as conn:
+        queued = conn.execute("SELECT count(*) FROM merkle.outbox_1").fetchone()[0]
+        conn.commit()
+        seq = Sequencer(conn, "bench", max_batch=20_000)
+        # The limit: PostgreSQL computing the same canonical entries and leaf hashes, writing nothing.
+        from listener import canonical_sql
+        from psycopg import sql
+
+        cols = ["amount", "customer", "id", "note", "placed_at"]
+        types = dict(conn.execute(
+            "SELECT attname, atttypid::integer FROM pg_attribute WHERE attrelid = 'merkle.outbox_1'::regclass AND attnum > 0"))
+        entry = canonical_sql.entry_sql("o", "public.captured", cols, sql.Identifier("o", "op"), types)
+        limit_q = sql.SQL("SELECT count({}) FROM merkle.outbox_1 o").format(canonical_sql.leaf_hash_sql(entry))
+        t = time.perf_counter()
+        conn.execute(limit_q)
+        limit_s = time.perf_counter() - t
+        conn.commit()
+        t = time.perf_counter()
+        drained = seq.drain_all()
+        drain_s = time.perf_counter() - t
+    return {
+        "drained_leaves": drained,
+        "queued_before": queued,
+        "drain_leaves_per_s": round(drained / drain_s),
+        "hash_only_limit_leaves_per_s": round(queued / limit_s),
+        "drain_ratio_to_hash_only": round((drained / drain_s) / (queued / limit_s), 3),
+    }
+
+
+def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", "paced"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_writer(dsn)
+        n = int(rate * seconds)
+        committed = [0.0] * n
+        reached: list[tuple[float, int]] = []
+        done = threading.Event()
+
+        def observe() -> None:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                last = 0
+                while not (done.is_set() and last >= n):
+                    size = c.execute("SELECT tree_size FROM merkle.logs WHERE name = 'paced'").fetchone()[0]
+                    if size != last:
+                        reached.append((time.perf_counter(), size))
+                        last = size
+
+        observer = threading.Thread(target=observe)
+        observer.start()
+        with psycopg.connect(dsn, autocommit=True) as c:
+            start = time.perf_counter()
+            for i in range(n):
+                due = start + i / rate
+                while (now := time.perf_counter()) < due:
+                    time.sleep(min(0.0005, due - now))
+                c.execute("INSERT INTO paced (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
+                committed[i] = time.perf_counter()
+            achieved = n / (time.perf_counter() - start)
+        done.set()
+        observer.join(timeout=60)
+    finally:
+        listener.terminate()
+        listener.wait(timeout=30)
+    latencies = []
+    j = 0
+    for i, t_commit in enumerate(committed):  # row i is leaf i: one writer, one source
+        while reached[j][1] < i + 1:
+            j += 1
+        latencies.append((reached[j][0] - t_commit) * 1000)
+    q = statistics.quantiles(latencies, n=100)
+    return {"commits": n, "achieved_commits_per_s": round(achieved), "latency_ms_p50": round(q[49], 2),
+            "latency_ms_p99": round(q[98], 2), "latency_ms_max": round(max(latencies), 2)}
+
+
+def _wait_writer(dsn: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as c:
+        while not c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the listener did not start")
+            time.sleep(0.05)
+
+
+def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
+    with bench_database(dsn) as target:
+        _setup(target)
+        result = {"benchmark": "capture", "rows": rows}
+        result["writers"] = bench_writers(target, rows)
+        result["drain"] = bench_drain(target)
+        result["latency"] = bench_latency(target, rate, seconds)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m listener.bench.capture", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=100_000, help="rows per bulk round (default 100000)")
+    p.add_argument("--rate", type=float, default=1000, help="paced single-row commits/s (default 1000)")
+    p.add_argument("--seconds", type=float, default=10, help="paced run length (default 10)")
+    p.add_argument("--dsn", help="benchmark in this database instead of a throwaway embedded one")
+    args = p.parse_args(argv)
+    print(orjson.dumps(run(args.dsn, args.rows, args.rate, args.seconds), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
