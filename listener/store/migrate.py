@@ -1,7 +1,8 @@
 """Apply the numbered migrations in sql/ (NNN_name.sql), once each, in order.
 
-`merkle.schema_version` records what was applied. A database whose schema is newer than
-this program knows is refused: an older listener must never write to a newer layout.
+`merkle.schema_version` records what was applied; every known migration not recorded there
+is applied, in version order. A database holding a migration this program does not know is
+refused: an older listener must never write to a newer layout.
 """
 
 from __future__ import annotations
@@ -42,36 +43,42 @@ def migrations() -> list[Migration]:
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), path))
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise ConfigurationError(f"migrations in {sql_dir()} are not numbered 1..n: {versions}")
+    if len(set(versions)) != len(versions):
+        raise ConfigurationError(f"two migrations in {sql_dir()} share a number: {versions}")
     return found
 
 
 def latest_version() -> int:
-    return len(migrations())
+    return max((m.version for m in migrations()), default=0)
+
+
+def applied_versions(conn: psycopg.Connection) -> set[int]:
+    exists = conn.execute("SELECT to_regclass('merkle.schema_version') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return set()
+    return {r[0] for r in conn.execute("SELECT version FROM merkle.schema_version")}
 
 
 def current_version(conn: psycopg.Connection) -> int:
-    exists = conn.execute("SELECT to_regclass('merkle.schema_version') IS NOT NULL").fetchone()[0]
-    if not exists:
-        return 0
-    return conn.execute("SELECT coalesce(max(version), 0) FROM merkle.schema_version").fetchone()[0]
+    return max(applied_versions(conn), default=0)
+
+
+def _unknown(applied: set[int]) -> set[int]:
+    return applied - {m.version for m in migrations()}
 
 
 def check_version(conn: psycopg.Connection) -> None:
-    """Raise unless the database holds exactly the schema this program expects."""
-    have, want = current_version(conn), latest_version()
-    if have == want:
-        return
-    if have > want:
+    """Raise unless the database holds exactly the migrations this program has."""
+    applied = applied_versions(conn)
+    if unknown := _unknown(applied):
         raise ConfigurationError(
-            f"the database's merkle schema is version {have}, newer than this merkle-listener "
-            f"knows ({want}): upgrade merkle-listener"
+            f"the database's merkle schema has migration(s) {sorted(unknown)} that this merkle-listener "
+            f"does not know (it knows up to {latest_version()}): upgrade merkle-listener"
         )
-    raise ConfigurationError(
-        f"the database's merkle schema is version {have}, this merkle-listener needs {want}: "
-        "run `merkle-listener init`"
-    )
+    if missing := sorted(m.version for m in migrations() if m.version not in applied):
+        raise ConfigurationError(
+            f"the database's merkle schema lacks migration(s) {missing}: run `merkle-listener init`"
+        )
 
 
 def apply(conn: psycopg.Connection) -> list[Migration]:
@@ -79,13 +86,13 @@ def apply(conn: psycopg.Connection) -> list[Migration]:
     applied = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        have, known = current_version(conn), migrations()
-        if have > len(known):
+        done = applied_versions(conn)
+        if unknown := _unknown(done):
             raise ConfigurationError(
-                f"the database's merkle schema is version {have}, newer than this merkle-listener "
-                f"knows ({len(known)}): upgrade merkle-listener; nothing was changed"
+                f"the database's merkle schema has migration(s) {sorted(unknown)} that this merkle-listener "
+                f"does not know (it knows up to {latest_version()}): upgrade merkle-listener; nothing was changed"
             )
-        for m in known[have:]:
+        for m in (m for m in migrations() if m.version not in done):
             conn.execute(m.path.read_text())
             conn.execute(
                 "INSERT INTO merkle.schema_version (version, name) VALUES (%s, %s)", (m.version, m.name)
