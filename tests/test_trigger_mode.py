@@ -227,3 +227,21 @@ def test_source_remove_waits_for_queued_changes(two_sources, dsn):
     assert [r[2] for r in check_log(conn, "audit")] == ['{"id":"1"}']
     assert "removed" in cli("source", "remove", "audit", "payments", dsn=dsn, check=True).stdout
     assert conn.execute("SELECT to_regclass('merkle.outbox_2')").fetchone()[0] is None
+
+
+def test_listener_reconnects_when_postgres_restarts(two_sources, dsn, pg_server):
+    conn = two_sources
+    listener = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO orders (id, customer) SELECT g, 'a' FROM generate_series(1, 20) g")
+        _wait_size(conn, 20)
+        pg_server.stop(mode="fast")
+        time.sleep(0.5)  # the listener notices and backs off
+        pg_server.start(owned=True)
+        with psycopg.connect(dsn, autocommit=True) as again:
+            again.execute("INSERT INTO orders (id, customer) SELECT g, 'b' FROM generate_series(21, 40) g")
+            _wait_size(again, 40)
+            check_log(again, "audit")
+    finally:
+        log = listener.stop()
+    assert "reconnecting" in log or "doorbell connection lost" in log
