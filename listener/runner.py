@@ -136,6 +136,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size, "root": seq.tree.root.hex()})
             backoff.reset()
             while True:
+                # Armed before draining: a doorbell that rings during the batch wakes us at once.
                 wake = wakeups.arm(name)
                 while (batch := await anyio.to_thread.run_sync(seq.drain_once)) is not None:
                     log.info(
@@ -143,6 +144,8 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
                         extra={"log": name, "seq_first": batch.first_seq, "seq_last": batch.first_seq + batch.count - 1,
                                "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
                     )
+                    if not batch.more:
+                        break
                 with anyio.move_on_after(opts.poll_interval):
                     await wake.wait()
         except psycopg.OperationalError as exc:

@@ -43,6 +43,7 @@ class BatchResult:
     tree_size: int
     root: bytes
     seconds: float
+    more: bool  # rows were left for the next batch (the batch hit max_batch)
 
 
 class Sequencer:
@@ -58,6 +59,7 @@ class Sequencer:
         self.tree: TileBuilder | None = None
         self._sources_key: tuple[int, ...] = ()
         self._drain: sql.Composed | None = None
+        self._more = False  # the last drain left rows behind its cutoff
 
     def load(self) -> None:
         """Read the log's state: its row and the right-most partial tile of each level."""
@@ -81,8 +83,8 @@ class Sequencer:
         started = time.perf_counter()
         try:
             with self.conn.transaction():
-                self._fence()
-                hashes = self._append_leaves()
+                source_ids = self._fence()
+                hashes = self._append_leaves(source_ids)
                 if not hashes:
                     return None
                 first = self.tree.size
@@ -96,7 +98,7 @@ class Sequencer:
             self.tree = None  # reload from what is durable before the next batch
             raise
         self.log = Log(self.log.log_id, self.log.name, self.log.origin, self.tree.size, self.tree.root, self.log.paused)
-        return BatchResult(first, len(hashes), self.tree.size, self.tree.root, time.perf_counter() - started)
+        return BatchResult(first, len(hashes), self.tree.size, self.tree.root, time.perf_counter() - started, self._more)
 
     def drain_all(self) -> int:
         """Drain until the outboxes are empty; returns the number of leaves appended."""
@@ -107,33 +109,37 @@ class Sequencer:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _fence(self) -> None:
+    def _fence(self) -> tuple[int, ...]:
+        """Lock the log's row and check it; returns the log's source ids (one round trip)."""
         row = self.conn.execute(
-            "SELECT tree_size, root FROM merkle.logs WHERE log_id = %s FOR UPDATE", (self.log.log_id,)
+            "SELECT tree_size, root, ARRAY(SELECT source_id FROM merkle.sources s "
+            "WHERE s.log_id = l.log_id ORDER BY source_id) FROM merkle.logs l WHERE log_id = %s FOR UPDATE",
+            (self.log.log_id,),
         ).fetchone()
         if row is None:
             raise ProcessingError(f"log {self.log_name!r} was dropped while the listener ran")
-        size, root = row
+        size, root, source_ids = row
         if size != self.tree.size or root != self.tree.root:
             raise ProcessingError(
                 f"log {self.log_name!r} moved under this writer: persisted size {size} root "
                 f"{root.hex()}, this writer extends size {self.tree.size} root {self.tree.root.hex()}; "
                 "another process wrote to it (is a second listener running without its advisory lock?)"
             )
+        return tuple(source_ids)
 
-    def _append_leaves(self) -> list[bytes]:
-        sources = list_sources(self.conn, self.log.log_id)
-        key = tuple(s.source_id for s in sources)
-        if key != self._sources_key or self._drain is None:
-            captured = [s for s in sources if s.mode == "trigger"]
+    def _append_leaves(self, source_ids: tuple[int, ...]) -> list[bytes]:
+        if source_ids != self._sources_key or self._drain is None:
+            # Sources changed (rare): rebuild the drain statement. Registration locks the log's
+            # row too, so the set cannot change during this batch.
+            captured = [s for s in list_sources(self.conn, self.log.log_id) if s.mode == "trigger"]
             self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
-            self._sources_key = key
+            self._sources_key = source_ids
         if self._drain is None:
             return []
         params = {"log_id": self.log.log_id, "base": self.tree.size, "max_batch": self.max_batch}
         # One bytea of 32-byte hashes in seq order: far cheaper to fetch than a row per leaf.
         with self.conn.cursor(binary=True) as cur:
-            packed = cur.execute(self._drain, params).fetchone()[0]
+            packed, self._more = cur.execute(self._drain, params).fetchone()
         if packed is None:
             return []
         return [packed[i:i + 32] for i in range(0, len(packed), 32)]
@@ -189,6 +195,7 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
         "SELECT %(log_id)s, %(base)s + row_number() OVER (ORDER BY stmt_id, ord) - 1, "
         "source_id, source_key, op, leaf_hash, stmt_id, ord FROM changes "
         "RETURNING seq, leaf_hash) "
-        "SELECT string_agg(leaf_hash, ''::bytea ORDER BY seq) FROM ins"
+        "SELECT string_agg(leaf_hash, ''::bytea ORDER BY seq), "
+        "(SELECT stmt_id FROM cutoff) < 9223372036854775807 FROM ins"
     ).format(stmt_ids=stmt_ids, deletes=sql.SQL(", ").join(deletes), changes=changes)
 
