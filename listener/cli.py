@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     src = sub.add_parser("source", help="register tables as sources of a log").add_subparsers(dest="source_command", required=True)
     sa = src.add_parser("add", help="capture every row inserted into TABLE as a leaf of LOG")
-    sa.add_argument("log")
+    sa.add_argument("log", help="the log's name")
     sa.add_argument("table", help="table name, optionally schema-qualified")
     sa.add_argument("--key", help="comma-separated unique key columns (default: the primary key)")
     sa.add_argument("--columns", help="comma-separated columns to hash (default: all)")
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl = src.add_parser("list", help="list sources")
     sl.add_argument("log", nargs="?")
     sr = src.add_parser("remove", help="stop capturing TABLE")
-    sr.add_argument("log")
-    sr.add_argument("table")
+    sr.add_argument("log", help="the log's name")
+    sr.add_argument("table", help="a source table of the log")
 
     rp = sub.add_parser("run", help="sequence captured changes into the logs until stopped (Ctrl-C)")
     rp.add_argument("--log", action="append", dest="logs", metavar="NAME", help="only this log (repeatable)")
@@ -109,7 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("what", choices=["tree", "sql", "capture"])
     bp.add_argument("--leaves", type=int, help="log size for `tree`/`sql` (default per benchmark)")
     bp.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    _describe(p)
     return p
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand's own --help the one-line help it has in its parent's list."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe(sub)
 
 
 @contextlib.contextmanager
