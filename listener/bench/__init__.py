@@ -1,0 +1,1 @@
+"""Benchmarks: standalone commands that print measured ratios against the project's limits."""
