@@ -115,14 +115,13 @@ BEGIN
         RAISE EXCEPTION 'merkle: % levels but % indexes', cardinality(levels), cardinality(indexes)
             USING ERRCODE = '22023';
     END IF;
+    -- A node that is invalid (refused below) may alias some other tile here: harmless.
     SELECT array_agg(w.tkey), array_agg(t.width), array_agg(t.nodes)
       INTO keys, widths, bodies
       FROM (SELECT DISTINCT ((u.level / 8)::bigint << 56) | (u.index >> (8 - u.level % 8)) AS tkey
-              FROM unnest(levels, indexes) AS u(level, index)
-             WHERE u.level BETWEEN 0 AND 62 AND u.index >= 0 AND u.index >> (63 - u.level) = 0) w
+              FROM unnest(levels, indexes) AS u(level, index)) w
       JOIN merkle.tiles t ON t.log_id = nodes.log_id AND t.level = (w.tkey >> 56)
-                         AND t.idx = w.tkey & ((1::bigint << 56) - 1)
-     WHERE octet_length(t.nodes) = 32 * merkle.tile_row_offset(t.width, 8);
+                         AND t.idx = w.tkey & ((1::bigint << 56) - 1);
     FOR p IN 1 .. cardinality(levels) LOOP
         level := levels[p];
         index := indexes[p];
@@ -136,7 +135,8 @@ BEGIN
         k := level % 8;
         slot := array_position(keys, ((level / 8)::bigint << 56) | (index >> (8 - k)));
         j := index & ((1 << (8 - k)) - 1);
-        IF slot IS NULL OR j >= (widths[slot] >> k) THEN
+        IF slot IS NULL OR j >= (widths[slot] >> k)
+           OR octet_length(bodies[slot]) <> 32 * merkle.tile_row_offset(widths[slot], 8) THEN
             missing := coalesce(missing, p);
             CONTINUE;
         END IF;
