@@ -16,8 +16,8 @@
 --   22023 invalid_parameter_value  a negative size or index, leaf_index >= tree_size,
 --                                  first > second, a tree node beyond 2^63 leaves
 --   ML001 (unknown log)            no log of that name in merkle.logs
---   ML002 (beyond the log)         tree_size (or second) > the log's current tree_size;
---                                  retry once the log has grown
+--   ML002 (beyond the log)         tree_size (or second) > the log's current tree_size, or
+--                                  leaf_hash's leaf_index >= it; retry once the log has grown
 --   ML003 (log data missing)       a tile, tree node or processed_log row that must exist
 --                                  does not, or a recomputed root differs from logs.root:
 --                                  the stored log is damaged, do not trust it

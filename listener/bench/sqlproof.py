@@ -73,7 +73,8 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 def timed(conn: psycopg.Connection, sql: str, args_list: list[tuple]) -> tuple[list[float], list]:
     times, results = [], []
-    with conn.cursor() as cur:
+    # Binary results: parsing a text bytea[] in Python costs more than the proof itself.
+    with conn.cursor(binary=True) as cur:
         for args in args_list:
             t0 = time.perf_counter()
             cur.execute(sql, args, prepare=True)
@@ -81,6 +82,38 @@ def timed(conn: psycopg.Connection, sql: str, args_list: list[tuple]) -> tuple[l
             times.append(time.perf_counter() - t0)
             results.append(row[0])
     return times, results
+
+
+# Server-side timing of the same calls, without the client's round trip and array parsing.
+SERVER_TIMER = """
+CREATE FUNCTION pg_temp.time_proofs(log text, kind text, firsts bigint[], n bigint) RETURNS float8[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    t0 timestamptz;
+    times float8[] := '{}';
+    proof bytea[];
+    a bigint;
+BEGIN
+    FOREACH a IN ARRAY firsts LOOP
+        t0 := clock_timestamp();
+        IF kind = 'inclusion' THEN
+            proof := merkle.inclusion_proof(log, a, n);
+        ELSE
+            proof := merkle.consistency_proof(log, a, n);
+        END IF;
+        times := times || extract(epoch FROM clock_timestamp() - t0)::float8;
+    END LOOP;
+    RETURN times;
+END $$
+"""
+
+
+def server_times(conn: psycopg.Connection, name: str, kind: str, args: list[tuple]) -> list[float]:
+    if not conn.execute("SELECT to_regproc('pg_temp.time_proofs') IS NOT NULL").fetchone()[0]:
+        conn.execute(SERVER_TIMER)
+    return conn.execute(
+        "SELECT pg_temp.time_proofs(%s, %s, %s, %s)", (name, kind, [a[1] for a in args], args[0][2])
+    ).fetchone()[0]
 
 
 def measure(conn: psycopg.Connection, name: str, leaves: int, root: bytes, samples: int, seed: int) -> None:
@@ -102,8 +135,17 @@ def measure(conn: psycopg.Connection, name: str, leaves: int, root: bytes, sampl
         old_root = conn.execute("SELECT merkle.root(%s, %s)", (name, m)).fetchone()[0]
         verify_consistency(m, size, proof, old_root, root)
 
-    print(f"leaves {leaves:,}, {samples} random calls each, client-side latency (Unix socket, prepared):")
+    inc_server = server_times(conn, name, "inclusion", inc_args)
+    con_server = server_times(conn, name, "consistency", con_args)
+
+    print(f"leaves {leaves:,}, {samples} random calls each at tree_size {n:,}")
+    print("  client side (psycopg, Unix socket, prepared statement, binary results):")
     for label, times in (("SELECT 1-row round trip", base), ("inclusion_proof", inc), ("consistency_proof", con)):
+        p50, p99 = percentiles(times)
+        ratio = "" if label.startswith("SELECT") else f"   p50/target {p50 / TARGET_P50_MS:.2f}"
+        print(f"  {label:<24} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
+    print("  server side (clock_timestamp() around each call, in one plpgsql loop):")
+    for label, times in (("inclusion_proof", inc_server), ("consistency_proof", con_server)):
         p50, p99 = percentiles(times)
         ratio = "" if label.startswith("SELECT") else f"   p50/target {p50 / TARGET_P50_MS:.2f}"
         print(f"  {label:<24} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
