@@ -25,9 +25,10 @@
 -- How a node is found (layout: see merkle.tiles in 001_schema.sql). Tree node (level, index)
 -- lives in tile level level / 8, row k = level % 8, tile idx = index >> (8 - k), at position
 -- j = index & (2^(8-k) - 1) of the row; it is stored iff j < floor(width / 2^k). Row k starts
--- at hash number sum_{i<k} floor(width / 2^i). Any complete node is one 32-byte substring of
--- `nodes` (stored EXTERNAL, so substring reads only the TOAST chunks it needs); a subtree
--- that ends at the ragged right edge of the tree is folded from at most 63 complete nodes.
+-- at hash number sum_{i<k} floor(width / 2^i). Any complete node is one 32-byte slice of
+-- `nodes`, so no hashing is needed inside a tile; a subtree that ends at the ragged right edge
+-- of the tree is folded from at most 63 complete nodes. A call lists the nodes it needs first,
+-- then reads each tile they lie in once (merkle.nodes).
 --
 -- The functions are STABLE: every query in one call sees the same snapshot, and since nodes
 -- are only ever added (a partial tile is rewritten wider, never narrower), a proof for a
