@@ -164,6 +164,10 @@ BAD_CALLS = [
     ("SELECT merkle.leaf_hash('bad', NULL)", (), "22004"),
     ("SELECT merkle.node(1, 64, 0)", (), "22023"),
     ("SELECT merkle.node(1, 0, -1)", (), "22023"),
+    ("SELECT merkle.node(1, 63, 0)", (), "22023"),
+    # Would alias tile 1/2 if the tile key overflowed: a node beyond 2^63 leaves is refused.
+    ("SELECT merkle.node(1, 7, %s)", (2**57 + 5,), "22023"),
+    ("SELECT merkle.node(1, 0, %s)", (2**63 - 1,), "ML003"),
 ]
 
 
