@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +32,11 @@ from pathlib import Path
 import psycopg
 
 from listener.embedded import EmbeddedPostgres
-from listener.merkle import TileBuilder, hash_leaf, verify_consistency, verify_inclusion
+from listener.merkle import (
+    TileBuilder, consistency_proof, hash_leaf, inclusion_proof, verify_consistency, verify_inclusion,
+)
 from listener.store import migrate
-from listener.store.tiles import write_tiles
+from listener.store.tiles import TileNodeReader, write_tiles
 
 TARGET_P50_MS = 1.0
 BUILD_BATCH = 1 << 16
@@ -151,6 +154,61 @@ def measure(conn: psycopg.Connection, name: str, leaves: int, root: bytes, sampl
         print(f"  {label:<24} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
 
 
+def measure_python(conn: psycopg.Connection, log_id: int, leaves: int, root: bytes, samples: int, seed: int) -> None:
+    """The same proofs from the Python engine over TileNodeReader (one query per proof, LRU of
+    full tiles shared across calls, as `prove` and a server would use it)."""
+    rnd = random.Random(seed + 1)
+    n = leaves
+    reader = TileNodeReader(conn, log_id)
+    for _ in range(200):  # warm-up, not measured
+        inclusion_proof(reader, rnd.randrange(n), n)
+    inc, con = [], []
+    for _ in range(samples):
+        i = rnd.randrange(n)
+        t0 = time.perf_counter()
+        proof = inclusion_proof(reader, i, n)
+        inc.append(time.perf_counter() - t0)
+        if len(inc) <= 20:
+            verify_inclusion(hash_leaf(i.to_bytes(8, "big")), i, n, proof, root)
+    for _ in range(samples):
+        m = rnd.randrange(1, n + 1)
+        t0 = time.perf_counter()
+        consistency_proof(reader, m, n)
+        con.append(time.perf_counter() - t0)
+    print("  Python engine (listener.merkle over TileNodeReader, same connection):")
+    for label, times in (("inclusion_proof", inc), ("consistency_proof", con)):
+        p50, p99 = percentiles(times)
+        print(f"  {label:<24} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms")
+
+
+# Run in a fresh interpreter so that RSS growth is the loaded state's alone.
+LOAD_CHILD = """
+import sys, time, psycopg
+from listener.merkle import TileBuilder
+from listener.store.tiles import load_partial_tiles
+def rss_kb():
+    return int(open('/proc/self/statm').read().split()[1]) * 4
+dsn, log_id, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conn = psycopg.connect(dsn)
+conn.execute('SELECT 1')
+before = rss_kb()
+t0 = time.perf_counter()
+tree = TileBuilder(size, load_partial_tiles(conn, log_id, size))
+seconds = time.perf_counter() - t0
+root = conn.execute('SELECT root FROM merkle.logs WHERE log_id = %s', (log_id,)).fetchone()[0]
+assert tree.root == root, 'loaded state does not give the stored root'
+print(seconds, (rss_kb() - before) / 1024)
+"""
+
+
+def measure_load(dsn: str, log_id: int, leaves: int) -> None:
+    out = subprocess.run([sys.executable, "-c", LOAD_CHILD, dsn, str(log_id), str(leaves)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    seconds, rss_mb = float(out[0]), float(out[1])
+    print(f"  load the log's state (right-most partial tiles -> TileBuilder, root checked): "
+          f"{seconds * 1e3:.1f} ms (target <= 1000, ratio {seconds:.3f}), RSS growth {rss_mb:.1f} MB (target <= 50)")
+
+
 def copy_tiles(conn: psycopg.Connection, log_id: int, tiles: list) -> None:
     """Plain binary COPY of new tiles: the floor that write_tiles' upsert is compared with."""
     with conn.transaction(), conn.cursor() as cur:
@@ -189,8 +247,11 @@ def run(dsn: str, leaves: int, samples: int, seed: int, write_test: bool) -> Non
         _, root = build_log(conn, name, leaves)
         size_mb = conn.execute("SELECT pg_total_relation_size('merkle.tiles') / 1e6").fetchone()[0]
         print(f"built {leaves:,} leaves in {time.perf_counter() - t0:.1f} s (merkle.tiles: {size_mb:.0f} MB)")
+        log_id = conn.execute("SELECT log_id FROM merkle.logs WHERE name = %s", (name,)).fetchone()[0]
         try:
             measure(conn, name, leaves, root, samples, seed)
+            measure_python(conn, log_id, leaves, root, samples, seed)
+            measure_load(conn.info.dsn, log_id, leaves)
             if write_test:
                 measure_write_tiles(conn)
         finally:
