@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("start", help="start it and leave it running")
     db.add_parser("stop", help="stop it")
     db.add_parser("status", help="say whether it runs")
-    db.add_parser("url", help="print a DSN for psql and psycopg (starts nothing)")
+    du = db.add_parser("url", help="print a DSN for psql and psycopg (starts nothing)")
+    du.add_argument("--database", default=EMBEDDED_DATABASE, help=f"database name (default {EMBEDDED_DATABASE})")
 
     sub.add_parser("init", help="create or upgrade schema merkle (idempotent)")
 
@@ -190,7 +191,7 @@ def cmd_db(args) -> int:
             print(f"not running ({'not created yet' if not server.initialized() else server.pgdata})")
             return 3
     elif args.db_command == "url":
-        print(server.dsn(EMBEDDED_DATABASE))
+        print(server.dsn(args.database))
     return 0
 
 

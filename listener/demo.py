@@ -183,7 +183,10 @@ def _report(conn: psycopg.Connection, log_name: str, committed: dict) -> int:
     conn.commit()
 
     _step("done: " + ("every check held" if ok else "SOME CHECKS FAILED"))
-    print("   try: merkle-listener --help   (the demo's data is in database merkle_demo)")
+    print("   explore it: merkle-listener db start")
+    print(f'              merkle-listener --dsn "$(merkle-listener db url --database {DEMO_DB})" status')
+    print(f'              psql "$(merkle-listener db url --database {DEMO_DB})"   # then: SELECT * FROM merkle.processed_log LIMIT 5;')
+    print("              merkle-listener db stop")
     return 0 if ok else 1
 
 
