@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("run", help="sequence captured changes into the logs until stopped (Ctrl-C)")
     rp.add_argument("--log", action="append", dest="logs", metavar="NAME", help="only this log (repeatable)")
     rp.add_argument("--poll", type=float, default=1.0, help="safety poll interval in seconds (default 1)")
-    rp.add_argument("--max-batch", type=int, default=20_000, help="rows per batch transaction (default 20000)")
+    rp.add_argument("--max-batch", type=int, default=50_000, help="rows per batch transaction (default 50000)")
 
     st = sub.add_parser("status", help="logs, sizes, roots, queued changes")
     st.add_argument("--json", action="store_true", help="print JSON")

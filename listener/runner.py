@@ -22,7 +22,7 @@ import anyio
 import psycopg
 
 from listener.errors import MerkleListenerError, ProcessingError
-from listener.sequencer import Sequencer
+from listener.sequencer import DEFAULT_MAX_BATCH, Sequencer
 from listener.sources.trigger import DOORBELL_CHANNEL
 from listener.store.connect import options_string
 
@@ -39,7 +39,7 @@ class RunOptions:
     poll_interval: float = 1.0
     standby_interval: float = 0.5
     rescan_interval: float = 5.0
-    max_batch: int = 20_000
+    max_batch: int = DEFAULT_MAX_BATCH
 
 
 @dataclass

@@ -33,7 +33,7 @@ from listener.store.tiles import load_partial_tiles, write_tiles
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 20_000
+DEFAULT_MAX_BATCH = 50_000
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,13 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
         sql.SQL("SELECT * FROM {}").format(sql.Identifier(f"d{s.source_id}")) for s in sources
     )
     return sql.SQL(
-        "WITH ids AS ({stmt_ids}), "
-        "cutoff AS (SELECT greatest(coalesce("
-        "(SELECT stmt_id FROM ids ORDER BY stmt_id OFFSET %(max_batch)s LIMIT 1), 9223372036854775807), "
-        "(SELECT min(stmt_id) + 1 FROM ids)) AS stmt_id), "
+        # One bounded top-N sort over the outboxes' stmt ids: the first and the (max_batch+1)-th.
+        "WITH firsts AS (SELECT array_agg(stmt_id) AS a FROM "
+        "(SELECT stmt_id FROM ({stmt_ids}) ids ORDER BY stmt_id LIMIT %(max_batch)s + 1) f), "
+        "cutoff AS (SELECT CASE "
+        "WHEN cardinality(a) IS NULL OR cardinality(a) <= %(max_batch)s THEN 9223372036854775807 "
+        "WHEN a[cardinality(a)] > a[1] THEN a[cardinality(a)] "
+        "ELSE a[1] + 1 END AS stmt_id FROM firsts), "
         "{deletes}, "
         "changes AS ({changes}), "
         "ins AS (INSERT INTO merkle.processed_log "
