@@ -40,6 +40,16 @@ class RunOptions:
     standby_interval: float = 0.5
     rescan_interval: float = 5.0
     max_batch: int = DEFAULT_MAX_BATCH
+    # Deleted outbox rows are dead tuples that every drain's scan reads until a VACUUM; autovacuum
+    # wakes up only once a minute, so the janitor vacuums after this many drained rows.
+    vacuum_every_rows: int = 5_000
+    janitor_interval: float = 1.0
+
+
+@dataclass
+class _Drained:
+    """Rows drained per log since its outboxes were last vacuumed (the writer adds, the janitor resets)."""
+    rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,9 +73,10 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
 async def run(opts: RunOptions, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
     """Run until cancelled."""
     wakeups = _Wakeups()
+    drained = _Drained()
     async with anyio.create_task_group() as tg:
         await tg.start(_doorbell, opts, wakeups)
-        await tg.start(_supervise, opts, wakeups, tg)
+        await tg.start(_supervise, opts, wakeups, drained, tg)
         task_status.started()
 
 
@@ -92,7 +103,8 @@ async def _doorbell(opts: RunOptions, wakeups: _Wakeups, *, task_status=anyio.TA
             await backoff.sleep()
 
 
-async def _supervise(opts: RunOptions, wakeups: _Wakeups, tg, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+async def _supervise(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, tg, *,
+                     task_status=anyio.TASK_STATUS_IGNORED) -> None:
     running: set[str] = set()
     backoff = _Backoff()
     first = True
@@ -112,7 +124,8 @@ async def _supervise(opts: RunOptions, wakeups: _Wakeups, tg, *, task_status=any
         for name in names:
             if name not in running:
                 running.add(name)
-                tg.start_soon(_writer, opts, wakeups, name)
+                tg.start_soon(_writer, opts, wakeups, drained, name)
+                tg.start_soon(_janitor, opts, drained, name)
         if first:
             first = False
             task_status.started()
@@ -124,7 +137,7 @@ def _log_names(dsn: str) -> list[str]:
         return [r[0] for r in conn.execute("SELECT name FROM merkle.logs ORDER BY name")]
 
 
-async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
+async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: str) -> None:
     backoff = _Backoff()
     while True:
         conn = None
@@ -144,6 +157,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
                         extra={"log": name, "seq_first": batch.first_seq, "seq_last": batch.first_seq + batch.count - 1,
                                "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
                     )
+                    drained.rows[name] = drained.rows.get(name, 0) + batch.count
                     if not batch.more:
                         break
                 with anyio.move_on_after(opts.poll_interval):
@@ -157,6 +171,29 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(conn.close)
         await backoff.sleep()
+
+
+async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
+    """Vacuum the log's outboxes after enough drained rows, on a connection of its own."""
+    while True:
+        await anyio.sleep(opts.janitor_interval)
+        if drained.rows.get(name, 0) < opts.vacuum_every_rows:
+            continue
+        drained.rows[name] = 0
+        try:
+            await anyio.to_thread.run_sync(_vacuum_outboxes, opts.dsn, name)
+        except psycopg.Error as exc:
+            log.warning("could not vacuum the outboxes; autovacuum will", extra={"log": name, "error": str(exc)})
+
+
+def _vacuum_outboxes(dsn: str, name: str) -> None:
+    with connect(dsn, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT format('merkle.outbox_%%s', s.source_id) FROM merkle.sources s JOIN merkle.logs l USING (log_id) "
+            "WHERE l.name = %s AND s.mode = 'trigger'", (name,)).fetchall()
+        for (table,) in tables:
+            if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]:
+                conn.execute(f"VACUUM (SKIP_LOCKED) {table}")  # name built by format() from an integer id
 
 
 async def _become_writer(conn: psycopg.Connection, name: str, opts: RunOptions) -> None:

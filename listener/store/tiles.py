@@ -12,10 +12,12 @@ sql/002_merkle_functions.sql read the same rows.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import psycopg
+from psycopg import pq
 
 from listener.errors import ProcessingError
 from listener.merkle import NodeReader, Tile
@@ -52,7 +54,10 @@ def write_tiles(conn: psycopg.Connection, log_id: int, tiles: Iterable[Tile]) ->
     if not latest:
         return
     rows = [(log_id, t.level, t.index, t.width, t.nodes) for t in latest.values()]
-    with conn.transaction(), conn.cursor() as cur:
+    # Inside the caller's transaction no savepoint (two more round trips): an error aborts
+    # that transaction anyway.
+    in_transaction = conn.info.transaction_status != pq.TransactionStatus.IDLE
+    with (contextlib.nullcontext() if in_transaction else conn.transaction()), conn.cursor() as cur:
         cur.executemany(_UPSERT.format(source="VALUES (%s, %s, %s, %s, %s)"), rows)
         written = cur.rowcount
         if written != len(rows):
