@@ -90,9 +90,12 @@ class Sequencer:
                 first = self.tree.size
                 tiles = self.tree.append(hashes)
                 write_tiles(self.conn, self.log.log_id, tiles)
+                # The notification is delivered at COMMIT: LISTEN merkle_sequenced to follow a log.
                 self.conn.execute(
-                    "UPDATE merkle.logs SET tree_size = %s, root = %s WHERE log_id = %s",
-                    (self.tree.size, self.tree.root, self.log.log_id),
+                    "UPDATE merkle.logs SET tree_size = %s, root = %s WHERE log_id = %s "
+                    "RETURNING pg_notify('merkle_sequenced', %s)",
+                    (self.tree.size, self.tree.root, self.log.log_id,
+                     f'{{"log":"{self.log.name}","tree_size":{self.tree.size}}}'),
                 )
         except BaseException:
             self.tree = None  # reload from what is durable before the next batch

@@ -163,8 +163,8 @@ def bench_drain(dsn: str) -> dict:
 
 
 def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
-    """One thread both writes (paced) and, while it waits for the next write, polls the log's
-    size every ~0.5 ms: no second Python thread competing for the GIL, little load added."""
+    """A paced writer; between writes the same thread waits on LISTEN merkle_sequenced, which
+    the sequencer notifies at each batch's COMMIT: the time a client can see the leaf."""
     listener = subprocess.Popen(
         [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", "paced"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -175,29 +175,26 @@ def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
         committed: list[float] = []
         reached: list[tuple[float, int]] = []
         last = 0
-        with psycopg.connect(dsn, autocommit=True) as w, psycopg.connect(dsn, autocommit=True) as r:
-            poll = r.cursor()
+        with psycopg.connect(dsn, autocommit=True) as w, psycopg.connect(dsn, autocommit=True) as ear:
+            ear.execute("LISTEN merkle_sequenced")
 
-            def observe() -> None:
+            def listen(until: float) -> None:
                 nonlocal last
-                size = poll.execute("SELECT tree_size FROM merkle.logs WHERE name = 'paced'").fetchone()[0]
-                if size != last:
-                    reached.append((time.perf_counter(), size))
-                    last = size
+                while (left := until - time.perf_counter()) > 0:
+                    for note in ear.notifies(timeout=left, stop_after=1):
+                        size = orjson.loads(note.payload)["tree_size"]
+                        reached.append((time.perf_counter(), size))
+                        last = max(last, size)
 
             start = time.perf_counter()
             for i in range(n):
-                due = start + i / rate
-                while time.perf_counter() < due:
-                    observe()
-                    time.sleep(0.0005)
+                listen(start + i / rate)
                 w.execute("INSERT INTO paced (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
                 committed.append(time.perf_counter())
             achieved = n / (time.perf_counter() - start)
-            deadline = time.monotonic() + 60
-            while last < n and time.monotonic() < deadline:
-                observe()
-                time.sleep(0.0005)
+            deadline = time.perf_counter() + 60
+            while last < n and time.perf_counter() < deadline:
+                listen(time.perf_counter() + 0.1)
     finally:
         listener.terminate()
         listener.wait(timeout=30)
