@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -44,6 +45,17 @@ class Listener:
             [sys.executable, "-m", "listener", "--dsn", dsn, "run", "--poll", "0.2", *extra],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, text=True,
         )
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        """Wait until the listener has logged `text`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._log.seek(0)
+            if text in self._log.read():
+                return
+            assert self.proc.poll() is None, f"the listener exited ({self.proc.returncode}) before logging {text!r}"
+            assert time.monotonic() < deadline, f"the listener did not log {text!r} within {timeout} s"
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         """Send `sig`, wait for the exit, return what the listener logged."""

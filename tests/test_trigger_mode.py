@@ -165,7 +165,7 @@ def test_two_listeners_one_writer_and_the_standby_takes_over(two_sources, dsn):
     try:
         conn.execute("INSERT INTO orders (id, customer) SELECT g, 'a' FROM generate_series(1, 50) g")
         _wait_size(conn, 50)
-        time.sleep(1.0)  # the second listener is up and has tried the lock
+        second.wait_for("hot standby")
         assert conn.execute(writers, (0x4D4C,)).fetchone()[0] == 1
         first.stop(signal.SIGKILL)
         conn.execute("INSERT INTO orders (id, customer) SELECT g, 'b' FROM generate_series(51, 120) g")
