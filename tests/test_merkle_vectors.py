@@ -24,7 +24,7 @@ from listener.merkle import (
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "rfc6962_vectors.json").read_text())
 
-# The 8-leaf reference tree of /work/shared/testdata/rfc6962/README.md (RFC 6962 ecosystem).
+# The 8-leaf reference tree used across the RFC 6962 ecosystem (transparency-dev/merkle testdata).
 LEAVES = [
     bytes.fromhex(h)
     for h in ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
