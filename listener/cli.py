@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("name", help="[a-z][a-z0-9_]*")
     lc.add_argument("--origin", help="checkpoint origin line (default: merkle-listener/NAME)")
     lg.add_parser("list", help="list logs")
+    for verb, what in (("pause", "stop appending to a log (changes stay queued)"), ("resume", "resume a paused log")):
+        lp = lg.add_parser(verb, help=what)
+        lp.add_argument("name", help="the log's name")
 
     src = sub.add_parser("source", help="register tables as sources of a log").add_subparsers(dest="source_command", required=True)
     sa = src.add_parser("add", help="capture every row inserted into TABLE as a leaf of LOG")
@@ -214,9 +217,13 @@ def cmd_log(args) -> int:
         if args.log_command == "create":
             log = registry.create_log(conn, args.name, args.origin)
             print(f"created log {log.name!r} (origin {log.origin!r})")
+        elif args.log_command in ("pause", "resume"):
+            log = registry.set_paused(conn, args.name, args.log_command == "pause")
+            print(f"log {log.name!r} {'paused' if log.paused else 'resumed'}")
         else:
             for log in registry.list_logs(conn):
-                print(f"{log.name}\tsize {log.tree_size}\troot {log.root.hex()}\torigin {log.origin}")
+                state = "\tpaused" if log.paused else ""
+                print(f"{log.name}\tsize {log.tree_size}\troot {log.root.hex()}\torigin {log.origin}{state}")
     return 0
 
 
@@ -234,6 +241,10 @@ def cmd_source(args) -> int:
             extra = f"; {queued} existing rows queued" if args.backfill else ""
             print(f"{source.qualified} now feeds log {args.log!r} (key {', '.join(source.key_columns)}; "
                   f"columns {', '.join(source.columns)}{'; append-only' if source.append_only else ''}{extra})")
+            if not source.append_only:
+                print(f"warning: in trigger mode only INSERTs are logged; UPDATE, DELETE and TRUNCATE on "
+                      f"{source.qualified} leave no leaf. Add the source with --append-only to refuse them.",
+                      file=sys.stderr)
         elif args.source_command == "list":
             log_id = registry.get_log(conn, args.log).log_id if args.log else None
             for s in registry.list_sources(conn, log_id):

@@ -150,15 +150,18 @@ class EmbeddedPostgres:
             (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._chown(self.socket_dir)
-        try:
-            self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.logfile), "-w", "-t", "60", "start")
-        except DatabaseError as exc:
-            tail = self._log_tail()
-            raise DatabaseError(f"{exc}\nlast lines of {self.logfile}:\n{tail}") from None
+        # Claimed before starting: killed during pg_ctl, we still leave an orphan the next
+        # command recognises, never an ownerless server that looks like `db start`'s.
         if owned:
             self._claim()
         else:
             self.owner_file.unlink(missing_ok=True)
+        try:
+            self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.logfile), "-w", "-t", "60", "start")
+        except DatabaseError as exc:
+            self.owner_file.unlink(missing_ok=True)
+            tail = self._log_tail()
+            raise DatabaseError(f"{exc}\nlast lines of {self.logfile}:\n{tail}") from None
         self._started_here = True
         return True
 

@@ -86,6 +86,14 @@ def get_log(conn: psycopg.Connection, name: str, *, for_update: bool = False) ->
     return log
 
 
+def set_paused(conn: psycopg.Connection, name: str, paused: bool) -> Log:
+    """Pause or resume a log: a paused log's writer appends nothing; changes stay queued."""
+    with conn.transaction():
+        log = get_log(conn, name, for_update=True)
+        conn.execute("UPDATE merkle.logs SET paused = %s WHERE log_id = %s", (paused, log.log_id))
+    return get_log(conn, name)
+
+
 def list_logs(conn: psycopg.Connection) -> list[Log]:
     with conn.cursor(row_factory=class_row(Log)) as cur:
         return cur.execute(f"SELECT {_LOG_COLUMNS} FROM merkle.logs ORDER BY name").fetchall()
@@ -159,8 +167,16 @@ def _check_entry_column_not_null(conn: psycopg.Connection, spec: SourceSpec) -> 
 
 
 def find_source(conn: psycopg.Connection, log: Log, table: str) -> Source:
+    """The source of `log` named `table` (schema-qualified or not), as registered or as now named."""
+    current = dict(conn.execute(
+        "SELECT s.source_id, n.nspname || '.' || c.relname FROM merkle.sources s "
+        "JOIN pg_class c ON c.oid = s.table_oid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE s.log_id = %s", (log.log_id,)).fetchall())
     for s in list_sources(conn, log.log_id):
-        if table in (s.qualified, s.table_name):
+        names = {s.qualified, s.table_name}
+        if s.source_id in current:
+            names |= {current[s.source_id], current[s.source_id].split(".", 1)[1]}
+        if table in names:
             return s
     raise ConfigurationError(f"table {table!r} is not a source of log {log.name!r} (see `merkle-listener source list`)")
 
@@ -171,8 +187,11 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str) -> int:
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         source = find_source(conn, log, table)
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (source.qualified,)).fetchone()[0]
-        trigger.drop_triggers(conn, source.source_id, source.ident if exists else None)
+        # By oid: the table may have been renamed (without the DDL guard) or dropped.
+        current = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.oid = %s", (source.table_oid,)).fetchone()
+        trigger.drop_triggers(conn, source.source_id, sql.Identifier(*current) if current else None)
         queued = conn.execute(
             sql.SQL("SELECT count(*) FROM {}").format(trigger.outbox_name(source.source_id))
         ).fetchone()[0]

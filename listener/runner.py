@@ -164,8 +164,10 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                     await wake.wait()
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
-        except MerkleListenerError as exc:
-            log.error("writer stopped on error; retrying", extra={"log": name, "error": str(exc)})
+        except (MerkleListenerError, psycopg.Error) as exc:
+            # The batch was rolled back and the state will be reloaded: nothing is lost by retrying,
+            # and one log's trouble must not stop the others.
+            log.error("writer stopped on error; retrying", extra={"log": name, "error": str(exc).strip()})
         finally:
             if conn is not None:
                 with anyio.CancelScope(shield=True):

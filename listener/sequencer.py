@@ -84,7 +84,7 @@ class Sequencer:
         try:
             with self.conn.transaction():
                 source_ids = self._fence()
-                hashes = self._append_leaves(source_ids)
+                hashes = self._append_leaves(source_ids) if source_ids is not None else []
                 if not hashes:
                     return None
                 first = self.tree.size
@@ -112,28 +112,33 @@ class Sequencer:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _fence(self) -> tuple[int, ...]:
-        """Lock the log's row and check it; returns the log's source ids (one round trip)."""
+    def _fence(self) -> tuple[int, ...] | None:
+        """Lock the log's row and check it; returns the log's source ids, or None if paused."""
         row = self.conn.execute(
-            "SELECT tree_size, root, ARRAY(SELECT source_id FROM merkle.sources s "
-            "WHERE s.log_id = l.log_id ORDER BY source_id) FROM merkle.logs l WHERE log_id = %s FOR UPDATE",
-            (self.log.log_id,),
+            "SELECT tree_size, root, paused FROM merkle.logs WHERE log_id = %s FOR UPDATE", (self.log.log_id,)
         ).fetchone()
         if row is None:
             raise ProcessingError(f"log {self.log_name!r} was dropped while the listener ran")
-        size, root, source_ids = row
+        size, root, paused = row
         if size != self.tree.size or root != self.tree.root:
             raise ProcessingError(
                 f"log {self.log_name!r} moved under this writer: persisted size {size} root "
                 f"{root.hex()}, this writer extends size {self.tree.size} root {self.tree.root.hex()}; "
                 "another process wrote to it (is a second listener running without its advisory lock?)"
             )
-        return tuple(source_ids)
+        if paused:
+            return None
+        # A statement of its own, so its snapshot is taken after the lock: a source added or
+        # removed (both lock this row) while we waited is seen.
+        ids = self.conn.execute(
+            "SELECT source_id FROM merkle.sources WHERE log_id = %s ORDER BY source_id", (self.log.log_id,)
+        ).fetchall()
+        return tuple(r[0] for r in ids)
 
     def _append_leaves(self, source_ids: tuple[int, ...]) -> list[bytes]:
         if source_ids != self._sources_key or self._drain is None:
-            # Sources changed (rare): rebuild the drain statement. Registration locks the log's
-            # row too, so the set cannot change during this batch.
+            # Sources changed (rare): rebuild the drain statement. Registration and removal lock
+            # the log's row, which this batch holds, so the set cannot change until COMMIT.
             captured = [s for s in list_sources(self.conn, self.log.log_id) if s.mode == "trigger"]
             self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
             self._sources_key = source_ids

@@ -77,18 +77,25 @@ def _writers(dsn: str, n_writers: int, per_writer: int, stop: threading.Event | 
 def test_concurrent_writers_every_committed_row_exactly_once(two_sources, dsn):
     conn = two_sources
     done = threading.Event()
+    failures, batches = [], []
     with connect(dsn) as wconn:
         seq = Sequencer(wconn, "audit", max_batch=50)
 
         def drain_while_writing():
-            while not done.is_set():
-                seq.drain_once()
+            try:
+                while not done.is_set():
+                    if (batch := seq.drain_once()) is not None:
+                        batches.append(batch)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the test's thread below
+                failures.append(exc)
 
         drainer = threading.Thread(target=drain_while_writing)
         drainer.start()
         _writers(dsn, n_writers=8, per_writer=40)
         done.set()
         drainer.join()
+        assert not failures, failures
+        assert len(batches) > 1, "the drain must have run while the writers were committing"
         seq.drain_all()
 
     rows = check_log(conn, "audit")
@@ -115,7 +122,8 @@ def test_outbox_is_empty_and_order_within_a_transaction_is_kept(two_sources, dsn
         Sequencer(wconn, "audit").drain_all()
     rows = check_log(conn, "audit")
     assert [r[2] for r in rows] == [canonical.key_json({"id": str(i)}) for i in (3, 10, 11, 12, 13, 14, 1, 2)]
-    assert conn.execute("SELECT count(*) FROM merkle.outbox_1").fetchone()[0] == 0
+    assert conn.execute("SELECT (SELECT count(*) FROM merkle.outbox_1) + (SELECT count(*) FROM merkle.outbox_2)"
+                        ).fetchone()[0] == 0
 
 
 def test_kill_9_listener_mid_batches_loses_and_duplicates_nothing(two_sources, dsn):
@@ -124,11 +132,15 @@ def test_kill_9_listener_mid_batches_loses_and_duplicates_nothing(two_sources, d
     writer = threading.Thread(target=_writers, args=(dsn, 4, 400, stop))
     writer.start()
     rnd = random.Random(7)
+    size = "SELECT tree_size FROM merkle.logs WHERE name = 'audit'"
     try:
         for _ in range(4):
+            before = conn.execute(size).fetchone()[0]
             listener = start_listener(dsn, "--max-batch", "7")
-            time.sleep(0.3 + rnd.random() * 0.7)
+            listener.wait_for("batch sequenced")
+            time.sleep(rnd.random() * 0.5)  # then kill it at a random point of its batches
             listener.stop(signal.SIGKILL)
+            assert conn.execute(size).fetchone()[0] > before
     finally:
         stop.set()
         writer.join()
@@ -245,3 +257,36 @@ def test_listener_reconnects_when_postgres_restarts(two_sources, dsn, pg_server)
     finally:
         log = listener.stop()
     assert "reconnecting" in log or "doorbell connection lost" in log
+
+
+def test_paused_log_keeps_changes_queued_until_resumed(two_sources, dsn):
+    conn = two_sources
+    assert "paused" in cli("log", "pause", "audit", dsn=dsn, check=True).stdout
+    conn.execute("INSERT INTO orders (id, customer) VALUES (1, 'a')")
+    with connect(dsn) as wconn:
+        seq = Sequencer(wconn, "audit")
+        assert seq.drain_all() == 0
+        cli("log", "resume", "audit", dsn=dsn, check=True)
+        assert seq.drain_all() == 1
+
+
+def test_source_removed_while_the_listener_runs(two_sources, dsn):
+    conn = two_sources
+    listener = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO payments (id, order_id) VALUES (1, 1)")
+        _wait_size(conn, 1)
+        assert "removed" in cli("source", "remove", "audit", "payments", dsn=dsn, check=True).stdout
+        conn.execute("INSERT INTO orders (id, customer) VALUES (1, 'a')")
+        _wait_size(conn, 2)
+    finally:
+        log = listener.stop()
+    assert "error" not in log, log
+    check_log(conn, "audit")
+
+
+def test_sessions_are_read_committed_whatever_the_database_default(conn, dsn):
+    conn.execute("ALTER DATABASE " + conn.info.dbname + " SET default_transaction_isolation = 'repeatable read'")
+    with psycopg.connect(dsn) as plain, connect(dsn) as ours:
+        assert plain.execute("SHOW transaction_isolation").fetchone()[0] == "repeatable read"
+        assert ours.execute("SHOW transaction_isolation").fetchone()[0] == "read committed"

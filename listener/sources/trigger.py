@@ -92,19 +92,21 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
              body=sql.Literal(body.as_string(conn))))
 
     capture, guard, guard_truncate = _trigger_names(source_id)
-    conn.execute(sql.SQL(
+    triggers = [(capture, sql.SQL(
         "CREATE TRIGGER {trg} AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows "
         "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()"
-    ).format(trg=capture, table=spec.ident(), fn=_capture_function(source_id)))
+    ).format(trg=capture, table=spec.ident(), fn=_capture_function(source_id)))]
     if append_only:
-        conn.execute(sql.SQL(
-            "CREATE TRIGGER {trg} BEFORE UPDATE OR DELETE ON {table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
-        ).format(trg=guard, table=spec.ident(), log=sql.Literal(log_name)))
-        conn.execute(sql.SQL(
-            "CREATE TRIGGER {trg} BEFORE TRUNCATE ON {table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
-        ).format(trg=guard_truncate, table=spec.ident(), log=sql.Literal(log_name)))
+        for trg, events in ((guard, "UPDATE OR DELETE"), (guard_truncate, "TRUNCATE")):
+            triggers.append((trg, sql.SQL(
+                "CREATE TRIGGER {trg} BEFORE {events} ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
+            ).format(trg=trg, events=sql.SQL(events), table=spec.ident(), log=sql.Literal(log_name))))
+    for trg, create in triggers:
+        conn.execute(create)
+        # ENABLE ALWAYS: the trigger fires even under session_replication_role = replica, so
+        # no session setting bypasses it (and the DDL guard refuses disabling it).
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(spec.ident(), trg))
 
     if not backfill:
         return 0

@@ -44,6 +44,11 @@ def resolve(dsn: str | None, environ: dict[str, str] | None = None) -> Target:
     return Target(None, "embedded PostgreSQL")
 
 
+# Not part of the encoding, but of correctness: the drain and the backfill rely on READ
+# COMMITTED taking a new snapshot per statement, whatever the database's default is.
+SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read committed"}
+
+
 def options_string() -> str:
-    """libpq `options` value that pins the canonical-encoding settings for a session."""
-    return " ".join(f"-c {k.lower()}={v.replace(' ', '')}" for k, v in PINNED_SETTINGS.items())
+    """libpq `options` value that pins these settings for a session of the listener."""
+    return " ".join(f"-c {k.lower()}={v.replace(' ', chr(92) + ' ')}" for k, v in SESSION_SETTINGS.items())
