@@ -1,0 +1,73 @@
+"""Run the HTTP API inside the caller's anyio task group: `run --http` and `serve`.
+
+One psycopg pool (autocommit, pinned settings) serves every read; LogState keeps the logs'
+snapshot fresh; TileStore caches tiles. uvicorn runs without its own signal handling: the
+caller's task group owns shutdown (cancellation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import anyio
+import uvicorn
+from psycopg_pool import AsyncConnectionPool
+
+from listener.api.app import create_app
+from listener.api.logstate import LogState
+from listener.api.tilestore import TileStore
+from listener.errors import ConfigurationError
+from listener.store.connect import options_string
+
+log = logging.getLogger("listener.api")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"HOST:PORT" (an IPv6 host in brackets) -> (host, port). Raises ConfigurationError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"--http wants HOST:PORT (e.g. 127.0.0.1:8080), got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield  # the caller handles SIGINT/SIGTERM by cancelling our task group
+
+
+async def _serve(server: _Server, address: str) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        raise ConfigurationError(f"cannot listen on {address} (address in use, or not allowed?)") from None
+
+
+async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age: float = 60.0, *,
+                     pool_size: int = 4, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; task_status.started() once the socket listens."""
+    host, port = parse_address(address)
+    pool = AsyncConnectionPool(
+        dsn, min_size=pool_size, max_size=pool_size, open=False,
+        kwargs={"autocommit": True, "options": options_string(), "application_name": "merkle-listener-http"},
+    )
+    await pool.open(wait=True, timeout=30)
+    try:
+        logs = LogState(pool)
+        tiles = TileStore(pool, cache_mb << 20)
+        async with anyio.create_task_group() as tg:
+            await tg.start(logs.run, dsn)
+            await tg.start(tiles.run)
+            app = create_app(pool, logs, tiles, ready_max_age)
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                    http="httptools", lifespan="off", loop="none")
+            server = _Server(config)
+            tg.start_soon(_serve, server, address)
+            while not server.started:
+                await anyio.sleep(0.01)
+            log.info("HTTP API listening", extra={"address": f"{host}:{port}"})
+            task_status.started()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pool.close()
