@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import urllib.parse
 
 import orjson
@@ -164,3 +165,79 @@ def test_monitor_and_verify_cli(http_log, tmp_path):
     assert r.returncode == 0 and "signed by example.com/audit" in r.stdout, r.stderr
     r = cli("verify", str(tmp_path / "proof.json"), "--checkpoint", str(tmp_path / "cp"), "--vkey", vkey)
     assert r.returncode == 0 and "leaf 9 is in the tree" in r.stdout, r.stderr
+
+
+# -- fuzzing: whatever is sent, the answer is JSON or the resource, never a 5xx -------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SEGMENT = st.one_of(
+    st.sampled_from(["audit", "v1", "logs", "tile", "entries", "checkpoint", "proof", "inclusion", "consistency",
+                     "lookup", "verify", "0", "000", "x001", "001.p", "255", "256", "-1", "healthz", "readyz",
+                     "openapi.json", "x000", "entries", "9" * 25, "nope"]),
+    st.text(min_size=0, max_size=12),
+)
+_VALUE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.sampled_from(["", "0", "1", "601", "602", "603", "AA==", "00" * 32, "+" * 44, '{"id":"7"}', "public.orders",
+                     "1e3", "nan", "inf", "-0", " 1", "0x10"]),
+    st.text(max_size=20),
+)
+_PARAMS = st.dictionaries(st.sampled_from(["index", "size", "leaf_hash", "first", "second", "source", "key", "max_age",
+                                           "x"]), _VALUE, max_size=4)
+
+
+def _target(segments, params) -> str:
+    path = "/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+    return path + ("?" + urllib.parse.urlencode(params) if params else "")
+
+
+def _check(c, method, target, body=None):
+    status, payload, ctype = c.request(method, target, body)
+    if target.startswith("/readyz") and status == 503:
+        return
+    assert status < 500, (method, target, status, payload[:300])
+    if status >= 400:
+        assert ctype == "application/json" and "error" in orjson.loads(payload), (target, payload[:200])
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "GET", "GET", "POST", "PUT", "DELETE"]),
+       segments=st.lists(_SEGMENT, min_size=1, max_size=6), params=_PARAMS)
+def test_fuzz_paths_never_5xx(http_log, method, segments, params):
+    with http_log.client() as c:
+        _check(c, method, _target(segments, params))
+
+
+_ROUTES = ["/v1/logs/{log}/proof/inclusion", "/v1/logs/{log}/proof/consistency", "/v1/logs/{log}/lookup",
+           "/v1/logs/{log}/entries/{index}", "/{log}/tile/{rest}", "/{log}/checkpoint", "/v1/logs/{log}", "/readyz"]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(_ROUTES), log=st.sampled_from(["audit", "audit", "nope"]), index=_VALUE,
+       rest=st.one_of(st.from_regex(r"(entries|[0-9]{1,2})/(x[0-9]{3}/){0,7}[0-9]{3}(\.p/[0-9]{1,4})?", fullmatch=True),
+                      st.text(max_size=30)),
+       params=_PARAMS)
+def test_fuzz_routes_never_5xx(http_log, route, log, index, rest, params):
+    path = route.replace("{log}", urllib.parse.quote(log)).replace("{index}", urllib.parse.quote(index, safe=""))
+    path = path.replace("{rest}", urllib.parse.quote(rest, safe="/."))
+    with http_log.client() as c:
+        _check(c, "GET", path + ("?" + urllib.parse.urlencode(params) if params else ""))
+
+
+_JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.text(max_size=10),
+              st.sampled_from(["inclusion", "consistency", "entry", "AA==", "A" * 43 + "="])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "proof", "leaf_index", "tree_size", "leaf_hash", "root", "first", "second",
+                         "first_root", "second_root", "entry", "entry_base64"]), inner, max_size=8),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(_JSONISH.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64)))
+def test_fuzz_post_verify_never_5xx(http_log, body):
+    with http_log.client() as c:
+        _check(c, "POST", "/v1/verify", body)
