@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the HTTP API read-only (may point at a replica)")
     sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", help="listen address (default 127.0.0.1:8080)")
     sv.add_argument("--cache-mb", type=int, default=256, help="memory for cached tiles in MB (default 256)")
+    sv.add_argument("--workers", type=int, default=1,
+                    help="server processes sharing the port (SO_REUSEPORT), each with its own cache (default 1)")
     sv.add_argument("--ready-max-age", type=float, default=60.0, metavar="SECONDS",
                     help="/readyz fails when the latest checkpoint is older (default 60)")
 
@@ -339,9 +341,34 @@ def cmd_serve(args) -> int:
     from listener.api.server import parse_address, serve_http
 
     parse_address(args.http)
-    with database(args) as dsn:
-        anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age)
+    try:
+        import uvloop  # noqa: F401  (a faster event loop: measured in docs/benchmarks.md)
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    if args.workers < 1:
+        raise ConfigurationError("--workers must be >= 1")
+    with database(args) as dsn, _workers(args, dsn):
+        anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age, backend_options=options)
     return 0
+
+
+@contextlib.contextmanager
+def _workers(args, dsn: str) -> Iterator[None]:
+    """The other `--workers - 1` server processes, stopped when this one stops."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", args.log_level, "serve", "--http", args.http,
+           "--cache-mb", str(args.cache_mb), "--ready-max-age", str(args.ready_max_age)]
+    procs = [subprocess.Popen(cmd) for _ in range(args.workers - 1)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
 
 
 def cmd_monitor(args) -> int:

@@ -425,3 +425,10 @@ def create_app(pool, logs: LogState, tiles: TileStore, ready_max_age: float = 60
     })
     app.state.pool, app.state.logs, app.state.tiles, app.state.ready_max_age = pool, logs, tiles, ready_max_age
     return app
+
+
+def create_asgi(pool, logs: LogState, tiles: TileStore, ready_max_age: float = 60.0):
+    """The served application: the hot-path wrapper around the Starlette app."""
+    from listener.api.fastpath import FastInclusion
+
+    return FastInclusion(create_app(pool, logs, tiles, ready_max_age), logs, tiles)

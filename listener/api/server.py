@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 
 import anyio
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from listener.api.app import create_app
+from listener.api.app import create_asgi
 from listener.api.logstate import LogState
 from listener.api.tilestore import TileStore
 from listener.errors import ConfigurationError
@@ -37,17 +38,36 @@ class _Server(uvicorn.Server):
         yield  # the caller handles SIGINT/SIGTERM by cancelling our task group
 
 
-async def _serve(server: _Server, address: str) -> None:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so `serve --workers N` processes share the port
+    (the kernel spreads connections over them). Raises ConfigurationError if it cannot bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        await server.serve()
-    except SystemExit:  # uvicorn exits when it cannot bind
-        raise ConfigurationError(f"cannot listen on {address} (address in use, or not allowed?)") from None
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(server: _Server, sock: socket.socket) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit:  # uvicorn exits when it cannot start
+        raise ConfigurationError("the HTTP server could not start (see the log above)") from None
 
 
 async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age: float = 60.0, *,
                      pool_size: int = 4, task_status=anyio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; task_status.started() once the socket listens."""
     host, port = parse_address(address)
+    sock = listen_socket(host, port)
     pool = AsyncConnectionPool(
         dsn, min_size=pool_size, max_size=pool_size, open=False,
         kwargs={"autocommit": True, "options": options_string(), "application_name": "merkle-listener-http"},
@@ -59,15 +79,16 @@ async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age:
         async with anyio.create_task_group() as tg:
             await tg.start(logs.run, dsn)
             await tg.start(tiles.run)
-            app = create_app(pool, logs, tiles, ready_max_age)
+            app = create_asgi(pool, logs, tiles, ready_max_age)
             config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                     http="httptools", lifespan="off", loop="none")
             server = _Server(config)
-            tg.start_soon(_serve, server, address)
+            tg.start_soon(_serve, server, sock)
             while not server.started:
                 await anyio.sleep(0.01)
             log.info("HTTP API listening", extra={"address": f"{host}:{port}"})
             task_status.started()
     finally:
+        sock.close()
         with anyio.CancelScope(shield=True):
             await pool.close()

@@ -21,9 +21,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener.errors import ProcessingError
 from listener.merkle import Tile
-from listener.merkle.tiles import tile_for_node
+from listener.merkle.tiles import TILE_HEIGHT, TILE_WIDTH, row_offset
 
 Key = tuple[int, int, int]  # (log_id, tile level, tile index)
+
+# _BYTE_OFFSET[width][k]: where row k starts in the nodes of a tile of `width` (the hot path
+# of every proof; row_offset() computed once per width instead of once per node).
+_BYTE_OFFSET = [[32 * row_offset(w, k) for k in range(TILE_HEIGHT)] for w in range(TILE_WIDTH + 1)]
 
 _FETCH = (
     "SELECT log_id, level, idx, width, nodes FROM merkle.tiles"
@@ -124,16 +128,23 @@ class TileStore:
 
         Requires every node to be complete in the stored tree; raises ProcessingError when one
         is not stored (ask only for sizes <= the log's tree_size)."""
-        where = [tile_for_node(level, index) for level, index in ids]
+        # Node (level, index) is row k = level % 8, position j of tile (level // 8, index >> (8 - k)).
+        where = []
         wanted: dict[Key, int] = {}
-        for tl, ti, k, j in where:
-            key = (log_id, tl, ti)
-            wanted[key] = max(wanted.get(key, 1), (j + 1) << k)
+        for level, index in ids:
+            tl, k = divmod(level, TILE_HEIGHT)
+            shift = TILE_HEIGHT - k
+            key, j = (log_id, tl, index >> shift), index & ((1 << shift) - 1)
+            where.append((key, k, j))
+            need = (j + 1) << k
+            if wanted.get(key, 0) < need:
+                wanted[key] = need
         got = await self.tiles(wanted)
         out = []
-        for (level, index), (tl, ti, _, _) in zip(ids, where):
-            tile = got.get((log_id, tl, ti))
+        for key, k, j in where:
+            tile = got.get(key)
             if tile is None:
-                raise ProcessingError(f"log id {log_id}: tree node ({level}, {index}) is not in merkle.tiles")
-            out.append(tile.node(level, index))
+                raise ProcessingError(f"log id {log_id}: tile {key[1]}/{key[2]} is not in merkle.tiles as wide as needed")
+            start = _BYTE_OFFSET[tile.width][k] + 32 * j
+            out.append(tile.nodes[start : start + 32])
         return out
