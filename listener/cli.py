@@ -92,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     kg = sub.add_parser("keygen", help="create an Ed25519 signer key for checkpoints; prints the verifier key")
     kg.add_argument("name", help="key name, usually the log's origin (no spaces, no '+')")
-    kg.add_argument("--out", type=Path, help="private key file (default: NAME.key); never overwritten")
+    kg.add_argument("--out", type=Path, help="private key file (default: NAME.key, '/' as '_'); never overwritten")
 
     sv = sub.add_parser("serve", help="serve the HTTP API read-only (may point at a replica)")
     sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", help="listen address (default 127.0.0.1:8080)")
     sv.add_argument("--cache-mb", type=int, default=256, help="memory for cached tiles in MB (default 256)")
+    sv.add_argument("--preload", action="store_true",
+                    help="fill the tile cache before listening (upper levels first, up to --cache-mb)")
     sv.add_argument("--workers", type=int, default=1,
                     help="server processes sharing the port (SO_REUSEPORT), each with its own cache (default 1)")
     sv.add_argument("--ready-max-age", type=float, default=60.0, metavar="SECONDS",
@@ -320,7 +322,7 @@ def cmd_keygen(args) -> int:
     from listener.note import Signer
 
     signer = Signer.generate(args.name)
-    out = args.out or Path(f"{args.name}.key")
+    out = args.out or Path(args.name.replace("/", "_") + ".key")
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -350,7 +352,8 @@ def cmd_serve(args) -> int:
     if args.workers < 1:
         raise ConfigurationError("--workers must be >= 1")
     with database(args) as dsn, _workers(args, dsn):
-        anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age, backend_options=options)
+        anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age, args.preload,
+                  backend_options=options)
     return 0
 
 
@@ -361,6 +364,7 @@ def _workers(args, dsn: str) -> Iterator[None]:
 
     cmd = [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", args.log_level, "serve", "--http", args.http,
            "--cache-mb", str(args.cache_mb), "--ready-max-age", str(args.ready_max_age)]
+    cmd += ["--preload"] if args.preload else []
     procs = [subprocess.Popen(cmd) for _ in range(args.workers - 1)]
     try:
         yield

@@ -241,3 +241,15 @@ _JSONISH = st.recursive(
 def test_fuzz_post_verify_never_5xx(http_log, body):
     with http_log.client() as c:
         _check(c, "POST", "/v1/verify", body)
+
+
+def test_hot_path_document_equals_the_full_apps(http_log):
+    """GET ...?index=N is answered by listener/api/fastpath.py; with an explicit size the
+    Starlette handler answers: the documents must be identical."""
+    with http_log.client() as c:
+        size = c.checkpoint().size
+        for index in (0, 17, size - 1):
+            fast = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}")
+            full = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}&size={size}")
+            assert fast == full
+        assert c.request("GET", "/v1/logs/audit/proof/inclusion?index=007")[0] == 400

@@ -87,3 +87,19 @@ def test_checkpoint_round_trip():
 def test_bad_checkpoint_bodies(body):
     with pytest.raises(ProofVerificationError):
         parse_body(body)
+
+
+def test_keygen_writes_a_private_file_and_prints_the_verifier(tmp_path):
+    import os
+    import stat
+
+    from tests.helpers import cli
+
+    r = cli("keygen", "example.com/audit", "--out", str(tmp_path / "audit.key"))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "audit.key").st_mode) == 0o600
+    signer = Signer.parse((tmp_path / "audit.key").read_text())
+    assert r.stdout.strip() == str(signer.verifier) and signer.name == "example.com/audit"
+    again = cli("keygen", "example.com/audit", "--out", str(tmp_path / "audit.key"))
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    assert Signer.parse((tmp_path / "audit.key").read_text()) == signer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import re
 import time
 
@@ -351,7 +352,10 @@ async def _entry_bundle(request: Request, info: LogInfo, index: int, width: int,
 
 
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    tiles: TileStore = request.app.state.tiles
+    return json_response({"status": "ok", "pid": os.getpid(),
+                          "cache": {"tiles": tiles.cached_tiles, "bytes": tiles.cached_bytes,
+                                    "queries": tiles.queries, "fetched": tiles.fetched}})
 
 
 async def readyz(request: Request) -> Response:

@@ -63,7 +63,7 @@ async def _serve(server: _Server, sock: socket.socket) -> None:
         raise ConfigurationError("the HTTP server could not start (see the log above)") from None
 
 
-async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age: float = 60.0, *,
+async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age: float = 60.0, preload: bool = False, *,
                      pool_size: int = 4, task_status=anyio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; task_status.started() once the socket listens."""
     host, port = parse_address(address)
@@ -79,6 +79,9 @@ async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age:
         async with anyio.create_task_group() as tg:
             await tg.start(logs.run, dsn)
             await tg.start(tiles.run)
+            if preload:
+                loaded = await tiles.preload()
+                log.info("tile cache preloaded", extra={"tiles": loaded, "bytes": tiles.cached_bytes})
             app = create_asgi(pool, logs, tiles, ready_max_age)
             config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                     http="httptools", lifespan="off", loop="none")

@@ -56,6 +56,14 @@ class TileStore:
         self.queries = 0
         self.fetched = 0
 
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def cached_tiles(self) -> int:
+        return len(self._cache)
+
     async def run(self, fetchers: int = 2, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(fetchers):
@@ -85,6 +93,26 @@ class TileStore:
                     batch.done.set()
                     raise
             batch.done.set()
+
+    async def preload(self) -> int:
+        """Fill the cache from merkle.tiles, upper levels first (every proof needs them), until
+        it is full. Returns the number of tiles loaded. For a read server that trades memory
+        (about 64 bytes per leaf for a whole log) for proofs without database reads."""
+        loaded = 0
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                cur = conn.cursor("merkle_preload", binary=True)
+                await cur.execute("SELECT log_id, level, idx, width, nodes FROM merkle.tiles ORDER BY level DESC, log_id, idx")
+                while True:
+                    rows = await cur.fetchmany(1000)
+                    if not rows:
+                        break
+                    for log_id, level, idx, width, nodes in rows:
+                        if self._bytes + len(nodes) > self.cache_bytes:
+                            return loaded
+                        self._remember((log_id, level, idx), Tile(level, idx, width, bytes(nodes)))
+                        loaded += 1
+        return loaded
 
     def _remember(self, key: Key, tile: Tile) -> None:
         old = self._cache.pop(key, None)

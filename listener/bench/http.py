@@ -116,7 +116,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(dsn: str, leaves: int, seconds: float, connections: int, cache_mb: int, workers: int = 1) -> dict:
+def _wait_for_workers(port: int, workers: int, timeout: float = 300) -> None:
+    """Until `workers` distinct server processes have answered /healthz (each listens only
+    once its cache is preloaded)."""
+    import orjson
+
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {len(seen)} of {workers} server processes came up within {timeout}s")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            seen.add(orjson.loads(data.split(b"\r\n\r\n", 1)[1])["pid"])
+        except OSError:
+            time.sleep(0.2)
+
+
+def run(dsn: str, leaves: int, seconds: float, connections: int, cache_mb: int, workers: int = 1,
+        preload: bool = False) -> dict:
     with psycopg.connect(dsn, options=options_string()) as conn:
         migrate.apply(conn)
         conn.commit()
@@ -132,16 +154,13 @@ def run(dsn: str, leaves: int, seconds: float, connections: int, cache_mb: int, 
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "listener", "--dsn", dsn, "serve", "--http", f"127.0.0.1:{port}", "--cache-mb", str(cache_mb),
-         "--workers", str(workers)],
+         "--workers", str(workers), *(["--preload"] if preload else [])],
         stdout=subprocess.DEVNULL,
     )
     try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        t0 = time.perf_counter()
+        _wait_for_workers(port, workers)
+        print(f"{workers} server process(es) up in {time.perf_counter() - t0:.1f} s", flush=True)
         rnd = random.Random(1)
         proof = lambda: f"/v1/logs/bench/proof/inclusion?index={rnd.randrange(leaves)}"  # noqa: E731
         _measure(port, proof, min(3.0, seconds), connections, server.pid)  # warm-up: connections, caches
@@ -160,22 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--cache-mb", type=int, default=256)
     p.add_argument("--workers", type=int, default=1, help="`serve --workers` (server processes)")
+    p.add_argument("--preload", action="store_true", help="`serve --preload` (fill the tile cache first)")
     p.add_argument("--dsn", help="an existing database (its log 'bench' is reused when it has --leaves leaves)")
     args = p.parse_args(argv)
     if args.dsn:
-        result = run(args.dsn, args.leaves, args.seconds, args.connections, args.cache_mb, args.workers)
+        result = run(args.dsn, args.leaves, args.seconds, args.connections, args.cache_mb, args.workers, args.preload)
     else:
         from listener.embedded import EmbeddedPostgres
 
         server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ml-bench-")), settings={"fsync": "off"})
         server.start(owned=True)
         try:
-            result = run(server.dsn(), args.leaves, args.seconds, args.connections, args.cache_mb, args.workers)
+            result = run(server.dsn(), args.leaves, args.seconds, args.connections, args.cache_mb, args.workers, args.preload)
         finally:
             server.destroy()
     c, r = result["ceiling"], result["proofs"]
     print(f"cpus: {os.cpu_count()}  leaves: {args.leaves:,}  connections: {args.connections}  "
-          f"workers: {args.workers}  cache: {args.cache_mb} MB per worker")
+          f"workers: {args.workers}  cache: {args.cache_mb} MB per worker{' (preloaded)' if args.preload else ''}")
     for what, m in (("/healthz (ceiling)", c), ("inclusion proofs", r)):
         print(f"{what:22s} {m['rate']:8.0f} /s   p50 {m['p50_ms']:6.2f} ms   p99 {m['p99_ms']:6.2f} ms   "
               f"CPU per request: server {m['server_us']:5.0f} us, load generator {m['client_us']:4.0f} us   "
