@@ -135,7 +135,7 @@ def test_bad_input_is_a_json_4xx(http_log, path, status):
 
 def test_health_and_openapi(http_log):
     with http_log.client() as c:
-        assert c.get_json("/healthz") == {"status": "ok"}
+        assert c.get_json("/healthz")["status"] == "ok"
         assert c.get_json("/readyz")["ready"] is True
         status, body, _ = c.request("GET", "/readyz?max_age=0")
         assert status == 503 and "no checkpoint newer" in orjson.loads(body)["reason"]
@@ -253,3 +253,38 @@ def test_hot_path_document_equals_the_full_apps(http_log):
             full = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}&size={size}")
             assert fast == full
         assert c.request("GET", "/v1/logs/audit/proof/inclusion?index=007")[0] == 400
+
+
+def test_serve_read_only_with_two_workers(http_log):
+    """`serve --workers 2`: two processes share the port; both answer from the same database."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+    from tests.http_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "listener", "--dsn", http_log.dsn, "serve", "--http",
+                             f"127.0.0.1:{port}", "--workers", "2", "--preload"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        from listener.client import Client
+
+        pids, deadline = set(), time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:
+            c = Client(f"http://127.0.0.1:{port}", "audit", http_log.signer.verifier)
+            try:
+                health = c.get_json("/healthz")
+                pids.add(health["pid"])
+                assert health["cache"]["tiles"] >= 3  # preloaded
+                assert c.checkpoint().size == ORDERS + 2
+            except ClientError:
+                time.sleep(0.1)
+            finally:
+                c.close()
+        assert len(pids) == 2
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (0, -15), err
