@@ -248,7 +248,7 @@ def test_hot_path_document_equals_the_full_apps(http_log):
     Starlette handler answers: the documents must be identical."""
     with http_log.client() as c:
         size = c.checkpoint().size
-        for index in (0, 17, size - 1):
+        for index in [*range(0, size, 7), size - 1]:  # full tiles (cached upper part) and the partial one
             fast = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}")
             full = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}&size={size}")
             assert fast == full
