@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.destroy()
     c, r = result["ceiling"], result["proofs"]
+    print("load average (1, 5, 15 min) at the end: %.2f %.2f %.2f (the machine may be shared)" % os.getloadavg())
     print(f"cpus: {os.cpu_count()}  leaves: {args.leaves:,}  connections: {args.connections}  "
           f"workers: {args.workers}  cache: {args.cache_mb} MB per worker{' (preloaded)' if args.preload else ''}")
     for what, m in (("/healthz (ceiling)", c), ("inclusion proofs", r)):
