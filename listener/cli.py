@@ -429,7 +429,7 @@ def cmd_verify(args) -> int:
     from listener.checkpoint import open_checkpoint
 
     raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(Path(args.file))
-    if not raw.lstrip().startswith(b"{"):
+    if "\n\n\u2014 ".encode() in raw:  # a signed note: text, blank line, "— " signature lines
         cp, note = open_checkpoint(raw, [_read_vkey(args.vkey)])
         print(f"OK: checkpoint of {cp.origin} at size {cp.size}, root {proofs.b64(cp.root)}, "
               f"signed by {', '.join(note.verified_by)}")
