@@ -88,3 +88,26 @@ def test_refuses_after_a_restore_that_lost_the_checkpoint_row(setup):
     # Regrown with the same leaves, it is an extension again.
     set_tree(conn, log.log_id, leaves("a", 320))
     assert publish(wconn, "audit", log.origin, signer, state).size == 320
+
+
+def test_writer_signs_at_most_once_per_interval(setup):
+    """The writer's checkpoint step (listener/runner.py): growth inside the interval waits."""
+    import anyio
+
+    from listener.runner import RunOptions, _Checkpoints
+
+    conn, wconn, log, signer, state = setup
+
+    async def scenario() -> list[int]:
+        cps = _Checkpoints(RunOptions(dsn="", signer=signer, state_dir=state, checkpoint_interval=30.0),
+                           wconn, "audit", log.origin)
+        set_tree(conn, log.log_id, leaves("a", 10))
+        await cps.maybe_publish()  # the first one: signed at once
+        set_tree(conn, log.log_id, leaves("a", 20))
+        await cps.maybe_publish()  # within the interval: not yet, but pending
+        assert cps.pending and 29 < cps.wait_limit(60.0) <= 30
+        cps.last -= 30  # the interval has passed
+        await cps.maybe_publish()
+        return [r[0] for r in conn.execute("SELECT tree_size FROM merkle.checkpoints ORDER BY tree_size")]
+
+    assert anyio.run(scenario) == [10, 20]
