@@ -16,7 +16,7 @@ from collections import OrderedDict
 import orjson
 
 from listener.merkle import inclusion_plan
-from listener.merkle.proof import _PlanBuilder, _add_path
+from listener.merkle.proof import node_path_plan
 from listener.merkle.tiles import TILE_HEIGHT, TILE_WIDTH, row_offset
 
 _PREFIX = "/v1/logs/"
@@ -83,9 +83,7 @@ class FastInclusion:
         upper = self._upper.get(key)
         wanted = {(log_id, 0, t): TILE_WIDTH}
         if upper is None:
-            builder = _PlanBuilder()
-            _add_path(builder, TILE_HEIGHT, t, size)
-            plan = builder.plan()
+            plan = node_path_plan(TILE_HEIGHT, t, size)
             hashes = await self.tiles.nodes(log_id, list(plan.ids))
             upper = plan.assemble(hashes)
             self._upper[key] = upper
