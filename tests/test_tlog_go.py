@@ -26,8 +26,9 @@ def tlogclient(tmp_path_factory) -> Path:
     if not Path(GOPATH, "src/golang.org/x/mod/sumdb/tlog").is_dir():
         pytest.fail("go is installed but golang.org/x/mod is not: apt-get install golang-golang-x-mod-dev")
     out = tmp_path_factory.mktemp("go") / "tlogclient"
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOCACHE": str(out.parent / "cache"),
-           "GOFLAGS": ""}
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": ""}
+    if not os.environ.get("GOCACHE") and not os.environ.get("HOME"):
+        env["GOCACHE"] = str(out.parent / "cache")  # else Go's per-user cache, reused across runs
     subprocess.run(["go", "build", "-o", str(out), str(HERE / "tlogclient" / "main.go")],
                    check=True, env=env, capture_output=True, timeout=240)
     return out
