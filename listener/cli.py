@@ -87,6 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--log", action="append", dest="logs", metavar="NAME", help="only this log (repeatable)")
     rp.add_argument("--poll", type=float, default=1.0, help="safety poll interval in seconds (default 1)")
     rp.add_argument("--max-batch", type=int, default=50_000, help="rows per batch transaction (default 50000)")
+    rp.add_argument("--key", type=Path, help="signer key file (from `keygen`): publish signed checkpoints")
+    rp.add_argument("--checkpoint-interval", type=int, default=1000, metavar="MS",
+                    help="at most one checkpoint per log every MS milliseconds (default 1000)")
+    rp.add_argument("--state-dir", type=Path,
+                    help="where the signer remembers its last checkpoint per log (default: KEY.published/)")
+    rp.add_argument("--http", metavar="HOST:PORT", help="also serve the HTTP API (see docs/http-api.md)")
+
+    kg = sub.add_parser("keygen", help="create an Ed25519 signer key for checkpoints; prints the verifier key")
+    kg.add_argument("name", help="key name, usually the log's origin (no spaces, no '+')")
+    kg.add_argument("--out", type=Path, help="private key file (default: NAME.key, '/' as '_'); never overwritten")
+
+    sv = sub.add_parser("serve", help="serve the HTTP API read-only (may point at a replica)")
+    sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", help="listen address (default 127.0.0.1:8080)")
+    sv.add_argument("--cache-mb", type=int, default=256, help="memory for cached tiles in MB (default 256)")
+    sv.add_argument("--preload", action="store_true",
+                    help="fill the tile cache before listening (upper levels first, up to --cache-mb)")
+    sv.add_argument("--workers", type=int, default=1,
+                    help="server processes sharing the port (SO_REUSEPORT), each with its own cache (default 1)")
+    sv.add_argument("--ready-max-age", type=float, default=60.0, metavar="SECONDS",
+                    help="/readyz fails when the latest checkpoint is older (default 60)")
+
+    mo = sub.add_parser("monitor", help="follow a log's checkpoints over HTTP; verify signatures and consistency")
+    mo.add_argument("log")
+    mo.add_argument("--url", required=True, help="base URL of the HTTP API, e.g. http://127.0.0.1:8080")
+    mo.add_argument("--vkey", required=True, help="verifier key text, or @FILE")
+    mo.add_argument("--once", action="store_true", help="check the current checkpoint against the last seen, then exit")
+    mo.add_argument("--state", type=Path, help="file remembering the last verified checkpoint (default: none)")
+    mo.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
 
     st = sub.add_parser("status", help="logs, sizes, roots, queued changes")
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -104,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check a proof JSON offline (no database)")
     vf.add_argument("file", help="a file written by `prove`, or - for standard input")
     vf.add_argument("--root", help="base64 root you trust; the proof must lead to it")
+    vf.add_argument("--checkpoint", type=Path, help="a signed checkpoint file: verify it (with --vkey) and use its root")
+    vf.add_argument("--vkey", help="verifier key text, or @FILE (needed with --checkpoint or a checkpoint FILE)")
 
     dm = sub.add_parser("demo", help="a guided run: two tables, concurrent writers, proofs verified")
     dm.add_argument("--rows", type=int, default=200, help="rows per writer (default 200)")
     dm.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
 
     bp = sub.add_parser("bench", help="benchmarks printing ratios against limits measured in the same run")
-    bp.add_argument("what", choices=["tree", "sql", "capture"])
+    bp.add_argument("what", choices=["tree", "sql", "capture", "http"])
     bp.add_argument("--leaves", type=int, help="log size for `tree`/`sql` (default per benchmark)")
     bp.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     _describe(p)
@@ -269,9 +299,110 @@ def cmd_run(args) -> int:
     with database(args) as dsn:
         with connect(dsn) as conn:
             _checked(conn)
-        opts = RunOptions(dsn=dsn, logs=args.logs, poll_interval=args.poll, max_batch=args.max_batch)
+        signer, state_dir = _load_signer(args.key, args.state_dir)
+        if args.checkpoint_interval < 0:
+            raise ConfigurationError("--checkpoint-interval must be >= 0 milliseconds")
+        if args.http:
+            from listener.api.server import parse_address
+
+            parse_address(args.http)
+        opts = RunOptions(dsn=dsn, logs=args.logs, poll_interval=args.poll, max_batch=args.max_batch,
+                          signer=signer, state_dir=state_dir, checkpoint_interval=args.checkpoint_interval / 1000,
+                          http=args.http)
         anyio.run(_until_signal, run, opts)
     return 0
+
+
+def _load_signer(key: Path | None, state_dir: Path | None):
+    if key is None:
+        if state_dir is not None:
+            raise ConfigurationError("--state-dir needs --key")
+        return None, None
+    from listener.note import Signer
+
+    try:
+        text = key.read_text()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read signer key {key}: {exc.strerror}") from None
+    return Signer.parse(text), state_dir or key.with_name(key.name + ".published")
+
+
+def _read_vkey(value: str | None):
+    from listener.note import Verifier
+
+    if not value:
+        raise ConfigurationError("give the log's verifier key with --vkey (text, or @FILE)")
+    if value.startswith("@"):
+        try:
+            value = Path(value[1:]).read_text()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read verifier key {value[1:]}: {exc.strerror}") from None
+    return Verifier.parse(value)
+
+
+def cmd_keygen(args) -> int:
+    import os
+
+    from listener.note import Signer
+
+    signer = Signer.generate(args.name)
+    out = args.out or Path(args.name.replace("/", "_") + ".key")
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigurationError(f"{out} exists already; keys are never overwritten (pick another --out)") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create {out}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(str(signer) + "\n")
+    print(signer.verifier)
+    print(f"private key written to {out} (mode 0600); give the verifier key above to everyone who checks the log",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import anyio
+
+    from listener.api.server import parse_address, serve_http
+
+    parse_address(args.http)
+    try:
+        import uvloop  # noqa: F401  (a faster event loop: measured in docs/benchmarks.md)
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    if args.workers < 1:
+        raise ConfigurationError("--workers must be >= 1")
+    with database(args) as dsn, _workers(args, dsn):
+        anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age, args.preload,
+                  backend_options=options)
+    return 0
+
+
+@contextlib.contextmanager
+def _workers(args, dsn: str) -> Iterator[None]:
+    """The other `--workers - 1` server processes, stopped when this one stops."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", args.log_level, "serve", "--http", args.http,
+           "--cache-mb", str(args.cache_mb), "--ready-max-age", str(args.ready_max_age)]
+    cmd += ["--preload"] if args.preload else []
+    procs = [subprocess.Popen(cmd) for _ in range(args.workers - 1)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def cmd_monitor(args) -> int:
+    from listener.monitor import monitor
+
+    return monitor(args.url, args.log, _read_vkey(args.vkey), once=args.once, state=args.state, interval=args.interval)
 
 
 async def _until_signal(fn, *args) -> None:
@@ -316,19 +447,42 @@ def cmd_prove(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    """A proof document (JSON) or a signed checkpoint (text); a proof may be checked against the
+    root of a signed checkpoint (--checkpoint with --vkey)."""
     from listener import proofs
+    from listener.checkpoint import open_checkpoint
 
-    try:
-        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {args.file}: {exc.strerror}") from None
+    raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(Path(args.file))
+    if "\n\n\u2014 ".encode() in raw:  # a signed note: text, blank line, "— " signature lines
+        cp, note = open_checkpoint(raw, [_read_vkey(args.vkey)])
+        print(f"OK: checkpoint of {cp.origin} at size {cp.size}, root {proofs.b64(cp.root)}, "
+              f"signed by {', '.join(note.verified_by)}")
+        return 0
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ProofVerificationError(f"{args.file} is not JSON: {exc}") from None
     trusted = proofs.unb64(args.root, "--root") if args.root else None
+    if args.checkpoint is not None:
+        cp, _ = open_checkpoint(_read_file(args.checkpoint), [_read_vkey(args.vkey)])
+        if trusted is not None and trusted != cp.root:
+            raise ProofVerificationError("--root and the checkpoint's root differ")
+        size_key = "tree_size" if isinstance(doc, dict) and doc.get("type") == "inclusion" else "second"
+        if isinstance(doc, dict) and doc.get(size_key) != cp.size:
+            raise ProofVerificationError(
+                f"the proof is for tree size {doc.get(size_key)!r} but the checkpoint is at size {cp.size}; "
+                f"ask for a proof at size {cp.size}")
+        trusted = cp.root
+        print(f"OK: checkpoint of {cp.origin} at size {cp.size} signed by a known key")
     print(proofs.verify_document(doc, trusted))
     return 0
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def cmd_demo(args) -> int:
@@ -351,6 +505,7 @@ def cmd_bench(args) -> int:
 COMMANDS = {
     "db": cmd_db, "init": cmd_init, "log": cmd_log, "source": cmd_source, "run": cmd_run, "status": cmd_status,
     "prove": cmd_prove, "verify": cmd_verify, "demo": cmd_demo, "bench": cmd_bench,
+    "keygen": cmd_keygen, "serve": cmd_serve, "monitor": cmd_monitor,
 }
 
 

@@ -44,6 +44,12 @@ class RunOptions:
     # wakes up only once a minute, so the janitor vacuums after this many drained rows.
     vacuum_every_rows: int = 5_000
     janitor_interval: float = 1.0
+    # -- checkpoints (listener/store/checkpoints.py); no signer: none are published
+    signer: object | None = None  # listener.note.Signer
+    state_dir: object | None = None  # pathlib.Path: the signer's memory of what it published
+    checkpoint_interval: float = 1.0  # seconds: at most one checkpoint per log per interval
+    # -- HTTP API served next to the writers (listener/api), "host:port"
+    http: str | None = None
 
 
 @dataclass
@@ -77,6 +83,10 @@ async def run(opts: RunOptions, *, task_status=anyio.TASK_STATUS_IGNORED) -> Non
     async with anyio.create_task_group() as tg:
         await tg.start(_doorbell, opts, wakeups)
         await tg.start(_supervise, opts, wakeups, drained, tg)
+        if opts.http:
+            from listener.api.server import serve_http
+
+            await tg.start(serve_http, opts.dsn, opts.http)
         task_status.started()
 
 
@@ -148,6 +158,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             await anyio.to_thread.run_sync(seq.load)
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size, "root": seq.tree.root.hex()})
             backoff.reset()
+            cps = _Checkpoints(opts, conn, name, seq.log.origin)
             while True:
                 # Armed before draining: a doorbell that rings during the batch wakes us at once.
                 wake = wakeups.arm(name)
@@ -158,9 +169,11 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                                "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
                     )
                     drained.rows[name] = drained.rows.get(name, 0) + batch.count
+                    await cps.maybe_publish()
                     if not batch.more:
                         break
-                with anyio.move_on_after(opts.poll_interval):
+                await cps.maybe_publish()
+                with anyio.move_on_after(cps.wait_limit(opts.poll_interval)):
                     await wake.wait()
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
@@ -215,6 +228,34 @@ def _try_lock(conn: psycopg.Connection, name: str) -> bool:
     if row is None:
         raise ProcessingError(f"log {name!r} does not exist")
     return row[0]
+
+
+class _Checkpoints:
+    """The writer's checkpoint step: after batches, at most once per checkpoint_interval,
+    publish a signed checkpoint in its own transaction (listener/store/checkpoints.py)."""
+
+    def __init__(self, opts: RunOptions, conn: psycopg.Connection, name: str, origin: str):
+        self.opts, self.conn, self.name, self.origin = opts, conn, name, origin
+        self.last = float("-inf")
+        self.pending = opts.signer is not None  # a first checkpoint at start-up if none is current
+
+    def wait_limit(self, poll: float) -> float:
+        if not self.pending:
+            return poll
+        return max(0.0, min(poll, self.last + self.opts.checkpoint_interval - anyio.current_time()))
+
+    async def maybe_publish(self) -> None:
+        if self.opts.signer is None:
+            return
+        self.pending = True
+        if anyio.current_time() < self.last + self.opts.checkpoint_interval:
+            return
+        from listener.store.checkpoints import publish
+
+        cp = await anyio.to_thread.run_sync(publish, self.conn, self.name, self.origin, self.opts.signer, self.opts.state_dir)
+        self.last, self.pending = anyio.current_time(), False
+        if cp is not None:
+            log.info("checkpoint signed", extra={"log": self.name, "tree_size": cp.size, "root": cp.root.hex()})
 
 
 class _Backoff:

@@ -4,6 +4,7 @@
     merkle-listener bench sql      SQL proof latency at N leaves              (listener.bench.sqlproof)
     merkle-listener bench capture  writers with/without capture, drain rate,
                                    commit->sequenced latency                  (listener.bench.capture)
+    merkle-listener bench http     inclusion proofs/s over HTTP at N leaves   (listener.bench.http)
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def main(args: argparse.Namespace) -> int:
         if args.dsn:
             argv += ["--dsn", args.dsn]
         return sqlproof.main(argv)
+    if args.what == "http":
+        from listener.bench import http
+
+        argv = ["--leaves", str(args.leaves or (20_000 if args.quick else 10_000_000))]
+        argv += ["--seconds", "2"] if args.quick else ["--connections", "16", "--workers", "2", "--cache-mb", "1024", "--preload"]
+        return http.main(argv)
     from listener.bench import capture
 
     argv = ["--rows", "5000", "--seconds", "2"] if args.quick else []

@@ -129,6 +129,19 @@ def inclusion_plan(index: int, size: int) -> ProofPlan:
     return builder.plan()
 
 
+def node_path_plan(level: int, index: int, size: int) -> ProofPlan:
+    """Plan the audit path from complete node (level, index) to the root of the tree of `size`:
+    the tail of the inclusion proof of every leaf under that node (RFC 9162 §2.1.3.1).
+
+    Requires the node to be complete in the tree of `size`: (index + 1) << level <= size.
+    """
+    if level < 0 or index < 0 or (index + 1) << level > size:
+        raise ValueError(f"node ({level}, {index}) is not complete in a tree of size {size}")
+    builder = _PlanBuilder()
+    _add_path(builder, level, index, size)
+    return builder.plan()
+
+
 def consistency_plan(first: int, second: int) -> ProofPlan:
     """Plan the consistency proof from size `first` to size `second` (RFC 9162 §2.1.4.1).
 
@@ -173,6 +186,7 @@ __all__ = [
     "fold",
     "inclusion_plan",
     "inclusion_proof",
+    "node_path_plan",
     "root_at",
     "root_plan",
 ]

@@ -1,0 +1,290 @@
+"""The HTTP API end to end, as a client sees it: signed checkpoints, byte-exact tlog-tiles,
+proofs verified with the client library, entries, lookups, errors, health, the monitor."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import urllib.parse
+
+import orjson
+import psycopg
+import pytest
+
+from listener import canonical, merkle
+from listener.checkpoint import Checkpoint
+from listener.client import ClientError
+from listener.runner import connect
+from tests.helpers import cli
+from tests.http_server import ORDERS, http_log  # noqa: F401  (fixture)
+
+
+def leaf_hashes(dsn: str) -> list[bytes]:
+    with psycopg.connect(dsn) as conn:
+        return [bytes(r[0]) for r in conn.execute("SELECT leaf_hash FROM merkle.processed_log ORDER BY seq")]
+
+
+def test_checkpoint_and_tiles_are_byte_exact(http_log):
+    hashes = leaf_hashes(http_log.dsn)
+    with http_log.client() as c:
+        cp = c.checkpoint()
+        assert cp.size == len(hashes) == ORDERS + 2
+        assert cp.root == merkle.MemoryTree(hashes).root()
+        assert c.tile(0, 0) == b"".join(hashes[:256])
+        assert c.tile(0, 2, cp.size - 512) == b"".join(hashes[512:])
+        assert c.tile(0, 2, 3) == b"".join(hashes[512:515])  # an older partial tile: a prefix
+        tree = merkle.MemoryTree(hashes)
+        assert c.tile(1, 0, 2) == tree.get_nodes([(8, 0), (8, 1)])[0] + tree.get_nodes([(8, 1)])[0]
+        status, body, ctype = c.request("GET", "/audit/tile/0/000")
+        assert (status, ctype) == (200, "application/octet-stream")
+        # Entry bundles of canonical entries, each hashing to its leaf.
+        bundle = c.tile(-1, 0)
+        entries, pos = [], 0
+        while pos < len(bundle):
+            n = int.from_bytes(bundle[pos:pos + 2], "big")
+            entries.append(bundle[pos + 2:pos + 2 + n])
+            pos += 2 + n
+        assert [canonical.leaf_hash_of_entry(e) for e in entries] == hashes[:256]
+        assert orjson.loads(entries[1])["row"] == {"amount": "1.50", "customer": 'customer "1\n', "id": "1"}
+        c.request("GET", "/audit/tile/0/000")
+        assert c.last_headers["cache-control"] == "public, max-age=31536000, immutable"
+        c.request("GET", "/audit/tile/0/002.p/3")
+        assert c.last_headers["cache-control"] == "public, max-age=60"
+        c.request("GET", "/audit/checkpoint")
+        assert c.last_headers["content-type"].startswith("text/plain")
+
+
+def test_inclusion_and_consistency_proofs_verify(http_log):
+    hashes = leaf_hashes(http_log.dsn)
+    with http_log.client() as c:
+        cp = c.checkpoint()
+        for index in (0, 1, 255, 256, 511, cp.size - 1):
+            got = c.verify_inclusion(index=index, checkpoint=cp)
+            assert got.leaf_hash == hashes[index]
+        assert c.verify_inclusion(leaf_hash=hashes[300], checkpoint=cp).index == 300
+        old = Checkpoint(cp.origin, 100, merkle.MemoryTree(hashes[:100]).root())
+        c.verify_consistency(old, cp)
+        forged = Checkpoint(cp.origin, 100, hashlib.sha256(b"x").digest())
+        with pytest.raises(merkle.ProofError):
+            c.verify_consistency(forged, cp)
+        doc = c.inclusion_proof(index=5, size=300)
+        assert doc["tree_size"] == 300 and doc["signed"] is False
+        assert base64.b64decode(doc["root"]) == merkle.MemoryTree(hashes[:300]).root()
+        merkle.verify_inclusion(hashes[5], 5, 300, [base64.b64decode(h) for h in doc["proof"]],
+                                merkle.MemoryTree(hashes[:300]).root())
+
+
+def test_entries_and_lookup(http_log):
+    with http_log.client() as c:
+        e = c.entry(7)
+        assert e["source"] == "public.orders" and e["op"] == "insert" and e["source_key"] == '{"id":"7"}'
+        assert e["entry_matches_leaf"] is True
+        assert canonical.leaf_hash_of_entry(e["entry"].encode()) == base64.b64decode(e["leaf_hash"])
+        found = c.lookup("public.orders", {"id": "7"})
+        assert [f.index for f in found] == [7]
+        # notes is not append-only: after an UPDATE the recomputed entry no longer matches.
+        with connect(http_log.dsn, autocommit=True) as conn:
+            seq = conn.execute("SELECT seq FROM merkle.processed_log WHERE source_key = '{\"id\":\"2\"}' "
+                               "AND source_id = (SELECT source_id FROM merkle.sources WHERE table_name = 'notes')").fetchone()[0]
+            assert c.entry(seq)["entry_matches_leaf"] is True
+            conn.execute("ALTER TABLE notes DISABLE TRIGGER USER")
+            conn.execute("UPDATE notes SET body = 'changed' WHERE id = 2")
+        e = c.entry(seq)
+        assert e["entry_matches_leaf"] is False and "changed" in e["entry"]
+
+
+def test_post_verify(http_log):
+    with http_log.client() as c:
+        doc = c.inclusion_proof(index=3)
+        assert c.verify_remote(doc)["verified"] is True
+        doc["leaf_index"] = 4
+        verdict = c.verify_remote(doc)
+        assert verdict["verified"] is False and "root" in verdict["reason"]
+        e = c.entry(3)
+        claim = {"type": "entry", "entry": e["entry"], **{k: v for k, v in c.inclusion_proof(index=3).items() if k != "type"}}
+        assert c.verify_remote(claim)["verified"] is True
+        claim["entry"] = e["entry"].replace("customer", "Customer")
+        assert c.verify_remote(claim)["verified"] is False
+        status, body, _ = c.request("POST", "/v1/verify", b"{not json")
+        assert status == 400 and "error" in orjson.loads(body)
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/v1/logs/audit/proof/inclusion?index=-1", 400),
+    ("/v1/logs/audit/proof/inclusion?index=99999999", 400),
+    ("/v1/logs/audit/proof/inclusion?index=1&leaf_hash=AA", 400),
+    ("/v1/logs/audit/proof/inclusion?leaf_hash=" + "00" * 32, 404),
+    ("/v1/logs/audit/proof/consistency?first=10&second=5", 400),
+    ("/v1/logs/nope/proof/inclusion?index=1", 404),
+    ("/v1/logs/audit/entries/abc", 400),
+    ("/v1/logs/audit/entries/100000", 404),
+    ("/v1/logs/audit/lookup?source=public.orders&key=" + urllib.parse.quote("[1]"), 400),
+    ("/audit/tile/0/x000/001", 404),
+    ("/audit/tile/0/5", 404),
+    ("/audit/tile/0/001.p/256", 404),
+    ("/audit/tile/3/000", 404),
+    ("/audit/tile/entries/009", 404),
+    ("/no/such/path", 404),
+])
+def test_bad_input_is_a_json_4xx(http_log, path, status):
+    with http_log.client() as c:
+        got, body, ctype = c.request("GET", path)
+    assert got == status and ctype == "application/json" and orjson.loads(body)["error"]
+
+
+def test_health_and_openapi(http_log):
+    with http_log.client() as c:
+        assert c.get_json("/healthz")["status"] == "ok"
+        assert c.get_json("/readyz")["ready"] is True
+        status, body, _ = c.request("GET", "/readyz?max_age=0")
+        assert status == 503 and "no checkpoint newer" in orjson.loads(body)["reason"]
+        spec = c.get_json("/openapi.json")
+        assert spec["openapi"].startswith("3.") and "/v1/logs/{log}/proof/inclusion" in spec["paths"]
+
+
+def test_monitor_and_verify_cli(http_log, tmp_path):
+    vkey = str(http_log.signer.verifier)
+    state = tmp_path / "seen"
+    ok = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(state))
+    assert ok.returncode == 0 and "OK: example.com/audit" in ok.stdout, ok.stderr
+    # A checkpoint of the same key with another history: the monitor must refuse loudly.
+    state.write_text(http_log.signer.sign(Checkpoint("example.com/audit", 10, hashlib.sha256(b"fork").digest()).body()))
+    bad = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(state))
+    assert bad.returncode == 1 and "INCONSISTENT" in bad.stderr
+    wrong_key = cli("monitor", "audit", "--url", http_log.url, "--once",
+                    "--vkey", str(type(http_log.signer).generate("example.com/audit").verifier))
+    assert wrong_key.returncode == 1 and "no signature by a known key" in wrong_key.stderr
+
+    with http_log.client() as c:
+        c.checkpoint()
+        (tmp_path / "cp").write_text(c.last_note)
+        cp = c.checkpoint()
+        (tmp_path / "proof.json").write_bytes(orjson.dumps(c.inclusion_proof(index=9, size=cp.size)))
+    r = cli("verify", str(tmp_path / "cp"), "--vkey", vkey)
+    assert r.returncode == 0 and "signed by example.com/audit" in r.stdout, r.stderr
+    r = cli("verify", str(tmp_path / "proof.json"), "--checkpoint", str(tmp_path / "cp"), "--vkey", vkey)
+    assert r.returncode == 0 and "leaf 9 is in the tree" in r.stdout, r.stderr
+
+
+# -- fuzzing: whatever is sent, the answer is JSON or the resource, never a 5xx -------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SEGMENT = st.one_of(
+    st.sampled_from(["audit", "v1", "logs", "tile", "entries", "checkpoint", "proof", "inclusion", "consistency",
+                     "lookup", "verify", "0", "000", "x001", "001.p", "255", "256", "-1", "healthz", "readyz",
+                     "openapi.json", "x000", "entries", "9" * 25, "nope"]),
+    st.text(min_size=0, max_size=12),
+)
+_VALUE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.sampled_from(["", "0", "1", "601", "602", "603", "AA==", "00" * 32, "+" * 44, '{"id":"7"}', "public.orders",
+                     "1e3", "nan", "inf", "-0", " 1", "0x10"]),
+    st.text(max_size=20),
+)
+_PARAMS = st.dictionaries(st.sampled_from(["index", "size", "leaf_hash", "first", "second", "source", "key", "max_age",
+                                           "x"]), _VALUE, max_size=4)
+
+
+def _target(segments, params) -> str:
+    path = "/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+    return path + ("?" + urllib.parse.urlencode(params) if params else "")
+
+
+def _check(c, method, target, body=None):
+    status, payload, ctype = c.request(method, target, body)
+    if target.startswith("/readyz") and status == 503:
+        return
+    assert status < 500, (method, target, status, payload[:300])
+    if status >= 400:
+        assert ctype == "application/json" and "error" in orjson.loads(payload), (target, payload[:200])
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "GET", "GET", "POST", "PUT", "DELETE"]),
+       segments=st.lists(_SEGMENT, min_size=1, max_size=6), params=_PARAMS)
+def test_fuzz_paths_never_5xx(http_log, method, segments, params):
+    with http_log.client() as c:
+        _check(c, method, _target(segments, params))
+
+
+_ROUTES = ["/v1/logs/{log}/proof/inclusion", "/v1/logs/{log}/proof/consistency", "/v1/logs/{log}/lookup",
+           "/v1/logs/{log}/entries/{index}", "/{log}/tile/{rest}", "/{log}/checkpoint", "/v1/logs/{log}", "/readyz"]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(_ROUTES), log=st.sampled_from(["audit", "audit", "nope"]), index=_VALUE,
+       rest=st.one_of(st.from_regex(r"(entries|[0-9]{1,2})/(x[0-9]{3}/){0,7}[0-9]{3}(\.p/[0-9]{1,4})?", fullmatch=True),
+                      st.text(max_size=30)),
+       params=_PARAMS)
+def test_fuzz_routes_never_5xx(http_log, route, log, index, rest, params):
+    path = route.replace("{log}", urllib.parse.quote(log)).replace("{index}", urllib.parse.quote(index, safe=""))
+    path = path.replace("{rest}", urllib.parse.quote(rest, safe="/."))
+    with http_log.client() as c:
+        _check(c, "GET", path + ("?" + urllib.parse.urlencode(params) if params else ""))
+
+
+_JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.text(max_size=10),
+              st.sampled_from(["inclusion", "consistency", "entry", "AA==", "A" * 43 + "="])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "proof", "leaf_index", "tree_size", "leaf_hash", "root", "first", "second",
+                         "first_root", "second_root", "entry", "entry_base64"]), inner, max_size=8),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(_JSONISH.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64)))
+def test_fuzz_post_verify_never_5xx(http_log, body):
+    with http_log.client() as c:
+        _check(c, "POST", "/v1/verify", body)
+
+
+def test_hot_path_document_equals_the_full_apps(http_log):
+    """GET ...?index=N is answered by listener/api/fastpath.py; with an explicit size the
+    Starlette handler answers: the documents must be identical."""
+    with http_log.client() as c:
+        size = c.checkpoint().size
+        for index in [*range(0, size, 7), size - 1]:  # full tiles (cached upper part) and the partial one
+            fast = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}")
+            full = c.get_json(f"/v1/logs/audit/proof/inclusion?index={index}&size={size}")
+            assert fast == full
+        assert c.request("GET", "/v1/logs/audit/proof/inclusion?index=007")[0] == 400
+
+
+def test_serve_read_only_with_two_workers(http_log):
+    """`serve --workers 2`: two processes share the port; both answer from the same database."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+    from tests.http_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "listener", "--dsn", http_log.dsn, "serve", "--http",
+                             f"127.0.0.1:{port}", "--workers", "2", "--preload"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        from listener.client import Client
+
+        pids, deadline = set(), time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:
+            c = Client(f"http://127.0.0.1:{port}", "audit", http_log.signer.verifier)
+            try:
+                health = c.get_json("/healthz")
+                pids.add(health["pid"])
+                assert health["cache"]["tiles"] >= 3  # preloaded
+                assert c.checkpoint().size == ORDERS + 2
+            except ClientError:
+                time.sleep(0.1)
+            finally:
+                c.close()
+        assert len(pids) == 2
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (0, -15), err
