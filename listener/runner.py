@@ -23,6 +23,7 @@ import psycopg
 
 from listener.errors import MerkleListenerError, ProcessingError
 from listener.sequencer import Sequencer
+from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
 from listener.store.connect import options_string
 
@@ -135,16 +136,17 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
             await anyio.to_thread.run_sync(seq.load)
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size, "root": seq.tree.root.hex()})
             backoff.reset()
-            while True:
-                wake = wakeups.arm(name)
-                while (batch := await anyio.to_thread.run_sync(seq.drain_once)) is not None:
-                    log.info(
-                        "batch sequenced",
-                        extra={"log": name, "seq_first": batch.first_seq, "seq_last": batch.first_seq + batch.count - 1,
-                               "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
-                    )
-                with anyio.move_on_after(opts.poll_interval):
-                    await wake.wait()
+            # Replication-mode sources of the log stream through this feed (idle without them).
+            async with ReplicationFeed(opts.dsn, name, lambda: wakeups.ring(name),
+                                       recheck_interval=opts.poll_interval) as feed:
+                while True:
+                    wake = wakeups.arm(name)
+                    while (batch := await anyio.to_thread.run_sync(seq.drain_once)) is not None:
+                        _log_batch(name, batch)
+                    while (batch := await feed.apply(seq)) is not None:
+                        _log_batch(name, batch)
+                    with anyio.move_on_after(opts.poll_interval):
+                        await wake.wait()
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except MerkleListenerError as exc:
@@ -154,6 +156,14 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, name: str) -> None:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(conn.close)
         await backoff.sleep()
+
+
+def _log_batch(name: str, batch) -> None:
+    log.info(
+        "batch sequenced",
+        extra={"log": name, "seq_first": batch.first_seq, "seq_last": batch.first_seq + batch.count - 1,
+               "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
+    )
 
 
 async def _become_writer(conn: psycopg.Connection, name: str, opts: RunOptions) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -28,6 +29,7 @@ from listener import canonical_sql
 from listener.errors import ProcessingError
 from listener.merkle import TileBuilder
 from listener.registry import Log, Source, get_log, list_sources
+from listener.sources.replication_apply import ReplicationBatch
 from listener.sources.trigger import outbox_name
 from listener.store.tiles import load_partial_tiles, write_tiles
 
@@ -76,13 +78,22 @@ class Sequencer:
     def drain_once(self) -> BatchResult | None:
         """Run one batch; None when nothing was waiting. On any error the transaction is rolled
         back and the in-memory state reloaded, so a retry starts from what is durable."""
+        return self._batch(self._append_leaves)
+
+    def append_changes(self, changes: ReplicationBatch) -> BatchResult | None:
+        """One batch of committed replication transactions: their leaves and the stream's
+        progress (end_lsn) in the same transaction (listener/sources/replication_apply.py).
+        Acknowledge changes.end_lsn to the server only after this returns."""
+        return self._batch(lambda: changes.append(self.conn, self.tree.size))
+
+    def _batch(self, append_leaves: Callable[[], list[bytes]]) -> BatchResult | None:
         if self.tree is None:
             self.load()
         started = time.perf_counter()
         try:
             with self.conn.transaction():
                 self._fence()
-                hashes = self._append_leaves()
+                hashes = append_leaves()
                 if not hashes:
                     return None
                 first = self.tree.size
