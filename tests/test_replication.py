@@ -217,3 +217,33 @@ def test_restart_resumes_from_stored_position(rconn):
         listener.stop()
     rows = check_log(conn, "r")
     assert [orjson_id(r[2]) for r in rows] == [str(i) for i in range(1, 152)]
+
+
+def test_status_reports_slot_health(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "st")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "st", "t", mode="replication")
+    conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+    out = cli("status", "--json", dsn=conn.info.dsn, check=True)
+    import orjson
+
+    slot = orjson.loads(out.stdout)["logs"][0]["slot"]
+    assert slot["wal_status"] == "reserved" and slot["level"] == "ok"
+    assert slot["lag_bytes"] > 0 and not slot["active"]
+    assert orjson.loads(out.stdout)["logs"][0]["sources"][0]["capturing"] is True
+    listener = start_listener(conn.info.dsn)
+    try:
+        wait_for_size(conn, "st", 10, listener=listener)
+        deadline = time.monotonic() + 10
+        while True:  # idle: keepalives are confirmed, the lag drops to (nearly) nothing
+            slot = orjson.loads(cli("status", "--json", dsn=conn.info.dsn, check=True).stdout)["logs"][0]["slot"]
+            if slot["active"] and slot["lag_bytes"] < 1024:
+                break
+            assert time.monotonic() < deadline, slot
+            time.sleep(0.2)
+    finally:
+        listener.stop()
+    text = cli("status", dsn=conn.info.dsn, check=True).stdout
+    assert "slot merkle_st: wal_status reserved" in text
