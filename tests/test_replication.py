@@ -247,3 +247,62 @@ def test_status_reports_slot_health(rconn):
         listener.stop()
     text = cli("status", dsn=conn.info.dsn, check=True).stdout
     assert "slot merkle_st: wal_status reserved" in text
+
+
+def _receive(dsn: str, slot: str, start_lsn: int, count: int) -> list:
+    """Open a stream at start_lsn, collect `count` committed transactions, close it
+    without confirming anything."""
+    import anyio
+
+    from listener.sources.replication import ReplicationStream
+
+    got = []
+
+    async def main():
+        stream = ReplicationStream(dsn, slot, slot, start_lsn, on_transaction=got.append,
+                                   may_confirm_idle=lambda: False)
+        await stream.open()
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stream.run)
+                    while len(got) < count:
+                        await anyio.sleep(0.02)
+                    tg.cancel_scope.cancel()
+        finally:
+            stream.close()
+
+    anyio.run(main)
+    return got
+
+
+def test_replayed_transactions_are_skipped(rconn):
+    """The slot's position can lag the log's (an acknowledgement lost in a crash): what the
+    server sends again is skipped by the stored end_lsn, in the batch's own transaction."""
+    from listener.sequencer import Sequencer
+    from listener.sources.replication_apply import ReplicationBatch
+
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    log = registry.create_log(conn, "rp")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "rp", "t", mode="replication")
+    for i in range(3):
+        conn.execute("INSERT INTO t VALUES (%s)", (i,))
+    first = _receive(conn.info.dsn, "merkle_rp", 0, 3)
+    with connect(conn.info.dsn) as c:
+        seq = Sequencer(c, "rp")
+        batch = ReplicationBatch(log.log_id, first[:2])
+        assert seq.append_changes(batch).count == 2
+        assert (batch.consumed, batch.end_lsn) == (2, first[1].end_lsn)
+        # Nothing was confirmed: the server sends all three again; two are skipped.
+        again = _receive(conn.info.dsn, "merkle_rp", 0, 3)
+        assert [t.end_lsn for t in again] == [t.end_lsn for t in first]
+        batch = ReplicationBatch(log.log_id, again)
+        assert seq.append_changes(batch).count == 1
+        assert batch.consumed == 3
+        # Resuming at the stored position, the server itself starts after it.
+        after = _receive(conn.info.dsn, "merkle_rp", first[1].end_lsn, 1)
+        assert [t.end_lsn for t in after] == [first[2].end_lsn]
+    rows = check_log(conn, "rp")
+    assert [orjson_id(r[2]) for r in rows] == ["0", "1", "2"]
