@@ -150,3 +150,39 @@ class _Counter:
         with self._lock:
             self._next += 1
             return self._next
+
+
+def test_status_explains_a_lost_slot(crash_server):
+    """A slot that PostgreSQL invalidated (WAL beyond max_slot_wal_keep_size) is reported as an
+    error naming the recovery steps; removing and re-adding the source recovers."""
+    from tests.helpers import cli
+
+    dsn = crash_server.dsn("crash")
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE lossy (id int PRIMARY KEY)")
+        registry.create_log(conn, "lossy")
+        with connect(dsn) as c:
+            registry.add_source(c, "lossy", "lossy", mode="replication")
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            for i in range(6):
+                conn.execute("INSERT INTO lossy SELECT g FROM generate_series(%s::int, %s::int) g", (i * 1000, i * 1000 + 999))
+                conn.execute("SELECT pg_switch_wal()")
+                conn.execute("CHECKPOINT")
+                status = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'merkle_lossy'").fetchone()[0]
+                if status == "lost":
+                    break
+            assert status == "lost"
+        finally:
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+        out = cli("status", dsn=dsn, check=True).stdout
+        assert "slot merkle_lossy: wal_status lost" in out
+        assert "error: slot merkle_lossy is lost" in out and "pg_drop_replication_slot('merkle_lossy')" in out
+        conn.execute("SELECT pg_drop_replication_slot('merkle_lossy')")
+        assert cli("source", "remove", "lossy", "lossy", dsn=dsn).returncode == 0
+        out = cli("source", "add", "lossy", "lossy", "--mode", "replication", "--backfill", dsn=dsn)
+        count = conn.execute("SELECT count(*) FROM lossy").fetchone()[0]
+        assert f"{count} existing rows queued" in out.stdout, out.stderr
+        conn.execute("SELECT pg_drop_replication_slot('merkle_lossy')")
