@@ -145,9 +145,10 @@ def bench_drain(dsn: str) -> dict:
     }
 
 
-def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
+def bench_latency(dsn: str, rate: float, seconds: float, *, log: str = "paced", table: str = "paced") -> dict:
+    """Single-row commits into `table` (the only source of `log`) paced at `rate`."""
     listener = subprocess.Popen(
-        [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", "paced"],
+        [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", log],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -161,7 +162,7 @@ def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
             with psycopg.connect(dsn, autocommit=True) as c:
                 last = 0
                 while not (done.is_set() and last >= n):
-                    size = c.execute("SELECT tree_size FROM merkle.logs WHERE name = 'paced'").fetchone()[0]
+                    size = c.execute("SELECT tree_size FROM merkle.logs WHERE name = %s", (log,)).fetchone()[0]
                     if size != last:
                         reached.append((time.perf_counter(), size))
                         last = size
@@ -174,7 +175,7 @@ def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
                 due = start + i / rate
                 while (now := time.perf_counter()) < due:
                     time.sleep(min(0.0005, due - now))
-                c.execute("INSERT INTO paced (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
+                c.execute(f"INSERT INTO {table} (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
                 committed[i] = time.perf_counter()
             achieved = n / (time.perf_counter() - start)
         done.set()
