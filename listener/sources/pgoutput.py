@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from listener.errors import ProcessingError
 
@@ -46,16 +47,14 @@ Value = str | None | _Unchanged
 # -- replication protocol frames --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class XLogData:
+class XLogData(NamedTuple):
     start_lsn: int
     wal_end: int
     send_time: int
     payload: bytes
 
 
-@dataclass(frozen=True)
-class Keepalive:
+class Keepalive(NamedTuple):
     wal_end: int
     send_time: int
     reply_requested: bool
@@ -96,15 +95,13 @@ def int_to_lsn(value: int) -> str:
 # -- pgoutput messages ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Begin:
+class Begin(NamedTuple):
     final_lsn: int  # the commit record's LSN
     commit_time: int
     xid: int
 
 
-@dataclass(frozen=True)
-class Commit:
+class Commit(NamedTuple):
     flags: int
     commit_lsn: int
     end_lsn: int  # end of the commit record: the transaction's position in the stream
@@ -128,22 +125,19 @@ class Relation:
     columns: tuple[Column, ...]
 
 
-@dataclass(frozen=True)
-class Insert:
+class Insert(NamedTuple):
     relation_oid: int
     new: tuple[Value, ...]
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     relation_oid: int
     old: tuple[Value, ...] | None  # the old key ('K') or whole old row ('O'), if sent
     old_kind: str | None
     new: tuple[Value, ...]
 
 
-@dataclass(frozen=True)
-class Delete:
+class Delete(NamedTuple):
     relation_oid: int
     old: tuple[Value, ...]
     old_kind: str
@@ -222,30 +216,60 @@ _COMMIT = struct.Struct("!BQQq")
 _COLUMN_TAIL = struct.Struct("!Ii")
 
 
-def _tuple(r: _Reader) -> tuple[Value, ...]:
-    (n,) = r.unpack(_I16)
+_unpack_i16 = _I16.unpack_from
+_unpack_i32 = _I32.unpack_from
+_unpack_u32 = _U32.unpack_from
+
+
+def _tuple_at(buf: bytes, pos: int, raw: bool = False) -> tuple[tuple[Value, ...], int]:
+    """TupleData at buf[pos:]: (values, position after it). The hot path of the decoder.
+    With raw, text values stay UTF-8 bytes."""
+    (n,) = _unpack_i16(buf, pos)
+    pos += 2
     values: list[Value] = []
+    append = values.append
     for _ in range(n):
-        kind = r.byte()
-        if kind == "t":
-            (length,) = r.unpack(_I32)
-            values.append(r.take(length).decode("utf-8"))
-        elif kind == "n":
-            values.append(None)
-        elif kind == "u":
-            values.append(UNCHANGED)
+        kind = buf[pos]
+        if kind == 116:  # 't': text output of the value
+            (length,) = _unpack_i32(buf, pos + 1)
+            pos += 5
+            end = pos + length
+            if end > len(buf):
+                raise IndexError("end of message")
+            append(buf[pos:end] if raw else buf[pos:end].decode("utf-8"))
+            pos = end
+        elif kind == 110:  # 'n': NULL
+            append(None)
+            pos += 1
+        elif kind == 117:  # 'u': unchanged TOASTed value, not sent
+            append(UNCHANGED)
+            pos += 1
         else:
             # 'b' (binary) only comes with the `binary` option, which the listener never sets.
-            raise ProcessingError(f"pgoutput: tuple column kind {kind!r} is not supported (start without 'binary')")
-    return tuple(values)
+            raise ProcessingError(f"pgoutput: tuple column kind {chr(kind)!r} is not supported (start without 'binary')")
+    return tuple(values), pos
 
 
-def decode(payload: bytes) -> PgoutputMessage:
+def _tuple(r: _Reader, raw: bool) -> tuple[Value, ...]:
+    values, r.pos = _tuple_at(r.buf, r.pos, raw)
+    return values
+
+
+def decode(payload: bytes, raw: bool = False) -> PgoutputMessage:
     """Decode one pgoutput message (proto_version 1, the payload of an XLogData frame).
+    With raw, tuple values are the UTF-8 bytes of the text output instead of str.
 
     Raises ProcessingError for a truncated or unknown message: the stream cannot be trusted
     past it.
     """
+    try:
+        if payload[0] == 73 and payload[5] == 78:  # 'I' ... 'N': an Insert, by far the most common
+            values, end = _tuple_at(payload, 6, raw)
+            if end != len(payload):
+                raise ValueError("trailing bytes")
+            return Insert(_unpack_u32(payload, 1)[0], values)
+    except (struct.error, IndexError, ValueError) as exc:
+        raise ProcessingError(f"pgoutput: truncated or malformed message {payload[:1]!r}: {exc}") from exc
     r = _Reader(payload)
     try:
         kind = r.byte()
@@ -270,23 +294,23 @@ def decode(payload: bytes) -> PgoutputMessage:
             (oid,) = r.unpack(_U32)
             if r.byte() != "N":
                 raise ProcessingError("pgoutput: Insert without its new tuple")
-            return Insert(oid, _tuple(r))
+            return Insert(oid, _tuple(r, raw))
         if kind == "U":
             (oid,) = r.unpack(_U32)
             sub = r.byte()
             old = old_kind = None
             if sub in ("K", "O"):
-                old_kind, old = sub, _tuple(r)
+                old_kind, old = sub, _tuple(r, raw)
                 sub = r.byte()
             if sub != "N":
                 raise ProcessingError("pgoutput: Update without its new tuple")
-            return Update(oid, old, old_kind, _tuple(r))
+            return Update(oid, old, old_kind, _tuple(r, raw))
         if kind == "D":
             (oid,) = r.unpack(_U32)
             sub = r.byte()
             if sub not in ("K", "O"):
                 raise ProcessingError("pgoutput: Delete without its old key or row")
-            return Delete(oid, _tuple(r), sub)
+            return Delete(oid, _tuple(r, raw), sub)
         if kind == "T":
             (n,) = r.unpack(_I32)
             (options,) = r.unpack(_U8)

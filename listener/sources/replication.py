@@ -135,7 +135,7 @@ class ReplicationStream:
             if target > self.confirmed or frame.reply_requested:
                 self._queue_status(target)
             return
-        msg = po.decode(frame.payload)
+        msg = po.decode(frame.payload, raw=True)  # values stay UTF-8 bytes: replication_apply hashes them
         if isinstance(msg, po.Begin):
             self._current = Transaction(msg.final_lsn, 0, msg.commit_time)
         elif isinstance(msg, po.Commit):

@@ -18,7 +18,8 @@ being written stops the batch there: it and what follows wait for the next batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from typing import NamedTuple
 
 import psycopg
 
@@ -30,8 +31,7 @@ from listener.sources.pgoutput import int_to_lsn, lsn_to_int
 from listener.sources.replication import Transaction
 
 
-@dataclass(frozen=True)
-class Leaf:
+class Leaf(NamedTuple):
     source_id: int
     op: str
     source_key: str
@@ -39,14 +39,53 @@ class Leaf:
     change_ord: int
 
 
+class _Plan:
+    """How to turn one relation's tuples into one source's entries: the column positions in
+    the canonical (sorted) order and the templates. Built once per source and Relation."""
+
+    __slots__ = ("source", "relation", "entry_idx", "key_idx", "key", "entries", "entry_column_idx")
+
+    def __init__(self, s: Source, relation: po.Relation):
+        self.source, self.relation = s, relation
+        pos = {c.name: i for i, c in enumerate(relation.columns)}
+        needed = set(s.columns) | set(s.key_columns) | ({s.entry_column} if s.entry_column else set())
+        missing = needed - pos.keys()
+        if missing:
+            raise ProcessingError(
+                f"{s.qualified}: the stream has no column(s) {', '.join(sorted(missing))} (dropped or renamed?); "
+                "the source's hashed columns are fixed at registration: remove the source and add it again"
+            )
+        self.key = canonical.ObjectTemplate(s.key_columns)
+        self.key_idx = [pos[c] for c in self.key.columns]
+        self.entries = {op: canonical.entry_template(op, s.qualified, s.columns) for op in ("insert", "update")}
+        self.entries["delete"] = canonical.entry_template("delete", s.qualified, s.key_columns)
+        self.entry_idx = [pos[c] for c in self.entries["insert"].columns]
+        self.entry_column_idx = pos[s.entry_column] if s.entry_column else None
+
+
+_plans: dict[tuple[int, int], _Plan] = {}
+
+
+def _plan_for(s: Source, relation: po.Relation) -> _Plan:
+    plan = _plans.get((s.source_id, id(relation)))
+    if plan is None or plan.source is not s or plan.relation is not relation:
+        if len(_plans) > 1000:
+            _plans.clear()
+        plan = _plans[(s.source_id, id(relation))] = _Plan(s, relation)
+    return plan
+
+
 def leaves_of(txn: Transaction, sources: dict[int, Source]) -> list[Leaf]:
     """The leaves of one committed transaction, in its order. `sources` maps table OID to the
     replication source; changes of other tables and of events a source does not log are
-    skipped. Raises ProcessingError for a value the stream did not send (unchanged TOAST
-    without REPLICA IDENTITY FULL): it must never be hashed as a placeholder."""
+    skipped. Tuple values are pgoutput's text output as UTF-8 bytes (pgoutput.decode with
+    raw=True), or None. Raises ProcessingError for a value the stream did not send (an
+    unchanged TOASTed value without REPLICA IDENTITY FULL): it is never hashed as a placeholder."""
     out: list[Leaf] = []
+    sha256 = hashlib.sha256
+    last_plan = None
     for relation, msg in txn.changes:
-        if isinstance(msg, po.Truncate):
+        if type(msg) is po.Truncate:
             for oid in msg.relation_oids:
                 s = sources.get(oid)
                 if s is not None and "truncate" in s.events:
@@ -58,51 +97,51 @@ def leaves_of(txn: Transaction, sources: dict[int, Source]) -> list[Leaf]:
             continue
         if relation is None:
             raise ProcessingError(f"replication stream: change of relation {msg.relation_oid} before its Relation message")
-        if isinstance(msg, po.Insert):
-            op, values, old = "insert", msg.new, None
-        elif isinstance(msg, po.Update):
-            op, values, old = "update", msg.new, msg.old
+        kind = type(msg)
+        if kind is po.Insert:
+            op, values = "insert", msg.new
+        elif kind is po.Update:
+            op, values = "update", msg.new
         else:
-            op, values, old = "delete", msg.old, None
+            op, values = "delete", msg.old
         if op not in s.events:
             continue
-        row = _named(relation, values, old, s)
-        key = {k: row[k] for k in s.key_columns}
-        if op == "delete":
-            entry = canonical.entry_v1("delete", s.qualified, key)
-        elif s.entry_column:
-            text = row[s.entry_column]
-            if text is None or not text.startswith("\\x"):
-                raise ProcessingError(f"{s.qualified}: entry column {s.entry_column} is not hex bytea text ({text!r:.40})")
-            entry = bytes.fromhex(text[2:])
+        if last_plan is not None and last_plan.relation is relation and last_plan.source is s:
+            plan = last_plan
         else:
-            entry = canonical.entry_v1(op, s.qualified, {c: row[c] for c in s.columns})
-        out.append(Leaf(s.source_id, op, canonical.key_json(key), canonical.leaf_hash_of_entry(entry), len(out) + 1))
+            plan = last_plan = _plan_for(s, relation)
+        if po.UNCHANGED in values:
+            values = _fill_unchanged(s, relation, values, msg.old if kind is po.Update else None, plan)
+        key_values = [values[i] for i in plan.key_idx]
+        if op == "delete":
+            entry = plan.entries["delete"].encode(key_values)
+        elif plan.entry_column_idx is not None:
+            entry = _entry_column_bytes(s, values[plan.entry_column_idx])
+        else:
+            entry = plan.entries[op].encode([values[i] for i in plan.entry_idx])
+        out.append(Leaf(s.source_id, op, plan.key.encode(key_values).decode("utf-8"),
+                        sha256(canonical.LEAF_PREFIX + entry).digest(), len(out) + 1))
     return out
 
 
-def _named(relation: po.Relation, values: tuple, old: tuple | None, s: Source) -> dict[str, str | None]:
-    needed = set(s.columns) | set(s.key_columns) | ({s.entry_column} if s.entry_column else set())
-    row = {}
-    for i, col in enumerate(relation.columns):
-        if col.name not in needed:
-            continue
-        v = values[i]
-        if v is po.UNCHANGED and old is not None:
-            v = old[i]  # REPLICA IDENTITY FULL: the old row carries the unchanged value
-        if v is po.UNCHANGED:
+def _fill_unchanged(s: Source, relation: po.Relation, values: tuple, old: tuple | None, plan: _Plan) -> tuple:
+    if old is not None:
+        # REPLICA IDENTITY FULL: the old row carries the unchanged value.
+        values = tuple(o if v is po.UNCHANGED else v for v, o in zip(values, old))
+    used = set(plan.entry_idx) | set(plan.key_idx) | ({plan.entry_column_idx} - {None})
+    for i in sorted(used):
+        if values[i] is po.UNCHANGED:
             raise ProcessingError(
-                f"{s.qualified}: the stream did not send column {col.name} (an unchanged TOASTed value); run "
-                f"ALTER TABLE {s.qualified} REPLICA IDENTITY FULL so updates carry every value, then restart"
+                f"{s.qualified}: the stream did not send column {relation.columns[i].name} (an unchanged TOASTed "
+                f"value); run ALTER TABLE {s.qualified} REPLICA IDENTITY FULL so updates carry every value, then restart"
             )
-        row[col.name] = v
-    missing = needed - row.keys()
-    if missing:
-        raise ProcessingError(
-            f"{s.qualified}: the stream has no column(s) {', '.join(sorted(missing))} (dropped or renamed?); "
-            "the source's hashed columns are fixed at registration: remove the source and add it again"
-        )
-    return row
+    return values
+
+
+def _entry_column_bytes(s: Source, text: bytes | None) -> bytes:
+    if text is None or not text.startswith(b"\\x"):
+        raise ProcessingError(f"{s.qualified}: entry column {s.entry_column} is not hex bytea text ({text!r:.40})")
+    return bytes.fromhex(text[2:].decode("ascii"))
 
 
 class ReplicationBatch:
@@ -119,50 +158,70 @@ class ReplicationBatch:
     def append(self, conn: psycopg.Connection, base: int) -> list[bytes]:
         """Step 2 of the sequencer's batch, in its transaction (the log row is locked)."""
         self.consumed = 0
-        row = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress WHERE log_id = %s",
-                           (self.log_id,)).fetchone()
-        stored = lsn_to_int(row[0]) if row else 0
+        stored_text, has_backfill = conn.execute(
+            "SELECT end_lsn::text, EXISTS (SELECT 1 FROM merkle.replication_backfill_state b JOIN merkle.sources s "
+            "USING (source_id) WHERE s.log_id = p.log_id) FROM merkle.replication_progress p WHERE log_id = %s",
+            (self.log_id,)).fetchone() or ("0/0", False)
+        stored = lsn_to_int(stored_text)
         by_oid = {s.table_oid: s for s in list_sources(conn, self.log_id) if s.mode == "replication"}
-        waiting = {sid for sid, ready in conn.execute(
-            "SELECT b.source_id, b.ready FROM merkle.replication_backfill_state b "
-            "JOIN merkle.sources s USING (source_id) WHERE s.log_id = %s", (self.log_id,)) if not ready}
-        rows: list[tuple] = []
+        waiting = set()
+        if has_backfill:
+            waiting = {sid for sid, ready in conn.execute(
+                "SELECT b.source_id, b.ready FROM merkle.replication_backfill_state b "
+                "JOIN merkle.sources s USING (source_id) WHERE s.log_id = %s", (self.log_id,)) if not ready}
         hashes: list[bytes] = []
-        for source_id, ord_, key, leaf in conn.execute(
-            "DELETE FROM merkle.replication_backfill b USING merkle.replication_backfill_state st, merkle.sources s "
-            "WHERE st.ready AND b.source_id = st.source_id AND s.source_id = st.source_id AND s.log_id = %s "
-            "RETURNING b.source_id, b.ord, b.source_key, b.leaf_hash", (self.log_id,)).fetchall():
-            rows.append((source_id, ord_, key, leaf))
-        rows.sort(key=lambda r: (r[0], r[1]))
-        conn.execute("DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
-                     "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s", (self.log_id,))
-        records = [(self.log_id, base + i, sid, key, "backfill", leaf, 0, ord_, None)
-                   for i, (sid, ord_, key, leaf) in enumerate(rows)]
-        hashes.extend(bytes(r[3]) for r in rows)
+        lines: list[bytes] = []  # COPY text rows of processed_log
+        log_id = self.log_id
+        if has_backfill:
+            for source_id, ord_, key, leaf in self._take_backfills(conn):
+                leaf = bytes(leaf)
+                lines.append(_COPY_ROW % (log_id, base + len(hashes), source_id, _copy_text(key), b"backfill",
+                                          leaf.hex().encode(), 0, ord_, b"\\N"))
+                hashes.append(leaf)
         last = stored
         for txn in self.txns:
             if txn.end_lsn <= stored:
                 self.consumed += 1  # already in the log (a replay after a restart)
                 continue
             leaves = leaves_of(txn, by_oid)
-            if any(leaf.source_id in waiting for leaf in leaves):
+            if waiting and any(leaf.source_id in waiting for leaf in leaves):
                 break  # its source's backfill is not written yet: keep it for a later batch
-            commit = int_to_lsn(txn.commit_lsn)
-            for leaf in leaves:
-                records.append((self.log_id, base + len(records), leaf.source_id, leaf.source_key, leaf.op,
-                                leaf.leaf_hash, txn.end_lsn, leaf.change_ord, commit))
-                hashes.append(leaf.leaf_hash)
-            last = txn.end_lsn
+            commit = int_to_lsn(txn.commit_lsn).encode()
+            end = txn.end_lsn
+            for source_id, op, key, leaf, ord_ in leaves:
+                lines.append(_COPY_ROW % (log_id, base + len(hashes), source_id, _copy_text(key), op.encode(),
+                                          leaf.hex().encode(), end, ord_, commit))
+                hashes.append(leaf)
+            last = end
             self.consumed += 1
-        if records:
+        if lines:
             with conn.cursor().copy(
                 "COPY merkle.processed_log (log_id, seq, source_id, source_key, op, leaf_hash, change_id, "
                 "change_ord, commit_lsn) FROM STDIN"
             ) as copy:
-                for r in records:
-                    copy.write_row(r)
+                copy.write(b"".join(lines))
         if last > stored:
             conn.execute("UPDATE merkle.replication_progress SET end_lsn = %s::pg_lsn, updated_at = now() "
                          "WHERE log_id = %s", (int_to_lsn(last), self.log_id))
         self.end_lsn = last
         return hashes
+
+    def _take_backfills(self, conn: psycopg.Connection) -> list[tuple]:
+        """Delete and return the rows of every ready backfill of the log, in (source, ord) order."""
+        rows = conn.execute(
+            "DELETE FROM merkle.replication_backfill b USING merkle.replication_backfill_state st, merkle.sources s "
+            "WHERE st.ready AND b.source_id = st.source_id AND s.source_id = st.source_id AND s.log_id = %s "
+            "RETURNING b.source_id, b.ord, b.source_key, b.leaf_hash", (self.log_id,)).fetchall()
+        conn.execute("DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
+                     "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s", (self.log_id,))
+        return sorted(rows, key=lambda r: (r[0], r[1]))
+
+
+# One processed_log row in COPY text format; bytea as \x<hex> with its backslash escaped.
+_COPY_ROW = b"%d\t%d\t%d\t%b\t%b\t\\\\x%b\t%d\t%d\t%b\n"
+
+
+def _copy_text(text: str) -> bytes:
+    """A text field for COPY: the key is canonical JSON, whose only byte needing COPY's escape
+    is the backslash (control characters are JSON-escaped already)."""
+    return text.encode("utf-8").replace(b"\\", b"\\\\")
