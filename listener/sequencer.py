@@ -36,6 +36,8 @@ from listener.store.tiles import load_partial_tiles, write_tiles
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 20_000
+# A log without trigger-mode sources looks for new ones this often (seconds).
+NO_OUTBOX_RECHECK = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Sequencer:
         self.tree: TileBuilder | None = None
         self._sources_key: tuple[int, ...] = ()
         self._drain: sql.Composed | None = None
+        self._no_outbox_until = 0.0
 
     def load(self) -> None:
         """Read the log's state: its row and the right-most partial tile of each level."""
@@ -78,6 +81,8 @@ class Sequencer:
     def drain_once(self) -> BatchResult | None:
         """Run one batch; None when nothing was waiting. On any error the transaction is rolled
         back and the in-memory state reloaded, so a retry starts from what is durable."""
+        if time.monotonic() < self._no_outbox_until:
+            return None  # the log had no trigger-mode source a moment ago (replication only)
         return self._batch(self._append_leaves)
 
     def append_changes(self, changes: ReplicationBatch) -> BatchResult | None:
@@ -140,6 +145,8 @@ class Sequencer:
             self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
             self._sources_key = key
         if self._drain is None:
+            # No outbox to drain: skip the empty batch transactions for a second.
+            self._no_outbox_until = time.monotonic() + NO_OUTBOX_RECHECK
             return []
         params = {"log_id": self.log.log_id, "base": self.tree.size, "max_batch": self.max_batch}
         # One bytea of 32-byte hashes in seq order: far cheaper to fetch than a row per leaf.

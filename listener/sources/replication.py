@@ -127,6 +127,14 @@ class ReplicationStream:
             raise psycopg.OperationalError(f"replication stream ended: {message or 'server closed the stream'}")
 
     def _handle(self, data: memoryview) -> None:
+        if data[0] == 119:  # 'w' XLogData: the pgoutput message follows its 24-byte header
+            msg = po.decode(bytes(data[25:]), raw=True)  # values stay UTF-8 bytes: replication_apply hashes them
+            kind = type(msg)
+            if kind is po.Insert or kind is po.Update or kind is po.Delete:
+                self._current.changes.append((self._relations.get(msg.relation_oid), msg))
+            else:
+                self._message(msg)
+            return
         frame = po.decode_copy_data(bytes(data))
         if isinstance(frame, po.Keepalive):
             target = self.confirmed
@@ -135,7 +143,9 @@ class ReplicationStream:
             if target > self.confirmed or frame.reply_requested:
                 self._queue_status(target)
             return
-        msg = po.decode(frame.payload, raw=True)  # values stay UTF-8 bytes: replication_apply hashes them
+        self._message(po.decode(frame.payload, raw=True))
+
+    def _message(self, msg: po.PgoutputMessage) -> None:
         if isinstance(msg, po.Begin):
             self._current = Transaction(msg.final_lsn, 0, msg.commit_time)
         elif isinstance(msg, po.Commit):
@@ -148,8 +158,6 @@ class ReplicationStream:
                 self.on_transaction(txn)
         elif isinstance(msg, po.Relation):
             self._relations[msg.oid] = msg
-        elif isinstance(msg, (po.Insert, po.Update, po.Delete)):
-            self._current.changes.append((self._relations.get(msg.relation_oid), msg))
         elif isinstance(msg, po.Truncate):
             self._current.changes.append((None, msg))
         # Type, Origin and Message carry nothing to log.
