@@ -104,3 +104,10 @@ def test_copy_frames_and_status_round_trip():
     assert po.int_to_lsn(0x16B374D848) == "16/B374D848"
     with pytest.raises(ProcessingError):
         po.decode_copy_data(b"x")
+
+
+def test_raw_mode_keeps_utf8_bytes(conn, peek):
+    conn.execute("INSERT INTO t VALUES (7, 'é\"', NULL, NULL)")
+    insert = next(b for b in peek() if b[:1] == b"I")
+    assert po.decode(insert, raw=True).new == (b"7", 'é"'.encode(), None, None)
+    assert po.decode(insert).new == ("7", 'é"', None, None)

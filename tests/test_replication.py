@@ -306,3 +306,35 @@ def test_replayed_transactions_are_skipped(rconn):
         assert [t.end_lsn for t in after] == [first[2].end_lsn]
     rows = check_log(conn, "rp")
     assert [orjson_id(r[2]) for r in rows] == ["0", "1", "2"]
+
+
+def test_row_filter_entry_column_and_log_drop(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE f (id int PRIMARY KEY, kind text NOT NULL, v text)")
+    conn.execute("CREATE TABLE e (id int PRIMARY KEY, entry bytea NOT NULL)")
+    registry.create_log(conn, "fx")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "fx", "f", mode="replication", where="kind = 'audit'")
+        registry.add_source(c, "fx", "e", mode="replication", entry_column="entry")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO f VALUES (1, 'audit', 'a'), (2, 'noise', 'b'), (3, 'audit', NULL)")
+        conn.execute("INSERT INTO e VALUES (1, '\\x00ff7b'::bytea)")
+        wait_for_size(conn, "fx", 3, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "fx")
+    h = canonical.leaf_hash_of_entry
+    assert [bytes(r[4]) for r in rows] == [
+        h(canonical.entry_v1("insert", "public.f", {"id": "1", "kind": "audit", "v": "a"})),
+        h(canonical.entry_v1("insert", "public.f", {"id": "3", "kind": "audit", "v": None})),
+        h(b"\x00\xff\x7b"),
+    ]
+    refused = cli("log", "drop", "fx", dsn=conn.info.dsn)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    out = cli("log", "drop", "fx", "--yes", dsn=conn.info.dsn)
+    assert out.returncode == 0, out.stderr
+    assert slots(conn) == []
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM merkle.processed_log").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM merkle.logs").fetchone()[0] == 0
