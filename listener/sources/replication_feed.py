@@ -80,7 +80,7 @@ class ReplicationFeed:
                 if count >= MAX_CHANGES_PER_BATCH:
                     break
             generation = self._generation
-            batch = ReplicationBatch(seq.log.log_id if seq.log else self._log_id(seq), txns)
+            batch = ReplicationBatch(seq.log.log_id, txns)  # the writer loaded seq before the feed started
             self._in_flight = True
             try:
                 result = await anyio.to_thread.run_sync(seq.append_changes, batch)
@@ -95,10 +95,6 @@ class ReplicationFeed:
                 return result
             if batch.consumed == 0 or not self._buffer:
                 return None
-
-    def _log_id(self, seq: Sequencer) -> int:
-        seq.load()
-        return seq.log.log_id
 
     def _idle(self) -> bool:
         return not self._buffer and not self._in_flight
