@@ -190,7 +190,8 @@ def find_source(conn: psycopg.Connection, log: Log, table: str) -> Source:
     raise ConfigurationError(f"table {table!r} is not a source of log {log.name!r} (see `merkle-listener source list`)")
 
 
-def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: str | None = None) -> int:
+def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: str | None = None,
+                  wait: float = 10.0) -> int:
     """Stop capturing `table`. Returns how many captured changes are still queued: while any
     are, the source stays registered so the listener can log them; run again to finish.
     For a replication source, -1 means changes may still be in the stream (see
@@ -201,7 +202,7 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: s
     if mode == "replication":
         from listener.sources import replication_setup
 
-        return replication_setup.remove_source(conn, log_name, table, dsn=dsn)
+        return replication_setup.remove_source(conn, log_name, table, dsn=dsn, wait=wait)
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         source = find_source(conn, log, table)

@@ -150,6 +150,19 @@ def test_refusals_say_how_to_fix(rconn):
     assert out.returncode == 2
     assert "REPLICATION privilege" in out.stderr and f'ALTER ROLE "{role}" REPLICATION' in out.stderr
     assert slots(conn) == []
+    # A second source logging updates would make PostgreSQL refuse UPDATE on "Keyless" (its
+    # unique key is no replica identity): refused at registration instead.
+    conn.execute('CREATE TABLE "Keyless" (code text NOT NULL UNIQUE)')
+    conn.execute("CREATE TABLE upd (id int PRIMARY KEY)")
+    conn.execute("ALTER TABLE upd REPLICA IDENTITY FULL")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "l", '"Keyless"', mode="replication", key=["code"])
+        with pytest.raises(SourceTableError, match='ALTER TABLE "public"."Keyless" REPLICA IDENTITY FULL'):
+            registry.add_source(c, "l", "upd", mode="replication", events=["insert", "update"])
+    conn.execute('UPDATE "Keyless" SET code = code')  # still allowed: nothing was changed
+    # Without a listener to confirm the stream, removal stays pending (nothing is dropped unlogged).
+    with connect(conn.info.dsn) as c:
+        assert registry.remove_source(c, "l", "public.Keyless", wait=0) == -1
     # Truncate refused by policy: a guard trigger, no leaf.
     with connect(conn.info.dsn) as c:
         registry.add_source(c, "l", "t", mode="replication", truncate="refuse")

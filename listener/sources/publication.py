@@ -89,11 +89,11 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
         )
 
 
-def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[SourceSpec | str, int, bool]],
+def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[str, int, bool]],
                                  publish: set[str]) -> None:
     """When the publication publishes updates or deletes, PostgreSQL refuses UPDATE/DELETE on
     any of its tables without a usable replica identity: refuse to register rather than break
-    the application's writes. `tables` is (name, oid, has_row_filter)."""
+    the application's writes. `tables` is (qualified name, oid, has a row filter)."""
     if not publish & {"update", "delete"}:
         return
     for name, oid, has_filter in tables:
@@ -103,11 +103,10 @@ def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[So
         ).fetchone()[0]
         if identity == "f" or (identity == "d" and has_pk and not has_filter) or (identity == "i" and not has_filter):
             continue
-        shown = name if isinstance(name, str) else name.qualified
         raise SourceTableError(
             f"the log's publication would publish updates/deletes, and then PostgreSQL refuses UPDATE and "
-            f"DELETE on {shown} (it has no replica identity covering its key and row filter): run "
-            f"ALTER TABLE {shown} REPLICA IDENTITY FULL; first"
+            f"DELETE on {name} (it has no replica identity covering its key and row filter): run "
+            f"ALTER TABLE {name} REPLICA IDENTITY FULL; first"
         )
 
 
@@ -142,7 +141,8 @@ def sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> se
     publish = {"insert"}
     for *_, events in rows:
         publish.update(e for e in events if e in REPLICATION_EVENTS)
-    check_publication_identities(conn, [(f"{s}.{t}", oid, f is not None) for s, t, oid, f, _ in rows], publish)
+    check_publication_identities(
+        conn, [(sql.Identifier(s, t).as_string(conn), oid, f is not None) for s, t, oid, f, _ in rows], publish)
     tables = sql.SQL(", ").join(
         sql.SQL("TABLE {}{}").format(
             sql.Identifier(schema, name), sql.SQL(" WHERE ({})").format(sql.SQL(flt)) if flt else sql.SQL(""))
