@@ -216,20 +216,20 @@ def test_restart_resumes_from_stored_position(rconn):
     with connect(conn.info.dsn) as c:
         registry.add_source(c, "r", "t", mode="replication")
     listener = start_listener(conn.info.dsn)
-    conn.execute("INSERT INTO t SELECT generate_series(1, 100)")
-    wait_for_size(conn, "r", 100, listener=listener)
+    conn.execute("INSERT INTO t SELECT generate_series(1, 300)")  # one batch: by COPY
+    wait_for_size(conn, "r", 300, listener=listener)
     listener.stop(signal.SIGKILL)
-    conn.execute("INSERT INTO t SELECT generate_series(101, 150)")
+    conn.execute("INSERT INTO t SELECT generate_series(301, 350)")  # by INSERT
     # The slot's position may be behind the log's (acknowledged later): replay is skipped.
     listener = start_listener(conn.info.dsn)
     try:
-        wait_for_size(conn, "r", 150, listener=listener)
-        conn.execute("INSERT INTO t VALUES (151)")
-        wait_for_size(conn, "r", 151, listener=listener)
+        wait_for_size(conn, "r", 350, listener=listener)
+        conn.execute("INSERT INTO t VALUES (351)")
+        wait_for_size(conn, "r", 351, listener=listener)
     finally:
         listener.stop()
     rows = check_log(conn, "r")
-    assert [orjson_id(r[2]) for r in rows] == [str(i) for i in range(1, 152)]
+    assert [orjson_id(r[2]) for r in rows] == [str(i) for i in range(1, 352)]
 
 
 def test_status_reports_slot_health(rconn):
