@@ -216,10 +216,10 @@ def test_restart_resumes_from_stored_position(rconn):
     with connect(conn.info.dsn) as c:
         registry.add_source(c, "r", "t", mode="replication")
     listener = start_listener(conn.info.dsn)
-    conn.execute("INSERT INTO t SELECT generate_series(1, 300)")  # one batch: by COPY
+    conn.execute("INSERT INTO t SELECT generate_series(1, 300)")
     wait_for_size(conn, "r", 300, listener=listener)
     listener.stop(signal.SIGKILL)
-    conn.execute("INSERT INTO t SELECT generate_series(301, 350)")  # by INSERT
+    conn.execute("INSERT INTO t SELECT generate_series(301, 350)")
     # The slot's position may be behind the log's (acknowledged later): replay is skipped.
     listener = start_listener(conn.info.dsn)
     try:
