@@ -70,7 +70,8 @@ class ReplicationFeed:
         empty buffer, about once per recheck interval, appends ready backfills."""
         while True:
             if not self._buffer:
-                if time.monotonic() - self._last_empty_check < self.recheck_interval:
+                # No stream (a log without replication sources): nothing to append.
+                if self.stream is None or time.monotonic() - self._last_empty_check < self.recheck_interval:
                     return None
                 self._last_empty_check = time.monotonic()
             txns, count = [], 0
