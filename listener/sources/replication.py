@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 import psycopg
 from psycopg import pq
 
@@ -32,6 +33,8 @@ log = logging.getLogger("listener.replication")
 
 # Send a status update at least this often: well inside wal_sender_timeout (default 60 s).
 STATUS_INTERVAL = 10.0
+# Messages decoded between two yields to the event loop.
+YIELD_EVERY = 500
 
 
 @dataclass
@@ -52,13 +55,15 @@ class ReplicationStream:
     """
 
     def __init__(self, dsn: str, slot: str, publication: str, start_lsn: int, *,
-                 on_transaction: Callable[[Transaction], None], may_confirm_idle: Callable[[], bool]):
+                 on_transaction: Callable[[Transaction], None], may_confirm_idle: Callable[[], bool],
+                 backlogged: Callable[[], bool] = lambda: False):
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
         self.start_lsn = start_lsn
         self.on_transaction = on_transaction
         self.may_confirm_idle = may_confirm_idle
+        self.backlogged = backlogged
         self.pgconn: pq.PGconn | None = None
         self.confirmed = start_lsn  # highest LSN sent as flushed
         self.received = start_lsn  # highest end_lsn of a transaction handed on
@@ -107,12 +112,23 @@ class ReplicationStream:
     # -- reading -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Read until cancelled or the connection fails (raises psycopg.OperationalError)."""
+        """Read until cancelled or the connection fails (raises psycopg.OperationalError).
+
+        Yields to the event loop every YIELD_EVERY messages (the writer appends while this
+        decodes) and pauses reading while `backlogged()` (the buffer waiting to be appended is
+        full: the server keeps the rest)."""
         pgconn = self.pgconn
+        handled = 0
         while True:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes > 0:
                 self._handle(data)
+                handled += 1
+                if handled >= YIELD_EVERY:
+                    handled = 0
+                    await anyio.lowlevel.checkpoint()
+                    while self.backlogged():
+                        await anyio.sleep(0.002)
                 continue
             if nbytes == 0:
                 await self._flush()

@@ -35,6 +35,8 @@ from listener.store.connect import options_string
 log = logging.getLogger("listener.replication")
 
 MAX_CHANGES_PER_BATCH = 20_000
+# The stream stops reading while this many received changes wait to be appended.
+MAX_BUFFERED_CHANGES = 3 * MAX_CHANGES_PER_BATCH
 
 
 class ReplicationFeed:
@@ -45,6 +47,7 @@ class ReplicationFeed:
         self.recheck_interval = recheck_interval
         self.stream: ReplicationStream | None = None
         self._buffer: list[Transaction] = []
+        self._buffered_changes = 0
         self._in_flight = False
         self._generation = 0
         self._last_empty_check = 0.0
@@ -89,6 +92,7 @@ class ReplicationFeed:
                 self._in_flight = False
             # Durable from here: trim and acknowledge (the server may now recycle that WAL).
             if generation == self._generation:
+                self._buffered_changes -= sum(len(t.changes) for t in self._buffer[:batch.consumed])
                 del self._buffer[:batch.consumed]
                 if batch.end_lsn and self.stream is not None:
                     self.stream.confirm(batch.end_lsn)
@@ -102,7 +106,11 @@ class ReplicationFeed:
 
     def _received(self, txn: Transaction) -> None:
         self._buffer.append(txn)
+        self._buffered_changes += len(txn.changes)
         self.wake()
+
+    def _backlogged(self) -> bool:
+        return self._buffered_changes >= MAX_BUFFERED_CHANGES
 
     # -- the session task ------------------------------------------------------------------
 
@@ -122,9 +130,10 @@ class ReplicationFeed:
                 continue
             self._generation += 1
             self._buffer.clear()
+            self._buffered_changes = 0
             stream = ReplicationStream(
                 self.dsn, publication.slot_name(self.log_name), publication.publication_name(self.log_name), start,
-                on_transaction=self._received, may_confirm_idle=self._idle)
+                on_transaction=self._received, may_confirm_idle=self._idle, backlogged=self._backlogged)
             try:
                 await stream.open()
                 self.stream = stream
