@@ -149,9 +149,11 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
         _setup(target)
         result = {"benchmark": "replication", "rows": rows}
         try:
+            # Latency first, on a fresh database: after the bulk phases, autovacuum of millions
+            # of new rows would compete for the same cores during the paced run.
+            result["latency"] = bench_latency(target, rate, seconds)
             result["writers"] = bench_writers(target, rows)
             result["end_to_end"] = bench_end_to_end(target, rows)
-            result["latency"] = bench_latency(target, rate, seconds)
         finally:
             with connect(target, autocommit=True) as conn:
                 for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()").fetchall():
