@@ -186,3 +186,44 @@ def test_status_explains_a_lost_slot(crash_server):
         count = conn.execute("SELECT count(*) FROM lossy").fetchone()[0]
         assert f"{count} existing rows queued" in out.stdout, out.stderr
         conn.execute("SELECT pg_drop_replication_slot('merkle_lossy')")
+
+
+def test_keepalives_that_ask_for_a_reply_are_answered(crash_server):
+    """With wal_sender_timeout = 1 s the server drops a client that does not answer its
+    keepalives; the stream stays open across 3 idle seconds and still delivers."""
+    import anyio
+
+    from listener.sources.replication import ReplicationStream
+
+    dsn = crash_server.dsn("crash")
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE ka (id int PRIMARY KEY)")
+        registry.create_log(conn, "ka")
+        with connect(dsn) as c:
+            registry.add_source(c, "ka", "ka", mode="replication")
+        conn.execute("ALTER SYSTEM SET wal_sender_timeout = '1s'")
+        conn.execute("SELECT pg_reload_conf()")
+        got = []
+        try:
+            async def main():
+                stream = ReplicationStream(dsn, "merkle_ka", "merkle_ka", 0, on_transaction=got.append,
+                                           may_confirm_idle=lambda: not got)
+                await stream.open()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stream.run)
+                        await anyio.sleep(3)
+                        await anyio.to_thread.run_sync(conn.execute, "INSERT INTO ka VALUES (1)")
+                        with anyio.fail_after(5):
+                            while not got:
+                                await anyio.sleep(0.02)
+                        tg.cancel_scope.cancel()
+                finally:
+                    stream.close()
+
+            anyio.run(main)
+        finally:
+            conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute("SELECT pg_drop_replication_slot('merkle_ka')")
+        assert len(got) == 1 and got[0].changes[0][1].new == (b"1",)
