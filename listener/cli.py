@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, what in (("pause", "stop appending to a log (changes stay queued)"), ("resume", "resume a paused log")):
         lp = lg.add_parser(verb, help=what)
         lp.add_argument("name", help="the log's name")
+    ld = lg.add_parser("drop", help="delete a log: its leaves, tiles, sources, capture objects, publication and slot")
+    ld.add_argument("name", help="the log's name")
+    ld.add_argument("--yes", action="store_true", help="confirm: the log and its proofs are gone for good")
 
     src = sub.add_parser("source", help="register tables as sources of a log").add_subparsers(dest="source_command", required=True)
     sa = src.add_parser("add", help="capture every row inserted into TABLE as a leaf of LOG")
@@ -77,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--entry-column", help="a NOT NULL bytea column holding the entry bytes to log as is")
     sa.add_argument("--backfill", action="store_true", help="also log the rows already in the table, in key order")
     sa.add_argument("--append-only", action="store_true", help="refuse UPDATE, DELETE and TRUNCATE on the table")
+    sa.add_argument("--mode", choices=["trigger", "replication"], default="trigger",
+                    help="capture with a statement trigger (default) or the log's logical replication slot")
+    sa.add_argument("--events", help="replication mode: comma-separated insert,update,delete to log (default insert)")
+    sa.add_argument("--truncate", choices=["log", "refuse"],
+                    help="replication mode: log TRUNCATE as a leaf (default) or refuse it")
     sl = src.add_parser("list", help="list sources")
     sl.add_argument("log", nargs="?")
     sr = src.add_parser("remove", help="stop capturing TABLE")
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
 
     bp = sub.add_parser("bench", help="benchmarks printing ratios against limits measured in the same run")
-    bp.add_argument("what", choices=["tree", "sql", "capture", "http"])
+    bp.add_argument("what", choices=["tree", "sql", "capture", "http", "replication"])
     bp.add_argument("--leaves", type=int, help="log size for `tree`/`sql` (default per benchmark)")
     bp.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     _describe(p)
@@ -250,6 +258,15 @@ def cmd_log(args) -> int:
         elif args.log_command in ("pause", "resume"):
             log = registry.set_paused(conn, args.name, args.log_command == "pause")
             print(f"log {log.name!r} {'paused' if log.paused else 'resumed'}")
+        elif args.log_command == "drop":
+            from listener.sources.replication_setup import drop_log
+
+            if not args.yes:
+                raise ConfigurationError(f"`log drop {args.name}` deletes the log and every proof of it: "
+                                         "add --yes to confirm")
+            dropped = drop_log(conn, args.name, dsn=dsn)
+            print(f"dropped log {args.name!r} (size {dropped['tree_size']}; sources "
+                  f"{', '.join(dropped['sources']) or 'none'}; its publication and slot, if any)")
         else:
             for log in registry.list_logs(conn):
                 state = "\tpaused" if log.paused else ""
@@ -267,13 +284,17 @@ def cmd_source(args) -> int:
             source, queued = registry.add_source(
                 conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
                 entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
+                mode=args.mode, events=_split(args.events), truncate=args.truncate, dsn=dsn,
             )
             extra = f"; {queued} existing rows queued" if args.backfill else ""
+            if source.mode == "replication":
+                extra += f"; {source.mode} mode, events {', '.join(source.events)}"
             print(f"{source.qualified} now feeds log {args.log!r} (key {', '.join(source.key_columns)}; "
                   f"columns {', '.join(source.columns)}{'; append-only' if source.append_only else ''}{extra})")
-            if not source.append_only:
+            if source.mode == "trigger" and not source.append_only:
                 print(f"warning: in trigger mode only INSERTs are logged; UPDATE, DELETE and TRUNCATE on "
-                      f"{source.qualified} leave no leaf. Add the source with --append-only to refuse them.",
+                      f"{source.qualified} leave no leaf. Add the source with --append-only to refuse them, "
+                      "or with --mode replication --events insert,update,delete to log them.",
                       file=sys.stderr)
         elif args.source_command == "list":
             log_id = registry.get_log(conn, args.log).log_id if args.log else None
@@ -282,7 +303,11 @@ def cmd_source(args) -> int:
                       f"columns {','.join(s.columns)}\tfilter {s.row_filter or '-'}\tappend-only {s.append_only}")
             conn.commit()
         else:
-            queued = registry.remove_source(conn, args.log, args.table)
+            queued = registry.remove_source(conn, args.log, args.table, dsn=dsn)
+            if queued < 0:
+                print(f"{args.table} left the log's publication; changes committed before may still be streaming: "
+                      "run `merkle-listener run` until it caught up, then `source remove` again to finish")
+                return 3
             if queued:
                 print(f"capture of {args.table} stopped; {queued} queued changes will still be logged by "
                       "`merkle-listener run`; run `source remove` again afterwards to finish")

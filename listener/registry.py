@@ -120,37 +120,62 @@ def add_source(
     entry_column: str | None = None,
     append_only: bool = False,
     backfill: bool = False,
+    mode: str = "trigger",
+    events: list[str] | None = None,
+    truncate: str | None = None,
+    dsn: str | None = None,
 ) -> tuple[Source, int]:
-    """Validate and register `table` as a trigger-mode source of the log; returns the source
-    and the number of existing rows queued by the backfill. All or nothing."""
+    """Validate and register `table` as a source of the log; returns the source and the
+    number of existing rows queued by the backfill. All or nothing.
+
+    mode 'trigger' captures inserts with a statement trigger; mode 'replication' through the
+    log's publication and logical slot (listener/sources/publication.py), logging `events`
+    (default insert) and TRUNCATE per `truncate` ('log', the default, or 'refuse'). `dsn`
+    (default: the connection's) opens the replication connection that creates the slot.
+    """
+    if mode == "replication":
+        from listener.sources import replication_setup
+
+        return replication_setup.add_source(
+            conn, log_name, table, key=key, columns=columns, where=where, entry_column=entry_column,
+            append_only=append_only, backfill=backfill, events=events, truncate=truncate, dsn=dsn)
+    if mode != "trigger":
+        raise ConfigurationError(f"--mode must be 'trigger' or 'replication', got {mode!r}")
+    if events not in (None, ["insert"]) or truncate is not None:
+        raise ConfigurationError("trigger mode logs inserts only; use --mode replication for --events and --truncate")
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
         _check_entry_column_not_null(conn, spec)
-        other = conn.execute(
-            "SELECT l.name FROM merkle.sources s JOIN merkle.logs l USING (log_id) WHERE s.table_oid = %s",
-            (spec.oid,),
-        ).fetchone()
-        if other:
-            raise SourceTableError(
-                f"table {spec.qualified} is already a source of log {other[0]!r}; "
-                "a table feeds one log (remove it there first)"
-            )
+        check_not_a_source(conn, spec)
         source = _insert_source(conn, log, spec, append_only)
         queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill)
     return source, queued
 
 
-def _insert_source(conn: psycopg.Connection, log: Log, spec: SourceSpec, append_only: bool) -> Source:
+def _insert_source(conn: psycopg.Connection, log: Log, spec: SourceSpec, append_only: bool,
+                   mode: str = "trigger", events: list[str] | None = None) -> Source:
     with conn.cursor(row_factory=class_row(Source)) as cur:
         cur.execute(
             "INSERT INTO merkle.sources (log_id, table_schema, table_name, table_oid, mode, key_columns, "
-            "columns, append_only, row_filter, entry_column) "
-            f"VALUES (%s, %s, %s, %s, 'trigger', %s, %s, %s, %s, %s) RETURNING {_SOURCE_COLUMNS}",
-            (log.log_id, spec.schema, spec.table, spec.oid, list(spec.key_columns), list(spec.columns),
-             append_only, spec.row_filter, spec.entry_column),
+            "columns, events, append_only, row_filter, entry_column) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_SOURCE_COLUMNS}",
+            (log.log_id, spec.schema, spec.table, spec.oid, mode, list(spec.key_columns), list(spec.columns),
+             events or ["insert"], append_only, spec.row_filter, spec.entry_column),
         )
         return cur.fetchone()
+
+
+def check_not_a_source(conn: psycopg.Connection, spec: SourceSpec) -> None:
+    other = conn.execute(
+        "SELECT l.name FROM merkle.sources s JOIN merkle.logs l USING (log_id) WHERE s.table_oid = %s",
+        (spec.oid,),
+    ).fetchone()
+    if other:
+        raise SourceTableError(
+            f"table {spec.qualified} is already a source of log {other[0]!r}; "
+            "a table feeds one log (remove it there first)"
+        )
 
 
 def _check_entry_column_not_null(conn: psycopg.Connection, spec: SourceSpec) -> None:
@@ -181,9 +206,19 @@ def find_source(conn: psycopg.Connection, log: Log, table: str) -> Source:
     raise ConfigurationError(f"table {table!r} is not a source of log {log.name!r} (see `merkle-listener source list`)")
 
 
-def remove_source(conn: psycopg.Connection, log_name: str, table: str) -> int:
+def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: str | None = None,
+                  wait: float = 10.0) -> int:
     """Stop capturing `table`. Returns how many captured changes are still queued: while any
-    are, the source stays registered so the listener can log them; run again to finish."""
+    are, the source stays registered so the listener can log them; run again to finish.
+    For a replication source, -1 means changes may still be in the stream (see
+    replication_setup.remove_source)."""
+    with conn.transaction():
+        log = get_log(conn, log_name)
+        mode = find_source(conn, log, table).mode
+    if mode == "replication":
+        from listener.sources import replication_setup
+
+        return replication_setup.remove_source(conn, log_name, table, dsn=dsn, wait=wait)
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         source = find_source(conn, log, table)

@@ -23,6 +23,7 @@ import psycopg
 
 from listener.errors import MerkleListenerError, ProcessingError
 from listener.sequencer import DEFAULT_MAX_BATCH, Sequencer
+from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
 from listener.store.connect import options_string
 
@@ -159,22 +160,24 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size, "root": seq.tree.root.hex()})
             backoff.reset()
             cps = _Checkpoints(opts, conn, name, seq.log.origin)
-            while True:
-                # Armed before draining: a doorbell that rings during the batch wakes us at once.
-                wake = wakeups.arm(name)
-                while (batch := await anyio.to_thread.run_sync(seq.drain_once)) is not None:
-                    log.info(
-                        "batch sequenced",
-                        extra={"log": name, "seq_first": batch.first_seq, "seq_last": batch.first_seq + batch.count - 1,
-                               "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
-                    )
-                    drained.rows[name] = drained.rows.get(name, 0) + batch.count
+            # Replication-mode sources of the log stream through this feed (idle without them).
+            async with ReplicationFeed(opts.dsn, name, lambda: wakeups.ring(name),
+                                       recheck_interval=opts.poll_interval) as feed:
+                while True:
+                    # Armed before draining: a doorbell that rings during the batch wakes us at once.
+                    wake = wakeups.arm(name)
+                    while (batch := await anyio.to_thread.run_sync(seq.drain_once)) is not None:
+                        _log_batch(name, batch)
+                        drained.rows[name] = drained.rows.get(name, 0) + batch.count
+                        await cps.maybe_publish()
+                        if not batch.more:
+                            break
+                    while (batch := await feed.apply(seq)) is not None:
+                        _log_batch(name, batch)
+                        await cps.maybe_publish()
                     await cps.maybe_publish()
-                    if not batch.more:
-                        break
-                await cps.maybe_publish()
-                with anyio.move_on_after(cps.wait_limit(opts.poll_interval)):
-                    await wake.wait()
+                    with anyio.move_on_after(cps.wait_limit(opts.poll_interval)):
+                        await wake.wait()
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except (MerkleListenerError, psycopg.Error) as exc:
@@ -209,6 +212,14 @@ def _vacuum_outboxes(dsn: str, name: str) -> None:
         for (table,) in tables:
             if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]:
                 conn.execute(f"VACUUM (SKIP_LOCKED) {table}")  # name built by format() from an integer id
+
+
+def _log_batch(name: str, batch) -> None:
+    log.info(
+        "batch sequenced",
+        extra={"log": name, "seq_first": batch.first_seq, "seq_last": batch.first_seq + batch.count - 1,
+               "tree_size": batch.tree_size, "ms": round(batch.seconds * 1000, 2)},
+    )
 
 
 async def _become_writer(conn: psycopg.Connection, name: str, opts: RunOptions) -> None:

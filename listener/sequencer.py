@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -28,12 +29,15 @@ from listener import canonical_sql
 from listener.errors import ProcessingError
 from listener.merkle import TileBuilder
 from listener.registry import Log, Source, get_log, list_sources
+from listener.sources.replication_apply import ReplicationBatch
 from listener.sources.trigger import outbox_name
 from listener.store.tiles import load_partial_tiles, write_tiles
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 50_000
+# A log without trigger-mode sources looks for new ones this often (seconds).
+NO_OUTBOX_RECHECK = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Sequencer:
         self._sources_key: tuple[int, ...] = ()
         self._drain: sql.Composed | None = None
         self._more = False  # the last drain left rows behind its cutoff
+        self._no_outbox_until = 0.0
 
     def load(self) -> None:
         """Read the log's state: its row and the right-most partial tile of each level."""
@@ -78,13 +83,26 @@ class Sequencer:
     def drain_once(self) -> BatchResult | None:
         """Run one batch; None when nothing was waiting. On any error the transaction is rolled
         back and the in-memory state reloaded, so a retry starts from what is durable."""
+        if time.monotonic() < self._no_outbox_until:
+            return None  # the log had no trigger-mode source a moment ago (replication only)
+        return self._batch(self._append_leaves)
+
+    def append_changes(self, changes: ReplicationBatch) -> BatchResult | None:
+        """One batch of committed replication transactions: their leaves and the stream's
+        progress (end_lsn) in the same transaction (listener/sources/replication_apply.py).
+        Acknowledge changes.end_lsn to the server only after this returns. A paused log
+        appends nothing (and so nothing is acknowledged)."""
+        return self._batch(lambda source_ids: changes.append(self.conn, self.tree.size))
+
+    def _batch(self, append_leaves: Callable[[tuple[int, ...]], list[bytes]]) -> BatchResult | None:
         if self.tree is None:
             self.load()
         started = time.perf_counter()
+        self._more = False
         try:
             with self.conn.transaction():
                 source_ids = self._fence()
-                hashes = self._append_leaves(source_ids) if source_ids is not None else []
+                hashes = append_leaves(source_ids) if source_ids is not None else []
                 if not hashes:
                     return None
                 first = self.tree.size
@@ -143,6 +161,8 @@ class Sequencer:
             self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
             self._sources_key = source_ids
         if self._drain is None:
+            # No outbox to drain: skip the empty batch transactions for a second.
+            self._no_outbox_until = time.monotonic() + NO_OUTBOX_RECHECK
             return []
         params = {"log_id": self.log.log_id, "base": self.tree.size, "max_batch": self.max_batch}
         # One bytea of 32-byte hashes in seq order: far cheaper to fetch than a row per leaf.

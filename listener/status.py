@@ -1,4 +1,4 @@
-"""`merkle-listener status`: logs, sizes, roots, queued changes and their age."""
+"""`merkle-listener status`: logs, sizes, roots, queued changes and their age, slot health."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import psycopg
 from psycopg import sql
 
 from listener.registry import list_logs, list_sources
+from listener.sources import slot_health
 from listener.sources.trigger import outbox_name
 
 
@@ -16,6 +17,9 @@ def collect(conn: psycopg.Connection) -> dict:
     for log in list_logs(conn):
         sources = []
         for s in list_sources(conn, log.log_id):
+            if s.mode == "replication":
+                sources.append(slot_health.source_status(conn, log.name, s))
+                continue
             queued, oldest = conn.execute(sql.SQL(
                 "SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
             ).format(outbox_name(s.source_id))).fetchone()
@@ -34,6 +38,7 @@ def collect(conn: psycopg.Connection) -> dict:
             "queued": sum(s["queued"] for s in sources),
             "oldest_queued_seconds": max(ages) if ages else None,
             "sources": sources,
+            "slot": slot_health.collect(conn, log.log_id, log.name),
         })
     return {"logs": logs}
 
@@ -51,4 +56,6 @@ def render(report: dict) -> str:
             if s["append_only"]:
                 flags.append("append-only")
             lines.append(f"  source {s['table']} ({', '.join(flags)}): queued {s['queued']}")
+        if log.get("slot"):
+            lines.extend(slot_health.render(log["slot"]))
     return "\n".join(lines)

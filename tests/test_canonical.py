@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from listener import canonical
 from listener.errors import ProcessingError
@@ -58,3 +60,14 @@ def test_bad_input_is_refused(args, match):
 def test_leaf_hash_requires_bytes():
     with pytest.raises(ProcessingError, match="must be bytes"):
         canonical.leaf_hash_of_entry("text")  # type: ignore[arg-type]
+
+
+@given(row=st.dictionaries(
+    st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=6),
+    st.none() | st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12),
+    max_size=6))
+def test_template_from_utf8_bytes_equals_entry_v1(row):
+    template = canonical.entry_template("update", "s.t", list(row))
+    raw = [None if row[c] is None else row[c].encode() for c in template.columns]
+    assert template.encode(raw) == canonical.entry_v1("update", "s.t", row)
+    assert canonical.ObjectTemplate(list(row)).encode(raw).decode() == canonical.key_json(row)

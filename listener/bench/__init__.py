@@ -5,6 +5,9 @@
     merkle-listener bench capture  writers with/without capture, drain rate,
                                    commit->sequenced latency                  (listener.bench.capture)
     merkle-listener bench http     inclusion proofs/s over HTTP at N leaves   (listener.bench.http)
+    merkle-listener bench replication
+                                   pgoutput stream vs pg_recvlogical, writers
+                                   with/without the slot, latency             (listener.bench.replication)
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ def main(args: argparse.Namespace) -> int:
         argv = ["--leaves", str(args.leaves or (20_000 if args.quick else 10_000_000))]
         argv += ["--seconds", "2"] if args.quick else ["--connections", "16", "--workers", "2", "--cache-mb", "1024", "--preload"]
         return http.main(argv)
+    if args.what == "replication":
+        from listener.bench import replication
+
+        argv = ["--rows", "5000", "--seconds", "2"] if args.quick else []
+        if args.dsn:
+            argv += ["--dsn", args.dsn]
+        return replication.main(argv)
     from listener.bench import capture
 
     argv = ["--rows", "5000", "--seconds", "2"] if args.quick else []

@@ -162,11 +162,12 @@ def bench_drain(dsn: str) -> dict:
     }
 
 
-def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
-    """A paced writer; between writes the same thread waits on LISTEN merkle_sequenced, which
-    the sequencer notifies at each batch's COMMIT: the time a client can see the leaf."""
+def bench_latency(dsn: str, rate: float, seconds: float, *, log: str = "paced", table: str = "paced") -> dict:
+    """Single-row commits into `table` (the only source of `log`) paced at `rate`; between
+    writes the same thread waits on LISTEN merkle_sequenced, which the sequencer notifies at
+    each batch's COMMIT: the time a client can see the leaf."""
     listener = subprocess.Popen(
-        [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", "paced"],
+        [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", log],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -182,14 +183,17 @@ def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
                 nonlocal last
                 while (left := until - time.perf_counter()) > 0:
                     for note in ear.notifies(timeout=left, stop_after=1):
-                        size = orjson.loads(note.payload)["tree_size"]
+                        event = orjson.loads(note.payload)
+                        if event["log"] != log:
+                            continue
+                        size = event["tree_size"]
                         reached.append((time.perf_counter(), size))
                         last = max(last, size)
 
             start = time.perf_counter()
             for i in range(n):
                 listen(start + i / rate)
-                w.execute("INSERT INTO paced (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
+                w.execute(f"INSERT INTO {table} (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
                 committed.append(time.perf_counter())
             achieved = n / (time.perf_counter() - start)
             deadline = time.perf_counter() + 60

@@ -121,6 +121,23 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     return cur.rowcount
 
 
+def install_guards(conn: psycopg.Connection, source_id: int, log_name: str, table: sql.Composable,
+                   *, update_delete: bool, truncate: bool) -> None:
+    """The append-only guard alone (replication mode has no capture trigger): refuse UPDATE and
+    DELETE and/or TRUNCATE on the table. drop_triggers removes them."""
+    _, guard, guard_truncate = _trigger_names(source_id)
+    if update_delete:
+        conn.execute(sql.SQL(
+            "CREATE TRIGGER {trg} BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
+        ).format(trg=guard, table=table, log=sql.Literal(log_name)))
+    if truncate:
+        conn.execute(sql.SQL(
+            "CREATE TRIGGER {trg} BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
+        ).format(trg=guard_truncate, table=table, log=sql.Literal(log_name)))
+
+
 def _pinned_settings_clause() -> sql.Composed:
     """SET clauses that make the row filter mean the same in every writer's session: the
     settings it was checked under at registration (search_path, TimeZone, DateStyle, ...)."""

@@ -45,8 +45,9 @@ def write_tiles(conn: psycopg.Connection, log_id: int, tiles: Iterable[Tile]) ->
     """Insert or rewrite these tiles of log `log_id` (a tile given twice: the last one wins).
 
     Runs in the caller's transaction if one is open (the sequencer's batch), else in its own.
-    Raises ProcessingError, writing nothing, if a stored tile would shrink or one of its hashes
-    would change: complete nodes never change, so that is a bug or a forked log.
+    Raises ProcessingError if a stored tile would shrink or one of its hashes would change:
+    complete nodes never change, so that is a bug or a forked log. Nothing is then written in
+    its own transaction; in the caller's, the caller must roll back (the sequencer does).
     """
     latest: dict[tuple[int, int], Tile] = {}
     for tile in tiles:

@@ -1,0 +1,250 @@
+"""Replication-mode lifecycle: checks, the log's publication and its pgoutput slot, backfill.
+
+A log with replication-mode sources has one publication and one logical slot, both named
+merkle_<log>. The publication lists every replication source of the log (with its row
+filter) and publishes the union of their events; the stream consumer
+(listener/sources/replication.py) drops what a source did not ask for. Each replication
+source either logs TRUNCATE (event 'truncate') or refuses it with a guard trigger.
+
+Backfill (`source add --backfill`), so that existing rows and the stream meet with no gap
+and no duplicate:
+
+    slot created now   commit the publication, CREATE_REPLICATION_SLOT ... (SNAPSHOT 'export'),
+                       read the table in that snapshot: it holds exactly the transactions the
+                       slot will not stream. Until that read commits, the source's backfill
+                       state is not ready and the sequencer holds its streamed changes back.
+    slot exists        LOCK TABLE ... IN SHARE MODE, add the table to the publication and read
+                       it in one transaction: writers wait, so every change before is in the
+                       read and every change after is streamed.
+
+The backfilled leaves are computed in SQL with listener.canonical_sql (op 'backfill'), as
+trigger mode does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+from psycopg import pq, sql
+
+from listener import canonical_sql
+from listener.errors import ConfigurationError, DatabaseError, SourceTableError
+from listener.sources.validate import SourceSpec
+from listener.store.connect import options_string
+
+REPLICATION_EVENTS = ("insert", "update", "delete", "truncate")
+
+
+def slot_name(log_name: str) -> str:
+    return f"merkle_{log_name}"
+
+
+def publication_name(log_name: str) -> str:
+    return f"merkle_{log_name}"
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, log_name: str) -> None:
+    """Refuse, with the fix, what would make replication capture fail or be incomplete."""
+    wal_level = conn.execute("SELECT current_setting('wal_level')").fetchone()[0]
+    if wal_level != "logical":
+        raise ConfigurationError(
+            f"wal_level is {wal_level!r}; replication mode needs 'logical': run "
+            "ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (or use --mode trigger)"
+        )
+    slots_max, senders_max = conn.execute(
+        "SELECT current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int"
+    ).fetchone()
+    slot_exists, slots_used = conn.execute(
+        "SELECT bool_or(slot_name = %s), count(*) FROM pg_replication_slots", (slot_name(log_name),)
+    ).fetchone()
+    if not slot_exists and slots_used >= slots_max:
+        raise ConfigurationError(
+            f"all {slots_max} replication slots are in use (max_replication_slots); raise "
+            "max_replication_slots and restart PostgreSQL, or drop an unused slot "
+            "(SELECT slot_name, active FROM pg_replication_slots; SELECT pg_drop_replication_slot('name'))"
+        )
+    if senders_max < 1:
+        raise ConfigurationError("max_wal_senders is 0; set it to at least 1 and restart PostgreSQL")
+    can_replicate = conn.execute(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()[0]
+    if not can_replicate:
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        raise ConfigurationError(
+            f"role {user!r} lacks the REPLICATION privilege that a logical slot needs: run "
+            f"ALTER ROLE {sql.Identifier(user).as_string(conn)} REPLICATION; as a superuser (or use --mode trigger)"
+        )
+    identity = _replica_identity(conn, spec.oid)
+    if ("update" in events or "delete" in events) and identity != "f":
+        # Without FULL, an UPDATE that leaves a TOASTed column alone sends no value for it
+        # (and no old row to take it from), and a DELETE sends only the replica identity key.
+        raise SourceTableError(
+            f"logging updates/deletes of {spec.qualified} needs REPLICA IDENTITY FULL (so that every "
+            f"hashed value, TOASTed or not, is in the stream): run ALTER TABLE {spec.ident().as_string(conn)} "
+            "REPLICA IDENTITY FULL; or log inserts only"
+        )
+
+
+def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[str, int, bool]],
+                                 publish: set[str]) -> None:
+    """When the publication publishes updates or deletes, PostgreSQL refuses UPDATE/DELETE on
+    any of its tables without a usable replica identity: refuse to register rather than break
+    the application's writes. `tables` is (qualified name, oid, has a row filter)."""
+    if not publish & {"update", "delete"}:
+        return
+    for name, oid, has_filter in tables:
+        identity = _replica_identity(conn, oid)
+        has_pk = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = %s AND indisprimary)", (oid,)
+        ).fetchone()[0]
+        if identity == "f" or (identity == "d" and has_pk and not has_filter) or (identity == "i" and not has_filter):
+            continue
+        raise SourceTableError(
+            f"the log's publication would publish updates/deletes, and then PostgreSQL refuses UPDATE and "
+            f"DELETE on {name} (it has no replica identity covering its key and row filter): run "
+            f"ALTER TABLE {name} REPLICA IDENTITY FULL; first"
+        )
+
+
+def _replica_identity(conn: psycopg.Connection, oid: int) -> str:
+    return conn.execute("SELECT relreplident FROM pg_class WHERE oid = %s", (oid,)).fetchone()[0]
+
+
+# -- publication -------------------------------------------------------------------------
+
+
+def sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> set[str]:
+    """Make publication merkle_<log> list exactly the log's replication sources (with their row
+    filters) and publish the union of their events; drop it when there are none. Runs in the
+    caller's transaction. Returns what it publishes."""
+    rows = conn.execute(
+        "SELECT table_schema, table_name, table_oid, row_filter, events FROM merkle.sources s "
+        "WHERE log_id = %s AND mode = 'replication' "
+        "AND NOT EXISTS (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = s.source_id) "
+        "ORDER BY source_id", (log_id,)).fetchall()
+    pub = sql.Identifier(publication_name(log_name))
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication_name(log_name),)).fetchone()
+    if not rows:
+        # Emptied, not dropped: the stream names it until the slot goes too (drop_log,
+        # replication_setup._drop_slot_if_unused).
+        listed = conn.execute(
+            "SELECT r.prrelid::regclass::text FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid "
+            "WHERE p.pubname = %s", (publication_name(log_name),)).fetchall()
+        if listed:
+            conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                pub, sql.SQL(", ").join(sql.SQL(t) for (t,) in listed)))
+        return set()
+    publish = {"insert"}
+    for *_, events in rows:
+        publish.update(e for e in events if e in REPLICATION_EVENTS)
+    check_publication_identities(
+        conn, [(sql.Identifier(s, t).as_string(conn), oid, f is not None) for s, t, oid, f, _ in rows], publish)
+    tables = sql.SQL(", ").join(
+        sql.SQL("TABLE {}{}").format(
+            sql.Identifier(schema, name), sql.SQL(" WHERE ({})").format(sql.SQL(flt)) if flt else sql.SQL(""))
+        for schema, name, _, flt, _ in rows
+    )
+    options = sql.SQL("publish = {}, publish_via_partition_root = true").format(
+        sql.Literal(", ".join(e for e in REPLICATION_EVENTS if e in publish)))
+    if exists:
+        conn.execute(sql.SQL("ALTER PUBLICATION {} SET {}").format(pub, tables))
+        conn.execute(sql.SQL("ALTER PUBLICATION {} SET ({})").format(pub, options))
+    else:
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR {} WITH ({})").format(pub, tables, options))
+    return publish
+
+
+# -- slot --------------------------------------------------------------------------------
+
+
+class ReplicationCommandConnection:
+    """A walsender connection (replication=database) for replication commands.
+
+    Replication commands need the simple query protocol, so this uses psycopg's libpq
+    wrapper directly. An exported snapshot lives until the next command or close().
+    """
+
+    def __init__(self, dsn: str):
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        info.update(replication="database", options=options_string(), application_name="merkle-listener")
+        self.pgconn = pq.PGconn.connect(psycopg.conninfo.make_conninfo(**info).encode())
+        if self.pgconn.status != pq.ConnStatus.OK:
+            message = self.pgconn.get_error_message()
+            self.pgconn.finish()
+            raise DatabaseError(f"cannot open a replication connection: {message.strip()}")
+
+    def command(self, text: str) -> list[tuple[str | None, ...]]:
+        res = self.pgconn.exec_(text.encode())
+        if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            raise DatabaseError(f"{text.split()[0]} failed: {res.get_error_message().strip()}")
+        return [
+            tuple(None if (v := res.get_value(r, c)) is None else bytes(v).decode() for c in range(res.nfields))
+            for r in range(res.ntuples)
+        ]
+
+    def close(self) -> None:
+        self.pgconn.finish()
+
+
+def create_slot(dsn: str, name: str, *, export_snapshot: bool) -> tuple[ReplicationCommandConnection, str, str | None]:
+    """CREATE_REPLICATION_SLOT name LOGICAL pgoutput. Returns the open connection (close it
+    when done with the snapshot), the consistent point LSN and the exported snapshot name."""
+    rc = ReplicationCommandConnection(dsn)
+    try:
+        snapshot = "export" if export_snapshot else "nothing"
+        row = rc.command(f'CREATE_REPLICATION_SLOT "{name}" LOGICAL pgoutput (SNAPSHOT \'{snapshot}\')')[0]
+    except BaseException:
+        rc.close()
+        raise
+    return rc, row[1], row[2]
+
+
+def slot_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone() is not None
+
+
+def drop_slot(conn: psycopg.Connection, name: str, *, timeout: float = 10.0) -> bool:
+    """Drop the slot if it exists, ending the walsender that streams from it (a listener
+    reconnects and finds no slot). Requires `conn` in autocommit mode. Returns whether it existed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+        if row is None:
+            return False
+        if row[0] is not None:
+            conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            return True
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise DatabaseError(f"slot {name} stays in use; stop the process streaming from it and retry") from None
+            time.sleep(0.1)
+
+
+# -- backfill ----------------------------------------------------------------------------
+
+
+def queue_backfill(conn: psycopg.Connection, source_id: int, spec: SourceSpec) -> int:
+    """Insert the leaves of the table's rows (op 'backfill', key order) into the backfill
+    queue and mark it ready, in the caller's transaction and snapshot. Returns the count."""
+    types = dict(conn.execute(
+        "SELECT attname, atttypid::integer FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+        (spec.oid,)).fetchall())
+    if spec.entry_column:
+        leaf = canonical_sql.leaf_hash_of_bytes_sql(sql.Identifier("n", spec.entry_column))
+    else:
+        leaf = canonical_sql.leaf_hash_sql(canonical_sql.entry_sql("n", spec.qualified, spec.columns, "backfill", types))
+    key_order = sql.SQL(", ").join(sql.Identifier("n", c) for c in spec.key_columns)
+    where = sql.SQL("WHERE ({})").format(sql.SQL(spec.row_filter)) if spec.row_filter else sql.SQL("")
+    cur = conn.execute(sql.SQL(
+        "INSERT INTO merkle.replication_backfill (source_id, ord, source_key, leaf_hash) "
+        "SELECT {sid}, row_number() OVER (ORDER BY {order}), {key}, {leaf} FROM {table} n {where}"
+    ).format(sid=sql.Literal(source_id), order=key_order, key=canonical_sql.key_sql("n", spec.key_columns, types),
+             leaf=leaf, table=spec.ident(), where=where))
+    conn.execute("UPDATE merkle.replication_backfill_state SET ready = true WHERE source_id = %s", (source_id,))
+    return cur.rowcount

@@ -1,0 +1,205 @@
+"""The pgoutput stream of one log's slot, read with psycopg's libpq wrapper and anyio.
+
+    START_REPLICATION SLOT merkle_<log> LOGICAL <lsn> (proto_version '1', publication_names ...)
+
+puts the walsender connection in COPY BOTH mode. CopyData payloads are read with
+`pgconn.get_copy_data(async_=True)` while anyio waits for the socket; they are decoded by
+listener/sources/pgoutput.py and assembled into committed transactions: a transaction is
+handed on only when its Commit arrives, so an aborted or half-received one never is.
+
+Acknowledgement (Standby Status Update, flush LSN) is the owner's decision: `confirm(lsn)`
+after the transaction's leaves are durably committed; `idle` tells whether nothing received
+is still waiting, in which case a keepalive's walEnd may be confirmed so that an idle slot
+does not pin WAL (done here when the owner says so through `may_confirm_idle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.lowlevel
+import psycopg
+from psycopg import pq
+
+from listener.errors import DatabaseError, ProcessingError
+from listener.sources import pgoutput as po
+from listener.store.connect import options_string
+
+log = logging.getLogger("listener.replication")
+
+# Send a status update at least this often: well inside wal_sender_timeout (default 60 s).
+STATUS_INTERVAL = 10.0
+# Messages decoded between two yields to the event loop.
+YIELD_EVERY = 500
+
+
+@dataclass
+class Transaction:
+    """A committed source transaction: its changes in order, each with its Relation."""
+
+    commit_lsn: int
+    end_lsn: int
+    commit_time: int  # microseconds since 2000-01-01 UTC
+    changes: list[tuple[po.Relation | None, object]] = field(default_factory=list)
+
+
+class ReplicationStream:
+    """One START_REPLICATION session. Not reusable: after an error, open a new one.
+
+    Requires the slot and publication to exist. `start_lsn` is the durable position (the
+    stored end_lsn); transactions whose end_lsn <= skip_lsn are dropped on arrival.
+    """
+
+    def __init__(self, dsn: str, slot: str, publication: str, start_lsn: int, *,
+                 on_transaction: Callable[[Transaction], None], may_confirm_idle: Callable[[], bool],
+                 backlogged: Callable[[], bool] = lambda: False):
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.start_lsn = start_lsn
+        self.on_transaction = on_transaction
+        self.may_confirm_idle = may_confirm_idle
+        self.backlogged = backlogged
+        self.pgconn: pq.PGconn | None = None
+        self.confirmed = start_lsn  # highest LSN sent as flushed
+        self.received = start_lsn  # highest end_lsn of a transaction handed on
+        self._relations: dict[int, po.Relation] = {}
+        self._current: Transaction | None = None
+        self._last_status = 0.0
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.pgconn = await anyio.to_thread.run_sync(self._connect)
+        self.pgconn.nonblocking = 1
+        lsn = po.int_to_lsn(self.start_lsn)
+        pub = self.publication.replace("'", "''")
+        query = (f'START_REPLICATION SLOT "{self.slot}" LOGICAL {lsn} '
+                 f"(proto_version '1', publication_names '\"{pub}\"')")
+        self.pgconn.send_query(query.encode())  # raises psycopg.OperationalError on failure
+        await self._flush()
+        while True:
+            while self.pgconn.is_busy():
+                await anyio.wait_readable(self.pgconn.socket)
+                self.pgconn.consume_input()
+            res = self.pgconn.get_result()
+            if res is None:
+                raise DatabaseError("START_REPLICATION returned no result")
+            if res.status == pq.ExecStatus.COPY_BOTH:
+                return
+            raise DatabaseError(f"START_REPLICATION on slot {self.slot} failed: {res.get_error_message().strip()}")
+
+    def _connect(self) -> pq.PGconn:
+        info = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        # The pinned settings make pgoutput's text values the ones trigger mode hashes.
+        info.update(replication="database", options=options_string(), application_name="merkle-listener")
+        pgconn = pq.PGconn.connect(psycopg.conninfo.make_conninfo(**info).encode())
+        if pgconn.status != pq.ConnStatus.OK:
+            message = pgconn.get_error_message().strip()
+            pgconn.finish()
+            raise psycopg.OperationalError(f"replication connection failed: {message}")
+        return pgconn
+
+    def close(self) -> None:
+        if self.pgconn is not None:
+            self.pgconn.finish()
+            self.pgconn = None
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read until cancelled or the connection fails (raises psycopg.OperationalError).
+
+        Yields to the event loop every YIELD_EVERY messages (the writer appends while this
+        decodes) and pauses reading while `backlogged()` (the buffer waiting to be appended is
+        full: the server keeps the rest)."""
+        pgconn = self.pgconn
+        handled = 0
+        while True:
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes > 0:
+                self._handle(data)
+                handled += 1
+                if handled >= YIELD_EVERY:
+                    handled = 0
+                    await anyio.lowlevel.checkpoint()
+                    while self.backlogged():
+                        await anyio.sleep(0.002)
+                continue
+            if nbytes == 0:
+                await self._flush()
+                if time.monotonic() - self._last_status > STATUS_INTERVAL:
+                    await self._send_status(self.confirmed)
+                with anyio.move_on_after(STATUS_INTERVAL):
+                    await anyio.wait_readable(pgconn.socket)
+                pgconn.consume_input()  # raises psycopg.OperationalError when the connection is lost
+                continue
+            res = pgconn.get_result()
+            message = res.get_error_message().strip() if res is not None else pgconn.get_error_message().strip()
+            raise psycopg.OperationalError(f"replication stream ended: {message or 'server closed the stream'}")
+
+    def _handle(self, data: memoryview) -> None:
+        if data[0] == 119:  # 'w' XLogData: the pgoutput message follows its 24-byte header
+            msg = po.decode(bytes(data[25:]), raw=True)  # values stay UTF-8 bytes: replication_apply hashes them
+            kind = type(msg)
+            if kind is po.Insert or kind is po.Update or kind is po.Delete:
+                self._current.changes.append((self._relations.get(msg.relation_oid), msg))
+            else:
+                self._message(msg)
+            return
+        frame = po.decode_copy_data(bytes(data))
+        if isinstance(frame, po.Keepalive):
+            target = self.confirmed
+            if self._current is None and self.may_confirm_idle() and frame.wal_end > target:
+                target = frame.wal_end  # nothing received is waiting: let the slot advance
+            if target > self.confirmed or frame.reply_requested:
+                self._queue_status(target)
+            return
+        self._message(po.decode(frame.payload, raw=True))
+
+    def _message(self, msg: po.PgoutputMessage) -> None:
+        if isinstance(msg, po.Begin):
+            self._current = Transaction(msg.final_lsn, 0, msg.commit_time)
+        elif isinstance(msg, po.Commit):
+            txn, self._current = self._current, None
+            if txn is None:
+                raise ProcessingError("replication stream: Commit without Begin; restart the listener")
+            txn.end_lsn = msg.end_lsn
+            if msg.end_lsn > self.start_lsn and txn.changes:
+                self.received = max(self.received, msg.end_lsn)
+                self.on_transaction(txn)
+        elif isinstance(msg, po.Relation):
+            self._relations[msg.oid] = msg
+        elif isinstance(msg, po.Truncate):
+            self._current.changes.append((None, msg))
+        # Type, Origin and Message carry nothing to log.
+
+    # -- acknowledging -------------------------------------------------------------------
+
+    def confirm(self, lsn: int) -> None:
+        """Report `lsn` as written and flushed (call only once it is durable in the log)."""
+        if self.pgconn is not None and lsn > self.confirmed:
+            self._queue_status(lsn)
+
+    def _queue_status(self, lsn: int) -> None:
+        lsn = max(lsn, self.confirmed)
+        self.pgconn.put_copy_data(po.standby_status(lsn, lsn, lsn, time.time_ns() // 1000))
+        self.confirmed = lsn
+        self._last_status = time.monotonic()
+        # Nonblocking: flush what the socket takes now; run() and _send_status flush the rest.
+        if self.pgconn.flush() < 0:
+            raise psycopg.OperationalError(f"replication stream lost: {self.pgconn.get_error_message().strip()}")
+
+    async def _send_status(self, lsn: int) -> None:
+        self._queue_status(lsn)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        while (rv := self.pgconn.flush()) == 1:
+            await anyio.wait_writable(self.pgconn.socket)
+        if rv < 0:
+            raise psycopg.OperationalError(f"replication stream lost: {self.pgconn.get_error_message().strip()}")

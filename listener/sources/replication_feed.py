@@ -1,0 +1,164 @@
+"""A log writer's replication feed: the stream session, its buffer, and exactly-once apply.
+
+Owned by the log's writer task (listener/runner.py), which holds the log's advisory lock:
+
+    session task   while the log has replication sources and its slot exists, streams from
+                   the durable position (merkle.replication_progress.end_lsn); each committed
+                   transaction goes to the buffer and wakes the writer
+    apply()        called by the writer: appends buffered transactions in one fenced batch
+                   (Sequencer.append_changes), then confirms the stored end_lsn to the server
+
+Ownership: the buffer, `_in_flight` and `_generation` are touched only from the event loop;
+the batch itself runs in a worker thread on the writer's connection. A new session (after any
+error) clears the buffer and bumps the generation, so a batch that was in flight neither trims
+the new buffer nor confirms on the new stream; whatever the new session receives again is
+skipped by the end_lsn check inside the batch transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+import psycopg
+
+from listener.errors import MerkleListenerError
+from listener.sequencer import BatchResult, Sequencer
+from listener.sources import publication
+from listener.sources.pgoutput import lsn_to_int
+from listener.sources.replication import ReplicationStream, Transaction
+from listener.sources.replication_apply import ReplicationBatch
+from listener.store.connect import options_string
+
+log = logging.getLogger("listener.replication")
+
+MAX_CHANGES_PER_BATCH = 20_000
+# The stream stops reading while this many received changes wait to be appended.
+MAX_BUFFERED_CHANGES = 3 * MAX_CHANGES_PER_BATCH
+
+
+class ReplicationFeed:
+    def __init__(self, dsn: str, log_name: str, wake: Callable[[], None], *, recheck_interval: float = 1.0):
+        self.dsn = dsn
+        self.log_name = log_name
+        self.wake = wake
+        self.recheck_interval = recheck_interval
+        self.stream: ReplicationStream | None = None
+        self._buffer: list[Transaction] = []
+        self._buffered_changes = 0
+        self._in_flight = False
+        self._generation = 0
+        self._last_empty_check = 0.0
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> ReplicationFeed:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._sessions)
+        return self
+
+    async def __aexit__(self, *exc) -> bool:
+        # The session task only ends by this cancellation; the writer's own exception (if
+        # any) propagates as is, not wrapped in an exception group.
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        return False
+
+    # -- the writer's side -----------------------------------------------------------------
+
+    async def apply(self, seq: Sequencer) -> BatchResult | None:
+        """Append what is buffered; None when nothing (more) could be appended now. With an
+        empty buffer, about once per recheck interval, appends ready backfills."""
+        while True:
+            if not self._buffer:
+                # No stream (a log without replication sources): nothing to append.
+                if self.stream is None or time.monotonic() - self._last_empty_check < self.recheck_interval:
+                    return None
+                self._last_empty_check = time.monotonic()
+            txns, count = [], 0
+            for txn in self._buffer:
+                txns.append(txn)
+                count += len(txn.changes)
+                if count >= MAX_CHANGES_PER_BATCH:
+                    break
+            generation = self._generation
+            batch = ReplicationBatch(seq.log.log_id, txns)  # the writer loaded seq before the feed started
+            self._in_flight = True
+            try:
+                result = await anyio.to_thread.run_sync(seq.append_changes, batch)
+            finally:
+                self._in_flight = False
+            # Durable from here: trim and acknowledge (the server may now recycle that WAL).
+            if generation == self._generation:
+                self._buffered_changes -= sum(len(t.changes) for t in self._buffer[:batch.consumed])
+                del self._buffer[:batch.consumed]
+                if batch.end_lsn and self.stream is not None:
+                    self.stream.confirm(batch.end_lsn)
+            if result is not None:
+                return result
+            if batch.consumed == 0 or not self._buffer:
+                return None
+
+    def _idle(self) -> bool:
+        return not self._buffer and not self._in_flight
+
+    def _received(self, txn: Transaction) -> None:
+        self._buffer.append(txn)
+        self._buffered_changes += len(txn.changes)
+        self.wake()
+
+    def _backlogged(self) -> bool:
+        return self._buffered_changes >= MAX_BUFFERED_CHANGES
+
+    # -- the session task ------------------------------------------------------------------
+
+    async def _sessions(self) -> None:
+        delay = 0.2
+        announced = False
+        while True:
+            try:
+                start = await anyio.to_thread.run_sync(self._durable_position)
+            except psycopg.OperationalError as exc:
+                log.warning("cannot read replication progress; retrying", extra={"log": self.log_name, "error": str(exc)})
+                await anyio.sleep(delay)
+                continue
+            if start is None:
+                announced = False
+                await anyio.sleep(self.recheck_interval)
+                continue
+            self._generation += 1
+            self._buffer.clear()
+            self._buffered_changes = 0
+            stream = ReplicationStream(
+                self.dsn, publication.slot_name(self.log_name), publication.publication_name(self.log_name), start,
+                on_transaction=self._received, may_confirm_idle=self._idle, backlogged=self._backlogged)
+            try:
+                await stream.open()
+                self.stream = stream
+                if not announced:
+                    log.info("replication stream open", extra={"log": self.log_name, "slot": stream.slot,
+                                                               "start_lsn": f"{start >> 32:X}/{start & 0xFFFFFFFF:X}"})
+                    announced = True
+                delay = 0.2
+                await stream.run()
+            except (psycopg.OperationalError, MerkleListenerError) as exc:
+                log.warning("replication stream interrupted; reopening from the stored position",
+                            extra={"log": self.log_name, "error": str(exc)})
+                announced = False
+            finally:
+                self.stream = None
+                stream.close()
+            await anyio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    def _durable_position(self) -> int | None:
+        """The stored end_lsn, or None when the log has no slot to stream from."""
+        with psycopg.connect(self.dsn, autocommit=True, options=options_string(),
+                             application_name="merkle-listener") as conn:
+            row = conn.execute(
+                "SELECT p.end_lsn::text FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
+                "JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
+                (self.log_name,)).fetchone()
+        return None if row is None else lsn_to_int(row[0])

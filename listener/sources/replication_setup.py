@@ -1,0 +1,184 @@
+"""Registering and removing replication-mode sources, and dropping a log with its slot.
+
+The registry (listener/registry.py) delegates here for mode 'replication'; the SQL objects
+themselves (publication, slot, backfill) are made by listener/sources/publication.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+from psycopg import sql
+
+from listener import registry
+from listener.errors import ConfigurationError, DatabaseError
+from listener.sources import publication, trigger
+from listener.sources.validate import validate_source
+
+EVENT_CHOICES = ("insert", "update", "delete")
+
+
+def normalize_events(events: list[str] | None, truncate: str | None, append_only: bool) -> list[str]:
+    """The events column of a replication source: chosen row events plus 'truncate' when
+    TRUNCATE is logged (policy 'log', the default unless --append-only) rather than refused."""
+    chosen = list(events or ["insert"])
+    bad = [e for e in chosen if e not in EVENT_CHOICES]
+    if bad or not chosen:
+        raise ConfigurationError(f"--events takes a list of {', '.join(EVENT_CHOICES)}; got {', '.join(bad) or 'nothing'}")
+    if truncate not in (None, "log", "refuse"):
+        raise ConfigurationError(f"--truncate must be 'log' or 'refuse', got {truncate!r}")
+    if append_only and ({"update", "delete"} & set(chosen) or truncate == "log"):
+        raise ConfigurationError("--append-only refuses UPDATE, DELETE and TRUNCATE, so they cannot be logged too; "
+                                 "drop --append-only or log inserts only")
+    policy = truncate or ("refuse" if append_only else "log")
+    out = [e for e in EVENT_CHOICES if e in chosen]
+    return out + (["truncate"] if policy == "log" else [])
+
+
+def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, columns, where, entry_column,
+               append_only: bool, backfill: bool, events: list[str] | None, truncate: str | None,
+               dsn: str | None) -> tuple[registry.Source, int]:
+    events = normalize_events(events, truncate, append_only)
+    dsn = dsn if dsn is not None else conn.info.dsn
+    slot = publication.slot_name(log_name)
+    queued = 0
+    with conn.transaction():
+        log = registry.get_log(conn, log_name, for_update=True)
+        spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
+        registry._check_entry_column_not_null(conn, spec)
+        registry.check_not_a_source(conn, spec)
+        publication.preflight(conn, spec, events, log_name=log_name)
+        slot_there = publication.slot_exists(conn, slot)
+        if backfill and slot_there:
+            # Writers wait from here to COMMIT: every change before is read below, every
+            # change after is streamed (the table is in the publication from COMMIT on).
+            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(spec.ident()))
+        source = registry._insert_source(conn, log, spec, append_only, "replication", events)
+        trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
+                               update_delete=append_only, truncate="truncate" not in events)
+        conn.execute(
+            "INSERT INTO merkle.replication_progress (log_id, slot_name, publication) VALUES (%s, %s, %s) "
+            "ON CONFLICT (log_id) DO NOTHING", (log.log_id, slot, publication.publication_name(log_name)))
+        if backfill:
+            conn.execute("INSERT INTO merkle.replication_backfill_state (source_id) VALUES (%s)", (source.source_id,))
+        publication.sync_publication(conn, log.name, log.log_id)
+        if backfill and slot_there:
+            queued = publication.queue_backfill(conn, source.source_id, spec)
+    if slot_there:
+        return source, queued
+    try:
+        rc, _point, snapshot = publication.create_slot(dsn, slot, export_snapshot=backfill)
+        try:
+            if backfill:
+                queued = _backfill_in_snapshot(conn, source.source_id, spec, snapshot)
+        finally:
+            rc.close()
+    except BaseException:
+        # Undo the registration: without its slot (or backfill) the source would be incomplete.
+        _forget(conn, dsn, log_name, source.source_id, spec.ident())
+        raise
+    return source, queued
+
+
+def _backfill_in_snapshot(conn: psycopg.Connection, source_id: int, spec, snapshot: str) -> int:
+    saved = conn.isolation_level
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            return publication.queue_backfill(conn, source_id, spec)
+    finally:
+        conn.isolation_level = saved
+
+
+def _forget(conn: psycopg.Connection, dsn: str, log_name: str, source_id: int, table) -> None:
+    with conn.transaction():
+        log = registry.get_log(conn, log_name, for_update=True)
+        trigger.drop_triggers(conn, source_id, table)
+        conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source_id,))
+        publication.sync_publication(conn, log.name, log.log_id)
+    _drop_slot_if_unused(conn, dsn, log_name)
+
+
+def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str | None = None,
+                  wait: float = 10.0) -> int:
+    """Take the table out of the publication; once the slot has confirmed everything committed
+    before that (the listener logged it), forget the source. Returns -1 while changes may still
+    be pending (run again after the listener caught up), else 0."""
+    dsn = dsn if dsn is not None else conn.info.dsn
+    with conn.transaction():
+        log = registry.get_log(conn, log_name, for_update=True)
+        source = registry.find_source(conn, log, table)
+        retired = conn.execute("SELECT until_lsn FROM merkle.replication_retired WHERE source_id = %s",
+                               (source.source_id,)).fetchone()
+        if retired is None:
+            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (source.qualified,)).fetchone()[0]
+            trigger.drop_triggers(conn, source.source_id, source.ident if exists else None)
+            conn.execute("INSERT INTO merkle.replication_retired VALUES (%s, pg_current_wal_insert_lsn())",
+                         (source.source_id,))
+            publication.sync_publication(conn, log.name, log.log_id)
+    if retired is None:
+        # Every change published for the table committed before this point.
+        with conn.transaction():
+            conn.execute("UPDATE merkle.replication_retired SET until_lsn = pg_current_wal_insert_lsn() "
+                         "WHERE source_id = %s", (source.source_id,))
+    deadline = time.monotonic() + wait
+    while True:
+        with conn.transaction():
+            caught_up, streaming = conn.execute(
+                "SELECT coalesce(s.confirmed_flush_lsn >= r.until_lsn, true), s.active_pid IS NOT NULL "
+                "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s ON s.slot_name = %s "
+                "WHERE r.source_id = %s", (publication.slot_name(log_name), source.source_id)).fetchone()
+            if caught_up:
+                registry.get_log(conn, log_name, for_update=True)
+                conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
+                break
+        # A running listener confirms the stream soon: wait a little rather than ask for a rerun.
+        if not streaming or time.monotonic() > deadline:
+            return -1
+        time.sleep(0.1)
+    _drop_slot_if_unused(conn, dsn, log_name)
+    return 0
+
+
+def _drop_slot_if_unused(conn: psycopg.Connection, dsn: str, log_name: str) -> None:
+    """Drop the log's slot and publication when it has no replication source left (a
+    forgotten slot pins WAL forever)."""
+    with conn.transaction():
+        log = registry.get_log(conn, log_name)
+        left = conn.execute("SELECT count(*) FROM merkle.sources WHERE log_id = %s AND mode = 'replication'",
+                            (log.log_id,)).fetchone()[0]
+        if left:
+            return
+        conn.execute("DELETE FROM merkle.replication_progress WHERE log_id = %s", (log.log_id,))
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+            sql.Identifier(publication.publication_name(log_name))))
+    _drop_slot(dsn, publication.slot_name(log_name))
+
+
+def _drop_slot(dsn: str, slot: str) -> None:
+    try:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            publication.drop_slot(admin, slot)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot drop replication slot {slot}: {exc}; drop it with "
+                            f"SELECT pg_drop_replication_slot('{slot}')") from exc
+
+
+def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dict:
+    """Delete the log, its leaves, tiles and sources, their capture triggers and outboxes, its
+    publication and slot. Irreversible. Returns what was dropped."""
+    dsn = dsn if dsn is not None else conn.info.dsn
+    with conn.transaction():
+        log = registry.get_log(conn, name, for_update=True)
+        sources = registry.list_sources(conn, log.log_id)
+        for s in sources:
+            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (s.qualified,)).fetchone()[0]
+            trigger.drop_triggers(conn, s.source_id, s.ident if exists else None)
+            trigger.drop_outbox(conn, s.source_id)
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication.publication_name(name))))
+        conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log.log_id,))
+        conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log.log_id,))
+    _drop_slot(dsn, publication.slot_name(name))
+    return {"log": name, "tree_size": log.tree_size, "sources": [s.qualified for s in sources]}

@@ -1,0 +1,86 @@
+"""Health of a log's replication slot for `merkle-listener status`.
+
+The slot pins WAL from its restart_lsn on; if the listener falls too far behind (or is not
+running) PostgreSQL may mark it `extended` or `unreserved` (WAL beyond max_wal_size is kept
+only while it can) and finally `lost`: WAL it needed is gone and the changes in it can no
+longer be streamed. Lag in bytes is measured from the slot's confirmed position; lag in
+seconds is the walsender's flush_lag while a listener streams, else the age of the last
+stored progress when the slot is behind.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from listener.registry import Source
+from listener.sources.publication import publication_name, slot_name
+
+
+def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None:
+    """None when the log has no replication progress (never had a replication source)."""
+    progress = conn.execute(
+        "SELECT end_lsn::text, extract(epoch FROM now() - updated_at)::float8 FROM merkle.replication_progress "
+        "WHERE log_id = %s", (log_id,)).fetchone()
+    if progress is None:
+        return None
+    end_lsn, progress_age = progress
+    slot = slot_name(log_name)
+    row = conn.execute(
+        "SELECT s.wal_status, s.active, s.confirmed_flush_lsn::text, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
+        "extract(epoch FROM r.flush_lag)::float8 "
+        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
+        "WHERE s.slot_name = %s", (slot,)).fetchone()
+    report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
+    if row is None:
+        report.update(level="error", message=(
+            f"slot {slot} is missing: changes are not being captured. Recreate it by removing each replication "
+            f"source (`merkle-listener source remove {log_name} TABLE`) and adding it again with --backfill"))
+        return report
+    wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
+    if flush_lag is not None:
+        lag_seconds = flush_lag
+    elif lag_bytes and lag_bytes > 0 and not active:
+        lag_seconds = progress_age
+    else:
+        lag_seconds = 0.0
+    report.update(wal_status=wal_status, active=active, confirmed_flush_lsn=confirmed, lag_bytes=lag_bytes,
+                  retained_bytes=retained, lag_seconds=round(lag_seconds, 3))
+    if wal_status == "lost":
+        report.update(level="error", message=(
+            f"slot {slot} is lost: PostgreSQL removed WAL it still needed, so changes committed after "
+            f"{end_lsn} (the last one logged) can no longer be streamed and are not in the log. To recover: "
+            f"1. stop `merkle-listener run`; 2. SELECT pg_drop_replication_slot('{slot}'); "
+            f"3. for each replication source, `merkle-listener source remove {log_name} TABLE`, then "
+            f"`merkle-listener source add {log_name} TABLE --mode replication --backfill` (logs the rows as they "
+            "are now); 4. raise max_slot_wal_keep_size (or keep the listener running) so it does not recur"))
+    elif wal_status in ("extended", "unreserved"):
+        report.update(level="warning", message=(
+            f"slot {slot} holds {retained} bytes of WAL (wal_status {wal_status}): "
+            + ("PostgreSQL may remove it at the next checkpoint and the slot would be lost; " if wal_status == "unreserved" else "")
+            + ("start `merkle-listener run` so it catches up" if not active else "the listener is behind; check its log")))
+    else:
+        report.update(level="ok", message=None)
+    return report
+
+
+def source_status(conn: psycopg.Connection, log_name: str, s: Source) -> dict:
+    published = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s AND tablename = %s)",
+        (publication_name(log_name), s.table_schema, s.table_name)).fetchone()[0]
+    backfill = conn.execute("SELECT count(*) FROM merkle.replication_backfill WHERE source_id = %s",
+                            (s.source_id,)).fetchone()[0]
+    return {"table": s.qualified, "mode": s.mode, "capturing": published, "append_only": s.append_only,
+            "events": s.events, "queued": backfill, "oldest_queued_seconds": None}
+
+
+def render(report: dict) -> list[str]:
+    if not report["exists"]:
+        return [f"  slot {report['slot']}: MISSING", f"  error: {report['message']}"]
+    lines = [f"  slot {report['slot']}: wal_status {report['wal_status']}, "
+             f"{'streaming' if report['active'] else 'no listener streaming'}, lag {report['lag_bytes']} bytes / "
+             f"{report['lag_seconds']:.3f} s, logged up to {report['stored_end_lsn']}"]
+    if report["level"] != "ok":
+        lines.append(f"  {report['level']}: {report['message']}")
+    return lines

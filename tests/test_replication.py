@@ -1,0 +1,353 @@
+"""Replication mode end to end: registration checks, slot lifecycle, events, backfill, restart."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psycopg
+import pytest
+
+from listener import canonical, registry
+from listener.errors import ConfigurationError, SourceTableError
+from listener.runner import connect
+from tests.helpers import check_log, cli, start_listener
+
+
+def slots(conn) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database() ORDER BY 1")]
+
+
+@pytest.fixture
+def rconn(conn):
+    """`conn`, and afterwards no slot of the test's database is left behind (each pins WAL,
+    and DROP DATABASE refuses a database with a slot)."""
+    try:
+        yield conn
+    finally:
+        for name in slots(conn):
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                         "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
+            for _ in range(50):
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    time.sleep(0.1)
+
+
+def wait_for_size(conn, log: str, size: int, timeout: float = 30.0, listener=None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = conn.execute("SELECT tree_size FROM merkle.logs WHERE name = %s", (log,)).fetchone()[0]
+        if got >= size:
+            assert got == size, f"log {log} grew to {got}, expected {size}"
+            return
+        if time.monotonic() > deadline:
+            said = listener.stop()[-3000:] if listener is not None else ""
+            raise AssertionError(f"log {log} reached size {got} within {timeout} s, expected {size}\n{said}")
+        time.sleep(0.05)
+
+
+def confirmed_flush(conn, slot: str) -> str:
+    return conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,)).fetchone()[0]
+
+
+def test_both_modes_on_one_log(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
+    conn.execute("CREATE TABLE payments (id bigint PRIMARY KEY, amount numeric)")
+    registry.create_log(conn, "audit")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "audit", "orders", mode="replication")
+        registry.add_source(c, "audit", "payments")
+    assert slots(conn) == ["merkle_audit"]
+    assert conn.execute("SELECT pubname FROM pg_publication").fetchall() == [("merkle_audit",)]
+    listener = start_listener(conn.info.dsn)
+    try:
+        for i in range(1, 21):
+            with conn.transaction():
+                conn.execute("INSERT INTO orders VALUES (%s, %s), (%s, 'second')", (2 * i, f"o{i}", 2 * i + 1))
+                conn.execute("INSERT INTO payments VALUES (%s, %s)", (i, i * 1.5))
+        wait_for_size(conn, "audit", 60, listener=listener)
+        rows = check_log(conn, "audit")
+        orders_id = conn.execute("SELECT source_id FROM merkle.sources WHERE table_name = 'orders'").fetchone()[0]
+        repl = [r for r in rows if r[1] == orders_id]
+        # One transaction's changes are contiguous among the source's leaves and keep their order.
+        assert [r[2] for r in repl] == [canonical.key_json({"id": str(k)}) for k in range(2, 42)]
+        assert [r[6] for r in repl] == [1, 2] * 20
+        assert len({r[5] for r in repl}) == 20
+        entry = canonical.entry_v1("insert", "public.orders", {"id": "2", "note": "o1"})
+        assert bytes(repl[0][4]) == canonical.leaf_hash_of_entry(entry)
+        # Acknowledged after commit: the slot confirms at least the last transaction's end.
+        end = conn.execute("SELECT end_lsn FROM merkle.replication_progress").fetchone()[0]
+        deadline = time.monotonic() + 10
+        while conn.execute("SELECT confirmed_flush_lsn < %s FROM pg_replication_slots", (end,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the stored end_lsn was never acknowledged"
+            time.sleep(0.05)
+        conn.execute("INSERT INTO orders VALUES (1000, 'last')")
+        # While the listener streams, `source remove` waits for it to log what was committed.
+        out = cli("source", "remove", "audit", "orders", dsn=conn.info.dsn)
+        assert out.returncode == 0, out.stderr + out.stdout + listener.stop()
+    finally:
+        listener.stop()
+    assert conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 61
+    assert slots(conn) == []
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+
+
+def test_updates_deletes_truncate_and_toast(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, rev int)")
+    conn.execute("ALTER TABLE docs ALTER body SET STORAGE EXTERNAL")
+    registry.create_log(conn, "docs")
+    with connect(conn.info.dsn) as c, pytest.raises(SourceTableError, match="REPLICA IDENTITY FULL"):
+        registry.add_source(c, "docs", "docs", mode="replication", events=["insert", "update", "delete"])
+    conn.execute("ALTER TABLE docs REPLICA IDENTITY FULL")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "docs", "docs", mode="replication", events=["insert", "update", "delete"])
+    big = "".join(f"{i:08x}" for i in range(20_000))  # out of line, so an update not touching it sends 'u'
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO docs VALUES (1, %s, 1), (2, 'short', 1)", (big,))
+        conn.execute("UPDATE docs SET rev = 2 WHERE id = 1")
+        conn.execute("DELETE FROM docs WHERE id = 2")
+        conn.execute("TRUNCATE docs")
+        wait_for_size(conn, "docs", 5, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "docs")
+    h = lambda op, row: canonical.leaf_hash_of_entry(canonical.entry_v1(op, "public.docs", row))  # noqa: E731
+    assert [(r[3], bytes(r[4])) for r in rows] == [
+        ("insert", h("insert", {"id": "1", "body": big, "rev": "1"})),
+        ("insert", h("insert", {"id": "2", "body": "short", "rev": "1"})),
+        ("update", h("update", {"id": "1", "body": big, "rev": "2"})),
+        ("delete", h("delete", {"id": "2"})),
+        ("truncate", h("truncate", {})),
+    ]
+
+
+def test_refusals_say_how_to_fix(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    registry.create_log(conn, "l")
+    with connect(conn.info.dsn) as c:
+        with pytest.raises(ConfigurationError, match="append-only"):
+            registry.add_source(c, "l", "t", mode="replication", events=["insert", "delete"], append_only=True)
+        with pytest.raises(ConfigurationError, match="--events"):
+            registry.add_source(c, "l", "t", mode="replication", events=["upsert"])
+    role = f"plain_{conn.info.dbname}"  # roles are cluster-wide: one per test database
+    conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        conn.execute(f"GRANT ALL ON SCHEMA public, merkle TO {role}")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public, merkle TO {role}")
+        out = cli("source", "add", "l", "t", "--mode", "replication", dsn=conn.info.dsn + f" user={role}")
+    finally:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+    assert out.returncode == 2
+    assert "REPLICATION privilege" in out.stderr and f'ALTER ROLE "{role}" REPLICATION' in out.stderr
+    assert slots(conn) == []
+    # A second source logging updates would make PostgreSQL refuse UPDATE on "Keyless" (its
+    # unique key is no replica identity): refused at registration instead.
+    conn.execute('CREATE TABLE "Keyless" (code text NOT NULL UNIQUE)')
+    conn.execute("CREATE TABLE upd (id int PRIMARY KEY)")
+    conn.execute("ALTER TABLE upd REPLICA IDENTITY FULL")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "l", '"Keyless"', mode="replication", key=["code"])
+        with pytest.raises(SourceTableError, match='ALTER TABLE "public"."Keyless" REPLICA IDENTITY FULL'):
+            registry.add_source(c, "l", "upd", mode="replication", events=["insert", "update"])
+    conn.execute('UPDATE "Keyless" SET code = code')  # still allowed: nothing was changed
+    # Without a listener to confirm the stream, removal stays pending (nothing is dropped unlogged).
+    with connect(conn.info.dsn) as c:
+        assert registry.remove_source(c, "l", "public.Keyless", wait=0) == -1
+    # Truncate refused by policy: a guard trigger, no leaf.
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "l", "t", mode="replication", truncate="refuse")
+    with pytest.raises(psycopg.DatabaseError, match="TRUNCATE on public.t is refused") as refused:
+        conn.execute("TRUNCATE t")
+    assert refused.value.sqlstate == "ML100"
+
+
+def test_backfill_meets_the_stream(rconn):
+    """Existing rows and the stream: no gap, no duplicate, backfill first — for a new slot
+    (exported snapshot) and for a log whose slot exists (SHARE lock)."""
+    conn = rconn
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO a SELECT g, 'old' FROM generate_series(1, 50) g")
+    conn.execute("INSERT INTO b SELECT g, 'old' FROM generate_series(1, 30) g")
+    registry.create_log(conn, "bf")
+    listener = start_listener(conn.info.dsn)
+    try:
+        out = cli("source", "add", "bf", "a", "--mode", "replication", "--backfill", dsn=conn.info.dsn)
+        assert out.returncode == 0, out.stderr
+        assert "50 existing rows queued" in out.stdout
+        conn.execute("INSERT INTO a SELECT g, 'new' FROM generate_series(51, 60) g")
+        conn.execute("INSERT INTO b VALUES (100, 'before')")  # not yet a source: not logged
+        with connect(conn.info.dsn) as c:
+            _, queued = registry.add_source(c, "bf", "b", mode="replication", backfill=True)
+        assert queued == 31
+        conn.execute("INSERT INTO b VALUES (101, 'after')")
+        wait_for_size(conn, "bf", 50 + 10 + 31 + 1, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "bf")
+    keys = {}
+    for r in rows:
+        keys.setdefault(r[1], []).append((r[3], int(orjson_id(r[2]))))
+    a_id, b_id = sorted(keys)
+    assert keys[a_id] == [("backfill", i) for i in range(1, 51)] + [("insert", i) for i in range(51, 61)]
+    assert keys[b_id] == [("backfill", i) for i in [*range(1, 31), 100]] + [("insert", 101)]
+
+
+def orjson_id(key: str) -> str:
+    import orjson
+
+    return orjson.loads(key)["id"]
+
+
+def test_restart_resumes_from_stored_position(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "r")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "r", "t", mode="replication")
+    listener = start_listener(conn.info.dsn)
+    conn.execute("INSERT INTO t SELECT generate_series(1, 300)")
+    wait_for_size(conn, "r", 300, listener=listener)
+    listener.stop(signal.SIGKILL)
+    conn.execute("INSERT INTO t SELECT generate_series(301, 350)")
+    # The slot's position may be behind the log's (acknowledged later): replay is skipped.
+    listener = start_listener(conn.info.dsn)
+    try:
+        wait_for_size(conn, "r", 350, listener=listener)
+        conn.execute("INSERT INTO t VALUES (351)")
+        wait_for_size(conn, "r", 351, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "r")
+    assert [orjson_id(r[2]) for r in rows] == [str(i) for i in range(1, 352)]
+
+
+def test_status_reports_slot_health(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "st")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "st", "t", mode="replication")
+    conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+    out = cli("status", "--json", dsn=conn.info.dsn, check=True)
+    import orjson
+
+    slot = orjson.loads(out.stdout)["logs"][0]["slot"]
+    assert slot["wal_status"] == "reserved" and slot["level"] == "ok"
+    assert slot["lag_bytes"] > 0 and not slot["active"]
+    assert orjson.loads(out.stdout)["logs"][0]["sources"][0]["capturing"] is True
+    listener = start_listener(conn.info.dsn)
+    try:
+        wait_for_size(conn, "st", 10, listener=listener)
+        deadline = time.monotonic() + 10
+        while True:  # idle: keepalives are confirmed, the lag drops to (nearly) nothing
+            slot = orjson.loads(cli("status", "--json", dsn=conn.info.dsn, check=True).stdout)["logs"][0]["slot"]
+            if slot["active"] and slot["lag_bytes"] < 1024:
+                break
+            assert time.monotonic() < deadline, slot
+            time.sleep(0.2)
+    finally:
+        listener.stop()
+    text = cli("status", dsn=conn.info.dsn, check=True).stdout
+    assert "slot merkle_st: wal_status reserved" in text
+
+
+def _receive(dsn: str, slot: str, start_lsn: int, count: int) -> list:
+    """Open a stream at start_lsn, collect `count` committed transactions, close it
+    without confirming anything."""
+    import anyio
+
+    from listener.sources.replication import ReplicationStream
+
+    got = []
+
+    async def main():
+        stream = ReplicationStream(dsn, slot, slot, start_lsn, on_transaction=got.append,
+                                   may_confirm_idle=lambda: False)
+        await stream.open()
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stream.run)
+                    while len(got) < count:
+                        await anyio.sleep(0.02)
+                    tg.cancel_scope.cancel()
+        finally:
+            stream.close()
+
+    anyio.run(main)
+    return got
+
+
+def test_replayed_transactions_are_skipped(rconn):
+    """The slot's position can lag the log's (an acknowledgement lost in a crash): what the
+    server sends again is skipped by the stored end_lsn, in the batch's own transaction."""
+    from listener.sequencer import Sequencer
+    from listener.sources.replication_apply import ReplicationBatch
+
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    log = registry.create_log(conn, "rp")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "rp", "t", mode="replication")
+    for i in range(3):
+        conn.execute("INSERT INTO t VALUES (%s)", (i,))
+    first = _receive(conn.info.dsn, "merkle_rp", 0, 3)
+    with connect(conn.info.dsn) as c:
+        seq = Sequencer(c, "rp")
+        batch = ReplicationBatch(log.log_id, first[:2])
+        assert seq.append_changes(batch).count == 2
+        assert (batch.consumed, batch.end_lsn) == (2, first[1].end_lsn)
+        # Nothing was confirmed: the server sends all three again; two are skipped.
+        again = _receive(conn.info.dsn, "merkle_rp", 0, 3)
+        assert [t.end_lsn for t in again] == [t.end_lsn for t in first]
+        batch = ReplicationBatch(log.log_id, again)
+        assert seq.append_changes(batch).count == 1
+        assert batch.consumed == 3
+        # Resuming at the stored position, the server itself starts after it.
+        after = _receive(conn.info.dsn, "merkle_rp", first[1].end_lsn, 1)
+        assert [t.end_lsn for t in after] == [first[2].end_lsn]
+    rows = check_log(conn, "rp")
+    assert [orjson_id(r[2]) for r in rows] == ["0", "1", "2"]
+
+
+def test_row_filter_entry_column_and_log_drop(rconn):
+    conn = rconn
+    conn.execute("CREATE TABLE f (id int PRIMARY KEY, kind text NOT NULL, v text)")
+    conn.execute("CREATE TABLE e (id int PRIMARY KEY, entry bytea NOT NULL)")
+    registry.create_log(conn, "fx")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "fx", "f", mode="replication", where="kind = 'audit'")
+        registry.add_source(c, "fx", "e", mode="replication", entry_column="entry")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO f VALUES (1, 'audit', 'a'), (2, 'noise', 'b'), (3, 'audit', NULL)")
+        conn.execute("INSERT INTO e VALUES (1, '\\x00ff7b'::bytea)")
+        wait_for_size(conn, "fx", 3, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "fx")
+    h = canonical.leaf_hash_of_entry
+    assert [bytes(r[4]) for r in rows] == [
+        h(canonical.entry_v1("insert", "public.f", {"id": "1", "kind": "audit", "v": "a"})),
+        h(canonical.entry_v1("insert", "public.f", {"id": "3", "kind": "audit", "v": None})),
+        h(b"\x00\xff\x7b"),
+    ]
+    refused = cli("log", "drop", "fx", dsn=conn.info.dsn)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    out = cli("log", "drop", "fx", "--yes", dsn=conn.info.dsn)
+    assert out.returncode == 0, out.stderr
+    assert slots(conn) == []
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM merkle.processed_log").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM merkle.logs").fetchone()[0] == 0

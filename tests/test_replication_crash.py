@@ -1,0 +1,229 @@
+"""Exactly-once under crashes: kill -9 of the listener and `pg_ctl stop -m immediate` of
+PostgreSQL at random points while 8 writers commit, on a log with a source in each mode.
+
+Runs on its own throwaway server so that crashing it disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+
+from listener import registry
+from listener.embedded import EmbeddedPostgres
+from listener.runner import connect
+from listener.store import migrate
+from tests.helpers import check_log, start_listener
+from tests.test_replication import wait_for_size
+
+WRITERS = 8
+CHAOS_SECONDS = 14
+
+
+@pytest.fixture(scope="module")
+def crash_server():
+    base = Path(tempfile.mkdtemp(prefix="ml-crash-"))
+    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "100"})
+    server.start(owned=True)
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE crash")
+        with psycopg.connect(server.dsn("crash")) as conn:
+            migrate.apply(conn)
+        yield server
+    finally:
+        server.destroy()
+
+
+def _writer(dsn: str, n: int, stop: threading.Event, ids) -> None:
+    """Transactions of 1-4 rows into t (replication) and sometimes u (trigger); some roll
+    back. Server crashes are ridden out by reconnecting; what committed is in the tables."""
+    rnd = random.Random(n)
+    conn = None
+    while not stop.is_set():
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(dsn, connect_timeout=2)
+            with conn.transaction():
+                for _ in range(rnd.randint(1, 4)):
+                    conn.execute("INSERT INTO t VALUES (%s, %s, repeat('x', %s))", (next(ids), n, rnd.randint(0, 300)))
+                if rnd.random() < 0.3:
+                    conn.execute("INSERT INTO u VALUES (%s)", (next(ids),))
+                if rnd.random() < 0.15:
+                    raise _Rollback
+        except _Rollback:
+            pass
+        except psycopg.Error:
+            if conn is not None:
+                conn.close()
+            conn = None
+            time.sleep(0.1)
+    if conn is not None:
+        conn.close()
+
+
+class _Rollback(Exception):
+    pass
+
+
+def test_kill_and_crash_while_writers_commit(crash_server):
+    dsn = crash_server.dsn("crash")
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, writer int NOT NULL, pad text)")
+        conn.execute("CREATE TABLE u (id bigint PRIMARY KEY)")
+        registry.create_log(conn, "chaos")
+    with connect(dsn) as c:
+        registry.add_source(c, "chaos", "t", mode="replication")
+        registry.add_source(c, "chaos", "u")
+    ids = _Counter()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_writer, args=(dsn, n, stop, ids)) for n in range(WRITERS)]
+    rnd = random.Random(7)
+    listener = start_listener(dsn)
+    for th in threads:
+        th.start()
+    try:
+        deadline = time.monotonic() + CHAOS_SECONDS
+        crashes = kills = 0
+        while time.monotonic() < deadline:
+            time.sleep(rnd.uniform(0.8, 2.0))
+            if rnd.random() < 0.4 and crashes < 3:
+                crash_server.stop(mode="immediate")
+                time.sleep(rnd.uniform(0.0, 0.5))
+                crash_server.start(owned=True)
+                crashes += 1
+            else:
+                listener.stop(signal.SIGKILL)
+                listener = start_listener(dsn)
+                kills += 1
+        assert crashes >= 1 and kills >= 1
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=30)
+    try:
+        with connect(dsn, autocommit=True) as conn:
+            committed_t = {r[0] for r in conn.execute("SELECT id FROM t")}
+            committed_u = {r[0] for r in conn.execute("SELECT id FROM u")}
+            assert len(committed_t) > 200, "the writers barely wrote; the test proves nothing"
+            wait_for_size(conn, "chaos", len(committed_t) + len(committed_u), timeout=60, listener=listener)
+            rows = check_log(conn, "chaos")
+            sources = dict(conn.execute("SELECT table_name, source_id FROM merkle.sources"))
+    finally:
+        listener.stop()
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+    logged_t = [int(orjson.loads(r[2])["id"]) for r in rows if r[1] == sources["t"]]
+    logged_u = [int(orjson.loads(r[2])["id"]) for r in rows if r[1] == sources["u"]]
+    assert sorted(logged_t) == sorted(committed_t), "each committed change exactly once"
+    assert sorted(logged_u) == sorted(committed_u)
+    # A source transaction's changes are contiguous in the log and in their order.
+    by_txn = defaultdict(list)
+    for seq, source_id, _key, _op, _leaf, change_id, change_ord in rows:
+        if source_id == sources["t"]:
+            by_txn[change_id].append((seq, change_ord))
+    for change_id, members in by_txn.items():
+        seqs = [s for s, _ in members]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"transaction {change_id} is split"
+        assert [o for _, o in members] == list(range(1, len(members) + 1))
+    # ... and a transaction's rows are in the order it inserted them (ids taken in order).
+    for members in by_txn.values():
+        ids_in_txn = [int(orjson.loads(rows[s][2])["id"]) for s, _ in members]
+        assert ids_in_txn == sorted(ids_in_txn)
+
+
+class _Counter:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def __next__(self) -> int:
+        with self._lock:
+            self._next += 1
+            return self._next
+
+
+def test_status_explains_a_lost_slot(crash_server):
+    """A slot that PostgreSQL invalidated (WAL beyond max_slot_wal_keep_size) is reported as an
+    error naming the recovery steps; removing and re-adding the source recovers."""
+    from tests.helpers import cli
+
+    dsn = crash_server.dsn("crash")
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE lossy (id int PRIMARY KEY)")
+        registry.create_log(conn, "lossy")
+        with connect(dsn) as c:
+            registry.add_source(c, "lossy", "lossy", mode="replication")
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            for i in range(6):
+                conn.execute("INSERT INTO lossy SELECT g FROM generate_series(%s::int, %s::int) g", (i * 1000, i * 1000 + 999))
+                conn.execute("SELECT pg_switch_wal()")
+                conn.execute("CHECKPOINT")
+                status = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'merkle_lossy'").fetchone()[0]
+                if status == "lost":
+                    break
+            assert status == "lost"
+        finally:
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+        out = cli("status", dsn=dsn, check=True).stdout
+        assert "slot merkle_lossy: wal_status lost" in out
+        assert "error: slot merkle_lossy is lost" in out and "pg_drop_replication_slot('merkle_lossy')" in out
+        conn.execute("SELECT pg_drop_replication_slot('merkle_lossy')")
+        assert cli("source", "remove", "lossy", "lossy", dsn=dsn).returncode == 0
+        out = cli("source", "add", "lossy", "lossy", "--mode", "replication", "--backfill", dsn=dsn)
+        count = conn.execute("SELECT count(*) FROM lossy").fetchone()[0]
+        assert f"{count} existing rows queued" in out.stdout, out.stderr
+        conn.execute("SELECT pg_drop_replication_slot('merkle_lossy')")
+
+
+def test_keepalives_that_ask_for_a_reply_are_answered(crash_server):
+    """With wal_sender_timeout = 1 s the server drops a client that does not answer its
+    keepalives; the stream stays open across 3 idle seconds and still delivers."""
+    import anyio
+
+    from listener.sources.replication import ReplicationStream
+
+    dsn = crash_server.dsn("crash")
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE ka (id int PRIMARY KEY)")
+        registry.create_log(conn, "ka")
+        with connect(dsn) as c:
+            registry.add_source(c, "ka", "ka", mode="replication")
+        conn.execute("ALTER SYSTEM SET wal_sender_timeout = '1s'")
+        conn.execute("SELECT pg_reload_conf()")
+        got = []
+        try:
+            async def main():
+                stream = ReplicationStream(dsn, "merkle_ka", "merkle_ka", 0, on_transaction=got.append,
+                                           may_confirm_idle=lambda: not got)
+                await stream.open()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stream.run)
+                        await anyio.sleep(3)
+                        await anyio.to_thread.run_sync(conn.execute, "INSERT INTO ka VALUES (1)")
+                        with anyio.fail_after(5):
+                            while not got:
+                                await anyio.sleep(0.02)
+                        tg.cancel_scope.cancel()
+                finally:
+                    stream.close()
+
+            anyio.run(main)
+        finally:
+            conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute("SELECT pg_drop_replication_slot('merkle_ka')")
+        assert len(got) == 1 and got[0].changes[0][1].new == (b"1",)
