@@ -52,3 +52,20 @@ def test_session_replication_role_does_not_bypass_capture_or_guard(source, dsn):
         source.execute("DELETE FROM notes")
     with connect(dsn) as w:
         assert Sequencer(w, "audit").drain_all() == 1
+
+
+def test_replication_source_guard_allows_harmless_alter_and_refuses_disabling(conn, dsn):
+    conn.execute("CREATE TABLE facts (id int PRIMARY KEY, body text)")
+    registry.create_log(conn, "audit")
+    try:
+        with connect(dsn) as c:
+            registry.add_source(c, "audit", "facts", mode="replication", append_only=True, dsn=dsn)
+        conn.execute("ALTER TABLE facts ADD COLUMN extra int")
+        conn.execute("ALTER TABLE facts REPLICA IDENTITY FULL")
+        with pytest.raises(psycopg.Error, match="may not be disabled"):
+            conn.execute("ALTER TABLE facts DISABLE TRIGGER ALL")
+        with pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("TRUNCATE facts")
+    finally:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"):
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))

@@ -91,22 +91,12 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     ).format(fn=_capture_function(source_id), settings=_pinned_settings_clause(),
              body=sql.Literal(body.as_string(conn))))
 
-    capture, guard, guard_truncate = _trigger_names(source_id)
-    triggers = [(capture, sql.SQL(
+    capture = _trigger_names(source_id)[0]
+    _create_always(conn, spec.ident(), capture, sql.SQL(
         "CREATE TRIGGER {trg} AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows "
         "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()"
-    ).format(trg=capture, table=spec.ident(), fn=_capture_function(source_id)))]
-    if append_only:
-        for trg, events in ((guard, "UPDATE OR DELETE"), (guard_truncate, "TRUNCATE")):
-            triggers.append((trg, sql.SQL(
-                "CREATE TRIGGER {trg} BEFORE {events} ON {table} "
-                "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
-            ).format(trg=trg, events=sql.SQL(events), table=spec.ident(), log=sql.Literal(log_name))))
-    for trg, create in triggers:
-        conn.execute(create)
-        # ENABLE ALWAYS: the trigger fires even under session_replication_role = replica, so
-        # no session setting bypasses it (and the DDL guard refuses disabling it).
-        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(spec.ident(), trg))
+    ).format(trg=capture, table=spec.ident(), fn=_capture_function(source_id)))
+    install_guards(conn, source_id, log_name, spec.ident(), update_delete=append_only, truncate=append_only)
 
     if not backfill:
         return 0
@@ -123,19 +113,24 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
 
 def install_guards(conn: psycopg.Connection, source_id: int, log_name: str, table: sql.Composable,
                    *, update_delete: bool, truncate: bool) -> None:
-    """The append-only guard alone (replication mode has no capture trigger): refuse UPDATE and
-    DELETE and/or TRUNCATE on the table. drop_triggers removes them."""
+    """The append-only guard (alone in replication mode, which has no capture trigger): refuse
+    UPDATE and DELETE and/or TRUNCATE on the table. drop_triggers removes them."""
     _, guard, guard_truncate = _trigger_names(source_id)
-    if update_delete:
-        conn.execute(sql.SQL(
-            "CREATE TRIGGER {trg} BEFORE UPDATE OR DELETE ON {table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
-        ).format(trg=guard, table=table, log=sql.Literal(log_name)))
-    if truncate:
-        conn.execute(sql.SQL(
-            "CREATE TRIGGER {trg} BEFORE TRUNCATE ON {table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
-        ).format(trg=guard_truncate, table=table, log=sql.Literal(log_name)))
+    for trg, events, wanted in ((guard, "UPDATE OR DELETE", update_delete), (guard_truncate, "TRUNCATE", truncate)):
+        if wanted:
+            _create_always(conn, table, trg, sql.SQL(
+                "CREATE TRIGGER {trg} BEFORE {events} ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
+            ).format(trg=trg, events=sql.SQL(events), table=table, log=sql.Literal(log_name)))
+
+
+def _create_always(conn: psycopg.Connection, table: sql.Composable, trg: sql.Identifier,
+                   create: sql.Composed) -> None:
+    """Create a trigger and make it ENABLE ALWAYS: it then fires even under
+    session_replication_role = replica, so no session setting bypasses it (and the DDL guard of
+    sql/007_source_guard.sql refuses disabling it, checking each ALTER TABLE)."""
+    conn.execute(create)
+    conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, trg))
 
 
 def _pinned_settings_clause() -> sql.Composed:
