@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psycopg
 
-from listener.merkle import TileBuilder, hash_leaf
+from listener.bench.sqlproof import build_log
 from listener.note import Signer
 from listener.store import migrate
 from listener.store.checkpoints import publish
@@ -36,28 +36,6 @@ from listener.store.connect import options_string
 
 TARGET_RATE = 5000.0
 TARGET_P99_MS = 10.0
-BUILD_BATCH = 65536
-
-
-def build_log(conn: psycopg.Connection, name: str, leaves: int) -> None:
-    """Create log `name` holding `leaves` leaves, tiles only (no processed_log rows)."""
-    log_id = conn.execute("INSERT INTO merkle.logs (name, origin) VALUES (%s, %s) RETURNING log_id",
-                          (name, f"bench.example/{name}")).fetchone()[0]
-    tree, partial = TileBuilder(), {}
-    with conn.cursor() as cur, cur.copy("COPY merkle.tiles (log_id, level, idx, width, nodes) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types(["int4", "int2", "int8", "int2", "bytea"])
-        for start in range(0, leaves, BUILD_BATCH):
-            batch = [hash_leaf(i.to_bytes(8, "big")) for i in range(start, min(leaves, start + BUILD_BATCH))]
-            for tile in tree.append(batch):
-                if tile.width == 256:
-                    partial.pop((tile.level, tile.index), None)
-                    copy.write_row((log_id, tile.level, tile.index, tile.width, tile.nodes))
-                else:
-                    partial[(tile.level, tile.index)] = tile
-        for tile in partial.values():
-            copy.write_row((log_id, tile.level, tile.index, tile.width, tile.nodes))
-    conn.execute("UPDATE merkle.logs SET tree_size = %s, root = %s WHERE log_id = %s", (tree.size, tree.root, log_id))
-    conn.execute("ANALYZE merkle.tiles")
 
 
 async def _load(port: int, make_path, seconds: float, connections: int) -> tuple[int, list[float], int]:
