@@ -25,7 +25,7 @@ from listener.errors import MerkleListenerError, ProcessingError
 from listener.sequencer import DEFAULT_MAX_BATCH, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
-from listener.store.connect import options_string
+from listener.store.connect import KeptConnection, options_string
 
 log = logging.getLogger("listener.run")
 
@@ -119,9 +119,10 @@ async def _supervise(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, tg,
     running: set[str] = set()
     backoff = _Backoff()
     first = True
+    probe = KeptConnection(opts.dsn)
     while True:
         try:
-            names = await anyio.to_thread.run_sync(_log_names, opts.dsn)
+            names = await anyio.to_thread.run_sync(_log_names, probe)
             backoff.reset()
         except psycopg.OperationalError as exc:
             log.warning("cannot list logs; retrying", extra={"error": str(exc)})
@@ -143,9 +144,12 @@ async def _supervise(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, tg,
         await anyio.sleep(opts.rescan_interval)
 
 
-def _log_names(dsn: str) -> list[str]:
-    with connect(dsn, autocommit=True) as conn:
-        return [r[0] for r in conn.execute("SELECT name FROM merkle.logs ORDER BY name")]
+def _log_names(probe: KeptConnection) -> list[str]:
+    try:
+        return [r[0] for r in probe.get().execute("SELECT name FROM merkle.logs ORDER BY name")]
+    except psycopg.OperationalError:
+        probe.close()
+        raise
 
 
 async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: str) -> None:
@@ -193,25 +197,27 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
 
 async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
     """Vacuum the log's outboxes after enough drained rows, on a connection of its own."""
+    kept = KeptConnection(opts.dsn)
     while True:
         await anyio.sleep(opts.janitor_interval)
         if drained.rows.get(name, 0) < opts.vacuum_every_rows:
             continue
         drained.rows[name] = 0
         try:
-            await anyio.to_thread.run_sync(_vacuum_outboxes, opts.dsn, name)
+            await anyio.to_thread.run_sync(_vacuum_outboxes, kept, name)
         except psycopg.Error as exc:
+            kept.close()
             log.warning("could not vacuum the outboxes; autovacuum will", extra={"log": name, "error": str(exc)})
 
 
-def _vacuum_outboxes(dsn: str, name: str) -> None:
-    with connect(dsn, autocommit=True) as conn:
-        tables = conn.execute(
-            "SELECT format('merkle.outbox_%%s', s.source_id) FROM merkle.sources s JOIN merkle.logs l USING (log_id) "
-            "WHERE l.name = %s AND s.mode = 'trigger'", (name,)).fetchall()
-        for (table,) in tables:
-            if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]:
-                conn.execute(f"VACUUM (SKIP_LOCKED) {table}")  # name built by format() from an integer id
+def _vacuum_outboxes(kept: KeptConnection, name: str) -> None:
+    conn = kept.get()
+    tables = conn.execute(
+        "SELECT format('merkle.outbox_%%s', s.source_id) FROM merkle.sources s JOIN merkle.logs l USING (log_id) "
+        "WHERE l.name = %s AND s.mode = 'trigger'", (name,)).fetchall()
+    for (table,) in tables:
+        if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]:
+            conn.execute(f"VACUUM (SKIP_LOCKED) {table}")  # name built by format() from an integer id
 
 
 def _log_batch(name: str, batch) -> None:

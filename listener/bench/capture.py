@@ -162,46 +162,55 @@ def bench_drain(dsn: str) -> dict:
     }
 
 
+# The observer: its own process (no GIL shared with the paced writer), printing the
+# CLOCK_MONOTONIC time (time.perf_counter is system-wide on Linux) of every merkle_sequenced
+# notification for the log until the log reaches the wanted size.
+OBSERVER = """
+import sys, time, orjson, psycopg
+dsn, log, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with psycopg.connect(dsn, autocommit=True) as ear:
+    ear.execute("LISTEN merkle_sequenced")
+    print("ready", flush=True)
+    for note in ear.notifies():
+        event = orjson.loads(note.payload)
+        if event["log"] == log:
+            print(time.perf_counter(), event["tree_size"], flush=True)
+            if event["tree_size"] >= n:
+                break
+"""
+
+
 def bench_latency(dsn: str, rate: float, seconds: float, *, log: str = "paced", table: str = "paced") -> dict:
-    """Single-row commits into `table` (the only source of `log`) paced at `rate`; between
-    writes the same thread waits on LISTEN merkle_sequenced, which the sequencer notifies at
-    each batch's COMMIT: the time a client can see the leaf."""
+    """Single-row commits into `table` (the only source of `log`) paced at `rate`; latency is
+    the time from a commit returning to the writer until a client LISTENing on
+    merkle_sequenced (notified at each batch's COMMIT) learns that the row is a leaf."""
+    n = int(rate * seconds)
     listener = subprocess.Popen(
         [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", "warning", "run", "--log", log],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    observer = subprocess.Popen([sys.executable, "-c", OBSERVER, dsn, log, str(n)],
+                                stdout=subprocess.PIPE, text=True)
     try:
         _wait_writer(dsn)
-        n = int(rate * seconds)
+        assert observer.stdout.readline().strip() == "ready"
         committed: list[float] = []
-        reached: list[tuple[float, int]] = []
-        last = 0
-        with psycopg.connect(dsn, autocommit=True) as w, psycopg.connect(dsn, autocommit=True) as ear:
-            ear.execute("LISTEN merkle_sequenced")
-
-            def listen(until: float) -> None:
-                nonlocal last
-                while (left := until - time.perf_counter()) > 0:
-                    for note in ear.notifies(timeout=left, stop_after=1):
-                        event = orjson.loads(note.payload)
-                        if event["log"] != log:
-                            continue
-                        size = event["tree_size"]
-                        reached.append((time.perf_counter(), size))
-                        last = max(last, size)
-
+        with psycopg.connect(dsn, autocommit=True) as w:
             start = time.perf_counter()
             for i in range(n):
-                listen(start + i / rate)
+                due = start + i / rate
+                while time.perf_counter() < due:
+                    time.sleep(0.0002)
                 w.execute(f"INSERT INTO {table} (id, customer, amount) VALUES (%s, 'c', 1.5)", (i,))
                 committed.append(time.perf_counter())
             achieved = n / (time.perf_counter() - start)
-            deadline = time.perf_counter() + 60
-            while last < n and time.perf_counter() < deadline:
-                listen(time.perf_counter() + 0.1)
+        out, _ = observer.communicate(timeout=120)
     finally:
-        listener.terminate()
-        listener.wait(timeout=30)
+        for proc in (observer, listener):
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=30)
+    reached = [(float(t), int(size)) for t, size in (line.split() for line in out.splitlines())]
     latencies = []
     j = 0
     for i, t_commit in enumerate(committed):  # row i is leaf i: one writer, one source

@@ -30,7 +30,7 @@ from listener.sources import publication
 from listener.sources.pgoutput import lsn_to_int
 from listener.sources.replication import ReplicationStream, Transaction
 from listener.sources.replication_apply import ReplicationBatch
-from listener.store.connect import options_string
+from listener.store.connect import KeptConnection
 
 log = logging.getLogger("listener.replication")
 
@@ -52,6 +52,7 @@ class ReplicationFeed:
         self._generation = 0
         self._last_empty_check = 0.0
         self._tg: anyio.abc.TaskGroup | None = None
+        self._probe = KeptConnection(dsn)  # for the periodic "is there a slot?" question
 
     async def __aenter__(self) -> ReplicationFeed:
         self._tg = anyio.create_task_group()
@@ -64,6 +65,7 @@ class ReplicationFeed:
         # any) propagates as is, not wrapped in an exception group.
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)
+        await anyio.to_thread.run_sync(self._probe.close)
         return False
 
     # -- the writer's side -----------------------------------------------------------------
@@ -155,10 +157,8 @@ class ReplicationFeed:
 
     def _durable_position(self) -> int | None:
         """The stored end_lsn, or None when the log has no slot to stream from."""
-        with psycopg.connect(self.dsn, autocommit=True, options=options_string(),
-                             application_name="merkle-listener") as conn:
-            row = conn.execute(
-                "SELECT p.end_lsn::text FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
-                "JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
-                (self.log_name,)).fetchone()
+        row = self._probe.get().execute(
+            "SELECT p.end_lsn::text FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
+            "JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
+            (self.log_name,)).fetchone()
         return None if row is None else lsn_to_int(row[0])

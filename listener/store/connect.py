@@ -52,3 +52,26 @@ SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read co
 def options_string() -> str:
     """libpq `options` value that pins these settings for a session of the listener."""
     return " ".join(f"-c {k.lower()}={v.replace(' ', chr(92) + ' ')}" for k, v in SESSION_SETTINGS.items())
+
+
+class KeptConnection:
+    """One autocommit connection kept open for periodic small queries (a new backend per
+    query costs PostgreSQL milliseconds of CPU that the writers and the sequencer need).
+    Reconnects on the next call after a failure. Not thread-safe: one user at a time."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._conn = None
+
+    def get(self):
+        import psycopg
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.dsn, autocommit=True, options=options_string(),
+                                         application_name="merkle-listener")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
