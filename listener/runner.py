@@ -162,7 +162,6 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             seq = Sequencer(conn, name, max_batch=opts.max_batch)
             await anyio.to_thread.run_sync(seq.load)
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size, "root": seq.tree.root.hex()})
-            backoff.reset()
             cps = _Checkpoints(opts, conn, name, seq.log.origin)
             # Replication-mode sources of the log stream through this feed (idle without them).
             async with ReplicationFeed(opts.dsn, name, lambda: wakeups.ring(name),
@@ -170,24 +169,30 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                 while True:
                     # Armed before draining: a doorbell that rings during the batch wakes us at once.
                     wake = wakeups.arm(name)
-                    while (batch := await anyio.to_thread.run_sync(seq.drain_once)) is not None:
-                        _log_batch(name, batch)
-                        drained.rows[name] = drained.rows.get(name, 0) + batch.count
-                        await cps.maybe_publish()
-                        if not batch.more:
+                    # Alternate one batch of each capture path, so neither starves the other.
+                    while True:
+                        drained_batch = await anyio.to_thread.run_sync(seq.drain_once)
+                        if drained_batch is not None:
+                            _log_batch(name, drained_batch)
+                            drained.rows[name] = drained.rows.get(name, 0) + drained_batch.count
+                            await cps.maybe_publish()
+                        streamed_batch = await feed.apply(seq)  # at most one appended batch
+                        if streamed_batch is not None:
+                            _log_batch(name, streamed_batch)
+                            await cps.maybe_publish()
+                        if drained_batch is not None or streamed_batch is not None:
+                            backoff.reset()  # only progress resets it: a wedged log keeps backing off
+                        if streamed_batch is None and (drained_batch is None or not drained_batch.more):
                             break
-                    while (batch := await feed.apply(seq)) is not None:
-                        _log_batch(name, batch)
-                        await cps.maybe_publish()
                     await cps.maybe_publish()
                     with anyio.move_on_after(cps.wait_limit(opts.poll_interval)):
                         await wake.wait()
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
-        except (MerkleListenerError, psycopg.Error) as exc:
-            # The batch was rolled back and the state will be reloaded: nothing is lost by retrying,
-            # and one log's trouble must not stop the others.
-            log.error("writer stopped on error; retrying", extra={"log": name, "error": str(exc).strip()})
+        except Exception as exc:  # noqa: BLE001 - one log's trouble must not stop the others
+            # The batch was rolled back and the state will be reloaded: nothing is lost by retrying.
+            log.error("writer stopped on error; retrying", exc_info=not isinstance(exc, (MerkleListenerError, psycopg.Error)),
+                      extra={"log": name, "error": str(exc).strip()})
         finally:
             if conn is not None:
                 with anyio.CancelScope(shield=True):

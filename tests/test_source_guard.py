@@ -29,9 +29,10 @@ def source(conn, dsn):
     ("ALTER TABLE notes DISABLE TRIGGER merkle_capture_1", "merkle_capture_1 may not be disabled"),
     ("ALTER TABLE notes DISABLE TRIGGER ALL", "may not be disabled"),
     ("ALTER TABLE notes ENABLE TRIGGER merkle_guard_1", "merkle_guard_1 may not be disabled"),
+    ("ALTER TRIGGER merkle_capture_1 ON notes RENAME TO innocent", "may not be altered or renamed"),
 ])
 def test_alter_that_would_break_capture_is_refused(source, ddl, why):
-    with pytest.raises(psycopg.Error, match="ALTER TABLE refused on public.notes") as exc:
+    with pytest.raises(psycopg.Error, match="ALTER refused on public.notes") as exc:
         source.execute(ddl)
     assert exc.value.sqlstate == "ML101" and why in str(exc.value)
     source.execute("INSERT INTO notes VALUES (1, 'abcd', now())")  # capture still works
@@ -66,6 +67,45 @@ def test_replication_source_guard_allows_harmless_alter_and_refuses_disabling(co
             conn.execute("ALTER TABLE facts DISABLE TRIGGER ALL")
         with pytest.raises(psycopg.Error, match="append-only"):
             conn.execute("TRUNCATE facts")
+    finally:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"):
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+
+def test_drop_trigger_is_refused_but_source_remove_works(source, dsn):
+    with pytest.raises(psycopg.Error, match="DROP TRIGGER refused") as exc:
+        source.execute("DROP TRIGGER merkle_capture_1 ON notes")
+    assert exc.value.sqlstate == "ML101"
+    with connect(dsn) as c:
+        assert registry.remove_source(c, "audit", "notes") == 0
+    assert source.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'notes'::regclass").fetchone()[0] == 0
+
+
+def test_roles_that_cannot_read_merkle_can_still_alter_their_tables(source, dsn):
+    source.execute("DROP ROLE IF EXISTS app_owner")
+    source.execute("CREATE ROLE app_owner LOGIN")
+    source.execute("GRANT CREATE ON SCHEMA public TO app_owner")
+    try:
+        with psycopg.connect(dsn, user="app_owner", autocommit=True) as app:
+            app.execute("CREATE TABLE mine (id int)")
+            app.execute("ALTER TABLE mine ADD COLUMN x int")
+            app.execute("ALTER TABLE mine RENAME TO ours")
+            app.execute("DROP TABLE ours")
+    finally:
+        source.execute("REVOKE CREATE ON SCHEMA public FROM app_owner")
+        source.execute("DROP ROLE app_owner")
+
+
+def test_replica_identity_must_stay_full_while_updates_are_logged(conn, dsn):
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance int)")
+    conn.execute("ALTER TABLE accounts REPLICA IDENTITY FULL")
+    registry.create_log(conn, "audit")
+    try:
+        with connect(dsn) as c:
+            registry.add_source(c, "audit", "accounts", mode="replication", events=["insert", "update", "delete"],
+                                dsn=dsn)
+        with pytest.raises(psycopg.Error, match="REPLICA IDENTITY must stay FULL"):
+            conn.execute("ALTER TABLE accounts REPLICA IDENTITY DEFAULT")
     finally:
         for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"):
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))

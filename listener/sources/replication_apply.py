@@ -112,6 +112,13 @@ def leaves_of(txn: Transaction, sources: dict[int, Source]) -> list[Leaf]:
             plan = last_plan = _plan_for(s, relation)
         if po.UNCHANGED in values:
             values = _fill_unchanged(s, relation, values, msg.old if kind is po.Update else None, plan)
+        if op == "delete" and msg.old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
+            # Only the replica identity was sent: the source's key would be hashed as nulls.
+            raise ProcessingError(
+                f"{s.qualified}: a DELETE arrived with REPLICA IDENTITY columns only, which do not include the "
+                f"source's key ({', '.join(s.key_columns)}); deletes are logged with REPLICA IDENTITY FULL only. "
+                "Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... REPLICA IDENTITY FULL"
+            )
         key_values = [values[i] for i in plan.key_idx]
         if op == "delete":
             entry = plan.entries["delete"].encode(key_values)

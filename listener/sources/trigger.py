@@ -147,11 +147,15 @@ def _pinned_settings_clause() -> sql.Composed:
 
 
 def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composable | None) -> None:
-    """Stop capture (and lift the guard); queued rows stay in the outbox for the sequencer."""
-    if table is not None:
-        for trg in _trigger_names(source_id):
-            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
-    conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+    """Stop capture (and lift the guard); queued rows stay in the outbox for the sequencer.
+    Runs in a transaction: the DDL guard lets merkle-listener drop its own triggers only while
+    merkle.dropping_triggers is set, for that transaction alone."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
+        if table is not None:
+            for trg in _trigger_names(source_id):
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
 
 
 def drop_outbox(conn: psycopg.Connection, source_id: int) -> None:

@@ -55,8 +55,8 @@ def write_tiles(conn: psycopg.Connection, log_id: int, tiles: Iterable[Tile]) ->
     if not latest:
         return
     rows = [(log_id, t.level, t.index, t.width, t.nodes) for t in latest.values()]
-    # Inside the caller's transaction no savepoint (two more round trips): an error aborts
-    # that transaction anyway.
+    # Inside the caller's transaction no savepoint (two more round trips): the caller must roll
+    # back on ProcessingError (the sequencer does), since a refused tile is not a database error.
     in_transaction = conn.info.transaction_status != pq.TransactionStatus.IDLE
     with (contextlib.nullcontext() if in_transaction else conn.transaction()), conn.cursor() as cur:
         cur.executemany(_UPSERT.format(source="VALUES (%s, %s, %s, %s, %s)"), rows)
