@@ -12,11 +12,11 @@ listener.store.checkpoints; this module is pure.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass
 
 from listener.errors import ProofVerificationError
+from listener.hashtext import unb64
 from listener.note import Note, Verifier, open_note
 
 _SIZE = re.compile(r"^(0|[1-9][0-9]{0,19})$")
@@ -47,12 +47,7 @@ def parse_body(text: str) -> Checkpoint:
         raise ProofVerificationError("checkpoint origin line is empty")
     if not _SIZE.match(size) or int(size) >= 1 << 63:
         raise ProofVerificationError(f"checkpoint size line {size!r} is not a decimal tree size")
-    try:
-        raw = base64.b64decode(root, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProofVerificationError(f"checkpoint root line {root!r} is not base64") from None
-    if len(raw) != 32:
-        raise ProofVerificationError(f"checkpoint root must be 32 bytes, got {len(raw)}")
+    raw = unb64(root, "checkpoint root line")
     if any(not line for line in lines[3:]):
         raise ProofVerificationError("checkpoint extension lines must not be empty")
     return Checkpoint(origin, int(size), raw, tuple(lines[3:]))

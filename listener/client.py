@@ -17,7 +17,6 @@ JSON message. Standard library only (http.client), one connection kept alive.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import urllib.parse
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import orjson
 from listener import merkle
 from listener.checkpoint import Checkpoint, open_checkpoint
 from listener.errors import MerkleListenerError, ProofVerificationError
+from listener.hashtext import unb64
 from listener.note import Verifier
 
 
@@ -36,16 +36,6 @@ class ClientError(MerkleListenerError):
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
-
-
-def _unb64(value, what: str) -> bytes:
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except Exception:
-        raise ProofVerificationError(f"{what} is not base64") from None
-    if len(raw) != 32:
-        raise ProofVerificationError(f"{what} is not a 32-byte hash")
-    return raw
 
 
 @dataclass(frozen=True)
@@ -149,12 +139,12 @@ class Client:
         return self._check_inclusion(doc, cp, index, leaf_hash)
 
     def _check_inclusion(self, doc: dict, cp: Checkpoint, index: int | None, leaf_hash: bytes | None) -> VerifiedInclusion:
-        got_index, got_hash = doc.get("leaf_index"), _unb64(doc.get("leaf_hash"), "leaf_hash")
+        got_index, got_hash = doc.get("leaf_index"), unb64(doc.get("leaf_hash"), "leaf_hash")
         if (index is not None and got_index != index) or (leaf_hash is not None and got_hash != leaf_hash):
             raise ProofVerificationError("the server proved another leaf than the one asked for")
         if doc.get("tree_size") != cp.size:
             raise ProofVerificationError(f"proof for size {doc.get('tree_size')}, want the checkpoint's {cp.size}")
-        proof = [_unb64(h, "proof hash") for h in doc.get("proof") or []]
+        proof = [unb64(h, "proof hash") for h in doc.get("proof") or []]
         if not isinstance(got_index, int):
             raise ProofVerificationError("leaf_index is not an integer")
         merkle.verify_inclusion(got_hash, got_index, cp.size, proof, cp.root)
@@ -165,7 +155,7 @@ class Client:
         if new.size < old.size:
             raise ProofVerificationError(f"the log shrank: checkpoint size {new.size} after {old.size}")
         doc = self.get_json(f"/v1/logs/{self.log}/proof/consistency?first={old.size}&second={new.size}")
-        proof = [_unb64(h, "proof hash") for h in doc.get("proof") or []]
+        proof = [unb64(h, "proof hash") for h in doc.get("proof") or []]
         merkle.verify_consistency(old.size, new.size, proof, old.root, new.root)
 
     def entry(self, index: int) -> dict:

@@ -80,7 +80,7 @@ async def _run_writers_with_listener(dsn: str, rows: int, writers: int) -> dict:
         print(f"   {result['rows']} rows committed, {result['rolled_back']} rows rolled back, "
               f"in {time.perf_counter() - started:.2f} s")
         deadline = time.monotonic() + 60
-        while (size := await anyio.to_thread.run_sync(_tree_size, dsn)) < result["rows"]:
+        while await anyio.to_thread.run_sync(_tree_size, dsn) < result["rows"]:
             if time.monotonic() > deadline:
                 break
             await anyio.sleep(0.05)

@@ -11,32 +11,15 @@ that root is one you trust, e.g. from a signed checkpoint (`verify --root`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 import psycopg
 
 from listener import merkle
 from listener.errors import ConfigurationError, ProofVerificationError
+from listener.hashtext import b64, unb64
 from listener.registry import get_log
 from listener.store.tiles import TileNodeReader
-
-
-def b64(h: bytes) -> str:
-    return base64.b64encode(h).decode()
-
-
-def unb64(s: Any, what: str) -> bytes:
-    if not isinstance(s, str):
-        raise ProofVerificationError(f"{what} must be a base64 string, got {type(s).__name__}")
-    try:
-        raw = base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProofVerificationError(f"{what} is not valid base64: {s!r}") from None
-    if len(raw) != 32:
-        raise ProofVerificationError(f"{what} must be a 32-byte hash, got {len(raw)} bytes")
-    return raw
 
 
 def _size(conn: psycopg.Connection, log, size: int | None) -> int:

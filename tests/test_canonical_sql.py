@@ -9,7 +9,6 @@ and the SQL function merkle.canonical_entry_v1 over those texts.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import string
 from datetime import timedelta, timezone

@@ -4,7 +4,6 @@ verify offline, the demo, and the embedded server's lifecycle."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
