@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +58,23 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection with the pinned canonical-encoding settings."""
     with psycopg.connect(dsn, autocommit=True, options=options_string()) as c:
         yield c
+
+
+@pytest.fixture
+def rconn(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """`conn`, and afterwards no slot of the test's database is left behind (each pins WAL,
+    and DROP DATABASE refuses a database with a slot)."""
+    from tests.helpers import slots
+
+    try:
+        yield conn
+    finally:
+        for name in slots(conn):
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                         "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
+            for _ in range(50):
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    time.sleep(0.1)

@@ -87,3 +87,9 @@ def check_log(conn: psycopg.Connection, log_name: str) -> list[tuple]:
     tree.append([bytes(r[4]) for r in rows])
     assert merkle.root_at(tree, size) == bytes(root), "stored root differs from the root of the leaves"
     return rows
+
+
+def slots(conn: psycopg.Connection) -> list[str]:
+    """Replication slots of the connection's database."""
+    return [r[0] for r in conn.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database() ORDER BY 1")]

@@ -11,30 +11,7 @@ import pytest
 from listener import canonical, registry
 from listener.errors import ConfigurationError, SourceTableError
 from listener.runner import connect
-from tests.helpers import check_log, cli, start_listener
-
-
-def slots(conn) -> list[str]:
-    return [r[0] for r in conn.execute(
-        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database() ORDER BY 1")]
-
-
-@pytest.fixture
-def rconn(conn):
-    """`conn`, and afterwards no slot of the test's database is left behind (each pins WAL,
-    and DROP DATABASE refuses a database with a slot)."""
-    try:
-        yield conn
-    finally:
-        for name in slots(conn):
-            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                         "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
-            for _ in range(50):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
+from tests.helpers import check_log, cli, slots, start_listener
 
 
 def wait_for_size(conn, log: str, size: int, timeout: float = 30.0, listener=None) -> None:

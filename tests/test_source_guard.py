@@ -55,21 +55,18 @@ def test_session_replication_role_does_not_bypass_capture_or_guard(source, dsn):
         assert Sequencer(w, "audit").drain_all() == 1
 
 
-def test_replication_source_guard_allows_harmless_alter_and_refuses_disabling(conn, dsn):
+def test_replication_source_guard_allows_harmless_alter_and_refuses_disabling(rconn, dsn):
+    conn = rconn
     conn.execute("CREATE TABLE facts (id int PRIMARY KEY, body text)")
     registry.create_log(conn, "audit")
-    try:
-        with connect(dsn) as c:
-            registry.add_source(c, "audit", "facts", mode="replication", append_only=True, dsn=dsn)
-        conn.execute("ALTER TABLE facts ADD COLUMN extra int")
-        conn.execute("ALTER TABLE facts REPLICA IDENTITY FULL")
-        with pytest.raises(psycopg.Error, match="may not be disabled"):
-            conn.execute("ALTER TABLE facts DISABLE TRIGGER ALL")
-        with pytest.raises(psycopg.Error, match="append-only"):
-            conn.execute("TRUNCATE facts")
-    finally:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"):
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "facts", mode="replication", append_only=True, dsn=dsn)
+    conn.execute("ALTER TABLE facts ADD COLUMN extra int")
+    conn.execute("ALTER TABLE facts REPLICA IDENTITY FULL")
+    with pytest.raises(psycopg.Error, match="may not be disabled"):
+        conn.execute("ALTER TABLE facts DISABLE TRIGGER ALL")
+    with pytest.raises(psycopg.Error, match="append-only"):
+        conn.execute("TRUNCATE facts")
 
 
 def test_drop_trigger_is_refused_but_source_remove_works(source, dsn):
@@ -96,16 +93,13 @@ def test_roles_that_cannot_read_merkle_can_still_alter_their_tables(source, dsn)
         source.execute("DROP ROLE app_owner")
 
 
-def test_replica_identity_must_stay_full_while_updates_are_logged(conn, dsn):
+def test_replica_identity_must_stay_full_while_updates_are_logged(rconn, dsn):
+    conn = rconn
     conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance int)")
     conn.execute("ALTER TABLE accounts REPLICA IDENTITY FULL")
     registry.create_log(conn, "audit")
-    try:
-        with connect(dsn) as c:
-            registry.add_source(c, "audit", "accounts", mode="replication", events=["insert", "update", "delete"],
-                                dsn=dsn)
-        with pytest.raises(psycopg.Error, match="REPLICA IDENTITY must stay FULL"):
-            conn.execute("ALTER TABLE accounts REPLICA IDENTITY DEFAULT")
-    finally:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"):
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "accounts", mode="replication", events=["insert", "update", "delete"],
+                            dsn=dsn)
+    with pytest.raises(psycopg.Error, match="REPLICA IDENTITY must stay FULL"):
+        conn.execute("ALTER TABLE accounts REPLICA IDENTITY DEFAULT")

@@ -241,15 +241,20 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m listener.bench.capture", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=100_000, help="rows per bulk round (default 100000)")
+def json_bench_main(prog: str, doc: str, run_fn, rows_default: int, argv: list[str] | None) -> int:
+    """The command line shared by the benchmarks that print one JSON object (capture, replication)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=rows_default, help=f"rows per round (default {rows_default})")
     p.add_argument("--rate", type=float, default=1000, help="paced single-row commits/s (default 1000)")
     p.add_argument("--seconds", type=float, default=10, help="paced run length (default 10)")
     p.add_argument("--dsn", help="benchmark in this database instead of a throwaway embedded one")
     args = p.parse_args(argv)
-    print(orjson.dumps(run(args.dsn, args.rows, args.rate, args.seconds), option=orjson.OPT_INDENT_2).decode())
+    print(orjson.dumps(run_fn(args.dsn, args.rows, args.rate, args.seconds), option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return json_bench_main("python -m listener.bench.capture", __doc__, run, 100_000, argv)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ wal_level=logical and gets tables repl, paced_r and logs bench_r, paced_r).
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 
-import orjson
 import psycopg
 
 from listener import registry
+from listener.bench import capture
 from listener.bench.capture import BULK, TABLE, _bulk_rate, bench_database
 from listener.embedded import bin_dir
 from listener.runner import connect
@@ -124,8 +123,6 @@ def bench_end_to_end(dsn: str, rows: int) -> dict:
 
 
 def bench_latency(dsn: str, rate: float, seconds: float) -> dict:
-    from listener.bench import capture
-
     with connect(dsn) as conn:
         registry.create_log(conn, "paced_r")
         registry.add_source(conn, "paced_r", "paced_r", mode="replication")
@@ -163,14 +160,7 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m listener.bench.replication", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=200_000, help="rows per round and in the backlog (default 200000)")
-    p.add_argument("--rate", type=float, default=1000, help="paced single-row commits/s (default 1000)")
-    p.add_argument("--seconds", type=float, default=10, help="paced run length (default 10)")
-    p.add_argument("--dsn", help="benchmark in this database instead of a throwaway embedded one")
-    args = p.parse_args(argv)
-    print(orjson.dumps(run(args.dsn, args.rows, args.rate, args.seconds), option=orjson.OPT_INDENT_2).decode())
-    return 0
+    return capture.json_bench_main("python -m listener.bench.replication", __doc__, run, 200_000, argv)
 
 
 if __name__ == "__main__":
