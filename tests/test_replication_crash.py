@@ -21,6 +21,7 @@ import pytest
 from listener import registry
 from listener.embedded import EmbeddedPostgres
 from listener.runner import connect
+from listener.sources import pgoutput as po
 from listener.store import migrate
 from tests.helpers import check_log, start_listener
 from tests.test_replication import wait_for_size
@@ -226,4 +227,4 @@ def test_keepalives_that_ask_for_a_reply_are_answered(crash_server):
             conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
             conn.execute("SELECT pg_reload_conf()")
             conn.execute("SELECT pg_drop_replication_slot('merkle_ka')")
-        assert len(got) == 1 and got[0].changes[0][1].new == (b"1",)
+        assert len(got) == 1 and po.decode(got[0].changes[0][1], raw=True).new == (b"1",)

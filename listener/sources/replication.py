@@ -39,12 +39,17 @@ YIELD_EVERY = 500
 
 @dataclass
 class Transaction:
-    """A committed source transaction: its changes in order, each with its Relation."""
+    """A committed source transaction: its changes in order, each with the Relation in effect
+    when it was sent. An Insert, Update or Delete stays its undecoded pgoutput message (bytes):
+    the consumer decodes only the tables it logs, straight into leaves
+    (listener/sources/replication_apply.py); a Truncate is decoded (po.Truncate).
+    `prepared` is for the consumer: the transaction's leaves, when computed ahead of its batch."""
 
     commit_lsn: int
     end_lsn: int
     commit_time: int  # microseconds since 2000-01-01 UTC
-    changes: list[tuple[po.Relation | None, object]] = field(default_factory=list)
+    changes: list[tuple[po.Relation | None, bytes | po.Truncate]] = field(default_factory=list)
+    prepared: object = None
 
 
 class ReplicationStream:
@@ -144,12 +149,14 @@ class ReplicationStream:
 
     def _handle(self, data: memoryview) -> None:
         if data[0] == 119:  # 'w' XLogData: the pgoutput message follows its 24-byte header
-            msg = po.decode(bytes(data[25:]), raw=True)  # values stay UTF-8 bytes: replication_apply hashes them
-            kind = type(msg)
-            if kind is po.Insert or kind is po.Update or kind is po.Delete:
-                self._current.changes.append((self._relations.get(msg.relation_oid), msg))
+            payload = bytes(data[25:])
+            kind = payload[0]
+            if kind == 73 or kind == 85 or kind == 68:  # 'I' / 'U' / 'D': kept undecoded (see Transaction)
+                if self._current is None:
+                    raise ProcessingError("replication stream: a change outside a transaction; restart the listener")
+                self._current.changes.append((self._relations.get(po.relation_oid_of_change(payload)), payload))
             else:
-                self._message(msg)
+                self._message(po.decode(payload, raw=True))
             return
         frame = po.decode_copy_data(bytes(data))
         if isinstance(frame, po.Keepalive):

@@ -1,10 +1,16 @@
 """Committed replication transactions -> processed_log rows and the stream's progress.
 
-`leaves_of` is pure: it turns one transaction's pgoutput changes into leaves with
-listener.canonical (entry_v1 from pgoutput's text values, which the replication connection's
-pinned settings make equal to what trigger mode hashes). `ReplicationBatch.append` runs inside
-the sequencer's fenced batch transaction (Sequencer.append_changes) and writes, in that one
-transaction:
+`prepare` is pure: it turns one transaction's pgoutput changes into its leaves, as COPY rows
+of processed_log (all but the seq) and leaf hashes, with listener.canonical (entry_v1 from
+pgoutput's text values, which the replication connection's pinned settings make equal to
+what trigger mode hashes). Inserts are decoded straight from the message bytes into the
+entry: this is the consumer's per-row hot path.
+
+The feed prepares each transaction when it arrives, with the sources it knew then, so the
+hashing overlaps the previous batch's database work. `ReplicationBatch.append` runs inside the
+sequencer's fenced batch transaction (Sequencer.append_changes), uses a prepared transaction
+only if the sources read under the log's lock are the ones it was prepared with (otherwise
+it prepares it again), and writes, in that one transaction:
 
     1. leaves of backfills that are ready (op 'backfill', before any streamed change);
     2. leaves of every transaction whose end_lsn > the stored end_lsn, in stream order;
@@ -19,6 +25,8 @@ being written stops the batch there: it and what follows wait for the next batch
 from __future__ import annotations
 
 import hashlib
+from binascii import hexlify
+from operator import itemgetter
 from typing import NamedTuple
 
 import psycopg
@@ -30,20 +38,34 @@ from listener.sources import pgoutput as po
 from listener.sources.pgoutput import int_to_lsn, lsn_to_int
 from listener.sources.replication import Transaction
 
+# processed_log's columns in the order of the COPY rows: seq last, the one field a row's
+# position in the batch decides.
+COPY_COLUMNS = "log_id, source_id, source_key, op, leaf_hash, change_id, change_ord, commit_lsn, seq"
 
-class Leaf(NamedTuple):
-    source_id: int
-    op: str
-    source_key: str
-    leaf_hash: bytes
-    change_ord: int
+
+class Prepared(NamedTuple):
+    """One transaction's leaves, in its order."""
+
+    sources: dict[int, Source]  # table OID -> replication source: what they were computed for
+    rows: list[bytes]  # COPY text rows of processed_log without the trailing "seq\n"
+    hashes: list[bytes]  # leaf hashes
+    source_ids: frozenset[int]
+
+
+def _getter(positions: list[int]):
+    """values -> tuple of values[i] for i in positions (itemgetter, always a tuple)."""
+    if len(positions) == 1:
+        (i,) = positions
+        return lambda values: (values[i],)
+    return itemgetter(*positions)
 
 
 class _Plan:
     """How to turn one relation's tuples into one source's entries: the column positions in
     the canonical (sorted) order and the templates. Built once per source and Relation."""
 
-    __slots__ = ("source", "relation", "entry_idx", "key_idx", "key", "entries", "entry_column_idx")
+    __slots__ = ("source", "relation", "entry_idx", "key_idx", "key", "entries", "entry_column_idx",
+                 "entry_values", "key_values", "used_idx")
 
     def __init__(self, s: Source, relation: po.Relation):
         self.source, self.relation = s, relation
@@ -61,6 +83,9 @@ class _Plan:
         self.entries["delete"] = canonical.entry_template("delete", s.qualified, s.key_columns)
         self.entry_idx = [pos[c] for c in self.entries["insert"].columns]
         self.entry_column_idx = pos[s.entry_column] if s.entry_column else None
+        self.entry_values = _getter(self.entry_idx)
+        self.key_values = _getter(self.key_idx)
+        self.used_idx = sorted(set(self.entry_idx) | set(self.key_idx) | ({self.entry_column_idx} - {None}))
 
 
 _plans: dict[tuple[int, int], _Plan] = {}
@@ -75,68 +100,89 @@ def _plan_for(s: Source, relation: po.Relation) -> _Plan:
     return plan
 
 
-def leaves_of(txn: Transaction, sources: dict[int, Source]) -> list[Leaf]:
+def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepared:
     """The leaves of one committed transaction, in its order. `sources` maps table OID to the
     replication source; changes of other tables and of events a source does not log are
-    skipped. Tuple values are pgoutput's text output as UTF-8 bytes (pgoutput.decode with
-    raw=True), or None. Raises ProcessingError for a value the stream did not send (an
-    unchanged TOASTed value without REPLICA IDENTITY FULL): it is never hashed as a placeholder."""
-    out: list[Leaf] = []
+    skipped. Raises ProcessingError for a value the stream did not send (an unchanged
+    TOASTed value without REPLICA IDENTITY FULL): it is never hashed as a placeholder."""
+    rows: list[bytes] = []
+    hashes: list[bytes] = []
+    source_ids: set[int] = set()
     sha256 = hashlib.sha256
-    last_plan = None
-    for relation, msg in txn.changes:
-        if type(msg) is po.Truncate:
-            for oid in msg.relation_oids:
+    prefix = canonical.LEAF_PREFIX
+    insert_values = po.insert_new_values
+    tail = b"\t%d\t%%d\t%b\t" % (txn.end_lsn, int_to_lsn(txn.commit_lsn).encode())
+    formats: dict[tuple[int, str], bytes] = {}  # (source, op) -> COPY row format for this transaction
+    last_relation = last_source = plan = None
+    for relation, payload in txn.changes:
+        if type(payload) is po.Truncate:
+            for oid in payload.relation_oids:
                 s = sources.get(oid)
                 if s is not None and "truncate" in s.events:
-                    entry = canonical.entry_v1("truncate", s.qualified, {})
-                    out.append(Leaf(s.source_id, "truncate", "{}", canonical.leaf_hash_of_entry(entry), len(out) + 1))
+                    leaf = canonical.leaf_hash_of_entry(canonical.entry_v1("truncate", s.qualified, {}))
+                    rows.append(_row_format(formats, log_id, s.source_id, "truncate", tail)
+                                % (b"{}", hexlify(leaf), len(rows) + 1))
+                    hashes.append(leaf)
+                    source_ids.add(s.source_id)
             continue
-        s = sources.get(msg.relation_oid)
+        s = sources.get(relation.oid if relation is not None else po.relation_oid_of_change(payload))
         if s is None:
             continue
         if relation is None:
-            raise ProcessingError(f"replication stream: change of relation {msg.relation_oid} before its Relation message")
-        kind = type(msg)
-        if kind is po.Insert:
-            op, values = "insert", msg.new
-        elif kind is po.Update:
-            op, values = "update", msg.new
-        else:
-            op, values = "delete", msg.old
-        if op not in s.events:
-            continue
-        if last_plan is not None and last_plan.relation is relation and last_plan.source is s:
-            plan = last_plan
-        else:
-            plan = last_plan = _plan_for(s, relation)
-        if po.UNCHANGED in values:
-            values = _fill_unchanged(s, relation, values, msg.old if kind is po.Update else None, plan)
-        if op == "delete" and msg.old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
-            # Only the replica identity was sent: the source's key would be hashed as nulls.
             raise ProcessingError(
-                f"{s.qualified}: a DELETE arrived with REPLICA IDENTITY columns only, which do not include the "
-                f"source's key ({', '.join(s.key_columns)}); deletes are logged with REPLICA IDENTITY FULL only. "
-                "Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... REPLICA IDENTITY FULL"
-            )
-        key_values = [values[i] for i in plan.key_idx]
+                f"replication stream: change of relation {s.table_oid} before its Relation message")
+        if relation is not last_relation or s is not last_source:
+            plan, last_relation, last_source = _plan_for(s, relation), relation, s
+        if payload[0] == 73:  # 'I'
+            if "insert" not in s.events:
+                continue
+            op, values, old, old_kind = "insert", insert_values(payload), None, None
+        else:
+            msg = po.decode(payload, raw=True)
+            if type(msg) is po.Update:
+                op, values, old, old_kind = "update", msg.new, msg.old, msg.old_kind
+            else:
+                op, values, old, old_kind = "delete", msg.old, None, msg.old_kind
+            if op not in s.events:
+                continue
+        if po.UNCHANGED in values:
+            values = _fill_unchanged(s, relation, values, old, plan)
         if op == "delete":
-            entry = plan.entries["delete"].encode(key_values)
+            if old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
+                # Only the replica identity was sent: the source's key would be hashed as nulls.
+                raise ProcessingError(
+                    f"{s.qualified}: a DELETE arrived with REPLICA IDENTITY columns only, which do not include "
+                    f"the source's key ({', '.join(s.key_columns)}); deletes are logged with REPLICA IDENTITY "
+                    "FULL only. Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... "
+                    "REPLICA IDENTITY FULL"
+                )
+            entry = plan.entries["delete"].encode(plan.key_values(values))
         elif plan.entry_column_idx is not None:
             entry = _entry_column_bytes(s, values[plan.entry_column_idx])
         else:
-            entry = plan.entries[op].encode([values[i] for i in plan.entry_idx])
-        out.append(Leaf(s.source_id, op, plan.key.encode(key_values).decode("utf-8"),
-                        sha256(canonical.LEAF_PREFIX + entry).digest(), len(out) + 1))
-    return out
+            entry = plan.entries[op].encode(plan.entry_values(values))
+        key = plan.key.encode(plan.key_values(values))
+        if b"\\" in key:
+            key = key.replace(b"\\", b"\\\\")  # COPY's escape; JSON already escaped control characters
+        leaf = sha256(prefix + entry).digest()
+        fmt = formats.get((s.source_id, op)) or _row_format(formats, log_id, s.source_id, op, tail)
+        rows.append(fmt % (key, hexlify(leaf), len(rows) + 1))
+        hashes.append(leaf)
+        source_ids.add(s.source_id)
+    return Prepared(sources, rows, hashes, frozenset(source_ids))
 
 
-def _fill_unchanged(s: Source, relation: po.Relation, values: tuple, old: tuple | None, plan: _Plan) -> tuple:
+def _row_format(formats: dict, log_id: int, source_id: int, op: str, tail: bytes) -> bytes:
+    """COPY row of processed_log without its seq: key, leaf hash (hex) and ordinal to fill."""
+    fmt = formats[(source_id, op)] = b"%d\t%d\t%%b\t%b\t\\\\x%%b" % (log_id, source_id, op.encode()) + tail
+    return fmt
+
+
+def _fill_unchanged(s: Source, relation: po.Relation, values, old, plan: _Plan) -> tuple:
     if old is not None:
         # REPLICA IDENTITY FULL: the old row carries the unchanged value.
         values = tuple(o if v is po.UNCHANGED else v for v, o in zip(values, old))
-    used = set(plan.entry_idx) | set(plan.key_idx) | ({plan.entry_column_idx} - {None})
-    for i in sorted(used):
+    for i in plan.used_idx:
         if values[i] is po.UNCHANGED:
             raise ProcessingError(
                 f"{s.qualified}: the stream did not send column {relation.columns[i].name} (an unchanged TOASTed "
@@ -161,6 +207,7 @@ class ReplicationBatch:
         self.txns = txns
         self.consumed = 0
         self.end_lsn: int | None = None
+        self.sources: dict[int, Source] | None = None  # read under the log's lock: for preparing the next ones
 
     def append(self, conn: psycopg.Connection, base: int) -> list[bytes]:
         """Step 2 of the sequencer's batch, in its transaction (the log row is locked)."""
@@ -176,37 +223,33 @@ class ReplicationBatch:
             waiting = {sid for sid, ready in conn.execute(
                 "SELECT b.source_id, b.ready FROM merkle.replication_backfill_state b "
                 "JOIN merkle.sources s USING (source_id) WHERE s.log_id = %s", (self.log_id,)) if not ready}
+        self.sources = by_oid
         hashes: list[bytes] = []
-        lines: list[bytes] = []  # COPY text rows of processed_log
-        log_id = self.log_id
+        rows: list[bytes] = []  # COPY rows of processed_log without their seq
         if has_backfill:
             for source_id, ord_, key, leaf in self._take_backfills(conn):
                 leaf = bytes(leaf)
-                lines.append(_COPY_ROW % (log_id, base + len(hashes), source_id, _copy_text(key), b"backfill",
-                                          leaf.hex().encode(), 0, ord_, b"\\N"))
+                rows.append(b"%d\t%d\t%b\tbackfill\t\\\\x%b\t0\t%d\t\\N\t"
+                            % (self.log_id, source_id, _copy_text(key), hexlify(leaf), ord_))
                 hashes.append(leaf)
         last = stored
+        current: dict[int, bool] = {}  # id(prepared.sources) -> equal to by_oid
         for txn in self.txns:
             if txn.end_lsn <= stored:
                 self.consumed += 1  # already in the log (a replay after a restart)
                 continue
-            leaves = leaves_of(txn, by_oid)
-            if waiting and any(leaf.source_id in waiting for leaf in leaves):
+            prepared = txn.prepared
+            if prepared is None or not current.setdefault(id(prepared.sources), prepared.sources == by_oid):
+                prepared = txn.prepared = prepare(txn, by_oid, self.log_id)
+            if waiting and not waiting.isdisjoint(prepared.source_ids):
                 break  # its source's backfill is not written yet: keep it for a later batch
-            commit = int_to_lsn(txn.commit_lsn).encode()
-            end = txn.end_lsn
-            for source_id, op, key, leaf, ord_ in leaves:
-                lines.append(_COPY_ROW % (log_id, base + len(hashes), source_id, _copy_text(key), op.encode(),
-                                          leaf.hex().encode(), end, ord_, commit))
-                hashes.append(leaf)
-            last = end
+            rows += prepared.rows
+            hashes += prepared.hashes
+            last = txn.end_lsn
             self.consumed += 1
-        if lines:
-            with conn.cursor().copy(
-                "COPY merkle.processed_log (log_id, seq, source_id, source_key, op, leaf_hash, change_id, "
-                "change_ord, commit_lsn) FROM STDIN"
-            ) as copy:
-                copy.write(b"".join(lines))
+        if rows:
+            with conn.cursor().copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN") as copy:
+                copy.write(b"".join(map(b"%b%d\n".__mod__, zip(rows, range(base, base + len(rows))))))
         if last > stored:
             conn.execute("UPDATE merkle.replication_progress SET end_lsn = %s::pg_lsn, updated_at = now() "
                          "WHERE log_id = %s", (int_to_lsn(last), self.log_id))
@@ -222,10 +265,6 @@ class ReplicationBatch:
         conn.execute("DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
                      "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s", (self.log_id,))
         return sorted(rows, key=lambda r: (r[0], r[1]))
-
-
-# One processed_log row in COPY text format; bytea as \x<hex> with its backslash escaped.
-_COPY_ROW = b"%d\t%d\t%d\t%b\t%b\t\\\\x%b\t%d\t%d\t%b\n"
 
 
 def _copy_text(text: str) -> bytes:

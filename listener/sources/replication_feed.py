@@ -8,6 +8,11 @@ Owned by the log's writer task (listener/runner.py), which holds the log's advis
     apply()        called by the writer: appends buffered transactions in one fenced batch
                    (Sequencer.append_changes), then confirms the stored end_lsn to the server
 
+A transaction's leaves are computed when it arrives (replication_apply.prepare, with the
+sources the last batch read), on the event loop while the writer's thread waits for the
+database: hashing overlaps the previous batch's writes. The batch checks the sources again
+under the log's lock and recomputes what was prepared for others.
+
 Ownership: the buffer, `_in_flight` and `_generation` are touched only from the event loop;
 the batch itself runs in a worker thread on the writer's connection. A new session (after any
 error) clears the buffer and bumps the generation, so a batch that was in flight neither trims
@@ -24,12 +29,12 @@ from collections.abc import Callable
 import anyio
 import psycopg
 
-from listener.errors import MerkleListenerError
+from listener.errors import MerkleListenerError, ProcessingError
 from listener.sequencer import BatchResult, Sequencer
 from listener.sources import publication
 from listener.sources.pgoutput import lsn_to_int
 from listener.sources.replication import ReplicationStream, Transaction
-from listener.sources.replication_apply import ReplicationBatch
+from listener.sources.replication_apply import ReplicationBatch, prepare
 from listener.store.connect import KeptConnection
 
 log = logging.getLogger("listener.replication")
@@ -37,6 +42,9 @@ log = logging.getLogger("listener.replication")
 MAX_CHANGES_PER_BATCH = 20_000
 # The stream stops reading while this many received changes wait to be appended.
 MAX_BUFFERED_CHANGES = 3 * MAX_CHANGES_PER_BATCH
+# Larger transactions are left for the writer's thread to prepare: hashing them on arrival
+# would hold up the event loop for too long.
+PREPARE_ON_ARRIVAL_MAX = 5_000
 
 
 class ReplicationFeed:
@@ -51,6 +59,8 @@ class ReplicationFeed:
         self._in_flight = False
         self._generation = 0
         self._last_empty_check = 0.0
+        self._log_id: int | None = None
+        self._sources: dict | None = None  # the replication sources the last batch read
         self._tg: anyio.abc.TaskGroup | None = None
         self._probe = KeptConnection(dsn)  # for the periodic "is there a slot?" question
 
@@ -86,12 +96,15 @@ class ReplicationFeed:
                 if count >= MAX_CHANGES_PER_BATCH:
                     break
             generation = self._generation
-            batch = ReplicationBatch(seq.log.log_id, txns)  # the writer loaded seq before the feed started
+            self._log_id = seq.log.log_id  # the writer loaded seq before the feed started
+            batch = ReplicationBatch(self._log_id, txns)
             self._in_flight = True
             try:
                 result = await anyio.to_thread.run_sync(seq.append_changes, batch)
             finally:
                 self._in_flight = False
+            if batch.sources is not None:
+                self._sources = batch.sources
             # Durable from here: trim and acknowledge (the server may now recycle that WAL).
             if generation == self._generation:
                 self._buffered_changes -= sum(len(t.changes) for t in self._buffer[:batch.consumed])
@@ -107,6 +120,11 @@ class ReplicationFeed:
         return not self._buffer and not self._in_flight
 
     def _received(self, txn: Transaction) -> None:
+        if self._sources is not None and len(txn.changes) <= PREPARE_ON_ARRIVAL_MAX:
+            try:
+                txn.prepared = prepare(txn, self._sources, self._log_id)
+            except ProcessingError:
+                pass  # the batch prepares it again and stops the log with this error
         self._buffer.append(txn)
         self._buffered_changes += len(txn.changes)
         self.wake()
