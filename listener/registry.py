@@ -163,7 +163,26 @@ def _insert_source(conn: psycopg.Connection, log: Log, spec: SourceSpec, append_
             (log.log_id, spec.schema, spec.table, spec.oid, mode, list(spec.key_columns), list(spec.columns),
              events or ["insert"], append_only, spec.row_filter, spec.entry_column),
         )
-        return cur.fetchone()
+        source = cur.fetchone()
+    _record_column_types(conn, source.source_id, spec)
+    return source
+
+
+def _record_column_types(conn: psycopg.Connection, source_id: int, spec: SourceSpec) -> None:
+    """Record the type of each column the leaves are computed from: the DDL guard
+    (sql/008_source_column_types.sql) refuses a retype against this record, in both modes."""
+    # ALTER ... TYPE needs ACCESS EXCLUSIVE: from here to COMMIT the types recorded are the
+    # ones captured (validation's locks ended with its rolled-back savepoint).
+    conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(spec.ident()))
+    cols = list(trigger.captured_columns(spec))
+    cur = conn.execute(
+        "INSERT INTO merkle.source_columns (source_id, name, type_oid, typmod) "
+        "SELECT %s, attname, atttypid, atttypmod FROM pg_attribute "
+        "WHERE attrelid = %s AND attname = ANY(%s) AND attnum > 0 AND NOT attisdropped",
+        (source_id, spec.oid, cols),
+    )
+    if cur.rowcount != len(cols):
+        raise SourceTableError(f"the columns of {spec.qualified} changed while it was being registered; retry")
 
 
 def check_not_a_source(conn: psycopg.Connection, spec: SourceSpec) -> None:

@@ -8,6 +8,9 @@ import pytest
 from listener import registry
 from listener.runner import connect
 from listener.sequencer import Sequencer
+from listener.sources import replication_setup
+from listener.store import migrate
+from listener.store.connect import options_string
 from tests.helpers import check_log
 
 
@@ -103,3 +106,110 @@ def test_replica_identity_must_stay_full_while_updates_are_logged(rconn, dsn):
                             dsn=dsn)
     with pytest.raises(psycopg.Error, match="REPLICA IDENTITY must stay FULL"):
         conn.execute("ALTER TABLE accounts REPLICA IDENTITY DEFAULT")
+
+
+def _recorded(conn, table=None) -> dict[str, str]:
+    """merkle.source_columns as {column: type}, for one table's source or for all."""
+    return dict(conn.execute(
+        "SELECT r.name, format_type(r.type_oid, r.typmod) FROM merkle.source_columns r "
+        "JOIN merkle.sources s USING (source_id) WHERE %(t)s::text IS NULL OR s.table_name = %(t)s "
+        "ORDER BY s.source_id, r.name", {"t": table}).fetchall())
+
+
+@pytest.fixture
+def ledger(rconn, dsn):
+    """A replication source hashing id, amount and code; memo is not hashed."""
+    rconn.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric(12,2), code varchar(10), memo text)")
+    registry.create_log(rconn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "ledger", mode="replication", columns=["id", "amount", "code"], dsn=dsn)
+    return rconn
+
+
+LEDGER_TYPES = {"id": "integer", "amount": "numeric(12,2)", "code": "character varying(10)"}
+
+
+@pytest.mark.parametrize("ddl, column", [
+    ("ALTER TABLE ledger ALTER amount TYPE numeric(14,4)", "amount"),
+    ("ALTER TABLE ledger ALTER amount TYPE text", "amount"),
+    ("ALTER TABLE ledger ALTER code TYPE varchar(20)", "code"),
+    ("ALTER TABLE ledger ALTER id TYPE bigint", "id"),
+])
+def test_replication_source_refuses_retyping_a_hashed_column(ledger, ddl, column):
+    assert _recorded(ledger) == LEDGER_TYPES
+    with pytest.raises(psycopg.Error, match="ALTER refused on public.ledger") as exc:
+        ledger.execute(ddl)
+    assert exc.value.sqlstate == "ML101" and f"column {column} is hashed" in str(exc.value)
+    assert ledger.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                          "WHERE attrelid = 'ledger'::regclass AND attname = %s", (column,)).fetchone()[0] \
+        == LEDGER_TYPES[column]
+
+
+def test_replication_source_allows_new_columns_and_retyping_unhashed_ones(ledger):
+    ledger.execute("ALTER TABLE ledger ADD COLUMN extra int")
+    ledger.execute("ALTER TABLE ledger ALTER memo TYPE varchar(50)")
+    assert _recorded(ledger) == LEDGER_TYPES
+    with pytest.raises(psycopg.Error, match="column amount is hashed"):
+        ledger.execute("ALTER TABLE ledger ALTER amount TYPE numeric(14,4)")
+
+
+def test_trigger_source_records_the_outbox_types(conn, dsn):
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, entry bytea NOT NULL, note varchar(5))")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        source, _ = registry.add_source(c, "audit", "docs", entry_column="entry")
+    outbox = dict(conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND attname IN ('id', 'entry', 'note')",
+        (f"merkle.outbox_{source.source_id}",)).fetchall())
+    assert _recorded(conn, "docs") == outbox == {"id": "integer", "entry": "bytea"}
+    conn.execute("ALTER TABLE docs ALTER note TYPE text")  # the leaf is the entry column's bytes
+    with pytest.raises(psycopg.Error, match="column id is hashed"):
+        conn.execute("ALTER TABLE docs ALTER id TYPE bigint")
+
+
+def test_migration_records_the_types_of_sources_registered_before_it(rconn, dsn):
+    conn = rconn
+    conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric(12,2), code varchar(10), memo text)")
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body varchar(4))")
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, entry bytea NOT NULL, note text)")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "ledger", mode="replication", columns=["id", "amount", "code"], dsn=dsn)
+        registry.add_source(c, "audit", "notes")
+        registry.add_source(c, "audit", "docs", mode="replication", entry_column="entry", dsn=dsn)
+    as_registered = _recorded(conn)
+    # Back to a database at 007: no recorded types (008's guard function stays, 008 replaces
+    # it again). The migrate API applies every known migration, so 008 is unapplied by hand.
+    conn.execute("DROP TABLE merkle.source_columns")
+    conn.execute("DELETE FROM merkle.schema_version WHERE version = 8")
+    # A trigger source's record comes from its outbox, the types as registered: a retype made
+    # while no guard was installed is not taken for the registered type.
+    conn.execute("ALTER EVENT TRIGGER merkle_source_ddl DISABLE")
+    conn.execute("ALTER TABLE notes ALTER body TYPE varchar(40)")
+    conn.execute("ALTER EVENT TRIGGER merkle_source_ddl ENABLE")
+    with psycopg.connect(dsn, options=options_string()) as c:
+        assert [m.version for m in migrate.apply(c)] == [8]
+        migrate.check_version(c)
+    assert _recorded(conn) == as_registered
+    assert _recorded(conn, "docs") == {"id": "integer", "entry": "bytea"}
+    with pytest.raises(psycopg.Error, match="column amount is hashed") as exc:
+        conn.execute("ALTER TABLE ledger ALTER amount TYPE numeric(14,4)")
+    assert exc.value.sqlstate == "ML101"
+    with pytest.raises(psycopg.Error, match="column body is hashed"):
+        conn.execute("ALTER TABLE notes ADD COLUMN extra int")
+
+
+def test_removed_sources_leave_no_recorded_types(rconn, dsn):
+    conn = rconn
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    conn.execute("CREATE TABLE facts (id int PRIMARY KEY, body text)")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "notes")
+        registry.add_source(c, "audit", "facts", mode="replication", dsn=dsn)
+        assert conn.execute("SELECT count(*) FROM merkle.source_columns").fetchone()[0] == 4
+        assert registry.remove_source(c, "audit", "notes") == 0
+        assert _recorded(conn) == {"id": "integer", "body": "text"} == _recorded(conn, "facts")
+        replication_setup.drop_log(c, "audit", dsn=dsn)
+    assert conn.execute("SELECT count(*) FROM merkle.source_columns").fetchone()[0] == 0
