@@ -111,3 +111,20 @@ def test_raw_mode_keeps_utf8_bytes(conn, peek):
     insert = next(b for b in peek() if b[:1] == b"I")
     assert po.decode(insert, raw=True).new == (b"7", 'é"'.encode(), None, None)
     assert po.decode(insert).new == ("7", 'é"', None, None)
+
+
+def test_fast_insert_decoder_equals_decode(conn, peek):
+    """insert_new_values (the consumer's hot path) gives decode's raw values on real Inserts,
+    NULLs and a TOASTed value included, and refuses every truncation of the message."""
+    conn.execute("INSERT INTO t VALUES (1, 'plain', 1.5, '2026-01-01 00:00:00+00'), (2, NULL, NULL, NULL)")
+    conn.execute("INSERT INTO t VALUES (3, repeat('x', 300000), -0.0, now())")
+    inserts = [b for b in peek() if b[:1] == b"I"]
+    assert len(inserts) == 3
+    for insert in inserts:
+        assert po.relation_oid_of_change(insert) == po.decode(insert).relation_oid
+        assert tuple(po.insert_new_values(insert)) == po.decode(insert, raw=True).new
+        for cut in (1, 2, 5, len(insert) - 7):
+            with pytest.raises(ProcessingError, match="truncated or malformed"):
+                po.insert_new_values(insert[:-cut])
+    assert po.insert_new_values(inserts[1])[1:] == [None, None, None]
+    assert len(po.insert_new_values(inserts[2])[1]) == 300000

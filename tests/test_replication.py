@@ -328,3 +328,34 @@ def test_row_filter_entry_column_and_log_drop(rconn):
     assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM merkle.processed_log").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM merkle.logs").fetchone()[0] == 0
+
+
+def test_batch_prepares_again_for_changed_sources(rconn):
+    """A transaction prepared on arrival with sources that are no longer the log's (here:
+    none, as before a source was added) is prepared again under the log's lock, so its
+    changes are not lost; one prepared with the current sources is used as it is."""
+    from listener.sequencer import Sequencer
+    from listener.sources.replication_apply import ReplicationBatch, prepare
+
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    log = registry.create_log(conn, "pa")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "pa", "t", mode="replication")
+    for i in range(2):
+        conn.execute("INSERT INTO t VALUES (%s)", (i,))
+    txns = _receive(conn.info.dsn, "merkle_pa", 0, 2)
+    stale = prepare(txns[0], {}, log.log_id)
+    assert stale.rows == [] and stale.hashes == []
+    txns[0].prepared = stale
+    with connect(conn.info.dsn) as c:
+        seq = Sequencer(c, "pa")
+        batch = ReplicationBatch(log.log_id, txns[:1])
+        assert seq.append_changes(batch).count == 1
+        assert txns[0].prepared is not stale and len(txns[0].prepared.hashes) == 1
+        current = prepare(txns[1], batch.sources, log.log_id)
+        txns[1].prepared = current
+        assert seq.append_changes(ReplicationBatch(log.log_id, txns[1:])).count == 1
+        assert txns[1].prepared is current
+    rows = check_log(conn, "pa")
+    assert [orjson_id(r[2]) for r in rows] == ["0", "1"]

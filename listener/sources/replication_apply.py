@@ -43,6 +43,9 @@ from listener.sources.replication import Transaction
 COPY_COLUMNS = "log_id, source_id, source_key, op, leaf_hash, change_id, change_ord, commit_lsn, seq"
 
 
+_OPS = {73: "insert", 85: "update", 68: "delete"}  # pgoutput message type ('I', 'U', 'D') -> op
+
+
 class Prepared(NamedTuple):
     """One transaction's leaves, in its order."""
 
@@ -133,18 +136,17 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
                 f"replication stream: change of relation {s.table_oid} before its Relation message")
         if relation is not last_relation or s is not last_source:
             plan, last_relation, last_source = _plan_for(s, relation), relation, s
-        if payload[0] == 73:  # 'I'
-            if "insert" not in s.events:
-                continue
-            op, values, old, old_kind = "insert", insert_values(payload), None, None
+        op = _OPS[payload[0]]
+        if op not in s.events:
+            continue
+        if op == "insert":
+            values, old, old_kind = insert_values(payload), None, None
         else:
             msg = po.decode(payload, raw=True)
-            if type(msg) is po.Update:
-                op, values, old, old_kind = "update", msg.new, msg.old, msg.old_kind
+            if op == "update":
+                values, old, old_kind = msg.new, msg.old, msg.old_kind
             else:
-                op, values, old, old_kind = "delete", msg.old, None, msg.old_kind
-            if op not in s.events:
-                continue
+                values, old, old_kind = msg.old, None, msg.old_kind
         if po.UNCHANGED in values:
             values = _fill_unchanged(s, relation, values, old, plan)
         if op == "delete":
