@@ -30,6 +30,7 @@ import anyio
 import psycopg
 
 from listener.errors import MerkleListenerError, ProcessingError
+from listener.registry import list_sources
 from listener.sequencer import BatchResult, Sequencer
 from listener.sources import publication
 from listener.sources.pgoutput import lsn_to_int
@@ -60,7 +61,7 @@ class ReplicationFeed:
         self._generation = 0
         self._last_empty_check = 0.0
         self._log_id: int | None = None
-        self._sources: dict | None = None  # the replication sources the last batch read
+        self._sources: dict | None = None  # replication sources as last read (session start or batch)
         self._tg: anyio.abc.TaskGroup | None = None
         self._probe = KeptConnection(dsn)  # for the periodic "is there a slot?" question
 
@@ -174,9 +175,16 @@ class ReplicationFeed:
             delay = min(5.0, delay * 2)
 
     def _durable_position(self) -> int | None:
-        """The stored end_lsn, or None when the log has no slot to stream from."""
-        row = self._probe.get().execute(
-            "SELECT p.end_lsn::text FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
+        """The stored end_lsn, or None when the log has no slot to stream from. Also reads
+        the log's replication sources, so that transactions are prepared on arrival from the
+        start (the batch checks them again under the log's lock)."""
+        conn = self._probe.get()
+        row = conn.execute(
+            "SELECT p.end_lsn::text, l.log_id FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
             "JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
             (self.log_name,)).fetchone()
-        return None if row is None else lsn_to_int(row[0])
+        if row is None:
+            return None
+        self._log_id = row[1]
+        self._sources = {s.table_oid: s for s in list_sources(conn, self._log_id) if s.mode == "replication"}
+        return lsn_to_int(row[0])
