@@ -43,7 +43,8 @@ from listener.sources.replication import Transaction
 COPY_COLUMNS = "log_id, source_id, source_key, op, leaf_hash, change_id, change_ord, commit_lsn, seq"
 
 
-_OPS = {73: "insert", 85: "update", 68: "delete"}  # pgoutput message type ('I', 'U', 'D') -> op
+_INSERT, _UPDATE, _DELETE = "insert", "update", "delete"
+_OPS = {73: _INSERT, 85: _UPDATE, 68: _DELETE}  # pgoutput message type ('I', 'U', 'D') -> op
 
 
 class Prepared(NamedTuple):
@@ -52,7 +53,7 @@ class Prepared(NamedTuple):
     sources: dict[int, Source]  # table OID -> replication source: what they were computed for
     rows: list[bytes]  # COPY text rows of processed_log without the trailing "seq\n"
     hashes: list[bytes]  # leaf hashes
-    source_ids: frozenset[int]
+    source_ids: frozenset[int]  # the sources whose tables it changed
 
 
 def _getter(positions: list[int]):
@@ -68,7 +69,7 @@ class _Plan:
     the canonical (sorted) order and the templates. Built once per source and Relation."""
 
     __slots__ = ("source", "relation", "entry_idx", "key_idx", "key", "entries", "entry_column_idx",
-                 "entry_values", "key_values", "used_idx")
+                 "entry_values", "key_values", "used_idx", "events")
 
     def __init__(self, s: Source, relation: po.Relation):
         self.source, self.relation = s, relation
@@ -83,12 +84,13 @@ class _Plan:
         self.key = canonical.ObjectTemplate(s.key_columns)
         self.key_idx = [pos[c] for c in self.key.columns]
         self.entries = {op: canonical.entry_template(op, s.qualified, s.columns) for op in ("insert", "update")}
-        self.entries["delete"] = canonical.entry_template("delete", s.qualified, s.key_columns)
+        self.entries[_DELETE] = canonical.entry_template("delete", s.qualified, s.key_columns)
         self.entry_idx = [pos[c] for c in self.entries["insert"].columns]
         self.entry_column_idx = pos[s.entry_column] if s.entry_column else None
         self.entry_values = _getter(self.entry_idx)
         self.key_values = _getter(self.key_idx)
         self.used_idx = sorted(set(self.entry_idx) | set(self.key_idx) | ({self.entry_column_idx} - {None}))
+        self.events = frozenset(s.events)
 
 
 _plans: dict[tuple[int, int], _Plan] = {}
@@ -116,7 +118,7 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
     insert_values = po.insert_new_values
     tail = b"\t%d\t%%d\t%b\t" % (txn.end_lsn, int_to_lsn(txn.commit_lsn).encode())
     formats: dict[tuple[int, str], bytes] = {}  # (source, op) -> COPY row format for this transaction
-    last_relation = last_source = plan = None
+    last_relation = last_source = plan = fmt_plan = fmt_op = None
     for relation, payload in txn.changes:
         if type(payload) is po.Truncate:
             for oid in payload.relation_oids:
@@ -136,29 +138,16 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
                 f"replication stream: change of relation {s.table_oid} before its Relation message")
         if relation is not last_relation or s is not last_source:
             plan, last_relation, last_source = _plan_for(s, relation), relation, s
+            source_ids.add(s.source_id)
         op = _OPS[payload[0]]
-        if op not in s.events:
+        if op not in plan.events:
             continue
-        if op == "insert":
-            values, old, old_kind = insert_values(payload), None, None
+        if op is _INSERT:
+            values = insert_values(payload)  # an Insert carries every value (never UNCHANGED)
         else:
-            msg = po.decode(payload, raw=True)
-            if op == "update":
-                values, old, old_kind = msg.new, msg.old, msg.old_kind
-            else:
-                values, old, old_kind = msg.old, None, msg.old_kind
-        if po.UNCHANGED in values:
-            values = _fill_unchanged(s, relation, values, old, plan)
-        if op == "delete":
-            if old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
-                # Only the replica identity was sent: the source's key would be hashed as nulls.
-                raise ProcessingError(
-                    f"{s.qualified}: a DELETE arrived with REPLICA IDENTITY columns only, which do not include "
-                    f"the source's key ({', '.join(s.key_columns)}); deletes are logged with REPLICA IDENTITY "
-                    "FULL only. Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... "
-                    "REPLICA IDENTITY FULL"
-                )
-            entry = plan.entries["delete"].encode(plan.key_values(values))
+            values = _old_or_new_values(s, relation, plan, op, po.decode(payload, raw=True))
+        if op is _DELETE:
+            entry = plan.entries[op].encode(plan.key_values(values))
         elif plan.entry_column_idx is not None:
             entry = _entry_column_bytes(s, values[plan.entry_column_idx])
         else:
@@ -166,11 +155,12 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
         key = plan.key.encode(plan.key_values(values))
         if b"\\" in key:
             key = key.replace(b"\\", b"\\\\")  # COPY's escape; JSON already escaped control characters
+        if plan is not fmt_plan or op is not fmt_op:
+            fmt_plan, fmt_op = plan, op
+            fmt = formats.get((s.source_id, op)) or _row_format(formats, log_id, s.source_id, op, tail)
         leaf = sha256(prefix + entry).digest()
-        fmt = formats.get((s.source_id, op)) or _row_format(formats, log_id, s.source_id, op, tail)
         rows.append(fmt % (key, hexlify(leaf), len(rows) + 1))
         hashes.append(leaf)
-        source_ids.add(s.source_id)
     return Prepared(sources, rows, hashes, frozenset(source_ids))
 
 
@@ -178,6 +168,25 @@ def _row_format(formats: dict, log_id: int, source_id: int, op: str, tail: bytes
     """COPY row of processed_log without its seq: key, leaf hash (hex) and ordinal to fill."""
     fmt = formats[(source_id, op)] = b"%d\t%d\t%%b\t%b\t\\\\x%%b" % (log_id, source_id, op.encode()) + tail
     return fmt
+
+
+def _old_or_new_values(s: Source, relation: po.Relation, plan: _Plan, op: str, msg) -> tuple:
+    """The values an Update (its new row) or a Delete (its old row) is logged with."""
+    if op == "update":
+        values, old = msg.new, msg.old
+    else:
+        values, old = msg.old, None
+        if msg.old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
+            # Only the replica identity was sent: the source's key would be hashed as nulls.
+            raise ProcessingError(
+                f"{s.qualified}: a DELETE arrived with REPLICA IDENTITY columns only, which do not include "
+                f"the source's key ({', '.join(s.key_columns)}); deletes are logged with REPLICA IDENTITY "
+                "FULL only. Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... "
+                "REPLICA IDENTITY FULL"
+            )
+    if po.UNCHANGED in values:
+        values = _fill_unchanged(s, relation, values, old, plan)
+    return values
 
 
 def _fill_unchanged(s: Source, relation: po.Relation, values, old, plan: _Plan) -> tuple:
