@@ -66,37 +66,86 @@ def _size(conn: psycopg.Connection, log: str) -> int:
 
 def bench_writers(dsn: str, rows: int) -> dict:
     """Bulk INSERT rate into one table: with no slot, then in alternating rounds with the log's
-    slot present but not read (listener stopped) and with the listener streaming it (caught up
-    before each round). Alternating keeps both under the same machine state: on a shared VM
-    the speed drifts between phases by more than the effect measured. The streaming rounds
-    share this machine's cores with the listener and the walsender, so they also measure CPU
-    competition, not only capture."""
+    slot present but not read (listener stopped), with the listener streaming it (caught up
+    before each round), and with pg_recvlogical streaming the same publication to /dev/null
+    instead (what any logical consumer costs the writers here). Alternating keeps all under
+    the same machine state: on a shared VM the speed drifts between phases by more than the
+    effect measured. The streaming rounds share this machine's cores with the consumer and
+    its walsender, so they measure CPU competition as much as capture."""
     with connect(dsn) as conn:
         base = iter(range(0, 10**9, rows))
+        _bulk_rate(conn, "repl", next(base), rows)  # warm-up: the first round into a new table is slower
         without = max(_bulk_rate(conn, "repl", next(base), rows) for _ in range(3))
         registry.create_log(conn, "bench_r")
         registry.add_source(conn, "bench_r", "repl", mode="replication")
-        idle, streaming, captured = [], [], 0
-        for _ in range(3):
-            idle.append(_bulk_rate(conn, "repl", next(base), rows))
-            captured += rows
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (LIMIT_SLOT,))
+        conn.commit()
+        idle, streaming, recvlogical, captured = [], [], [], 0
+        try:
+            for _ in range(3):
+                idle.append(_bulk_rate(conn, "repl", next(base), rows))
+                captured += rows
+                listener = _listener(dsn, "bench_r")
+                try:
+                    _wait_size(conn, "bench_r", captured, timeout=900)
+                    streaming.append(_bulk_rate(conn, "repl", next(base), rows))
+                    captured += rows
+                    _wait_size(conn, "bench_r", captured, timeout=900)
+                finally:
+                    _stop(listener)
+                other = _pg_recvlogical(dsn)
+                try:
+                    _wait_confirmed(conn, LIMIT_SLOT)
+                    recvlogical.append(_bulk_rate(conn, "repl", next(base), rows))
+                    captured += rows  # the listener takes these when it runs again
+                    _wait_confirmed(conn, LIMIT_SLOT)
+                finally:
+                    _stop(other)
             listener = _listener(dsn, "bench_r")
             try:
                 _wait_size(conn, "bench_r", captured, timeout=900)
-                streaming.append(_bulk_rate(conn, "repl", next(base), rows))
-                captured += rows
-                _wait_size(conn, "bench_r", captured, timeout=900)
             finally:
                 _stop(listener)
+        finally:
+            conn.rollback()
+            with connect(dsn, autocommit=True) as admin:
+                drop_slot(admin, LIMIT_SLOT)
     return {"bulk_rows_per_s_without_slot": round(without), "bulk_rows_per_s_with_slot": round(max(idle)),
             "bulk_rows_per_s_with_slot_streaming": round(max(streaming)),
-            "ratio": round(max(idle) / without, 3), "ratio_streaming": round(max(streaming) / max(idle), 3),
-            "note": "best of 3 rounds each; ratio_streaming = streaming / slot not read, from alternating rounds"}
+            "bulk_rows_per_s_with_pg_recvlogical_streaming": round(max(recvlogical)),
+            "ratio": round(max(idle) / without, 3),
+            "ratio_streaming_vs_idle": round(max(streaming) / max(idle), 3),
+            "ratio_pg_recvlogical_streaming_vs_idle": round(max(recvlogical) / max(idle), 3),
+            "note": "best of 3 rounds each; the streaming ratios are against the slot not read, from alternating rounds"}
 
 
-def bench_end_to_end(dsn: str, rows: int) -> dict:
+def _pg_recvlogical(dsn: str) -> subprocess.Popen:
+    """pg_recvlogical streaming the log's publication from LIMIT_SLOT to /dev/null, reporting
+    its position every second."""
+    return subprocess.Popen(
+        [str(bin_dir() / "pg_recvlogical"), "--dbname", dsn, "--slot", LIMIT_SLOT, "--start", "-s", "1", "-F", "1",
+         "-o", "proto_version=1", "-o", "publication_names=merkle_bench_r", "-f", "/dev/null"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_confirmed(conn: psycopg.Connection, slot: str, timeout: float = 60) -> None:
+    """Until the slot has confirmed the WAL written so far (or timeout: then go on anyway)."""
+    target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    conn.commit()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = conn.execute("SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = %s",
+                            (target, slot)).fetchone()[0]
+        conn.commit()
+        if done:
+            return
+        time.sleep(0.05)
+
+
+def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
     """A backlog of `rows` rows (1,000-row transactions) waits in both slots; each consumer
-    is timed from its start until it has everything."""
+    is timed from its start until it has everything. `cpu`: the server runs on this machine,
+    so its processes' CPU time can be read from /proc."""
     with connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (LIMIT_SLOT,))
         try:
@@ -126,8 +175,10 @@ def bench_end_to_end(dsn: str, rows: int) -> dict:
             pids = {"listener (Python)": [listener.pid]}
             for kind, pid in conn.execute(
                     "SELECT CASE WHEN backend_type = 'walsender' THEN 'walsender' ELSE 'listener sessions' END, pid "
-                    "FROM pg_stat_activity WHERE application_name = 'merkle-listener'"):
+                    "FROM pg_stat_activity WHERE application_name = 'merkle-listener' AND pid <> pg_backend_pid()"):
                 pids.setdefault(kind, []).append(pid)
+            if not cpu:
+                pids = {}
             cpu_before = {kind: _cpu_seconds(p) for kind, p in pids.items()}
             _wait_size(conn, "bench_r", base + rows, timeout=600)
             ours_s = time.perf_counter() - t
@@ -147,7 +198,7 @@ def bench_end_to_end(dsn: str, rows: int) -> dict:
             "listener_rows_per_s_with_startup": round(rows / ours_s), "listener_rows_per_s_acked": round(rows / acked_s),
             "listener_rows_per_s_sustained": round(sustained),
             "listener_first_leaf_after_s": round(t_first - t, 2), "slot_wal_decoded_again_bytes": replay_bytes,
-            "cpu_us_per_row_sustained": cpu_us_per_row,
+            "cpu_us_per_row_sustained": cpu_us_per_row or "not measured (server not on this machine)",
             "ratio": round(rows / acked_s / (rows / limit_s), 3),
             "ratio_sustained": round(sustained / (rows / limit_s), 3),
             "note": "ratio counts the listener's start-up (process, connect, START_REPLICATION) and the final ack"}
@@ -169,20 +220,23 @@ def bench_floor(dsn: str, rows: int, per_txn: int = 20_000) -> dict:
     """PostgreSQL alone writing processed_log rows shaped like the listener's (one source,
     JSON key, insert, random leaf hash, commit LSNs), in a log of its own."""
     with connect(dsn) as conn:
-        log_id = registry.create_log(conn, "bench_floor").log_id
-        lines = [b'%d\t1\t{"id":%d}\tinsert\t\\\\x%b\t%d\t%d\t0/1\t%d\n'
-                 % (log_id, i, hashlib.sha256(b"%d" % i).hexdigest().encode(), 1000 + i // 1000, i % 1000 + 1, i)
-                 for i in range(rows)]
-        t = time.perf_counter()
-        for lo in range(0, rows, per_txn):
-            with conn.cursor().copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN") as copy:
-                copy.write(b"".join(lines[lo:lo + per_txn]))
+        log_id = registry.create_log(conn, f"bench_floor_{os.getpid()}").log_id
+        try:
+            lines = [b'%d\t1\t{"id":"%d"}\tinsert\t\\\\x%b\t%d\t%d\t0/1\t%d\n'
+                     % (log_id, i, hashlib.sha256(b"%d" % i).hexdigest().encode(), 1000 + i // 1000, i % 1000 + 1, i)
+                     for i in range(rows)]
+            t = time.perf_counter()
+            for lo in range(0, rows, per_txn):
+                with conn.cursor().copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN") as copy:
+                    copy.write(b"".join(lines[lo:lo + per_txn]))
+                conn.commit()
+            elapsed = time.perf_counter() - t
+        finally:
+            # Rows without a tree: remove them with their log.
+            conn.rollback()
+            conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log_id,))
+            conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log_id,))
             conn.commit()
-        elapsed = time.perf_counter() - t
-        # Rows without a tree: remove them with their log.
-        conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log_id,))
-        conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log_id,))
-        conn.commit()
     return {"rows": rows, "processed_log_rows_per_s": round(rows / elapsed)}
 
 
@@ -214,7 +268,7 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
             # of new rows would compete for the same cores during the paced run.
             result["latency"] = bench_latency(target, rate, seconds)
             result["writers"] = bench_writers(target, rows)
-            result["end_to_end"] = e2e = bench_end_to_end(target, rows)
+            result["end_to_end"] = e2e = bench_end_to_end(target, rows, cpu=dsn is None)
             result["floor"] = floor = bench_floor(target, rows)
             floor["listener_sustained_vs_floor"] = round(e2e["listener_rows_per_s_sustained"]
                                                          / floor["processed_log_rows_per_s"], 3)

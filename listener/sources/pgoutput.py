@@ -252,7 +252,7 @@ def _tuple_at(buf: bytes, pos: int, raw: bool = False) -> tuple[tuple[Value, ...
 
 def insert_new_values(payload: bytes) -> list:
     """The new tuple of an Insert message ('I', relation OID, 'N', TupleData) as raw values:
-    UTF-8 bytes of the text output or None. The consumer's hot path: no message
+    UTF-8 bytes of the text output, None or UNCHANGED. The consumer's hot path: no message
     object, and one length check at the end instead of one per column (a truncated value
     leaves the position past the end). Raises ProcessingError for a malformed message."""
     try:
@@ -271,10 +271,12 @@ def insert_new_values(payload: bytes) -> list:
             elif kind == 110:  # 'n'
                 append(None)
                 pos += 1
+            elif kind == 117:  # 'u': an UPDATE sent as an INSERT (row filters) may carry it
+                append(UNCHANGED)
+                pos += 1
             else:
-                # 'u' (unchanged TOASTed value) belongs to updates only; 'b' needs the `binary`
-                # option, which the listener never sets.
-                raise ValueError(f"tuple column kind {chr(kind)!r} in an Insert")
+                # 'b' (binary) only comes with the `binary` option, which the listener never sets.
+                raise ValueError(f"tuple column kind {chr(kind)!r} is not supported (start without 'binary')")
         if pos != len(payload):
             raise ValueError("length does not match its columns")
     except (struct.error, IndexError, ValueError) as exc:

@@ -35,7 +35,7 @@ from listener import canonical
 from listener.errors import ProcessingError
 from listener.registry import Source, list_sources
 from listener.sources import pgoutput as po
-from listener.sources.pgoutput import int_to_lsn, lsn_to_int
+from listener.sources.pgoutput import UNCHANGED, int_to_lsn, lsn_to_int
 from listener.sources.replication import Transaction
 
 # processed_log's columns in the order of the COPY rows: seq last, the one field a row's
@@ -50,10 +50,11 @@ _OPS = {73: _INSERT, 85: _UPDATE, 68: _DELETE}  # pgoutput message type ('I', 'U
 class Prepared(NamedTuple):
     """One transaction's leaves, in its order."""
 
+    log_id: int
     sources: dict[int, Source]  # table OID -> replication source: what they were computed for
     rows: list[bytes]  # COPY text rows of processed_log without the trailing "seq\n"
     hashes: list[bytes]  # leaf hashes
-    source_ids: frozenset[int]  # the sources whose tables it changed
+    source_ids: frozenset[int]  # the sources it has leaves of
 
 
 def _getter(positions: list[int]):
@@ -69,7 +70,7 @@ class _Plan:
     the canonical (sorted) order and the templates. Built once per source and Relation."""
 
     __slots__ = ("source", "relation", "entry_idx", "key_idx", "key", "entries", "entry_column_idx",
-                 "entry_values", "key_values", "used_idx", "events")
+                 "entry_values", "key_values", "used_idx")
 
     def __init__(self, s: Source, relation: po.Relation):
         self.source, self.relation = s, relation
@@ -90,7 +91,6 @@ class _Plan:
         self.entry_values = _getter(self.entry_idx)
         self.key_values = _getter(self.key_idx)
         self.used_idx = sorted(set(self.entry_idx) | set(self.key_idx) | ({self.entry_column_idx} - {None}))
-        self.events = frozenset(s.events)
 
 
 _plans: dict[tuple[int, int], _Plan] = {}
@@ -137,13 +137,19 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
             raise ProcessingError(
                 f"replication stream: change of relation {s.table_oid} before its Relation message")
         if relation is not last_relation or s is not last_source:
-            plan, last_relation, last_source = _plan_for(s, relation), relation, s
-            source_ids.add(s.source_id)
+            last_relation, last_source, plan = relation, s, None
         op = _OPS[payload[0]]
-        if op not in plan.events:
+        if op not in s.events:
             continue
+        if plan is None:
+            plan = _plan_for(s, relation)
+            source_ids.add(s.source_id)
         if op is _INSERT:
-            values = insert_values(payload)  # an Insert carries every value (never UNCHANGED)
+            values = insert_values(payload)
+            if UNCHANGED in values:
+                # An UPDATE that moved a row into a row filter is sent as an INSERT and may
+                # lack unchanged TOASTed values (without REPLICA IDENTITY FULL).
+                values = _fill_unchanged(s, relation, values, None, plan)
         else:
             values = _old_or_new_values(s, relation, plan, op, po.decode(payload, raw=True))
         if op is _DELETE:
@@ -161,7 +167,7 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
         leaf = sha256(prefix + entry).digest()
         rows.append(fmt % (key, hexlify(leaf), len(rows) + 1))
         hashes.append(leaf)
-    return Prepared(sources, rows, hashes, frozenset(source_ids))
+    return Prepared(log_id, sources, rows, hashes, frozenset(source_ids))
 
 
 def _row_format(formats: dict, log_id: int, source_id: int, op: str, tail: bytes) -> bytes:
@@ -173,7 +179,9 @@ def _row_format(formats: dict, log_id: int, source_id: int, op: str, tail: bytes
 def _old_or_new_values(s: Source, relation: po.Relation, plan: _Plan, op: str, msg) -> tuple:
     """The values an Update (its new row) or a Delete (its old row) is logged with."""
     if op == "update":
-        values, old = msg.new, msg.old
+        # Only a whole old row ('O', REPLICA IDENTITY FULL) may fill unchanged values: a key-only
+        # one ('K') has NULL in every other column.
+        values, old = msg.new, (msg.old if msg.old_kind == "O" else None)
     else:
         values, old = msg.old, None
         if msg.old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
@@ -184,7 +192,7 @@ def _old_or_new_values(s: Source, relation: po.Relation, plan: _Plan, op: str, m
                 "FULL only. Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... "
                 "REPLICA IDENTITY FULL"
             )
-    if po.UNCHANGED in values:
+    if UNCHANGED in values:
         values = _fill_unchanged(s, relation, values, old, plan)
     return values
 
@@ -244,13 +252,19 @@ class ReplicationBatch:
                             % (self.log_id, source_id, _copy_text(key), hexlify(leaf), ord_))
                 hashes.append(leaf)
         last = stored
-        current: dict[int, bool] = {}  # id(prepared.sources) -> equal to by_oid
+        current: dict[int, bool] = {}  # id(prepared.sources) -> equal to by_oid (they stay alive meanwhile)
         for txn in self.txns:
             if txn.end_lsn <= stored:
                 self.consumed += 1  # already in the log (a replay after a restart)
                 continue
             prepared = txn.prepared
-            if prepared is None or not current.setdefault(id(prepared.sources), prepared.sources == by_oid):
+            if prepared is not None:
+                valid = current.get(id(prepared.sources))
+                if valid is None:
+                    valid = current[id(prepared.sources)] = prepared.sources == by_oid
+                if not valid or prepared.log_id != self.log_id:
+                    prepared = None
+            if prepared is None:
                 prepared = txn.prepared = prepare(txn, by_oid, self.log_id)
             if waiting and not waiting.isdisjoint(prepared.source_ids):
                 break  # its source's backfill is not written yet: keep it for a later batch

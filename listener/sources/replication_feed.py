@@ -14,7 +14,9 @@ database: hashing overlaps the previous batch's writes. The batch checks the sou
 under the log's lock and recomputes what was prepared for others.
 
 Ownership: the buffer, `_in_flight` and `_generation` are touched only from the event loop;
-the batch itself runs in a worker thread on the writer's connection. A new session (after any
+the batch itself runs in a worker thread on the writer's connection. `_sources` and `_log_id`
+are replaced whole (a worker thread does so at session start) and only read on arrival: a
+stale value costs a second prepare in the batch, never a wrong leaf. A new session (after any
 error) clears the buffer and bumps the generation, so a batch that was in flight neither trims
 the new buffer nor confirms on the new stream; whatever the new session receives again is
 skipped by the end_lsn check inside the batch transaction.
@@ -29,7 +31,7 @@ from collections.abc import Callable
 import anyio
 import psycopg
 
-from listener.errors import MerkleListenerError, ProcessingError
+from listener.errors import MerkleListenerError
 from listener.registry import list_sources
 from listener.sequencer import BatchResult, Sequencer
 from listener.sources import publication
@@ -124,8 +126,8 @@ class ReplicationFeed:
         if self._sources is not None and len(txn.changes) <= PREPARE_ON_ARRIVAL_MAX:
             try:
                 txn.prepared = prepare(txn, self._sources, self._log_id)
-            except ProcessingError:
-                pass  # the batch prepares it again and stops the log with this error
+            except Exception:  # noqa: BLE001 - with sources that may be stale: the batch decides
+                pass  # the batch prepares it again and stops the log with any error that remains
         self._buffer.append(txn)
         self._buffered_changes += len(txn.changes)
         self.wake()
