@@ -92,22 +92,32 @@ class Sequencer:
         progress (end_lsn) in the same transaction (listener/sources/replication_apply.py).
         Acknowledge changes.end_lsn to the server only after this returns. A paused log
         appends nothing (and so nothing is acknowledged)."""
-        return self._batch(lambda source_ids: changes.append(self.conn, self.tree.size))
+        return self._batch(lambda source_ids, extend: changes.append(self.conn, self.tree.size, extend))
 
-    def _batch(self, append_leaves: Callable[[tuple[int, ...]], list[bytes]]) -> BatchResult | None:
+    def _batch(self, append_leaves: Callable[[tuple[int, ...], Callable[[list[bytes]], None]], list[bytes]]
+               ) -> BatchResult | None:
+        """`append_leaves(source_ids, extend)` writes the leaves and returns their hashes; it
+        may call extend(hashes) itself while its rows are still being written, so that the
+        tree's hashing overlaps the server's work (otherwise it is called afterwards)."""
         if self.tree is None:
             self.load()
         started = time.perf_counter()
         self._more = False
+        tiles: list = []
+
+        def extend(hashes: list[bytes]) -> None:
+            tiles.append(self.tree.append(hashes))
+
         try:
             with self.conn.transaction():
                 source_ids = self._fence()
-                hashes = append_leaves(source_ids) if source_ids is not None else []
+                first = self.tree.size
+                hashes = append_leaves(source_ids, extend) if source_ids is not None else []
                 if not hashes:
                     return None
-                first = self.tree.size
-                tiles = self.tree.append(hashes)
-                write_tiles(self.conn, self.log.log_id, tiles)
+                if not tiles:
+                    extend(hashes)
+                write_tiles(self.conn, self.log.log_id, tiles[0])
                 # The notification is delivered at COMMIT: LISTEN merkle_sequenced to follow a log.
                 self.conn.execute(
                     "UPDATE merkle.logs SET tree_size = %s, root = %s WHERE log_id = %s "
@@ -153,7 +163,7 @@ class Sequencer:
         ).fetchall()
         return tuple(r[0] for r in ids)
 
-    def _append_leaves(self, source_ids: tuple[int, ...]) -> list[bytes]:
+    def _append_leaves(self, source_ids: tuple[int, ...], extend=None) -> list[bytes]:
         if source_ids != self._sources_key or self._drain is None:
             # Sources changed (rare): rebuild the drain statement. Registration and removal lock
             # the log's row, which this batch holds, so the set cannot change until COMMIT.

@@ -30,6 +30,7 @@ from operator import itemgetter
 from typing import NamedTuple
 
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 
 from listener import canonical
 from listener.errors import ProcessingError
@@ -41,6 +42,8 @@ from listener.sources.replication import Transaction
 # processed_log's columns in the order of the COPY rows: seq last, the one field a row's
 # position in the batch decides.
 COPY_COLUMNS = "log_id, source_id, source_key, op, leaf_hash, change_id, change_ord, commit_lsn, seq"
+# Rows formatted per COPY write: the first ones reach the server while the rest are formatted.
+COPY_CHUNK = 2_000
 
 
 _INSERT, _UPDATE, _DELETE = "insert", "update", "delete"
@@ -228,8 +231,10 @@ class ReplicationBatch:
         self.end_lsn: int | None = None
         self.sources: dict[int, Source] | None = None  # read under the log's lock: for preparing the next ones
 
-    def append(self, conn: psycopg.Connection, base: int) -> list[bytes]:
-        """Step 2 of the sequencer's batch, in its transaction (the log row is locked)."""
+    def append(self, conn: psycopg.Connection, base: int, extend=None) -> list[bytes]:
+        """Step 2 of the sequencer's batch, in its transaction (the log row is locked).
+        `extend(hashes)`, if given, is called while the rows are being sent (by psycopg's
+        queued writer thread): the tree's hashing overlaps the server's inserts."""
         self.consumed = 0
         stored_text, has_backfill = conn.execute(
             "SELECT end_lsn::text, EXISTS (SELECT 1 FROM merkle.replication_backfill_state b JOIN merkle.sources s "
@@ -273,8 +278,14 @@ class ReplicationBatch:
             last = txn.end_lsn
             self.consumed += 1
         if rows:
-            with conn.cursor().copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN") as copy:
-                copy.write(b"".join(map(b"%b%d\n".__mod__, zip(rows, range(base, base + len(rows))))))
+            cur = conn.cursor()
+            with cur.copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN",
+                          writer=QueuedLibpqWriter(cur)) as copy:
+                for lo in range(0, len(rows), COPY_CHUNK):
+                    chunk = rows[lo:lo + COPY_CHUNK]
+                    copy.write(b"".join(map(b"%b%d\n".__mod__, zip(chunk, range(base + lo, base + lo + len(chunk))))))
+                if extend is not None:
+                    extend(hashes)
         if last > stored:
             conn.execute("UPDATE merkle.replication_progress SET end_lsn = %s::pg_lsn, updated_at = now() "
                          "WHERE log_id = %s", (int_to_lsn(last), self.log_id))
