@@ -266,6 +266,18 @@ def _receive(dsn: str, slot: str, start_lsn: int, count: int) -> list:
     return got
 
 
+def _inserted_and_received(conn, log_name: str, count: int):
+    """A log with replication source t, `count` one-row inserts into t, and the transactions
+    the slot sends for them (nothing confirmed)."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    log = registry.create_log(conn, log_name)
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, log_name, "t", mode="replication")
+    for i in range(count):
+        conn.execute("INSERT INTO t VALUES (%s)", (i,))
+    return log, _receive(conn.info.dsn, f"merkle_{log_name}", 0, count)
+
+
 def test_replayed_transactions_are_skipped(rconn):
     """The slot's position can lag the log's (an acknowledgement lost in a crash): what the
     server sends again is skipped by the stored end_lsn, in the batch's own transaction."""
@@ -273,13 +285,7 @@ def test_replayed_transactions_are_skipped(rconn):
     from listener.sources.replication_apply import ReplicationBatch
 
     conn = rconn
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    log = registry.create_log(conn, "rp")
-    with connect(conn.info.dsn) as c:
-        registry.add_source(c, "rp", "t", mode="replication")
-    for i in range(3):
-        conn.execute("INSERT INTO t VALUES (%s)", (i,))
-    first = _receive(conn.info.dsn, "merkle_rp", 0, 3)
+    log, first = _inserted_and_received(conn, "rp", 3)
     with connect(conn.info.dsn) as c:
         seq = Sequencer(c, "rp")
         batch = ReplicationBatch(log.log_id, first[:2])
@@ -338,13 +344,7 @@ def test_batch_prepares_again_for_changed_sources(rconn):
     from listener.sources.replication_apply import ReplicationBatch, prepare
 
     conn = rconn
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    log = registry.create_log(conn, "pa")
-    with connect(conn.info.dsn) as c:
-        registry.add_source(c, "pa", "t", mode="replication")
-    for i in range(2):
-        conn.execute("INSERT INTO t VALUES (%s)", (i,))
-    txns = _receive(conn.info.dsn, "merkle_pa", 0, 2)
+    log, txns = _inserted_and_received(conn, "pa", 2)
     stale = prepare(txns[0], {}, log.log_id)
     assert stale.rows == [] and stale.hashes == []
     txns[0].prepared = stale
