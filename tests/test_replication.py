@@ -359,3 +359,30 @@ def test_batch_prepares_again_for_changed_sources(rconn):
         assert txns[1].prepared is current
     rows = check_log(conn, "pa")
     assert [orjson_id(r[2]) for r in rows] == ["0", "1"]
+
+
+def test_failed_copy_leaves_nothing_and_the_retry_appends_all(rconn):
+    """The rows go out through a writer thread while the tree is hashed: when the server
+    refuses one of them, the whole batch is rolled back (no leaf, no progress, no tile), the
+    in-memory tree is reloaded, and the next attempt appends every change once."""
+    from listener.sequencer import Sequencer
+    from listener.sources.replication_apply import ReplicationBatch
+
+    conn = rconn
+    log, txns = _inserted_and_received(conn, "fc", 3)
+    conn.execute("ALTER TABLE merkle.processed_log ADD CONSTRAINT refuse_seq_1 CHECK (seq <> 1) NOT VALID")
+    with connect(conn.info.dsn) as c:
+        seq = Sequencer(c, "fc")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            seq.append_changes(ReplicationBatch(log.log_id, txns))
+        assert seq.tree is None  # reloaded from what is durable before the next batch
+        assert conn.execute("SELECT (SELECT count(*) FROM merkle.processed_log WHERE log_id = %(l)s), "
+                            "(SELECT count(*) FROM merkle.tiles WHERE log_id = %(l)s)",
+                            {"l": log.log_id}).fetchone() == (0, 0)
+        assert conn.execute("SELECT tree_size, end_lsn::text FROM merkle.logs JOIN merkle.replication_progress "
+                            "USING (log_id) WHERE name = 'fc'").fetchone() == (0, "0/0")
+        conn.execute("ALTER TABLE merkle.processed_log DROP CONSTRAINT refuse_seq_1")
+        batch = ReplicationBatch(log.log_id, txns)
+        assert seq.append_changes(batch).count == 3 and batch.end_lsn == txns[-1].end_lsn
+    rows = check_log(conn, "fc")
+    assert [orjson_id(r[2]) for r in rows] == ["0", "1", "2"]
