@@ -82,7 +82,7 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
 # thread and needs the interpreter lock back after every database round trip, while the event
 # loop's thread decodes and hashes the replication stream without pause: at the default 5 ms,
 # each of a batch's ~10 round trips waited up to that long (measured: BEGIN + fence 23 ms per
-# batch, 3-5 ms at 1 ms; end to end +9 to +21 % in alternating runs).
+# batch, 3-5 ms at 1 ms; end to end +9 to +29 % in alternating runs).
 SWITCH_INTERVAL = 0.001
 
 

@@ -9,8 +9,8 @@ Owned by the log's writer task (listener/runner.py), which holds the log's advis
                    (Sequencer.append_changes), then confirms the stored end_lsn to the server
 
 A transaction's leaves are computed when it arrives (replication_apply.prepare, with the
-sources the last batch read), on the event loop while the writer's thread waits for the
-database: hashing overlaps the previous batch's writes. The batch checks the sources again
+sources as last read: at session start or by the last batch), on the event loop while the
+writer's thread waits for the database: hashing overlaps the previous batch's writes. The batch checks the sources again
 under the log's lock and recomputes what was prepared for others.
 
 Ownership: the buffer, `_in_flight` and `_generation` are touched only from the event loop;
