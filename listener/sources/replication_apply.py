@@ -87,9 +87,9 @@ class _Plan:
             )
         self.key = canonical.ObjectTemplate(s.key_columns)
         self.key_idx = [pos[c] for c in self.key.columns]
-        self.entries = {op: canonical.entry_template(op, s.qualified, s.columns) for op in ("insert", "update")}
-        self.entries[_DELETE] = canonical.entry_template("delete", s.qualified, s.key_columns)
-        self.entry_idx = [pos[c] for c in self.entries["insert"].columns]
+        self.entries = {op: canonical.entry_template(op, s.qualified, s.columns) for op in (_INSERT, _UPDATE)}
+        self.entries[_DELETE] = canonical.entry_template(_DELETE, s.qualified, s.key_columns)
+        self.entry_idx = [pos[c] for c in self.entries[_INSERT].columns]
         self.entry_column_idx = pos[s.entry_column] if s.entry_column else None
         self.entry_values = _getter(self.entry_idx)
         self.key_values = _getter(self.key_idx)
