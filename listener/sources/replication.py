@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -28,6 +29,9 @@ from psycopg import pq
 from listener.errors import DatabaseError, ProcessingError
 from listener.sources import pgoutput as po
 from listener.store.connect import options_string
+
+if TYPE_CHECKING:
+    from listener.sources.replication_apply import Prepared
 
 log = logging.getLogger("listener.replication")
 
@@ -49,7 +53,7 @@ class Transaction:
     end_lsn: int
     commit_time: int  # microseconds since 2000-01-01 UTC
     changes: list[tuple[po.Relation | None, bytes | po.Truncate]] = field(default_factory=list)
-    prepared: object = None
+    prepared: Prepared | None = None
 
 
 class ReplicationStream:
