@@ -62,6 +62,8 @@ class Sequencer:
         self.log: Log | None = None
         self.tree: TileBuilder | None = None
         self._sources_key: tuple[int, ...] = ()
+        self._replication_key: tuple[int, ...] | None = None
+        self._replication_by_oid: dict[int, Source] = {}
         self._drain: sql.Composed | None = None
         self._more = False  # the last drain left rows behind its cutoff
         self._no_outbox_until = 0.0
@@ -92,7 +94,8 @@ class Sequencer:
         progress (end_lsn) in the same transaction (listener/sources/replication_apply.py).
         Acknowledge changes.end_lsn to the server only after this returns. A paused log
         appends nothing (and so nothing is acknowledged)."""
-        return self._batch(lambda source_ids, extend: changes.append(self.conn, self.tree.size, extend))
+        return self._batch(lambda source_ids, extend: changes.append(
+            self.conn, self.tree.size, self._replication_sources(source_ids), extend))
 
     def _batch(self, append_leaves: Callable[[tuple[int, ...], Callable[[list[bytes]], None]], list[bytes]]
                ) -> BatchResult | None:
@@ -162,6 +165,15 @@ class Sequencer:
             "SELECT source_id FROM merkle.sources WHERE log_id = %s ORDER BY source_id", (self.log.log_id,)
         ).fetchall()
         return tuple(r[0] for r in ids)
+
+    def _replication_sources(self, source_ids: tuple[int, ...]) -> dict[int, Source]:
+        """The log's replication sources by table OID, listed again only when the fence's
+        source ids change: a source's row never changes and its id is never reused."""
+        if source_ids != self._replication_key:
+            self._replication_by_oid = {
+                s.table_oid: s for s in list_sources(self.conn, self.log.log_id) if s.mode == "replication"}
+            self._replication_key = source_ids
+        return self._replication_by_oid
 
     def _append_leaves(self, source_ids: tuple[int, ...], extend=None) -> list[bytes]:
         if source_ids != self._sources_key or self._drain is None:

@@ -34,7 +34,7 @@ from psycopg.copy import QueuedLibpqWriter
 
 from listener import canonical
 from listener.errors import ProcessingError
-from listener.registry import Source, list_sources
+from listener.registry import Source
 from listener.sources import pgoutput as po
 from listener.sources.pgoutput import UNCHANGED, int_to_lsn, lsn_to_int
 from listener.sources.replication import Transaction
@@ -231,8 +231,9 @@ class ReplicationBatch:
         self.end_lsn: int | None = None
         self.sources: dict[int, Source] | None = None  # read under the log's lock: for preparing the next ones
 
-    def append(self, conn: psycopg.Connection, base: int, extend=None) -> list[bytes]:
-        """Step 2 of the sequencer's batch, in its transaction (the log row is locked).
+    def append(self, conn: psycopg.Connection, base: int, by_oid: dict[int, Source], extend=None) -> list[bytes]:
+        """Step 2 of the sequencer's batch, in its transaction (the log row is locked);
+        `by_oid` maps table OID to the log's replication sources as of that lock.
         `extend(hashes)`, if given, is called while the rows are being sent (by psycopg's
         queued writer thread): the tree's hashing overlaps the server's inserts."""
         self.consumed = 0
@@ -241,7 +242,6 @@ class ReplicationBatch:
             "USING (source_id) WHERE s.log_id = p.log_id) FROM merkle.replication_progress p WHERE log_id = %s",
             (self.log_id,)).fetchone() or ("0/0", False)
         stored = lsn_to_int(stored_text)
-        by_oid = {s.table_oid: s for s in list_sources(conn, self.log_id) if s.mode == "replication"}
         waiting = set()
         if has_backfill:
             waiting = {sid for sid, ready in conn.execute(
@@ -257,18 +257,15 @@ class ReplicationBatch:
                             % (self.log_id, source_id, _copy_text(key), hexlify(leaf), ord_))
                 hashes.append(leaf)
         last = stored
-        current: dict[int, bool] = {}  # id(prepared.sources) -> equal to by_oid (they stay alive meanwhile)
+        compared: dict[int, bool] = {}
         for txn in self.txns:
             if txn.end_lsn <= stored:
                 self.consumed += 1  # already in the log (a replay after a restart)
                 continue
             prepared = txn.prepared
-            if prepared is not None:
-                valid = current.get(id(prepared.sources))
-                if valid is None:
-                    valid = current[id(prepared.sources)] = prepared.sources == by_oid
-                if not valid or prepared.log_id != self.log_id:
-                    prepared = None
+            if prepared is not None and (prepared.log_id != self.log_id or not (
+                    prepared.sources is by_oid or _same(compared, prepared.sources, by_oid))):
+                prepared = None
             if prepared is None:
                 prepared = txn.prepared = prepare(txn, by_oid, self.log_id)
             if waiting and not waiting.isdisjoint(prepared.source_ids):
@@ -301,6 +298,15 @@ class ReplicationBatch:
         conn.execute("DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
                      "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s", (self.log_id,))
         return sorted(rows, key=lambda r: (r[0], r[1]))
+
+
+def _same(known: dict[int, bool], sources: dict[int, Source], by_oid: dict[int, Source]) -> bool:
+    """sources == by_oid, compared once per distinct dict (`known` is keyed by its id; the
+    transactions keep every compared dict alive meanwhile)."""
+    same = known.get(id(sources))
+    if same is None:
+        same = known[id(sources)] = sources == by_oid
+    return same
 
 
 def _copy_text(text: str) -> bytes:
