@@ -7,8 +7,9 @@
     floor       rows/s at which PostgreSQL alone writes the same processed_log rows (COPY of
                 rows computed beforehand, 20,000 per transaction, the schema's indexes): no
                 consumer that writes the log can be faster than this
-    writers     bulk INSERT throughput (1,000-row statements) with no slot, vs with the log's
-                slot present, and vs with the listener streaming it (on the same machine)
+    writers     bulk INSERT throughput (1,000-row statements) with no slot, then in
+                alternating rounds with the log's slot present but not read, with the
+                listener streaming it, and with pg_recvlogical streaming it (on the same machine)
     latency     commit -> sequenced p50/p99 with a writer paced at --rate single-row commits/s
 
 Runs on a throwaway embedded PostgreSQL unless --dsn names a database (which then needs
