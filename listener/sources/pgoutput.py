@@ -222,7 +222,8 @@ _unpack_u32 = _U32.unpack_from
 
 
 def _tuple_at(buf: bytes, pos: int, raw: bool = False) -> tuple[tuple[Value, ...], int]:
-    """TupleData at buf[pos:]: (values, position after it). The hot path of the decoder.
+    """TupleData at buf[pos:]: (values, position after it). The consumer reads Inserts with
+    insert_new_values instead; this serves Updates, Deletes and `decode`.
     With raw, text values stay UTF-8 bytes."""
     (n,) = _unpack_i16(buf, pos)
     pos += 2
@@ -301,14 +302,6 @@ def decode(payload: bytes, raw: bool = False) -> PgoutputMessage:
     Raises ProcessingError for a truncated or unknown message: the stream cannot be trusted
     past it.
     """
-    try:
-        if payload[0] == 73 and payload[5] == 78:  # 'I' ... 'N': an Insert, by far the most common
-            values, end = _tuple_at(payload, 6, raw)
-            if end != len(payload):
-                raise ValueError("trailing bytes")
-            return Insert(_unpack_u32(payload, 1)[0], values)
-    except (struct.error, IndexError, ValueError) as exc:
-        raise ProcessingError(f"pgoutput: truncated or malformed message {payload[:1]!r}: {exc}") from exc
     r = _Reader(payload)
     try:
         kind = r.byte()
@@ -333,7 +326,10 @@ def decode(payload: bytes, raw: bool = False) -> PgoutputMessage:
             (oid,) = r.unpack(_U32)
             if r.byte() != "N":
                 raise ProcessingError("pgoutput: Insert without its new tuple")
-            return Insert(oid, _tuple(r, raw))
+            values = _tuple(r, raw)
+            if r.pos != len(payload):
+                raise ValueError("trailing bytes")
+            return Insert(oid, values)
         if kind == "U":
             (oid,) = r.unpack(_U32)
             sub = r.byte()
