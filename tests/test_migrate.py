@@ -38,3 +38,24 @@ def test_a_migration_missing_from_the_database_is_reported(conn):
     conn.execute("DELETE FROM merkle.schema_version WHERE version = %s", (last.version,))
     with pytest.raises(ConfigurationError, match=rf"lacks migration\(s\) \[{last.version}\]"):
         migrate.check_version(conn)
+
+
+def test_a_server_older_than_supported_is_refused_before_anything_is_written(pg_server, monkeypatch):
+    # No older server is at hand: raise the minimum past the real server's version instead.
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS old_m")
+        admin.execute("CREATE DATABASE old_m")
+    with psycopg.connect(pg_server.dsn("old_m"), options=options_string()) as c:
+        monkeypatch.setattr(migrate, "MIN_SERVER_VERSION", c.info.server_version + 1)
+        with pytest.raises(ConfigurationError, match="merkle-listener needs PostgreSQL") as refused:
+            migrate.apply(c)
+        assert f"this PostgreSQL is {c.info.server_version // 10000}." in str(refused.value)
+        with pytest.raises(ConfigurationError, match="upgrade the server"):
+            migrate.check_version(c)
+        assert c.execute("SELECT to_regnamespace('merkle')").fetchone()[0] is None
+
+
+def test_unsupported_server_message_names_both_versions():
+    text = migrate.unsupported_server_message(140011)
+    assert text.startswith("this PostgreSQL is 14.11; merkle-listener needs PostgreSQL 15 or later")
+    assert "tested on 15, 16, 17, 18" in text

@@ -31,9 +31,11 @@ CHAOS_SECONDS = 14
 
 
 @pytest.fixture(scope="module")
-def crash_server():
+def crash_server(pg_server):
+    """A cluster of its own (the tests crash it), from the same installation as pg_server."""
     base = Path(tempfile.mkdtemp(prefix="ml-crash-"))
-    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "100"})
+    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "100"},
+                              bin_dir=pg_server.bin_dir)
     server.start(owned=True)
     try:
         with psycopg.connect(server.dsn(), autocommit=True) as admin:

@@ -18,6 +18,11 @@ from listener.errors import ConfigurationError
 MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # Any constant works; it only serialises concurrent `init` runs on one database.
 MIGRATION_LOCK = 0x6D65726B6C65
+# The oldest server supported, as libpq numbers it (major * 10000 + minor): 15 is the oldest
+# PostgreSQL its community still maintains, and replication mode needs its publication row
+# filters and CREATE_REPLICATION_SLOT options. CI runs the tests on each version listed.
+MIN_SERVER_VERSION = 150000
+TESTED_MAJOR_VERSIONS = (15, 16, 17, 18)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,23 @@ def _unknown(applied: set[int]) -> set[int]:
     return applied - {m.version for m in migrations()}
 
 
+def check_server(conn: psycopg.Connection) -> None:
+    """Raise unless the server is a PostgreSQL version the project supports."""
+    if conn.info.server_version < MIN_SERVER_VERSION:
+        raise ConfigurationError(unsupported_server_message(conn.info.server_version))
+
+
+def unsupported_server_message(number: int) -> str:
+    return (
+        f"this PostgreSQL is {number // 10000}.{number % 10000}; merkle-listener needs PostgreSQL "
+        f"{MIN_SERVER_VERSION // 10000} or later (tested on {', '.join(map(str, TESTED_MAJOR_VERSIONS))}): "
+        "upgrade the server, or leave --dsn out to use the embedded PostgreSQL"
+    )
+
+
 def check_version(conn: psycopg.Connection) -> None:
     """Raise unless the database holds exactly the migrations this program has."""
+    check_server(conn)
     applied = applied_versions(conn)
     if unknown := _unknown(applied):
         raise ConfigurationError(
@@ -83,6 +103,7 @@ def check_version(conn: psycopg.Connection) -> None:
 
 def apply(conn: psycopg.Connection) -> list[Migration]:
     """Apply pending migrations; returns those applied. Idempotent and safe to run concurrently."""
+    check_server(conn)
     applied = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
