@@ -85,8 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--events", help="replication mode: comma-separated insert,update,delete to log (default insert)")
     sa.add_argument("--truncate", choices=["log", "refuse"],
                     help="replication mode: log TRUNCATE as a leaf (default) or refuse it")
+    sa.add_argument("--no-doorbell", dest="doorbell", action="store_false",
+                    help="trigger mode: send no NOTIFY after captured statements, so writers may use two-phase "
+                         "commit (PREPARE TRANSACTION); the listener polls the outbox every 0.1 s instead")
     sl = src.add_parser("list", help="list sources")
     sl.add_argument("log", nargs="?")
+    sd = src.add_parser("doorbell", help="trigger mode: turn the NOTIFY after captured statements on or off "
+                                         "(off lets writers use two-phase commit)")
+    sd.add_argument("log", help="the log's name")
+    sd.add_argument("table", help="a trigger-mode source table of the log")
+    sd.add_argument("state", choices=["on", "off"])
     sr = src.add_parser("remove", help="stop capturing TABLE")
     sr.add_argument("log", help="the log's name")
     sr.add_argument("table", help="a source table of the log")
@@ -274,6 +282,17 @@ def cmd_log(args) -> int:
     return 0
 
 
+def _warn_if_two_phase_commit(conn, table: str, log_name: str) -> None:
+    """PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY: say so where two-phase commit is on."""
+    allowed = int(conn.execute("SELECT current_setting('max_prepared_transactions')").fetchone()[0])
+    conn.commit()
+    if allowed > 0:
+        print(f"warning: this server allows two-phase commit (max_prepared_transactions = {allowed}). The capture "
+              f"trigger of {table} sends a NOTIFY, after which PostgreSQL refuses PREPARE TRANSACTION: if writers "
+              f"of {table} use two-phase commit (XA), run `merkle-listener source doorbell {log_name} {table} off`.",
+              file=sys.stderr)
+
+
 def cmd_source(args) -> int:
     from listener import registry
 
@@ -284,13 +303,17 @@ def cmd_source(args) -> int:
             source, queued = registry.add_source(
                 conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
                 entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
-                mode=args.mode, events=_split(args.events), truncate=args.truncate, dsn=dsn,
+                mode=args.mode, events=_split(args.events), truncate=args.truncate, dsn=dsn, doorbell=args.doorbell,
             )
             extra = f"; {queued} existing rows queued" if args.backfill else ""
             if source.mode == "replication":
                 extra += f"; {source.mode} mode, events {', '.join(source.events)}"
+            if not source.doorbell:
+                extra += "; no doorbell: polled every 0.1 s"
             print(f"{source.qualified} now feeds log {args.log!r} (key {', '.join(source.key_columns)}; "
                   f"columns {', '.join(source.columns)}{'; append-only' if source.append_only else ''}{extra})")
+            if source.mode == "trigger" and source.doorbell:
+                _warn_if_two_phase_commit(conn, source.qualified, args.log)
             if source.mode == "trigger" and not source.append_only:
                 print(f"warning: in trigger mode only INSERTs are logged; UPDATE, DELETE and TRUNCATE on "
                       f"{source.qualified} leave no leaf. Add the source with --append-only to refuse them, "
@@ -299,9 +322,16 @@ def cmd_source(args) -> int:
         elif args.source_command == "list":
             log_id = registry.get_log(conn, args.log).log_id if args.log else None
             for s in registry.list_sources(conn, log_id):
+                doorbell = f"\tdoorbell {'on' if s.doorbell else 'off'}" if s.mode == "trigger" else ""
                 print(f"{s.qualified}\tlog_id {s.log_id}\tmode {s.mode}\tkey {','.join(s.key_columns)}\t"
-                      f"columns {','.join(s.columns)}\tfilter {s.row_filter or '-'}\tappend-only {s.append_only}")
+                      f"columns {','.join(s.columns)}\tfilter {s.row_filter or '-'}\tappend-only {s.append_only}"
+                      f"{doorbell}")
             conn.commit()
+        elif args.source_command == "doorbell":
+            source = registry.set_doorbell(conn, args.log, args.table, args.state == "on")
+            print(f"{source.qualified}: doorbell {args.state}"
+                  + ("" if source.doorbell else "; the listener polls its outbox every 0.1 s, and its writers "
+                     "may use two-phase commit"))
         else:
             queued = registry.remove_source(conn, args.log, args.table, dsn=dsn)
             if queued < 0:

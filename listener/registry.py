@@ -6,7 +6,7 @@ batch (which locks the same row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
@@ -41,6 +41,7 @@ class Source:
     append_only: bool
     row_filter: str | None
     entry_column: str | None
+    doorbell: bool = True  # trigger mode: NOTIFY after each captured statement
 
     @property
     def qualified(self) -> str:
@@ -54,7 +55,7 @@ class Source:
 _LOG_COLUMNS = "log_id, name, origin, tree_size, root, paused"
 _SOURCE_COLUMNS = (
     "source_id, log_id, table_schema, table_name, table_oid, mode, key_columns, columns, events, "
-    "append_only, row_filter, entry_column"
+    "append_only, row_filter, entry_column, doorbell"
 )
 
 
@@ -124,6 +125,7 @@ def add_source(
     events: list[str] | None = None,
     truncate: str | None = None,
     dsn: str | None = None,
+    doorbell: bool = True,
 ) -> tuple[Source, int]:
     """Validate and register `table` as a source of the log; returns the source and the
     number of existing rows queued by the backfill. All or nothing.
@@ -132,7 +134,12 @@ def add_source(
     log's publication and logical slot (listener/sources/publication.py), logging `events`
     (default insert) and TRUNCATE per `truncate` ('log', the default, or 'refuse'). `dsn`
     (default: the connection's) opens the replication connection that creates the slot.
+    Without `doorbell` (trigger mode), no NOTIFY follows a captured statement, so writers
+    may use two-phase commit; the listener polls the outbox instead.
     """
+    if mode == "replication" and not doorbell:
+        raise ConfigurationError("--no-doorbell is for trigger mode: replication mode has no doorbell "
+                                 "(and its writers may use two-phase commit as they are)")
     if mode == "replication":
         from listener.sources import replication_setup
 
@@ -148,20 +155,37 @@ def add_source(
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
         _check_entry_column_not_null(conn, spec)
         check_not_a_source(conn, spec)
-        source = _insert_source(conn, log, spec, append_only)
-        queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill)
+        source = _insert_source(conn, log, spec, append_only, doorbell=doorbell)
+        queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill,
+                                 doorbell=doorbell)
     return source, queued
 
 
+def set_doorbell(conn: psycopg.Connection, log_name: str, table: str, on: bool) -> Source:
+    """Turn a trigger-mode source's doorbell on or off (off: its writers may use two-phase
+    commit). Nothing captured is lost: the capture function is replaced in one transaction."""
+    with conn.transaction():
+        log = get_log(conn, log_name, for_update=True)
+        source = find_source(conn, log, table)
+        if source.mode != "trigger":
+            raise ConfigurationError(f"{source.qualified} is a replication source: replication mode has no doorbell")
+        if conn.execute("SELECT to_regprocedure(%s) IS NULL", (f"merkle.capture_{source.source_id}()",)).fetchone()[0]:
+            raise ConfigurationError(f"capture of {source.qualified} was stopped by `source remove`; "
+                                     "run `source remove` again to finish, then add it anew")
+        trigger.set_doorbell(conn, source, log.name, on)
+        conn.execute("UPDATE merkle.sources SET doorbell = %s WHERE source_id = %s", (on, source.source_id))
+    return replace(source, doorbell=on)
+
+
 def _insert_source(conn: psycopg.Connection, log: Log, spec: SourceSpec, append_only: bool,
-                   mode: str = "trigger", events: list[str] | None = None) -> Source:
+                   mode: str = "trigger", events: list[str] | None = None, doorbell: bool = True) -> Source:
     with conn.cursor(row_factory=class_row(Source)) as cur:
         cur.execute(
             "INSERT INTO merkle.sources (log_id, table_schema, table_name, table_oid, mode, key_columns, "
-            "columns, events, append_only, row_filter, entry_column) "
-            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_SOURCE_COLUMNS}",
+            "columns, events, append_only, row_filter, entry_column, doorbell) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_SOURCE_COLUMNS}",
             (log.log_id, spec.schema, spec.table, spec.oid, mode, list(spec.key_columns), list(spec.columns),
-             events or ["insert"], append_only, spec.row_filter, spec.entry_column),
+             events or ["insert"], append_only, spec.row_filter, spec.entry_column, doorbell),
         )
         source = cur.fetchone()
     _record_column_types(conn, source.source_id, spec)

@@ -5,7 +5,8 @@ Task layout (one anyio task group):
     doorbell   LISTEN merkle_outbox; a NOTIFY with a log's name wakes that log's task
     supervisor finds logs (at start and every few seconds) and starts a writer task for each
     writer[L]  takes log L's advisory lock (else waits as a hot standby), then drains on the
-               doorbell, at start-up and on a periodic safety poll
+               doorbell, at start-up and on a periodic safety poll (every 0.1 s while a
+               source of the log rings no doorbell)
 
 Batches run in worker threads on the writer's own synchronous connection; a batch is never
 abandoned halfway (cancellation waits for it). Correctness never depends on the doorbell.
@@ -23,7 +24,7 @@ import anyio
 import psycopg
 
 from listener.errors import MerkleListenerError, ProcessingError
-from listener.sequencer import DEFAULT_MAX_BATCH, Sequencer
+from listener.sequencer import DEFAULT_MAX_BATCH, QUIET_POLL_INTERVAL, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
 from listener.store.connect import KeptConnection, options_string
@@ -199,7 +200,8 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                         if streamed_batch is None and (drained_batch is None or not drained_batch.more):
                             break
                     await cps.maybe_publish()
-                    with anyio.move_on_after(cps.wait_limit(opts.poll_interval)):
+                    poll = min(opts.poll_interval, QUIET_POLL_INTERVAL) if seq.quiet_sources else opts.poll_interval
+                    with anyio.move_on_after(cps.wait_limit(poll)):
                         await wake.wait()
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 50_000
 # A log without trigger-mode sources looks for new ones this often (seconds).
 NO_OUTBOX_RECHECK = 1.0
+# Seconds between drains of a log with a source that rings no doorbell.
+QUIET_POLL_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Sequencer:
         self._drain: sql.Composed | None = None
         self._more = False  # the last drain left rows behind its cutoff
         self._no_outbox_until = 0.0
+        # A trigger source without the doorbell (two-phase commit writers): poll it often.
+        self.quiet_sources = False
 
     def load(self) -> None:
         """Read the log's state: its row and the right-most partial tile of each level."""
@@ -161,10 +165,11 @@ class Sequencer:
             return None
         # A statement of its own, so its snapshot is taken after the lock: a source added or
         # removed (both lock this row) while we waited is seen.
-        ids = self.conn.execute(
-            "SELECT source_id FROM merkle.sources WHERE log_id = %s ORDER BY source_id", (self.log.log_id,)
-        ).fetchall()
-        return tuple(r[0] for r in ids)
+        rows = self.conn.execute(
+            "SELECT source_id, NOT doorbell FROM merkle.sources WHERE log_id = %s ORDER BY source_id",
+            (self.log.log_id,)).fetchall()
+        self.quiet_sources = any(r[1] for r in rows)
+        return tuple(r[0] for r in rows)
 
     def _replication_sources(self, source_ids: tuple[int, ...]) -> dict[int, Source]:
         """The log's replication sources by table OID, listed again only when the fence's

@@ -51,7 +51,8 @@ def pg_server(request) -> Iterator[EmbeddedPostgres]:
     base = Path(tempfile.mkdtemp(prefix="ml-test-", dir=os.environ.get("MERKLE_TEST_TMP")))
     # fsync=off only speeds tests up: a PostgreSQL crash (-m immediate) still keeps the WAL
     # that the OS holds, so durability tests stay meaningful.
-    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "200"},
+    server = EmbeddedPostgres(base, settings={"fsync": "off", "full_page_writes": "off", "max_connections": "200",
+                                                    "max_prepared_transactions": "10"},
                               bin_dir=request.param)
     server.start(owned=True)
     try:

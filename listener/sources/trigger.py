@@ -7,6 +7,9 @@ For source S on table T (all names composed with psycopg.sql, never pasted):
                       one nextval per statement, rows numbered in insertion order,
                       the row filter applied, then one NOTIFY on channel merkle_outbox
                       with the log name (a doorbell: correctness never depends on it).
+                      Without the doorbell (PostgreSQL refuses PREPARE TRANSACTION after a
+                      NOTIFY, so writers using two-phase commit need that), the listener's
+                      safety poll finds the rows.
 
 The outbox has no index and no per-row sequence: both are what makes capture expensive for
 writers (docs/design.md). The entry is computed later, by the drain, from the row image as
@@ -15,10 +18,15 @@ inserted; see listener/sequencer.py.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import psycopg
 from psycopg import sql
 
 from listener.sources.validate import FILTER_SETTINGS, SourceSpec
+
+if TYPE_CHECKING:
+    from listener.registry import Source
 
 DOORBELL_CHANNEL = "merkle_outbox"
 
@@ -39,18 +47,18 @@ def _trigger_names(source_id: int) -> tuple[sql.Identifier, sql.Identifier, sql.
     )
 
 
-def captured_columns(spec: SourceSpec) -> tuple[str, ...]:
+def captured_columns(spec: SourceSpec | Source) -> tuple[str, ...]:
     """Columns copied into the outbox: the hashed ones, or key + entry column."""
     if spec.entry_column:
         cols = list(spec.key_columns)
         if spec.entry_column not in cols:
             cols.append(spec.entry_column)
         return tuple(cols)
-    return spec.columns
+    return tuple(spec.columns)
 
 
 def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: SourceSpec,
-            *, append_only: bool, backfill: bool) -> int:
+            *, append_only: bool, backfill: bool, doorbell: bool = True) -> int:
     """Create outbox, capture trigger and optional guard, in the caller's transaction.
 
     With backfill, the table is locked against writers (SHARE mode) first and its existing rows
@@ -76,20 +84,7 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
         "ALTER queued_at SET NOT NULL, ALTER queued_at SET DEFAULT now()"
     ).format(outbox=outbox))
 
-    body = sql.SQL(
-        "DECLARE stmt bigint := nextval('merkle.stmt_seq');\n"
-        "BEGIN\n"
-        "  INSERT INTO {outbox} (stmt_id, ord, {cols})\n"
-        "  SELECT stmt, row_number() OVER (), {new_cols} FROM new_rows n {where};\n"
-        "  IF FOUND THEN PERFORM pg_notify({channel}, {log}); END IF;\n"
-        "  RETURN NULL;\n"
-        "END"
-    ).format(outbox=outbox, cols=col_list, new_cols=new_cols, where=where,
-             channel=sql.Literal(DOORBELL_CHANNEL), log=sql.Literal(log_name))
-    conn.execute(sql.SQL(
-        "CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} AS {body}"
-    ).format(fn=_capture_function(source_id), settings=_pinned_settings_clause(),
-             body=sql.Literal(body.as_string(conn))))
+    _create_capture_function(conn, source_id, log_name, spec, doorbell=doorbell)
 
     capture = _trigger_names(source_id)[0]
     _create_always(conn, spec.ident(), capture, sql.SQL(
@@ -122,6 +117,34 @@ def install_guards(conn: psycopg.Connection, source_id: int, log_name: str, tabl
                 "CREATE TRIGGER {trg} BEFORE {events} ON {table} "
                 "FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change({log})"
             ).format(trg=trg, events=sql.SQL(events), table=table, log=sql.Literal(log_name)))
+
+
+def _create_capture_function(conn: psycopg.Connection, source_id: int, log_name: str,
+                             spec: SourceSpec | Source, *, doorbell: bool, replace: bool = False) -> None:
+    cols = captured_columns(spec)
+    where = sql.SQL("WHERE ({})").format(sql.SQL(spec.row_filter)) if spec.row_filter else sql.SQL("")
+    ring = (sql.SQL("  IF FOUND THEN PERFORM pg_notify({channel}, {log}); END IF;\n").format(
+        channel=sql.Literal(DOORBELL_CHANNEL), log=sql.Literal(log_name)) if doorbell else sql.SQL(""))
+    body = sql.SQL(
+        "DECLARE stmt bigint := nextval('merkle.stmt_seq');\n"
+        "BEGIN\n"
+        "  INSERT INTO {outbox} (stmt_id, ord, {cols})\n"
+        "  SELECT stmt, row_number() OVER (), {new_cols} FROM new_rows n {where};\n"
+        "{ring}"
+        "  RETURN NULL;\n"
+        "END"
+    ).format(outbox=outbox_name(source_id), cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+             new_cols=sql.SQL(", ").join(sql.Identifier("n", c) for c in cols), where=where, ring=ring)
+    conn.execute(sql.SQL(
+        "CREATE {replace} FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} AS {body}"
+    ).format(replace=sql.SQL("OR REPLACE" if replace else ""), fn=_capture_function(source_id),
+             settings=_pinned_settings_clause(), body=sql.Literal(body.as_string(conn))))
+
+
+def set_doorbell(conn: psycopg.Connection, source: Source, log_name: str, on: bool) -> None:
+    """Ring the doorbell after each captured statement, or not: the capture function is
+    replaced in one transaction, so no statement is captured by neither version."""
+    _create_capture_function(conn, source.source_id, log_name, source, doorbell=on, replace=True)
 
 
 def _create_always(conn: psycopg.Connection, table: sql.Composable, trg: sql.Identifier,
