@@ -386,3 +386,41 @@ def test_failed_copy_leaves_nothing_and_the_retry_appends_all(rconn):
         assert seq.append_changes(batch).count == 3 and batch.end_lsn == txns[-1].end_lsn
     rows = check_log(conn, "fc")
     assert [orjson_id(r[2]) for r in rows] == ["0", "1", "2"]
+
+
+def test_a_missing_slot_is_an_error_in_the_listeners_log_and_recovery_works(rconn):
+    """A slot dropped (or absent after a failover to a standby without it) stops capture: the
+    running listener says so, with the recovery steps, and they work."""
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "gone")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "gone", "t", mode="replication")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO t VALUES (1)")
+        wait_for_size(conn, "gone", 1, listener=listener)
+        for _ in range(100):
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                         "WHERE slot_name = 'merkle_gone' AND active_pid IS NOT NULL")
+            try:
+                conn.execute("SELECT pg_drop_replication_slot('merkle_gone')")
+                break
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.05)
+        conn.execute("INSERT INTO t VALUES (2)")  # committed while there is no slot: not capturable
+        listener.wait_for("slot merkle_gone is missing", timeout=30)
+        listener.wait_for("source remove gone TABLE", timeout=5)
+        status = cli("status", dsn=conn.info.dsn)
+        assert "slot merkle_gone: MISSING" in status.stdout
+        cli("source", "remove", "gone", "t", dsn=conn.info.dsn, check=True)
+        out = cli("source", "add", "gone", "t", "--mode", "replication", "--backfill", dsn=conn.info.dsn, check=True)
+        assert "2 existing rows queued" in out.stdout
+        conn.execute("INSERT INTO t VALUES (3)")
+        wait_for_size(conn, "gone", 4, listener=listener)
+    finally:
+        said = listener.stop()
+    assert said.count("slot merkle_gone is missing") == 1, "reported once, then every minute while it lasts"
+    rows = check_log(conn, "gone")
+    assert [(r[3], orjson_id(r[2])) for r in rows] == [("insert", "1"), ("backfill", "1"), ("backfill", "2"),
+                                                       ("insert", "3")]

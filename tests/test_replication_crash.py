@@ -183,6 +183,13 @@ def test_status_explains_a_lost_slot(crash_server):
         out = cli("status", dsn=dsn, check=True).stdout
         assert "slot merkle_lossy: wal_status lost" in out
         assert "error: slot merkle_lossy is lost" in out and "pg_drop_replication_slot('merkle_lossy')" in out
+        # The running listener says it too, as an error with the same steps.
+        listener = start_listener(dsn)
+        try:
+            listener.wait_for("slot merkle_lossy is lost", timeout=30)
+        finally:
+            said = listener.stop()
+        assert '"level":"error"' in said.split("slot merkle_lossy is lost")[0].rsplit("\n", 1)[-1]
         conn.execute("SELECT pg_drop_replication_slot('merkle_lossy')")
         assert cli("source", "remove", "lossy", "lossy", dsn=dsn).returncode == 0
         out = cli("source", "add", "lossy", "lossy", "--mode", "replication", "--backfill", dsn=dsn)

@@ -4,7 +4,8 @@ Owned by the log's writer task (listener/runner.py), which holds the log's advis
 
     session task   while the log has replication sources and its slot exists, streams from
                    the durable position (merkle.replication_progress.end_lsn); each committed
-                   transaction goes to the buffer and wakes the writer
+                   transaction goes to the buffer and wakes the writer. A slot that is
+                   missing or lost is reported as an error (nothing is captured meanwhile)
     apply()        called by the writer: appends buffered transactions in one fenced batch
                    (Sequencer.append_changes), then confirms the stored end_lsn to the server
 
@@ -34,7 +35,7 @@ import psycopg
 from listener.errors import MerkleListenerError
 from listener.registry import list_sources
 from listener.sequencer import BatchResult, Sequencer
-from listener.sources import publication
+from listener.sources import publication, slot_health
 from listener.sources.pgoutput import lsn_to_int
 from listener.sources.replication import ReplicationStream, Transaction
 from listener.sources.replication_apply import ReplicationBatch, prepare
@@ -48,6 +49,10 @@ MAX_BUFFERED_CHANGES = 3 * MAX_CHANGES_PER_BATCH
 # Larger transactions are left for the writer's thread to prepare: hashing them on arrival
 # would hold up the event loop for too long.
 PREPARE_ON_ARRIVAL_MAX = 5_000
+# A slot missing or lost this long (not a registration between its two steps) is reported as
+# an error, again every SLOT_PROBLEM_REPEAT seconds while it lasts.
+SLOT_PROBLEM_GRACE = 2.0
+SLOT_PROBLEM_REPEAT = 60.0
 
 
 class ReplicationFeed:
@@ -66,6 +71,8 @@ class ReplicationFeed:
         self._sources: dict | None = None  # replication sources as last read (session start or batch)
         self._tg: anyio.abc.TaskGroup | None = None
         self._probe = KeptConnection(dsn)  # for the periodic "is there a slot?" question
+        # (message, first seen, last reported) while the log's slot is missing or lost
+        self._slot_problem: tuple[str, float, float] | None = None
 
     async def __aenter__(self) -> ReplicationFeed:
         self._tg = anyio.create_task_group()
@@ -149,6 +156,7 @@ class ReplicationFeed:
                 continue
             if start is None:
                 announced = False
+                self._report_slot_problem()
                 await anyio.sleep(self.recheck_interval)
                 continue
             self._generation += 1
@@ -176,16 +184,36 @@ class ReplicationFeed:
             await anyio.sleep(delay)
             delay = min(5.0, delay * 2)
 
+    def _report_slot_problem(self) -> None:
+        """Say it in the listener's log, not only in `status`: nothing is captured meanwhile."""
+        if self._slot_problem is None:
+            return
+        message, since, reported = self._slot_problem
+        now = time.monotonic()
+        if now - since >= SLOT_PROBLEM_GRACE and now - reported >= SLOT_PROBLEM_REPEAT:
+            log.error(message, extra={"log": self.log_name, "slot": publication.slot_name(self.log_name)})
+            self._slot_problem = (message, since, now)
+
     def _durable_position(self) -> int | None:
         """The stored end_lsn, or None when the log has no slot to stream from. Also reads
         the log's replication sources, so that transactions are prepared on arrival from the
         start (the batch checks them again under the log's lock)."""
         conn = self._probe.get()
         row = conn.execute(
-            "SELECT p.end_lsn::text, l.log_id FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
-            "JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
+            "SELECT p.end_lsn::text, l.log_id, s.slot_name IS NOT NULL, s.wal_status "
+            "FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
+            "LEFT JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
             (self.log_name,)).fetchone()
-        if row is None:
+        problem = None
+        if row is not None and not row[2]:
+            problem = slot_health.missing_message(self.log_name)
+        elif row is not None and row[3] == "lost":
+            problem = slot_health.lost_message(self.log_name, row[0])
+        if problem is None:
+            self._slot_problem = None
+        elif self._slot_problem is None or self._slot_problem[0] != problem:
+            self._slot_problem = (problem, time.monotonic(), 0.0)
+        if row is None or problem is not None:
             return None
         self._log_id = row[1]
         self._sources = {s.table_oid: s for s in list_sources(conn, self._log_id) if s.mode == "replication"}

@@ -34,9 +34,7 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
         "WHERE s.slot_name = %s", (slot,)).fetchone()
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
     if row is None:
-        report.update(level="error", message=(
-            f"slot {slot} is missing: changes are not being captured. Recreate it by removing each replication "
-            f"source (`merkle-listener source remove {log_name} TABLE`) and adding it again with --backfill"))
+        report.update(level="error", message=missing_message(log_name))
         return report
     wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
     if flush_lag is not None:
@@ -48,13 +46,7 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     report.update(wal_status=wal_status, active=active, confirmed_flush_lsn=confirmed, lag_bytes=lag_bytes,
                   retained_bytes=retained, lag_seconds=round(lag_seconds, 3))
     if wal_status == "lost":
-        report.update(level="error", message=(
-            f"slot {slot} is lost: PostgreSQL removed WAL it still needed, so changes committed after "
-            f"{end_lsn} (the last one logged) can no longer be streamed and are not in the log. To recover: "
-            f"1. stop `merkle-listener run`; 2. SELECT pg_drop_replication_slot('{slot}'); "
-            f"3. for each replication source, `merkle-listener source remove {log_name} TABLE`, then "
-            f"`merkle-listener source add {log_name} TABLE --mode replication --backfill` (logs the rows as they "
-            "are now); 4. raise max_slot_wal_keep_size (or keep the listener running) so it does not recur"))
+        report.update(level="error", message=lost_message(log_name, end_lsn))
     elif wal_status in ("extended", "unreserved"):
         report.update(level="warning", message=(
             f"slot {slot} holds {retained} bytes of WAL (wal_status {wal_status}): "
@@ -63,6 +55,24 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     else:
         report.update(level="ok", message=None)
     return report
+
+
+def missing_message(log_name: str) -> str:
+    slot = slot_name(log_name)
+    return (f"slot {slot} is missing (dropped, or this server was promoted from a standby that did not have it): "
+            f"changes of the log's replication sources are not being captured. Recreate it by removing each "
+            f"replication source (`merkle-listener source remove {log_name} TABLE`) and adding it again with "
+            "--backfill (logs the rows as they are now)")
+
+
+def lost_message(log_name: str, end_lsn: str) -> str:
+    slot = slot_name(log_name)
+    return (f"slot {slot} is lost: PostgreSQL removed WAL it still needed, so changes committed after "
+            f"{end_lsn} (the last one logged) can no longer be streamed and are not in the log. To recover: "
+            f"1. stop `merkle-listener run`; 2. SELECT pg_drop_replication_slot('{slot}'); "
+            f"3. for each replication source, `merkle-listener source remove {log_name} TABLE`, then "
+            f"`merkle-listener source add {log_name} TABLE --mode replication --backfill` (logs the rows as they "
+            "are now); 4. raise max_slot_wal_keep_size (or keep the listener running) so it does not recur")
 
 
 def source_status(conn: psycopg.Connection, log_name: str, s: Source) -> dict:
