@@ -126,6 +126,25 @@ def test_outbox_is_empty_and_order_within_a_transaction_is_kept(two_sources, dsn
                         ).fetchone()[0] == 0
 
 
+def test_savepoints_rolled_back_leave_nothing_and_released_ones_are_logged(two_sources, dsn):
+    conn = two_sources
+    with conn.transaction():
+        conn.execute("INSERT INTO orders (id, customer) VALUES (1, 'kept')")
+        with conn.transaction():  # SAVEPOINT ... ROLLBACK TO (psycopg.Rollback ends only this block)
+            conn.execute("INSERT INTO orders (id, customer) VALUES (2, 'rolled back')")
+            conn.execute("INSERT INTO payments (id, order_id) VALUES (2, 2)")
+            raise psycopg.Rollback()
+        with conn.transaction():  # SAVEPOINT ... RELEASE
+            conn.execute("INSERT INTO orders (id, customer) VALUES (3, 'released')")
+        conn.execute("INSERT INTO payments (id, order_id) VALUES (4, 4)")
+    with connect(dsn) as wconn:
+        Sequencer(wconn, "audit").drain_all()
+    rows = check_log(conn, "audit")
+    assert _logged_keys(conn, rows) == [("public.orders", canonical.key_json({"id": "1"})),
+                                        ("public.orders", canonical.key_json({"id": "3"})),
+                                        ("public.payments", canonical.key_json({"id": "4"}))]
+
+
 def test_kill_9_listener_mid_batches_loses_and_duplicates_nothing(two_sources, dsn):
     conn = two_sources
     stop = threading.Event()
