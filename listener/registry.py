@@ -158,6 +158,7 @@ def add_source(
         source = _insert_source(conn, log, spec, append_only, doorbell=doorbell)
         queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill,
                                  doorbell=doorbell)
+        trigger.ring(conn, log.name)  # a running listener reads the log's sources at once
     return source, queued
 
 
@@ -174,6 +175,7 @@ def set_doorbell(conn: psycopg.Connection, log_name: str, table: str, on: bool) 
                                      "run `source remove` again to finish, then add it anew")
         trigger.set_doorbell(conn, source, log.name, on)
         conn.execute("UPDATE merkle.sources SET doorbell = %s WHERE source_id = %s", (on, source.source_id))
+        trigger.ring(conn, log.name)  # sent at COMMIT: a running listener polls (or not) from then on
     return replace(source, doorbell=on)
 
 

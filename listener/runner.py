@@ -181,12 +181,19 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             # Replication-mode sources of the log stream through this feed (idle without them).
             async with ReplicationFeed(opts.dsn, name, lambda: wakeups.ring(name),
                                        recheck_interval=opts.poll_interval) as feed:
+                look_first = False
+                last_drain = anyio.current_time()
                 while True:
                     # Armed before draining: a doorbell that rings during the batch wakes us at once.
                     wake = wakeups.arm(name)
                     # Alternate one batch of each capture path, so neither starves the other.
                     while True:
-                        drained_batch = await anyio.to_thread.run_sync(seq.drain_once)
+                        if look_first and not await anyio.to_thread.run_sync(seq.outboxes_have_rows):
+                            drained_batch = None
+                        else:
+                            drained_batch = await anyio.to_thread.run_sync(seq.drain_once)
+                            last_drain = anyio.current_time()
+                        look_first = False
                         if drained_batch is not None:
                             _log_batch(name, drained_batch)
                             drained.rows[name] = drained.rows.get(name, 0) + drained_batch.count
@@ -201,8 +208,13 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                             break
                     await cps.maybe_publish()
                     poll = min(opts.poll_interval, QUIET_POLL_INTERVAL) if seq.quiet_sources else opts.poll_interval
+                    rung = False
                     with anyio.move_on_after(cps.wait_limit(poll)):
                         await wake.wait()
+                        rung = True
+                    # Between safety polls, a quiet poll that nothing rang for looks before it locks.
+                    look_first = (not rung and seq.quiet_sources
+                                  and anyio.current_time() - last_drain < opts.poll_interval)
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one log's trouble must not stop the others

@@ -71,6 +71,7 @@ class Sequencer:
         self._no_outbox_until = 0.0
         # A trigger source without the doorbell (two-phase commit writers): poll it often.
         self.quiet_sources = False
+        self._outbox_ids: tuple[int, ...] = ()  # trigger-mode sources of the drain statement
 
     def load(self) -> None:
         """Read the log's state: its row and the right-most partial tile of each level."""
@@ -92,6 +93,20 @@ class Sequencer:
         if time.monotonic() < self._no_outbox_until:
             return None  # the log had no trigger-mode source a moment ago (replication only)
         return self._batch(self._append_leaves)
+
+    def outboxes_have_rows(self) -> bool:
+        """Whether an outbox of the log holds a row, looked at without the log's lock: a quiet
+        poll that finds nothing then costs no transaction id and writes no WAL (a batch's
+        fence does both). True when unsure, so that the batch looks."""
+        if not self._outbox_ids:
+            return True
+        query = sql.SQL("SELECT {}").format(sql.SQL(" OR ").join(
+            sql.SQL("EXISTS (SELECT 1 FROM {})").format(outbox_name(i)) for i in self._outbox_ids))
+        try:
+            with self.conn.transaction():
+                return self.conn.execute(query).fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return True  # a source removed meanwhile: the batch rebuilds its statement
 
     def append_changes(self, changes: ReplicationBatch) -> BatchResult | None:
         """One batch of committed replication transactions: their leaves and the stream's
@@ -186,6 +201,7 @@ class Sequencer:
             # the log's row, which this batch holds, so the set cannot change until COMMIT.
             captured = [s for s in list_sources(self.conn, self.log.log_id) if s.mode == "trigger"]
             self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
+            self._outbox_ids = tuple(s.source_id for s in captured)
             self._sources_key = source_ids
         if self._drain is None:
             # No outbox to drain: skip the empty batch transactions for a second.

@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from listener.embedded import EmbeddedPostgres, bin_dir
+from listener.embedded import EmbeddedPostgres, wheel_bin_dir
 from listener.store import migrate
 from listener.store.connect import options_string
 
@@ -30,23 +30,42 @@ _db_counter = itertools.count()
 
 
 def _installations() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("MERKLE_TEST_PG_BIN", "").split(os.pathsep) if p]
-    for path in extra:
+    """The wheel's bin directory (whatever MERKLE_PG_BIN says), then MERKLE_TEST_PG_BIN's, once each."""
+    found: dict[Path, Path] = {}
+    for path in [wheel_bin_dir(), *(Path(p) for p in os.environ.get("MERKLE_TEST_PG_BIN", "").split(os.pathsep) if p)]:
         if not (path / "postgres").is_file():
             raise pytest.UsageError(f"MERKLE_TEST_PG_BIN: {path} holds no postgres program")
-    return [bin_dir(), *extra]
+        found.setdefault(path.resolve(), path)
+    return list(found.values())
 
 
 def _version_id(path: Path) -> str:
     """The test id of a bin directory: "pg18" for "postgres (PostgreSQL) 18.1"."""
-    out = subprocess.run([str(path / "postgres"), "--version"], capture_output=True, text=True, check=True).stdout
-    return "pg" + re.search(r"\) (\d+)", out).group(1)
+    proc = subprocess.run([str(path / "postgres"), "--version"], capture_output=True, text=True)
+    match = re.search(r"\) (\d+)", proc.stdout)
+    if proc.returncode != 0 or match is None:
+        raise pytest.UsageError(f"MERKLE_TEST_PG_BIN: {path}/postgres --version failed: "
+                                f"{(proc.stderr or proc.stdout).strip()}")
+    return "pg" + match.group(1)
 
 
-INSTALLATIONS = _installations()
+_INSTALLATIONS = pytest.StashKey[list[tuple[Path, str]]]()
 
 
-@pytest.fixture(scope="session", params=INSTALLATIONS, ids=[_version_id(p) for p in INSTALLATIONS])
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_INSTALLATIONS] = [(path, _version_id(path)) for path in _installations()]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test that needs the database runs once per installation; pytest groups them so
+    # that each installation's cluster starts once.
+    if "pg_server" in metafunc.fixturenames:
+        found = metafunc.config.stash[_INSTALLATIONS]
+        metafunc.parametrize("pg_server", [p for p, _ in found], ids=[i for _, i in found],
+                             indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
 def pg_server(request) -> Iterator[EmbeddedPostgres]:
     base = Path(tempfile.mkdtemp(prefix="ml-test-", dir=os.environ.get("MERKLE_TEST_TMP")))
     # fsync=off only speeds tests up: a PostgreSQL crash (-m immediate) still keeps the WAL

@@ -59,3 +59,4 @@ def test_unsupported_server_message_names_both_versions():
     text = migrate.unsupported_server_message(140011)
     assert text.startswith("this PostgreSQL is 14.11; merkle-listener needs PostgreSQL 15 or later")
     assert "tested on 15, 16, 17, 18" in text
+    assert migrate.unsupported_server_message(90624).startswith("this PostgreSQL is 9.6.24;")

@@ -5,21 +5,31 @@ transactions: conftest sets max_prepared_transactions.)"""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
 from listener import canonical, registry
-from listener.errors import ConfigurationError
+from listener.errors import ConfigurationError, SourceTableError
 from listener.runner import connect
+from listener.sources import trigger
 from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import orjson_id, wait_for_size
 
 
 def _prepare_insert(dsn: str, gid: str, *ids: int) -> None:
+    """One prepared transaction inserting `ids`, one statement each."""
     with psycopg.connect(dsn) as w:
-        w.execute("INSERT INTO t SELECT unnest(%s::int[])", (list(ids),))
+        for i in ids:
+            w.execute("INSERT INTO t VALUES (%s)", (i,))
         w.execute("PREPARE TRANSACTION %s" % psycopg.sql.Literal(gid).as_string(w))
         w.commit()
+
+
+def _next_xid(conn) -> int:
+    """The next transaction id, read without taking one."""
+    return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
 
 
 def test_without_the_doorbell_prepared_transactions_are_logged_when_committed(conn, dsn):
@@ -35,13 +45,14 @@ def test_without_the_doorbell_prepared_transactions_are_logged_when_committed(co
             w.execute("PREPARE TRANSACTION 'refused'")
     assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
 
-    out = cli("source", "doorbell", "tp", "t", "off", dsn=dsn, check=True)
-    assert "doorbell off" in out.stdout
-    assert "doorbell off" in cli("source", "list", "tp", dsn=dsn, check=True).stdout
-
-    # The safety poll is 30 s: only the poll of a source without the doorbell logs these in time.
+    # The safety poll is 30 s: only the poll of a source without the doorbell logs these in time,
+    # and turning the doorbell off tells the running listener at once.
     listener = start_listener(dsn, "--poll", "30")
     try:
+        listener.wait_for("writer for log")
+        out = cli("source", "doorbell", "tp", "t", "off", dsn=dsn, check=True)
+        assert "doorbell off" in out.stdout
+        assert "doorbell off" in cli("source", "list", "tp", dsn=dsn, check=True).stdout
         _prepare_insert(dsn, "p1", 1, 2)
         conn.execute("INSERT INTO t VALUES (3)")
         _prepare_insert(dsn, "p2", 4)
@@ -51,8 +62,15 @@ def test_without_the_doorbell_prepared_transactions_are_logged_when_committed(co
         conn.execute("INSERT INTO t VALUES (5)")
         wait_for_size(conn, "tp", 4, timeout=10, listener=listener)
 
-        # On again: nothing captured in between is lost, and the doorbell wakes the listener.
+        # Polling an empty outbox looks before it locks: no transaction id, no WAL.
+        before = _next_xid(conn)
+        time.sleep(2)
+        assert _next_xid(conn) - before <= 2, "quiet polls of an empty outbox took transaction ids"
+
+        # On again: nothing captured in between is lost, and the doorbell wakes the listener (the
+        # pause lets it take in the change first, so that no quiet poll is what finds the row).
         cli("source", "doorbell", "tp", "t", "on", dsn=dsn, check=True)
+        time.sleep(1)
         conn.execute("INSERT INTO t VALUES (6)")
         wait_for_size(conn, "tp", 5, timeout=10, listener=listener)
     finally:
@@ -64,7 +82,7 @@ def test_without_the_doorbell_prepared_transactions_are_logged_when_committed(co
     assert bytes(rows[ids.index(1)][4]) == canonical.leaf_hash_of_entry(canonical.entry_v1("insert", "public.t", {"id": "1"}))
 
 
-def test_no_doorbell_at_registration_and_what_is_refused(rconn, dsn):
+def test_no_doorbell_at_registration_and_what_is_refused(rconn, dsn, monkeypatch):
     conn = rconn
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     conn.execute("CREATE TABLE r (id int PRIMARY KEY)")
@@ -85,3 +103,15 @@ def test_no_doorbell_at_registration_and_what_is_refused(rconn, dsn):
         registry.set_doorbell(c, "nd", "r", False)
     with connect(dsn) as c, pytest.raises(ConfigurationError, match="is not a source of log"):
         registry.set_doorbell(c, "nd", "nope", False)
+
+    # A prepared transaction holds its locks until it is resolved: `source remove` gives up
+    # (rather than stall the table's writers behind it), says why, and changes nothing.
+    monkeypatch.setattr(trigger, "DROP_LOCK_TIMEOUT", "300ms")
+    _prepare_insert(dsn, "pending", 2)
+    with connect(dsn) as c, pytest.raises(SourceTableError, match=r"pg_prepared_xacts.*Nothing was changed"):
+        registry.remove_source(c, "nd", "t")
+    assert [s.table_name for s in registry.list_sources(conn)] == ["t", "r"]
+    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'merkle_capture_%'").fetchone()[0] == 1
+    conn.execute("ROLLBACK PREPARED 'pending'")
+    with connect(dsn) as c:
+        assert registry.remove_source(c, "nd", "t") == 1  # the committed row is still queued

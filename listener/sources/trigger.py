@@ -8,8 +8,8 @@ For source S on table T (all names composed with psycopg.sql, never pasted):
                       the row filter applied, then one NOTIFY on channel merkle_outbox
                       with the log name (a doorbell: correctness never depends on it).
                       Without the doorbell (PostgreSQL refuses PREPARE TRANSACTION after a
-                      NOTIFY, so writers using two-phase commit need that), the listener's
-                      safety poll finds the rows.
+                      NOTIFY, so writers using two-phase commit need that), the listener
+                      polls the log's outboxes every 0.1 s instead.
 
 The outbox has no index and no per-row sequence: both are what makes capture expensive for
 writers (docs/design.md). The entry is computed later, by the drain, from the row image as
@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
+from listener.errors import SourceTableError
 from listener.sources.validate import FILTER_SETTINGS, SourceSpec
 
 if TYPE_CHECKING:
     from listener.registry import Source
 
 DOORBELL_CHANNEL = "merkle_outbox"
+# How long removing a source waits for the table's lock before it gives up.
+DROP_LOCK_TIMEOUT = "10s"
 
 
 def outbox_name(source_id: int) -> sql.Identifier:
@@ -141,6 +144,11 @@ def _create_capture_function(conn: psycopg.Connection, source_id: int, log_name:
              settings=_pinned_settings_clause(), body=sql.Literal(body.as_string(conn))))
 
 
+def ring(conn: psycopg.Connection, log_name: str) -> None:
+    """Ring the log's doorbell from the caller's transaction (delivered at its COMMIT)."""
+    conn.execute("SELECT pg_notify(%s, %s)", (DOORBELL_CHANNEL, log_name))
+
+
 def set_doorbell(conn: psycopg.Connection, source: Source, log_name: str, on: bool) -> None:
     """Ring the doorbell after each captured statement, or not: the capture function is
     replaced in one transaction, so no statement is captured by neither version."""
@@ -173,12 +181,23 @@ def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composabl
     """Stop capture (and lift the guard); queued rows stay in the outbox for the sequencer.
     Runs in a transaction: the DDL guard lets merkle-listener drop its own triggers only while
     merkle.dropping_triggers is set, for that transaction alone."""
-    with conn.transaction():
-        conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
-        if table is not None:
-            for trg in _trigger_names(source_id):
-                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
-        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+    try:
+        with conn.transaction():
+            conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
+            # DROP TRIGGER waits for every transaction that holds the table, and the table's
+            # writers queue behind it: give up rather than stall them.
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (DROP_LOCK_TIMEOUT,))
+            if table is not None:
+                for trg in _trigger_names(source_id):
+                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
+            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+    except psycopg.errors.LockNotAvailable:
+        raise SourceTableError(
+            f"could not lock {table.as_string(conn) if table is not None else 'the table'} within "
+            f"{DROP_LOCK_TIMEOUT} to drop merkle-listener's triggers: a transaction holds it. A prepared "
+            "transaction (two-phase commit) holds its locks until COMMIT PREPARED or ROLLBACK PREPARED: see "
+            "SELECT gid, prepared, owner, database FROM pg_prepared_xacts; a long-running one shows in "
+            "pg_stat_activity. Nothing was changed; retry once it has ended") from None
 
 
 def drop_outbox(conn: psycopg.Connection, source_id: int) -> None:

@@ -79,8 +79,11 @@ def check_server(conn: psycopg.Connection) -> None:
 
 
 def unsupported_server_message(number: int) -> str:
+    # libpq numbers 10 and later major * 10000 + minor, older ones 90624 for 9.6.24.
+    shown = (f"{number // 10000}.{number % 10000}" if number >= 100000
+             else f"{number // 10000}.{number // 100 % 100}.{number % 100}")
     return (
-        f"this PostgreSQL is {number // 10000}.{number % 10000}; merkle-listener needs PostgreSQL "
+        f"this PostgreSQL is {shown}; merkle-listener needs PostgreSQL "
         f"{MIN_SERVER_VERSION // 10000} or later (tested on {', '.join(map(str, TESTED_MAJOR_VERSIONS))}): "
         "upgrade the server, or leave --dsn out to use the embedded PostgreSQL"
     )
