@@ -151,7 +151,8 @@ def ring(conn: psycopg.Connection, log_name: str) -> None:
 
 def set_doorbell(conn: psycopg.Connection, source: Source, log_name: str, on: bool) -> None:
     """Ring the doorbell after each captured statement, or not: the capture function is
-    replaced in one transaction, so no statement is captured by neither version."""
+    replaced in one transaction: every statement runs one version or the other, and each
+    captures its rows."""
     _create_capture_function(conn, source.source_id, log_name, source, doorbell=on, replace=True)
 
 
