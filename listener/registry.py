@@ -92,6 +92,8 @@ def set_paused(conn: psycopg.Connection, name: str, paused: bool) -> Log:
     with conn.transaction():
         log = get_log(conn, name, for_update=True)
         conn.execute("UPDATE merkle.logs SET paused = %s WHERE log_id = %s", (paused, log.log_id))
+        if not paused:
+            trigger.ring(conn, log.name)  # what queued while paused is appended at once
     return get_log(conn, name)
 
 

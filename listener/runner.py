@@ -64,15 +64,25 @@ class _Drained:
 @dataclass
 class _Wakeups:
     events: dict[str, anyio.Event] = field(default_factory=dict)
+    # Logs whose outbox doorbell rang (not the replication feed's wake-up) since last taken.
+    outbox_rung: set[str] = field(default_factory=set)
 
     def arm(self, name: str) -> anyio.Event:
         ev = self.events[name] = anyio.Event()
         return ev
 
-    def ring(self, name: str | None = None) -> None:
+    def ring(self, name: str | None = None, *, outbox: bool = False) -> None:
         for key, ev in self.events.items():
             if name is None or key == name:
                 ev.set()
+                if outbox:
+                    self.outbox_rung.add(key)
+
+    def take_outbox_ring(self, name: str) -> bool:
+        if name in self.outbox_rung:
+            self.outbox_rung.discard(name)
+            return True
+        return False
 
 
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
@@ -115,12 +125,12 @@ async def _doorbell(opts: RunOptions, wakeups: _Wakeups, *, task_status=anyio.TA
             async with aconn:
                 await aconn.execute(f"LISTEN {DOORBELL_CHANNEL}")
                 backoff.reset()
-                wakeups.ring()  # anything missed while not listening is drained now
+                wakeups.ring(outbox=True)  # anything missed while not listening is drained now
                 if not started:
                     started = True
                     task_status.started()
                 async for note in aconn.notifies():
-                    wakeups.ring(note.payload)
+                    wakeups.ring(note.payload, outbox=True)
         except psycopg.OperationalError as exc:
             log.warning("doorbell connection lost; writers keep polling", extra={"error": str(exc)})
             if not started:
@@ -187,6 +197,9 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                     # Armed before draining: a doorbell that rings during the batch wakes us at once.
                     wake = wakeups.arm(name)
                     # Alternate one batch of each capture path, so neither starves the other.
+                    if wakeups.take_outbox_ring(name):
+                        seq.expect_outboxes()  # a source may have been added: look now, not in a second
+                        look_first = False
                     while True:
                         if look_first and not await anyio.to_thread.run_sync(seq.outboxes_have_rows):
                             drained_batch = None
@@ -208,12 +221,10 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                             break
                     await cps.maybe_publish()
                     poll = min(opts.poll_interval, QUIET_POLL_INTERVAL) if seq.quiet_sources else opts.poll_interval
-                    rung = False
                     with anyio.move_on_after(cps.wait_limit(poll)):
                         await wake.wait()
-                        rung = True
                     # Between safety polls, a quiet poll that nothing rang for looks before it locks.
-                    look_first = (not rung and seq.quiet_sources
+                    look_first = (not wake.is_set() and seq.quiet_sources
                                   and anyio.current_time() - last_drain < opts.poll_interval)
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})

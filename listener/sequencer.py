@@ -94,19 +94,31 @@ class Sequencer:
             return None  # the log had no trigger-mode source a moment ago (replication only)
         return self._batch(self._append_leaves)
 
+    def expect_outboxes(self) -> None:
+        """The doorbell rang: a trigger-mode source may have been added, look at once."""
+        self._no_outbox_until = 0.0
+
     def outboxes_have_rows(self) -> bool:
-        """Whether an outbox of the log holds a row, looked at without the log's lock: a quiet
-        poll that finds nothing then costs no transaction id and writes no WAL (a batch's
-        fence does both). True when unsure, so that the batch looks."""
+        """Whether a batch has work: an outbox of the log holds a row, or its sources changed.
+        Looked at without the log's lock, so a quiet poll that finds nothing takes no
+        transaction id and no lock (a batch's fence takes both and writes WAL). False for a
+        paused log; True when unsure, so that the batch looks."""
         if not self._outbox_ids:
             return True
-        query = sql.SQL("SELECT {}").format(sql.SQL(" OR ").join(
+        query = sql.SQL(
+            "SELECT l.paused, array(SELECT source_id FROM merkle.sources s WHERE s.log_id = l.log_id "
+            "ORDER BY source_id), {queued} FROM merkle.logs l WHERE l.log_id = %s"
+        ).format(queued=sql.SQL(" OR ").join(
             sql.SQL("EXISTS (SELECT 1 FROM {})").format(outbox_name(i)) for i in self._outbox_ids))
         try:
             with self.conn.transaction():
-                return self.conn.execute(query).fetchone()[0]
+                row = self.conn.execute(query, (self.log.log_id,)).fetchone()
         except psycopg.errors.UndefinedTable:
             return True  # a source removed meanwhile: the batch rebuilds its statement
+        if row is None:
+            return True  # the log was dropped: the batch says so
+        paused, source_ids, queued = row
+        return not paused and (tuple(source_ids) != self._sources_key or queued)
 
     def append_changes(self, changes: ReplicationBatch) -> BatchResult | None:
         """One batch of committed replication transactions: their leaves and the stream's
@@ -176,14 +188,14 @@ class Sequencer:
                 f"{root.hex()}, this writer extends size {self.tree.size} root {self.tree.root.hex()}; "
                 "another process wrote to it (is a second listener running without its advisory lock?)"
             )
-        if paused:
-            return None
         # A statement of its own, so its snapshot is taken after the lock: a source added or
         # removed (both lock this row) while we waited is seen.
         rows = self.conn.execute(
             "SELECT source_id, NOT doorbell FROM merkle.sources WHERE log_id = %s ORDER BY source_id",
             (self.log.log_id,)).fetchall()
         self.quiet_sources = any(r[1] for r in rows)
+        if paused:
+            return None
         return tuple(r[0] for r in rows)
 
     def _replication_sources(self, source_ids: tuple[int, ...]) -> dict[int, Source]:

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from listener.embedded import EmbeddedPostgres, wheel_bin_dir
+from listener.errors import ConfigurationError
 from listener.store import migrate
 from listener.store.connect import options_string
 
@@ -31,10 +32,15 @@ _db_counter = itertools.count()
 
 def _installations() -> list[Path]:
     """The wheel's bin directory (whatever MERKLE_PG_BIN says), then MERKLE_TEST_PG_BIN's, once each."""
+    try:
+        paths = [wheel_bin_dir()]
+    except ConfigurationError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    paths += [Path(p) for p in os.environ.get("MERKLE_TEST_PG_BIN", "").split(os.pathsep) if p]
     found: dict[Path, Path] = {}
-    for path in [wheel_bin_dir(), *(Path(p) for p in os.environ.get("MERKLE_TEST_PG_BIN", "").split(os.pathsep) if p)]:
+    for path in paths:
         if not (path / "postgres").is_file():
-            raise pytest.UsageError(f"MERKLE_TEST_PG_BIN: {path} holds no postgres program")
+            raise pytest.UsageError(f"{path} (from MERKLE_TEST_PG_BIN) holds no postgres program")
         found.setdefault(path.resolve(), path)
     return list(found.values())
 
@@ -44,8 +50,7 @@ def _version_id(path: Path) -> str:
     proc = subprocess.run([str(path / "postgres"), "--version"], capture_output=True, text=True)
     match = re.search(r"\) (\d+)", proc.stdout)
     if proc.returncode != 0 or match is None:
-        raise pytest.UsageError(f"MERKLE_TEST_PG_BIN: {path}/postgres --version failed: "
-                                f"{(proc.stderr or proc.stdout).strip()}")
+        raise pytest.UsageError(f"{path}/postgres --version failed: {(proc.stderr or proc.stdout).strip()}")
     return "pg" + match.group(1)
 
 

@@ -113,5 +113,32 @@ def test_no_doorbell_at_registration_and_what_is_refused(rconn, dsn, monkeypatch
     assert [s.table_name for s in registry.list_sources(conn)] == ["t", "r"]
     assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'merkle_capture_%'").fetchone()[0] == 1
     conn.execute("ROLLBACK PREPARED 'pending'")
-    with connect(dsn) as c:
+    with connect(dsn) as c, c.transaction():
+        c.execute("SET LOCAL lock_timeout = '42s'")
         assert registry.remove_source(c, "nd", "t") == 1  # the committed row is still queued
+        assert c.execute("SHOW lock_timeout").fetchone()[0] == "42s", "the caller's lock_timeout was not restored"
+
+
+def test_a_source_without_doorbell_added_to_a_running_replication_log_is_polled_at_once(rconn, dsn):
+    """The listener of a log without trigger sources skips looking for outboxes for a second
+    at a time; the ring of `source add` ends that at once."""
+    conn = rconn
+    conn.execute("CREATE TABLE r (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "mixed")
+    with connect(dsn) as c:
+        registry.add_source(c, "mixed", "r", mode="replication")
+    listener = start_listener(dsn, "--poll", "30")
+    try:
+        conn.execute("INSERT INTO r VALUES (1)")
+        wait_for_size(conn, "mixed", 1, listener=listener)
+        for i in range(2, 6):  # keep the stream busy, so the writer wakes up often
+            conn.execute("INSERT INTO r VALUES (%s)", (i,))
+        cli("source", "add", "mixed", "t", "--no-doorbell", dsn=dsn, check=True)
+        _prepare_insert(dsn, "late", 10, 11)
+        conn.execute("COMMIT PREPARED 'late'")
+        wait_for_size(conn, "mixed", 7, timeout=10, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "mixed")
+    assert sorted(int(orjson_id(r[2])) for r in rows) == [1, 2, 3, 4, 5, 10, 11]

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from listener import registry
-from listener.errors import ConfigurationError, DatabaseError
+from listener.errors import ConfigurationError, DatabaseError, SourceTableError
 from listener.sources import publication, trigger
 from listener.sources.validate import validate_source
 
@@ -74,9 +74,15 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
                 queued = _backfill_in_snapshot(conn, source.source_id, spec, snapshot)
         finally:
             rc.close()
-    except BaseException:
+    except BaseException as failed:
         # Undo the registration: without its slot (or backfill) the source would be incomplete.
-        _forget(conn, dsn, log_name, source.source_id, spec.ident())
+        try:
+            _forget(conn, dsn, log_name, source.source_id, spec.ident())
+        except SourceTableError as stuck:
+            raise SourceTableError(
+                f"adding {spec.qualified} failed ({failed}) and could not be undone: {stuck}. It stays registered "
+                f"without its slot: run `merkle-listener source remove {log_name} {spec.qualified}` once that "
+                "transaction has ended") from failed
         raise
     return source, queued
 

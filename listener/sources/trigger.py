@@ -186,12 +186,15 @@ def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composabl
         with conn.transaction():
             conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
             # DROP TRIGGER waits for every transaction that holds the table, and the table's
-            # writers queue behind it: give up rather than stall them.
+            # writers queue behind it: give up rather than stall them. The caller's own
+            # lock_timeout is back for the rest of its transaction.
+            caller_timeout = conn.execute("SELECT current_setting('lock_timeout')").fetchone()[0]
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (DROP_LOCK_TIMEOUT,))
             if table is not None:
                 for trg in _trigger_names(source_id):
                     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
             conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (caller_timeout,))
     except psycopg.errors.LockNotAvailable:
         raise SourceTableError(
             f"could not lock {table.as_string(conn) if table is not None else 'the table'} within "
