@@ -62,7 +62,7 @@ def test_without_the_doorbell_prepared_transactions_are_logged_when_committed(co
         conn.execute("INSERT INTO t VALUES (5)")
         wait_for_size(conn, "tp", 4, timeout=10, listener=listener)
 
-        # Polling an empty outbox looks before it locks: no transaction id, no WAL.
+        # Polling an empty outbox looks before it locks: no transaction id.
         before = _next_xid(conn)
         time.sleep(2)
         assert _next_xid(conn) - before <= 2, "quiet polls of an empty outbox took transaction ids"
