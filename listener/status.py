@@ -29,6 +29,7 @@ def collect(conn: psycopg.Connection) -> dict:
             ).fetchone()[0]
             sources.append({
                 "table": s.qualified, "mode": s.mode, "capturing": capturing, "append_only": s.append_only,
+                "doorbell": s.doorbell,
                 "queued": queued, "oldest_queued_seconds": round(oldest, 3) if oldest is not None else None,
             })
         ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
@@ -55,6 +56,8 @@ def render(report: dict) -> str:
             flags = [s["mode"], "capturing" if s["capturing"] else "capture stopped"]
             if s["append_only"]:
                 flags.append("append-only")
+            if s.get("doorbell") is False:
+                flags.append("no doorbell: polled every 0.1 s")
             lines.append(f"  source {s['table']} ({', '.join(flags)}): queued {s['queued']}")
         if log.get("slot"):
             lines.extend(slot_health.render(log["slot"]))

@@ -53,6 +53,8 @@ def test_without_the_doorbell_prepared_transactions_are_logged_when_committed(co
         out = cli("source", "doorbell", "tp", "t", "off", dsn=dsn, check=True)
         assert "doorbell off" in out.stdout
         assert "doorbell off" in cli("source", "list", "tp", dsn=dsn, check=True).stdout
+        assert "source public.t (trigger, capturing, no doorbell: polled every 0.1 s)" in cli(
+            "status", dsn=dsn, check=True).stdout
         _prepare_insert(dsn, "p1", 1, 2)
         conn.execute("INSERT INTO t VALUES (3)")
         _prepare_insert(dsn, "p2", 4)
