@@ -74,8 +74,8 @@ def entry_sql(
 ) -> sql.Composed:
     """A text expression producing `canonical.entry_v1(op, source, {c: record.c ...})`.
 
-    `record` names a row (a table alias such as "r", or a composite-valued name) and column c
-    is read as (record)."c". `op` is one of canonical.OPS, or an SQL expression yielding one.
+    `record` names a row: a table alias such as "r" (column c is read as "r"."c"), or a
+    composite-valued SQL expression (read as (record)."c"). `op` is one of canonical.OPS, or an SQL expression yielding one.
     `types` optionally maps column names to type OIDs for cheaper value expressions.
     Requires the pinned settings (see the module docstring). The result is text; hash it
     with `leaf_hash_sql`.
@@ -123,12 +123,20 @@ def _row_parts(
     names = list(columns)
     if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ProcessingError(f"canonical entry SQL: columns must be distinct non-empty names, got {names!r}")
-    rec = sql.Identifier(record) if isinstance(record, str) else record
     types = types or {}
     return [
-        (_json(n) + ":", value_sql(sql.SQL("({}).{}").format(rec, sql.Identifier(n)), types.get(n)))
+        (_json(n) + ":", value_sql(_field(record, n), types.get(n)))
         for n in sorted(names, key=utf8_order)
     ]
+
+
+def _field(record: str | sql.Composable, name: str) -> sql.Composable:
+    """Column `name` of `record`. An alias given as a string is read as "alias"."name", which
+    PostgreSQL resolves to the table alias first: ("alias")."name" would read a column that
+    happens to be called like the alias (a table with a column "n" or "o") instead."""
+    if isinstance(record, str):
+        return sql.Identifier(record, name)
+    return sql.SQL("({}).{}").format(record, sql.Identifier(name))
 
 
 def _chain(

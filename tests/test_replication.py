@@ -424,3 +424,36 @@ def test_a_missing_slot_is_an_error_in_the_listeners_log_and_recovery_works(rcon
     rows = check_log(conn, "gone")
     assert [(r[3], orjson_id(r[2])) for r in rows] == [("insert", "1"), ("backfill", "1"), ("backfill", "2"),
                                                        ("insert", "3")]
+
+
+def test_columns_named_like_the_internal_aliases(rconn):
+    """A source may have columns called "n" or "o" (the aliases of the backfill and the outbox
+    drain): read as ("n")."id" they were taken for the column, and the backfill failed
+    ("column notation .id applied to type integer") and the drain stopped the log for good."""
+    conn = rconn
+    conn.execute("CREATE TABLE counts (id int PRIMARY KEY, n int, o int)")
+    conn.execute("CREATE TABLE tallies (id int PRIMARY KEY, n int, o int)")
+    conn.execute("INSERT INTO counts VALUES (1, 10, 100)")
+    conn.execute("INSERT INTO tallies VALUES (1, 20, 200)")
+    registry.create_log(conn, "al")
+    with connect(conn.info.dsn) as c:
+        _, queued = registry.add_source(c, "al", "counts", mode="replication", backfill=True)
+        assert queued == 1
+        _, queued = registry.add_source(c, "al", "tallies", backfill=True)
+        assert queued == 1
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO counts VALUES (2, 11, 101)")
+        wait_for_size(conn, "al", 3, listener=listener)
+        conn.execute("INSERT INTO tallies VALUES (2, 21, 201)")
+        wait_for_size(conn, "al", 4, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "al")
+    h, e = canonical.leaf_hash_of_entry, canonical.entry_v1
+    assert sorted(bytes(r[4]) for r in rows) == sorted([
+        h(e("backfill", "public.counts", {"id": "1", "n": "10", "o": "100"})),
+        h(e("insert", "public.counts", {"id": "2", "n": "11", "o": "101"})),
+        h(e("backfill", "public.tallies", {"id": "1", "n": "20", "o": "200"})),
+        h(e("insert", "public.tallies", {"id": "2", "n": "21", "o": "201"})),
+    ])
