@@ -457,3 +457,33 @@ def test_columns_named_like_the_internal_aliases(rconn):
         h(e("backfill", "public.tallies", {"id": "1", "n": "20", "o": "200"})),
         h(e("insert", "public.tallies", {"id": "2", "n": "21", "o": "201"})),
     ])
+
+
+def test_a_log_of_the_same_name_in_another_database_leaves_the_slot_alone(rconn, pg_server):
+    """Slot names are per server: log "dup" of another database of the same server must not
+    take over, or drop, this database's slot merkle_dup."""
+    conn = rconn
+    conn.execute("CREATE TABLE mine (id int PRIMARY KEY)")
+    registry.create_log(conn, "dup")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "dup", "mine", mode="replication")
+    other_db = conn.info.dbname + "_other"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {other_db} TEMPLATE merkle_template STRATEGY FILE_COPY")
+    other = pg_server.dsn(other_db)
+    try:
+        with psycopg.connect(other, autocommit=True) as oc:
+            oc.execute("CREATE TABLE theirs (id int PRIMARY KEY)")
+        assert cli("log", "create", "dup", dsn=other).returncode == 0
+        out = cli("source", "add", "dup", "theirs", "--mode", "replication", dsn=other)
+        assert out.returncode == 2, out.stdout
+        assert f"exists already for database {conn.info.dbname}" in out.stderr
+        with psycopg.connect(other, autocommit=True) as oc:
+            assert oc.execute("SELECT count(*) FROM merkle.sources").fetchone()[0] == 0
+            assert oc.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+        out = cli("log", "drop", "dup", "--yes", dsn=other)
+        assert out.returncode == 0, out.stderr
+        assert slots(conn) == ["merkle_dup"]
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {other_db} WITH (FORCE)")

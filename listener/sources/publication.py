@@ -61,6 +61,16 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
     slot_exists, slots_used = conn.execute(
         "SELECT bool_or(slot_name = %s), count(*) FROM pg_replication_slots", (slot_name(log_name),)
     ).fetchone()
+    elsewhere = conn.execute(
+        "SELECT coalesce(database, '(none: a physical slot)') FROM pg_replication_slots "
+        "WHERE slot_name = %s AND database IS DISTINCT FROM current_database()", (slot_name(log_name),)).fetchone()
+    if elsewhere is not None:
+        # Slot names are per server, not per database: that slot is another database's.
+        raise ConfigurationError(
+            f"replication slot {slot_name(log_name)} exists already for database {elsewhere[0]} (slot names are "
+            f"shared by every database of the server, so a log named {log_name!r} there uses it): create this "
+            "log under another name for its replication sources, or use --mode trigger"
+        )
     if not slot_exists and slots_used >= slots_max:
         raise ConfigurationError(
             f"all {slots_max} replication slots are in use (max_replication_slots); raise "
@@ -204,15 +214,18 @@ def create_slot(dsn: str, name: str, *, export_snapshot: bool) -> tuple[Replicat
 
 
 def slot_exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone() is not None
+    return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
+                        (name,)).fetchone() is not None
 
 
 def drop_slot(conn: psycopg.Connection, name: str, *, timeout: float = 10.0) -> bool:
-    """Drop the slot if it exists, ending the walsender that streams from it (a listener
-    reconnects and finds no slot). Requires `conn` in autocommit mode. Returns whether it existed."""
+    """Drop the slot if it exists in the connection's database, ending the walsender that streams
+    from it (a listener reconnects and finds no slot); a slot of that name in another database
+    is that database's and stays. Requires `conn` in autocommit mode. Returns whether it existed."""
     deadline = time.monotonic() + timeout
     while True:
-        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots "
+                           "WHERE slot_name = %s AND database = current_database()", (name,)).fetchone()
         if row is None:
             return False
         if row[0] is not None:
