@@ -269,11 +269,7 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: s
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         source = find_source(conn, log, table)
-        # By oid: the table may have been renamed (without the DDL guard) or dropped.
-        current = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.oid = %s", (source.table_oid,)).fetchone()
-        trigger.drop_triggers(conn, source.source_id, sql.Identifier(*current) if current else None)
+        trigger.drop_triggers(conn, source.source_id, trigger.current_table(conn, source.table_oid))
         queued = conn.execute(
             sql.SQL("SELECT count(*) FROM {}").format(trigger.outbox_name(source.source_id))
         ).fetchone()[0]

@@ -161,8 +161,7 @@ async def _supervise(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, tg,
         for name in names:
             if name not in running:
                 running.add(name)
-                tg.start_soon(_writer, opts, wakeups, drained, name)
-                tg.start_soon(_janitor, opts, drained, name)
+                tg.start_soon(_serve_log, opts, wakeups, drained, name, running)
         if first:
             first = False
             task_status.started()
@@ -177,7 +176,20 @@ def _log_names(probe: KeptConnection) -> list[str]:
         raise
 
 
+async def _serve_log(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: str, running: set[str]) -> None:
+    """The log's writer and janitor, until the log is dropped (a log created again under the
+    same name is found by the next rescan)."""
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_janitor, opts, drained, name)
+            await _writer(opts, wakeups, drained, name)
+            tg.cancel_scope.cancel()
+    finally:
+        running.discard(name)
+
+
 async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: str) -> None:
+    """Write the log until it is dropped; every other trouble is retried."""
     backoff = _Backoff()
     while True:
         conn = None
@@ -229,6 +241,9 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one log's trouble must not stop the others
+            if await anyio.to_thread.run_sync(_log_dropped, opts.dsn, name):
+                log.warning("log dropped; its writer stops", extra={"log": name})
+                return
             # The batch was rolled back and the state will be reloaded: nothing is lost by retrying.
             log.error("writer stopped on error; retrying", exc_info=not isinstance(exc, (MerkleListenerError, psycopg.Error)),
                       extra={"log": name, "error": str(exc).strip()})
@@ -237,6 +252,16 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(conn.close)
         await backoff.sleep()
+
+
+def _log_dropped(dsn: str, name: str) -> bool:
+    """Whether the log is known to be gone (False when the database cannot tell now)."""
+    try:
+        with connect(dsn) as conn:
+            return conn.execute("SELECT NOT EXISTS (SELECT 1 FROM merkle.logs WHERE name = %s)",
+                                (name,)).fetchone()[0]
+    except psycopg.Error:
+        return False
 
 
 async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:

@@ -122,6 +122,7 @@ def test_refusals_say_how_to_fix(rconn):
         conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public, merkle TO {role}")
         out = cli("source", "add", "l", "t", "--mode", "replication", dsn=conn.info.dsn + f" user={role}")
     finally:
+        conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")
     assert out.returncode == 2
@@ -487,3 +488,71 @@ def test_a_log_of_the_same_name_in_another_database_leaves_the_slot_alone(rconn,
     finally:
         with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {other_db} WITH (FORCE)")
+
+
+def test_log_drop_while_running_stops_its_writer_only(rconn):
+    """A log dropped under a running listener: its writer stops (no error loop), the other
+    logs go on, and a log created again under that name is picked up."""
+    conn = rconn
+    conn.execute("CREATE TABLE gone (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    for name, table, mode in (("gone", "gone", "replication"), ("kept", "kept", "trigger")):
+        registry.create_log(conn, name)
+        with connect(conn.info.dsn) as c:
+            registry.add_source(c, name, table, mode=mode)
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO gone VALUES (1)")
+        wait_for_size(conn, "gone", 1, listener=listener)
+        out = cli("log", "drop", "gone", "--yes", dsn=conn.info.dsn)
+        assert out.returncode == 0, out.stderr
+        listener.wait_for("log dropped; its writer stops")
+        conn.execute("INSERT INTO kept VALUES (1)")
+        wait_for_size(conn, "kept", 1, listener=listener)
+        # The same name again, now in trigger mode: the running listener finds it.
+        registry.create_log(conn, "gone")
+        with connect(conn.info.dsn) as c:
+            registry.add_source(c, "gone", "gone")
+        conn.execute("INSERT INTO gone VALUES (2)")
+        wait_for_size(conn, "gone", 1, timeout=30, listener=listener)
+    finally:
+        said = listener.stop()
+    assert "writer stopped on error" not in said, said[-3000:]
+    assert slots(conn) == []
+
+
+def test_log_drop_that_cannot_drop_the_slot_drops_nothing(rconn):
+    """The slot goes first: a `log drop` that may not end the walsender streaming it (a role
+    that cannot terminate a superuser's process) leaves the log, its sources and its slot."""
+    conn = rconn
+    role = f"dropper_{conn.info.backend_pid}"
+    conn.execute("CREATE TABLE held (id int PRIMARY KEY)")
+    registry.create_log(conn, "held")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "held", "held", mode="replication")
+    # A role that may do all the rest of the drop itself.
+    conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {role}")
+    conn.execute(f"GRANT USAGE ON SCHEMA merkle TO {role}")
+    conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA merkle TO {role}")
+    conn.execute(f"ALTER TABLE held OWNER TO {role}")
+    conn.execute(f"ALTER PUBLICATION merkle_held OWNER TO {role}")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO held VALUES (1)")
+        wait_for_size(conn, "held", 1, listener=listener)
+        out = cli("log", "drop", "held", "--yes", dsn=psycopg.conninfo.make_conninfo(conn.info.dsn, user=role))
+        assert out.returncode != 0
+        assert slots(conn) == ["merkle_held"]
+        assert conn.execute("SELECT count(*) FROM merkle.sources s JOIN merkle.logs l USING (log_id) "
+                            "WHERE l.name = 'held'").fetchone()[0] == 1, out.stderr
+        assert "cannot drop replication slot merkle_held (nothing was dropped)" in out.stderr, out.stderr
+        assert "pg_drop_replication_slot('merkle_held')" in out.stderr
+        # Capture goes on.
+        conn.execute("INSERT INTO held VALUES (2)")
+        wait_for_size(conn, "held", 2, listener=listener)
+    finally:
+        listener.stop()
+        conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")

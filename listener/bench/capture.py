@@ -241,15 +241,22 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
     return result
 
 
-def json_bench_main(prog: str, doc: str, run_fn, rows_default: int, argv: list[str] | None) -> int:
-    """The command line shared by the benchmarks that print one JSON object (capture, replication)."""
+def json_bench_main(prog: str, doc: str, run_fn, rows_default: int, argv: list[str] | None,
+                    add_options=None) -> int:
+    """The command line shared by the benchmarks that print one JSON object (capture, replication).
+    `add_options(parser)` adds a benchmark's own options, passed to run_fn by keyword."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=rows_default, help=f"rows per round (default {rows_default})")
     p.add_argument("--rate", type=float, default=1000, help="paced single-row commits/s (default 1000)")
     p.add_argument("--seconds", type=float, default=10, help="paced run length (default 10)")
     p.add_argument("--dsn", help="benchmark in this database instead of a throwaway embedded one")
-    args = p.parse_args(argv)
-    print(orjson.dumps(run_fn(args.dsn, args.rows, args.rate, args.seconds), option=orjson.OPT_INDENT_2).decode())
+    own = set(vars(p.parse_args([])))
+    if add_options is not None:
+        add_options(p)
+    args = vars(p.parse_args(argv))
+    extra = {k: v for k, v in args.items() if k not in own}
+    result = run_fn(args["dsn"], args["rows"], args["rate"], args["seconds"], **extra)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -9,18 +9,23 @@
                 consumer that writes the log can be faster than this
     writers     bulk INSERT throughput (1,000-row statements) with no slot, then in
                 alternating rounds with the log's slot present but not read, with the
-                listener streaming it, and with pg_recvlogical streaming it (on the same machine)
+                listener streaming it, and with pg_recvlogical streaming it (on the same
+                machine): medians of paired ratios;
+                --writers-synchronous-commit off shows how much of the cost is the writers'
+                commits waiting for WAL flushes that also carry the log's own WAL
     latency     commit -> sequenced p50/p99 with a writer paced at --rate single-row commits/s
 
 Runs on a throwaway embedded PostgreSQL unless --dsn names a database (which then needs
 wal_level=logical and gets tables repl, paced_r and logs bench_r, paced_r).
     python -m listener.bench.replication [--rows N] [--rate R] [--seconds S] [--dsn DSN]
+                                         [--writers-synchronous-commit on|off]
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +43,7 @@ from listener.sources.replication_apply import COPY_COLUMNS
 from listener.store import migrate
 
 LIMIT_SLOT = "bench_recvlogical"
+WRITER_ROUNDS = 5
 
 
 def _setup(dsn: str) -> None:
@@ -65,25 +71,29 @@ def _size(conn: psycopg.Connection, log: str) -> int:
     return conn.execute("SELECT tree_size FROM merkle.logs WHERE name = %s", (log,)).fetchone()[0]
 
 
-def bench_writers(dsn: str, rows: int) -> dict:
-    """Bulk INSERT rate into one table: with no slot, then in alternating rounds with the log's
-    slot present but not read (listener stopped), with the listener streaming it (caught up
-    before each round), and with pg_recvlogical streaming the same publication to /dev/null
-    instead (what any logical consumer costs the writers here). Alternating keeps all under
-    the same machine state: on a shared VM the speed drifts between phases by more than the
-    effect measured. The streaming rounds share this machine's cores with the consumer and
-    its walsender, so they measure CPU competition as much as capture."""
+def bench_writers(dsn: str, rows: int, synchronous_commit: str = "on", rounds: int = WRITER_ROUNDS) -> dict:
+    """Bulk INSERT rate into one table: with no slot, then in `rounds` alternations of three
+    rounds: the log's slot present but not read (listener stopped), the listener streaming it
+    (caught up before the round), and pg_recvlogical streaming the same publication to
+    /dev/null instead (what any logical consumer costs the writers here).
+
+    This VM's speed drifts between rounds by as much as the effect measured, and the table
+    grows, so each streaming round is compared with the not-read round just before it and the
+    median of those paired ratios is reported, with their range. The streaming rounds share
+    this machine's cores and disk with the consumer, its walsender and the log's own writes."""
     with connect(dsn) as conn:
+        conn.execute("SELECT set_config('synchronous_commit', %s, false)", (synchronous_commit,))
+        conn.commit()
         base = iter(range(0, 10**9, rows))
         _bulk_rate(conn, "repl", next(base), rows)  # warm-up: the first round into a new table is slower
-        without = max(_bulk_rate(conn, "repl", next(base), rows) for _ in range(3))
+        without = [_bulk_rate(conn, "repl", next(base), rows) for _ in range(3)]
         registry.create_log(conn, "bench_r")
         registry.add_source(conn, "bench_r", "repl", mode="replication")
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (LIMIT_SLOT,))
         conn.commit()
         idle, streaming, recvlogical, captured = [], [], [], 0
         try:
-            for _ in range(3):
+            for _ in range(rounds):
                 idle.append(_bulk_rate(conn, "repl", next(base), rows))
                 captured += rows
                 listener = _listener(dsn, "bench_r")
@@ -111,13 +121,20 @@ def bench_writers(dsn: str, rows: int) -> dict:
             conn.rollback()
             with connect(dsn, autocommit=True) as admin:
                 drop_slot(admin, LIMIT_SLOT)
-    return {"bulk_rows_per_s_without_slot": round(without), "bulk_rows_per_s_with_slot": round(max(idle)),
-            "bulk_rows_per_s_with_slot_streaming": round(max(streaming)),
-            "bulk_rows_per_s_with_pg_recvlogical_streaming": round(max(recvlogical)),
-            "ratio": round(max(idle) / without, 3),
-            "ratio_streaming_vs_idle": round(max(streaming) / max(idle), 3),
-            "ratio_pg_recvlogical_streaming_vs_idle": round(max(recvlogical) / max(idle), 3),
-            "note": "best of 3 rounds each; the streaming ratios are against the slot not read, from alternating rounds"}
+    listener_ratios = [s / i for s, i in zip(streaming, idle)]
+    recvlogical_ratios = [r / i for r, i in zip(recvlogical, idle)]
+    return {"bulk_rows_per_s_without_slot": round(statistics.median(without)),
+            "bulk_rows_per_s_with_slot": round(statistics.median(idle)),
+            "bulk_rows_per_s_with_slot_streaming": round(statistics.median(streaming)),
+            "bulk_rows_per_s_with_pg_recvlogical_streaming": round(statistics.median(recvlogical)),
+            "ratio": round(statistics.median(idle) / statistics.median(without), 3),
+            "ratio_streaming_vs_idle": round(statistics.median(listener_ratios), 3),
+            "ratio_streaming_vs_idle_range": [round(min(listener_ratios), 3), round(max(listener_ratios), 3)],
+            "ratio_pg_recvlogical_streaming_vs_idle": round(statistics.median(recvlogical_ratios), 3),
+            "ratio_pg_recvlogical_streaming_vs_idle_range": [round(min(recvlogical_ratios), 3),
+                                                             round(max(recvlogical_ratios), 3)],
+            "writers_synchronous_commit": synchronous_commit,
+            "note": f"medians of {rounds} rounds; each streaming round against the slot-not-read round before it"}
 
 
 def _pg_recvlogical(dsn: str) -> subprocess.Popen:
@@ -151,9 +168,11 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (LIMIT_SLOT,))
         try:
             base = _size(conn, "bench_r")
+            wal_before = _wal_lsn(conn)
             for lo in range(10_000_000, 10_000_000 + rows, 1000):
                 conn.execute(BULK.format(name="repl"), (lo, lo + 999))
             end_lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+            source_wal = _wal_lsn(conn) - wal_before
             t = time.perf_counter()
             subprocess.run(
                 [str(bin_dir() / "pg_recvlogical"), "--dbname", dsn, "--slot", LIMIT_SLOT, "--start",
@@ -167,6 +186,7 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
         replay_bytes = conn.execute(
             "SELECT (confirmed_flush_lsn - restart_lsn)::bigint FROM pg_replication_slots "
             "WHERE slot_name = 'merkle_bench_r'").fetchone()[0]
+        wal_before = _wal_lsn(conn)
         listener = _listener(dsn, "bench_r")
         try:
             t = time.perf_counter()
@@ -193,6 +213,7 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
                 "JOIN merkle.replication_progress p ON p.slot_name = s.slot_name").fetchone()[0]:
                 time.sleep(0.005)
             acked_s = time.perf_counter() - t
+            log_wal = _wal_lsn(conn) - wal_before
         finally:
             _stop(listener)
     return {"rows": rows, "pg_recvlogical_rows_per_s": round(rows / limit_s),
@@ -200,9 +221,19 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
             "listener_rows_per_s_sustained": round(sustained),
             "listener_first_leaf_after_s": round(t_first - t, 2), "slot_wal_decoded_again_bytes": replay_bytes,
             "cpu_us_per_row_sustained": cpu_us_per_row or "not measured (server not on this machine)",
+            # WAL the log writes per leaf (processed_log, its indexes, tiles, progress; autovacuum
+            # of either table included) against the WAL of the source rows themselves: what a
+            # writer's commit must also flush while the listener streams.
+            "wal_bytes_per_source_row": round(source_wal / rows),
+            "wal_bytes_per_leaf": round(log_wal / rows),
             "ratio": round(rows / acked_s / (rows / limit_s), 3),
             "ratio_sustained": round(sustained / (rows / limit_s), 3),
             "note": "ratio counts the listener's start-up (process, connect, START_REPLICATION) and the final ack"}
+
+
+def _wal_lsn(conn: psycopg.Connection) -> int:
+    """The server's current WAL insert position, in bytes."""
+    return conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0]
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -260,7 +291,7 @@ def _wait_size(conn: psycopg.Connection, log: str, size: int, timeout: float) ->
         time.sleep(0.005)
 
 
-def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
+def run(dsn: str | None, rows: int, rate: float, seconds: float, writers_synchronous_commit: str = "on") -> dict:
     with bench_database(dsn) as target:
         _setup(target)
         result = {"benchmark": "replication", "rows": rows}
@@ -268,7 +299,7 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
             # Latency first, on a fresh database: after the bulk phases, autovacuum of millions
             # of new rows would compete for the same cores during the paced run.
             result["latency"] = bench_latency(target, rate, seconds)
-            result["writers"] = bench_writers(target, rows)
+            result["writers"] = bench_writers(target, rows, writers_synchronous_commit)
             result["end_to_end"] = e2e = bench_end_to_end(target, rows, cpu=dsn is None)
             result["floor"] = floor = bench_floor(target, rows)
             floor["listener_sustained_vs_floor"] = round(e2e["listener_rows_per_s_sustained"]
@@ -284,7 +315,12 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return capture.json_bench_main("python -m listener.bench.replication", __doc__, run, 200_000, argv)
+    def add_options(p):
+        p.add_argument("--writers-synchronous-commit", choices=["on", "off"], default="on",
+                       help="the writers' synchronous_commit in the writers phase (default on; off: their commits "
+                            "no longer wait for WAL flushes, which also flush the log's own WAL)")
+
+    return capture.json_bench_main("python -m listener.bench.replication", __doc__, run, 400_000, argv, add_options)
 
 
 if __name__ == "__main__":

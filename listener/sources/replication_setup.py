@@ -119,8 +119,7 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         retired = conn.execute("SELECT until_lsn FROM merkle.replication_retired WHERE source_id = %s",
                                (source.source_id,)).fetchone()
         if retired is None:
-            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (source.qualified,)).fetchone()[0]
-            trigger.drop_triggers(conn, source.source_id, source.ident if exists else None)
+            trigger.drop_triggers(conn, source.source_id, trigger.current_table(conn, source.table_oid))
             conn.execute("INSERT INTO merkle.replication_retired VALUES (%s, pg_current_wal_insert_lsn())",
                          (source.source_id,))
             publication.sync_publication(conn, log.name, log.log_id)
@@ -134,17 +133,27 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         with conn.transaction():
             caught_up, streaming = conn.execute(
                 "SELECT coalesce(s.confirmed_flush_lsn >= r.until_lsn, true), s.active_pid IS NOT NULL "
-                "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s ON s.slot_name = %s "
+                "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s "
+                "ON s.slot_name = %s AND s.database = current_database() "
                 "WHERE r.source_id = %s", (publication.slot_name(log_name), source.source_id)).fetchone()
-            if caught_up:
-                registry.get_log(conn, log_name, for_update=True)
-                conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
-                break
+        if caught_up:
+            break
         # A running listener confirms the stream soon: wait a little rather than ask for a rerun.
         if not streaming or time.monotonic() > deadline:
             return -1
         time.sleep(0.1)
-    _drop_slot_if_unused(conn, dsn, log_name)
+    with conn.transaction():
+        others = conn.execute(
+            "SELECT count(*) FROM merkle.sources WHERE log_id = %s AND mode = 'replication' AND source_id <> %s",
+            (log.log_id, source.source_id)).fetchone()[0]
+    if not others:
+        # The slot before the source: should the drop fail, the source stays registered and a
+        # rerun finishes, where a slot left behind by a finished remove would pin WAL unseen.
+        _drop_slot(dsn, publication.slot_name(log_name), "the source is still registered; run this again")
+    with conn.transaction():
+        registry.get_log(conn, log_name, for_update=True)
+        conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
+        _drop_publication_if_unused(conn, log.log_id, log_name)
     return 0
 
 
@@ -153,23 +162,32 @@ def _drop_slot_if_unused(conn: psycopg.Connection, dsn: str, log_name: str) -> N
     forgotten slot pins WAL forever)."""
     with conn.transaction():
         log = registry.get_log(conn, log_name)
-        left = conn.execute("SELECT count(*) FROM merkle.sources WHERE log_id = %s AND mode = 'replication'",
-                            (log.log_id,)).fetchone()[0]
-        if left:
+        if not _drop_publication_if_unused(conn, log.log_id, log_name):
             return
-        conn.execute("DELETE FROM merkle.replication_progress WHERE log_id = %s", (log.log_id,))
-        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
-            sql.Identifier(publication.publication_name(log_name))))
-    _drop_slot(dsn, publication.slot_name(log_name))
+    _drop_slot(dsn, publication.slot_name(log_name), "its sources are removed already")
 
 
-def _drop_slot(dsn: str, slot: str) -> None:
+def _drop_publication_if_unused(conn: psycopg.Connection, log_id: int, log_name: str) -> bool:
+    """In the caller's transaction: with no replication source left, forget the log's stream
+    position and drop its publication. Returns whether it did."""
+    left = conn.execute("SELECT count(*) FROM merkle.sources WHERE log_id = %s AND mode = 'replication'",
+                        (log_id,)).fetchone()[0]
+    if left:
+        return False
+    conn.execute("DELETE FROM merkle.replication_progress WHERE log_id = %s", (log_id,))
+    conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+        sql.Identifier(publication.publication_name(log_name))))
+    return True
+
+
+def _drop_slot(dsn: str, slot: str, state: str) -> None:
+    """Drop the slot; on failure say what `state` the registry is in and how to finish."""
     try:
         with psycopg.connect(dsn, autocommit=True) as admin:
             publication.drop_slot(admin, slot)
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot drop replication slot {slot}: {exc}; drop it with "
-                            f"SELECT pg_drop_replication_slot('{slot}')") from exc
+    except (psycopg.Error, DatabaseError) as exc:
+        raise DatabaseError(f"cannot drop replication slot {slot} ({state}): {str(exc).strip()}; a superuser "
+                            f"or the slot's owner can drop it with SELECT pg_drop_replication_slot('{slot}')") from exc
 
 
 def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dict:
@@ -177,14 +195,17 @@ def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dic
     publication and slot. Irreversible. Returns what was dropped."""
     dsn = dsn if dsn is not None else conn.info.dsn
     with conn.transaction():
+        registry.get_log(conn, name)  # refuse an unknown name before dropping anything
+    # The slot first: should that fail, nothing is dropped; once the log is gone, nothing would
+    # point at a slot left behind, pinning WAL.
+    _drop_slot(dsn, publication.slot_name(name), "nothing was dropped")
+    with conn.transaction():
         log = registry.get_log(conn, name, for_update=True)
         sources = registry.list_sources(conn, log.log_id)
         for s in sources:
-            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (s.qualified,)).fetchone()[0]
-            trigger.drop_triggers(conn, s.source_id, s.ident if exists else None)
+            trigger.drop_triggers(conn, s.source_id, trigger.current_table(conn, s.table_oid))
             trigger.drop_outbox(conn, s.source_id)
         conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication.publication_name(name))))
         conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log.log_id,))
         conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log.log_id,))
-    _drop_slot(dsn, publication.slot_name(name))
     return {"log": name, "tree_size": log.tree_size, "sources": [s.qualified for s in sources]}

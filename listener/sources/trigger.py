@@ -204,5 +204,14 @@ def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composabl
             "pg_stat_activity. Nothing was changed; retry once it has ended") from None
 
 
+def current_table(conn: psycopg.Connection, table_oid: int) -> sql.Identifier | None:
+    """The source table as it is named now, found by oid (None once dropped): its registered
+    name may since be another table's, if it was renamed where the DDL guard is not installed."""
+    row = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = %s", (table_oid,)).fetchone()
+    return sql.Identifier(*row) if row else None
+
+
 def drop_outbox(conn: psycopg.Connection, source_id: int) -> None:
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(outbox_name(source_id)))
