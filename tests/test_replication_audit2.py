@@ -1,0 +1,103 @@
+"""Exactly-once review of replication mode (branch audit2): each test shows a committed
+change of a source that is lost, skipped or appended twice."""
+
+from __future__ import annotations
+
+import psycopg
+
+from listener import registry
+from listener.runner import connect
+from listener.sources import publication
+from listener.sources.validate import validate_source
+from listener.store.connect import options_string
+from tests.helpers import check_log, start_listener
+from tests.test_replication import orjson_id, wait_for_size
+
+
+class _HookedConnection(psycopg.Connection):
+    """A real connection that runs `after(query)` once each statement has returned: a way to
+    put another session's COMMIT between two statements of the code under test."""
+
+    after = None
+
+    def execute(self, query, *args, **kwargs):
+        cur = super().execute(query, *args, **kwargs)
+        if self.after is not None:
+            self.after(str(query))
+        return cur
+
+
+def test_backfill_committing_between_the_batchs_two_deletes_is_not_lost(rconn):
+    """A new-slot backfill (`source add --backfill`) commits `ready = true` on its own
+    connection, without the log's lock, while the writer runs batches (one per recheck interval
+    even when nothing streams). ReplicationBatch._take_backfills takes the ready backfills in
+    two READ COMMITTED statements: the first (delete the rows of ready backfills) and the second
+    (delete the ready states) see different snapshots. When the backfill commits in between,
+    the second deletes its state (cascading to its rows) although the first took none of them:
+    the backfill is never appended, and the source's streamed changes go ahead without it."""
+    from listener.sequencer import Sequencer
+    from listener.sources.replication_apply import ReplicationBatch
+
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 5) g")
+    log = registry.create_log(conn, "bk")
+    with connect(conn.info.dsn) as c:
+        source, _ = registry.add_source(c, "bk", "t", mode="replication")
+    # The state a new-slot backfill is in while it reads the table: registered, not ready.
+    conn.execute("INSERT INTO merkle.replication_backfill_state (source_id) VALUES (%s)", (source.source_id,))
+    with psycopg.connect(conn.info.dsn, options=options_string()) as backfiller, \
+            _HookedConnection.connect(conn.info.dsn, options=options_string()) as writer:
+        spec = validate_source(backfiller, "t")
+        publication.queue_backfill(backfiller, source.source_id, spec)  # rows + ready, not committed yet
+
+        def commit_backfill_once(query: str) -> None:
+            if "DELETE FROM merkle.replication_backfill b" in query:
+                writer.after = None
+                backfiller.commit()  # the backfill's transaction ends between the two statements
+
+        writer.after = commit_backfill_once
+        seq = Sequencer(writer, "bk")
+        seq.append_changes(ReplicationBatch(log.log_id, []))  # the writer's periodic empty batch
+        writer.after = None
+        assert writer.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        seq.append_changes(ReplicationBatch(log.log_id, []))  # and the next one
+    rows = check_log(conn, "bk")
+    assert [(r[3], orjson_id(r[2])) for r in rows] == [("backfill", str(i)) for i in range(1, 6)], (
+        "the backfill was lost: state left = "
+        f"{conn.execute('SELECT count(*) FROM merkle.replication_backfill_state').fetchone()[0]}, "
+        f"rows left = {conn.execute('SELECT count(*) FROM merkle.replication_backfill').fetchone()[0]}")
+
+
+def test_truncate_of_a_partition_of_a_partitioned_source_is_logged_or_refused(rconn):
+    """A partitioned source logs TRUNCATE (the default policy 'log'). TRUNCATE of one of its
+    partitions removes committed rows of the source, but with publish_via_partition_root
+    pgoutput does not send it (it sends a partition's TRUNCATE only when the partition is
+    published as itself), and no guard refuses it: the rows vanish with no leaf."""
+    conn = rconn
+    conn.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2024 PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    registry.create_log(conn, "pt")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "pt", "m", mode="replication")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO m VALUES (1, '2024-03-01', 10), (2, '2025-03-01', 20)")
+        wait_for_size(conn, "pt", 2, listener=listener)
+        try:
+            conn.execute("TRUNCATE m_2025")
+            refused = False
+        except psycopg.DatabaseError:
+            refused = True  # refusing it would be as good as logging it
+        conn.execute("INSERT INTO m VALUES (3, '2024-04-01', 30)")  # a marker after the TRUNCATE
+        if refused:
+            wait_for_size(conn, "pt", 3, listener=listener)
+        else:
+            assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 2  # row 2 is gone
+            wait_for_size(conn, "pt", 4, timeout=10, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "pt")
+    if not refused:
+        assert [r[3] for r in rows] == ["insert", "insert", "truncate", "insert"]
