@@ -3,6 +3,9 @@ change of a source that is lost, skipped or appended twice."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import psycopg
 
 from listener import registry
@@ -101,3 +104,46 @@ def test_truncate_of_a_partition_of_a_partitioned_source_is_logged_or_refused(rc
     rows = check_log(conn, "pt")
     if not refused:
         assert [r[3] for r in rows] == ["insert", "insert", "truncate", "insert"]
+
+
+def test_a_transaction_open_across_source_add_is_logged_whole_or_not_at_all(rconn, dsn):
+    """`source add` of a replication source to a log whose slot exists, without --backfill,
+    takes no lock that waits for the table's writers (trigger mode's CREATE TRIGGER does). A
+    transaction that wrote the table before the add's COMMIT and again after it, then
+    committed, is decoded with the publication as of each change: only its second half is
+    logged. One committed source transaction must be logged whole or not at all."""
+    conn = rconn
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "sp")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "sp", "other", mode="replication")  # the log's slot exists from here
+    with psycopg.connect(dsn) as w:
+        w.execute("INSERT INTO t VALUES (1)")  # before the add
+
+        def add():
+            with connect(conn.info.dsn) as c:
+                registry.add_source(c, "sp", "t", mode="replication")
+
+        adder = threading.Thread(target=add)
+        adder.start()
+        adder.join(timeout=5)
+        blocked = adder.is_alive()  # waits for w: the transaction is wholly before the add
+        if not blocked:
+            w.execute("INSERT INTO t VALUES (2)")  # after the add's COMMIT
+        w.commit()
+        adder.join()
+    conn.execute("INSERT INTO t VALUES (3)")  # a marker
+    listener = start_listener(conn.info.dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT count(*) FROM merkle.processed_log WHERE source_key = %s",
+                           ('{"id":"3"}',)).fetchone()[0] == 0:
+            assert time.monotonic() < deadline, listener.stop()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "sp")
+    ids = [int(orjson_id(r[2])) for r in rows]
+    assert ids in ([3], [1, 2, 3]), f"logged {ids} (of t's rows 1 and 2, written by one transaction, and 3)"
