@@ -50,9 +50,12 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         registry.check_not_a_source(conn, spec)
         publication.preflight(conn, spec, events, log_name=log_name)
         slot_there = publication.slot_exists(conn, slot)
-        if backfill and slot_there:
-            # Writers wait from here to COMMIT: every change before is read below, every
-            # change after is streamed (the table is in the publication from COMMIT on).
+        if slot_there:
+            # Writers wait from here to COMMIT: every change before is read below (with
+            # --backfill), every change after is streamed (the table is in the publication from
+            # COMMIT on). Without --backfill too: pgoutput decides per change, so a transaction
+            # that wrote the table before this COMMIT and again after it would be logged in
+            # half. (With a new slot, CREATE_REPLICATION_SLOT waits for such transactions.)
             conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(spec.ident()))
         source = registry._insert_source(conn, log, spec, append_only, "replication", events)
         trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
