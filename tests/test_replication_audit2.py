@@ -147,3 +147,48 @@ def test_a_transaction_open_across_source_add_is_logged_whole_or_not_at_all(rcon
     rows = check_log(conn, "sp")
     ids = [int(orjson_id(r[2])) for r in rows]
     assert ids in ([3], [1, 2, 3]), f"logged {ids} (of t's rows 1 and 2, written by one transaction, and 3)"
+
+
+def test_a_transaction_open_across_source_remove_is_logged_whole_or_not_at_all(rconn, dsn):
+    """The mirror image at `source remove`: the table leaves the publication without waiting
+    for its writers. A transaction that wrote it before the removal's COMMIT and again after,
+    then committed (before the slot confirmed the removal point, so the source is still
+    registered when it arrives), is logged in half."""
+    conn = rconn
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "rm")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "rm", "other", mode="replication")
+        registry.add_source(c, "rm", "t", mode="replication")
+    with psycopg.connect(dsn) as w:
+        w.execute("INSERT INTO t VALUES (1)")  # before the removal
+        pending = []
+
+        def remove():
+            with connect(conn.info.dsn) as c:
+                pending.append(registry.remove_source(c, "rm", "t", wait=0))  # no listener: stays pending
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        remover.join(timeout=5)
+        blocked = remover.is_alive()  # waits for w: the transaction is wholly before the removal
+        if not blocked:
+            w.execute("INSERT INTO t VALUES (2)")  # after the removal left the publication
+        w.commit()
+        remover.join()
+    assert pending == [-1]
+    conn.execute("INSERT INTO other VALUES (3)")  # a marker
+    listener = start_listener(conn.info.dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT count(*) FROM merkle.processed_log WHERE source_key = %s",
+                           ('{"id":"3"}',)).fetchone()[0] == 0:
+            assert time.monotonic() < deadline, listener.stop()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "rm")
+    ids = [int(orjson_id(r[2])) for r in rows]
+    assert ids in ([3], [1, 2, 3]), f"logged {ids} (of t's rows 1 and 2, written by one transaction, and other's 3)"
