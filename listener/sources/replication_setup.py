@@ -123,6 +123,10 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
                                (source.source_id,)).fetchone()
         if retired is None:
             exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (source.qualified,)).fetchone()[0]
+            if exists:
+                # Writers wait from here to COMMIT (as at `source add`): a transaction that wrote
+                # the table before it and again after would be logged in half.
+                conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(source.ident))
             trigger.drop_triggers(conn, source.source_id, source.ident if exists else None)
             conn.execute("INSERT INTO merkle.replication_retired VALUES (%s, pg_current_wal_insert_lsn())",
                          (source.source_id,))
