@@ -108,7 +108,7 @@ def test_no_doorbell_at_registration_and_what_is_refused(rconn, dsn, monkeypatch
 
     # A prepared transaction holds its locks until it is resolved: `source remove` gives up
     # (rather than stall the table's writers behind it), says why, and changes nothing.
-    monkeypatch.setattr(trigger, "DROP_LOCK_TIMEOUT", "300ms")
+    monkeypatch.setattr(trigger, "WRITER_LOCK_TIMEOUT", "300ms")
     _prepare_insert(dsn, "pending", 2)
     with connect(dsn) as c, pytest.raises(SourceTableError, match=r"pg_prepared_xacts.*Nothing was changed"):
         registry.remove_source(c, "nd", "t")

@@ -291,12 +291,15 @@ class ReplicationBatch:
 
     def _take_backfills(self, conn: psycopg.Connection) -> list[tuple]:
         """Delete and return the rows of every ready backfill of the log, in (source, ord) order."""
+        # One statement, so one snapshot: a backfill whose `ready` commits meanwhile (it does
+        # not take the log's lock) is either taken whole, rows and state, or left whole for the
+        # next batch. (Two statements could delete its state, and by cascade its rows, without
+        # having taken the rows.)
         rows = conn.execute(
-            "DELETE FROM merkle.replication_backfill b USING merkle.replication_backfill_state st, merkle.sources s "
-            "WHERE st.ready AND b.source_id = st.source_id AND s.source_id = st.source_id AND s.log_id = %s "
+            "WITH st AS (DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
+            "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s RETURNING st.source_id) "
+            "DELETE FROM merkle.replication_backfill b USING st WHERE b.source_id = st.source_id "
             "RETURNING b.source_id, b.ord, b.source_key, b.leaf_hash", (self.log_id,)).fetchall()
-        conn.execute("DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
-                     "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s", (self.log_id,))
         return sorted(rows, key=lambda r: (r[0], r[1]))
 
 

@@ -50,10 +50,13 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         registry.check_not_a_source(conn, spec)
         publication.preflight(conn, spec, events, log_name=log_name)
         slot_there = publication.slot_exists(conn, slot)
-        if backfill and slot_there:
-            # Writers wait from here to COMMIT: every change before is read below, every
-            # change after is streamed (the table is in the publication from COMMIT on).
-            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(spec.ident()))
+        if slot_there:
+            # Writers wait from here to COMMIT: every change before is read below (with
+            # --backfill), every change after is streamed (the table is in the publication from
+            # COMMIT on). Without --backfill too: pgoutput decides per change, so a transaction
+            # that wrote the table before this COMMIT and again after it would be logged in
+            # half. (With a new slot, CREATE_REPLICATION_SLOT waits for such transactions.)
+            trigger.lock_out_writers(conn, spec.ident(), "to add it to the publication")
         source = registry._insert_source(conn, log, spec, append_only, "replication", events)
         trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
                                update_delete=append_only, truncate="truncate" not in events)
@@ -119,7 +122,12 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         retired = conn.execute("SELECT until_lsn FROM merkle.replication_retired WHERE source_id = %s",
                                (source.source_id,)).fetchone()
         if retired is None:
-            trigger.drop_triggers(conn, source.source_id, trigger.current_table(conn, source.table_oid))
+            current = trigger.current_table(conn, source.table_oid)
+            if current is not None:
+                # Writers wait from here to COMMIT (as at `source add`): a transaction that wrote
+                # the table before it and again after would be logged in half.
+                trigger.lock_out_writers(conn, current, "to take it out of the publication")
+            trigger.drop_triggers(conn, source.source_id, current)
             conn.execute("INSERT INTO merkle.replication_retired VALUES (%s, pg_current_wal_insert_lsn())",
                          (source.source_id,))
             publication.sync_publication(conn, log.name, log.log_id)

@@ -18,6 +18,8 @@ inserted; see listener/sequencer.py.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
     from listener.registry import Source
 
 DOORBELL_CHANNEL = "merkle_outbox"
-# How long removing a source waits for the table's lock before it gives up.
-DROP_LOCK_TIMEOUT = "10s"
+# How long registering or removing a source waits for the table's lock before it gives up.
+WRITER_LOCK_TIMEOUT = "10s"
 
 
 def outbox_name(source_id: int) -> sql.Identifier:
@@ -182,23 +184,36 @@ def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composabl
     """Stop capture (and lift the guard); queued rows stay in the outbox for the sequencer.
     Runs in a transaction: the DDL guard lets merkle-listener drop its own triggers only while
     merkle.dropping_triggers is set, for that transaction alone."""
+    with _bounded_lock_wait(conn, table, "to drop merkle-listener's triggers"):
+        conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
+        if table is not None:
+            for trg in _trigger_names(source_id):
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+
+
+def lock_out_writers(conn: psycopg.Connection, table: sql.Composable, purpose: str) -> None:
+    """LOCK TABLE ... IN SHARE MODE in the caller's transaction: transactions that wrote the
+    table end first, and new writes wait for the caller's COMMIT."""
+    with _bounded_lock_wait(conn, table, purpose):
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
+
+
+@contextlib.contextmanager
+def _bounded_lock_wait(conn: psycopg.Connection, table: sql.Composable | None, purpose: str) -> Iterator[None]:
+    """A savepoint whose lock waits give up after WRITER_LOCK_TIMEOUT: the table's writers
+    queue behind a waiting lock, so stalling them is worse than asking to retry. The caller's
+    own lock_timeout is back for the rest of its transaction."""
     try:
         with conn.transaction():
-            conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
-            # DROP TRIGGER waits for every transaction that holds the table, and the table's
-            # writers queue behind it: give up rather than stall them. The caller's own
-            # lock_timeout is back for the rest of its transaction.
             caller_timeout = conn.execute("SELECT current_setting('lock_timeout')").fetchone()[0]
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", (DROP_LOCK_TIMEOUT,))
-            if table is not None:
-                for trg in _trigger_names(source_id):
-                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
-            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (WRITER_LOCK_TIMEOUT,))
+            yield
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (caller_timeout,))
     except psycopg.errors.LockNotAvailable:
         raise SourceTableError(
             f"could not lock {table.as_string(conn) if table is not None else 'the table'} within "
-            f"{DROP_LOCK_TIMEOUT} to drop merkle-listener's triggers: a transaction holds it. A prepared "
+            f"{WRITER_LOCK_TIMEOUT} {purpose}: a transaction holds it. A prepared "
             "transaction (two-phase commit) holds its locks until COMMIT PREPARED or ROLLBACK PREPARED: see "
             "SELECT gid, prepared, owner, database FROM pg_prepared_xacts; a long-running one shows in "
             "pg_stat_activity. Nothing was changed; retry once it has ended") from None

@@ -1,0 +1,249 @@
+"""Exactly-once review of replication mode (branch audit2): each test shows a committed
+change of a source that is lost, skipped or appended twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from listener import registry
+from listener.runner import connect
+from listener.sources import publication
+from listener.sources.validate import validate_source
+from listener.store.connect import options_string
+from tests.helpers import check_log, start_listener
+from tests.test_replication import orjson_id, wait_for_size
+
+
+class _HookedConnection(psycopg.Connection):
+    """A real connection that runs `after(query)` once each statement has returned: a way to
+    put another session's COMMIT between two statements of the code under test."""
+
+    after = None
+
+    def execute(self, query, *args, **kwargs):
+        cur = super().execute(query, *args, **kwargs)
+        if self.after is not None:
+            self.after(str(query))
+        return cur
+
+
+def test_backfill_committing_between_the_batchs_two_deletes_is_not_lost(rconn):
+    """A new-slot backfill (`source add --backfill`) commits `ready = true` on its own
+    connection, without the log's lock, while the writer runs batches (one per recheck interval
+    even when nothing streams). ReplicationBatch._take_backfills takes the ready backfills in
+    two READ COMMITTED statements: the first (delete the rows of ready backfills) and the second
+    (delete the ready states) see different snapshots. When the backfill commits in between,
+    the second deletes its state (cascading to its rows) although the first took none of them:
+    the backfill is never appended, and the source's streamed changes go ahead without it."""
+    from listener.sequencer import Sequencer
+    from listener.sources.replication_apply import ReplicationBatch
+
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 5) g")
+    log = registry.create_log(conn, "bk")
+    with connect(conn.info.dsn) as c:
+        source, _ = registry.add_source(c, "bk", "t", mode="replication")
+    # The state a new-slot backfill is in while it reads the table: registered, not ready.
+    conn.execute("INSERT INTO merkle.replication_backfill_state (source_id) VALUES (%s)", (source.source_id,))
+    with psycopg.connect(conn.info.dsn, options=options_string()) as backfiller, \
+            _HookedConnection.connect(conn.info.dsn, options=options_string()) as writer:
+        spec = validate_source(backfiller, "t")
+        publication.queue_backfill(backfiller, source.source_id, spec)  # rows + ready, not committed yet
+
+        def commit_backfill_once(query: str) -> None:
+            if "DELETE FROM merkle.replication_backfill b" in query:
+                writer.after = None
+                backfiller.commit()  # the backfill's transaction ends between the two statements
+
+        writer.after = commit_backfill_once
+        seq = Sequencer(writer, "bk")
+        seq.append_changes(ReplicationBatch(log.log_id, []))  # the writer's periodic empty batch
+        writer.after = None
+        assert writer.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        seq.append_changes(ReplicationBatch(log.log_id, []))  # and the next one
+    rows = check_log(conn, "bk")
+    assert [(r[3], orjson_id(r[2])) for r in rows] == [("backfill", str(i)) for i in range(1, 6)], (
+        "the backfill was lost: state left = "
+        f"{conn.execute('SELECT count(*) FROM merkle.replication_backfill_state').fetchone()[0]}, "
+        f"rows left = {conn.execute('SELECT count(*) FROM merkle.replication_backfill').fetchone()[0]}")
+
+
+def test_truncate_of_a_partition_of_a_partitioned_source_is_logged_or_refused(rconn):
+    """A partitioned source logs TRUNCATE (the default policy 'log'). TRUNCATE of one of its
+    partitions removes committed rows of the source, but with publish_via_partition_root
+    pgoutput does not send it (it sends a partition's TRUNCATE only when the partition is
+    published as itself), and no guard refuses it: the rows vanish with no leaf."""
+    conn = rconn
+    conn.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2024 PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    registry.create_log(conn, "pt")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "pt", "m", mode="replication")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO m VALUES (1, '2024-03-01', 10), (2, '2025-03-01', 20)")
+        wait_for_size(conn, "pt", 2, listener=listener)
+        try:
+            conn.execute("TRUNCATE m_2025")
+            refused = False
+        except psycopg.DatabaseError:
+            refused = True  # refusing it would be as good as logging it
+        conn.execute("INSERT INTO m VALUES (3, '2024-04-01', 30)")  # a marker after the TRUNCATE
+        if refused:
+            wait_for_size(conn, "pt", 3, listener=listener)
+        else:
+            assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 2  # row 2 is gone
+            wait_for_size(conn, "pt", 4, timeout=10, listener=listener)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "pt")
+    if not refused:
+        assert [r[3] for r in rows] == ["insert", "insert", "truncate", "insert"]
+
+
+def test_a_transaction_open_across_source_add_is_logged_whole_or_not_at_all(rconn, dsn):
+    """`source add` of a replication source to a log whose slot exists, without --backfill,
+    takes no lock that waits for the table's writers (trigger mode's CREATE TRIGGER does). A
+    transaction that wrote the table before the add's COMMIT and again after it, then
+    committed, is decoded with the publication as of each change: only its second half is
+    logged. One committed source transaction must be logged whole or not at all."""
+    conn = rconn
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "sp")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "sp", "other", mode="replication")  # the log's slot exists from here
+    with psycopg.connect(dsn) as w:
+        w.execute("INSERT INTO t VALUES (1)")  # before the add
+
+        def add():
+            with connect(conn.info.dsn) as c:
+                registry.add_source(c, "sp", "t", mode="replication")
+
+        adder = threading.Thread(target=add)
+        adder.start()
+        adder.join(timeout=5)
+        blocked = adder.is_alive()  # waits for w: the transaction is wholly before the add
+        if not blocked:
+            w.execute("INSERT INTO t VALUES (2)")  # after the add's COMMIT
+        w.commit()
+        adder.join()
+    conn.execute("INSERT INTO t VALUES (3)")  # a marker
+    listener = start_listener(conn.info.dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT count(*) FROM merkle.processed_log WHERE source_key = %s",
+                           ('{"id":"3"}',)).fetchone()[0] == 0:
+            assert time.monotonic() < deadline, listener.stop()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "sp")
+    ids = [int(orjson_id(r[2])) for r in rows]
+    written = [1] if blocked else [1, 2]  # by the one transaction
+    assert ids in ([3], written + [3]), f"logged {ids} (of t's rows {written}, written by one transaction, and 3)"
+
+
+def test_a_transaction_open_across_source_remove_is_logged_whole_or_not_at_all(rconn, dsn):
+    """The mirror image at `source remove`: the table leaves the publication without waiting
+    for its writers. A transaction that wrote it before the removal's COMMIT and again after,
+    then committed (before the slot confirmed the removal point, so the source is still
+    registered when it arrives), is logged in half."""
+    conn = rconn
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "rm")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "rm", "other", mode="replication")
+        registry.add_source(c, "rm", "t", mode="replication")
+    with psycopg.connect(dsn) as w:
+        w.execute("INSERT INTO t VALUES (1)")  # before the removal
+        pending = []
+
+        def remove():
+            with connect(conn.info.dsn) as c:
+                pending.append(registry.remove_source(c, "rm", "t", wait=0))  # no listener: stays pending
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        remover.join(timeout=5)
+        blocked = remover.is_alive()  # waits for w: the transaction is wholly before the removal
+        if not blocked:
+            w.execute("INSERT INTO t VALUES (2)")  # after the removal left the publication
+        w.commit()
+        remover.join()
+    assert pending == [-1]
+    conn.execute("INSERT INTO other VALUES (3)")  # a marker
+    listener = start_listener(conn.info.dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT count(*) FROM merkle.processed_log WHERE source_key = %s",
+                           ('{"id":"3"}',)).fetchone()[0] == 0:
+            assert time.monotonic() < deadline, listener.stop()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "rm")
+    ids = [int(orjson_id(r[2])) for r in rows]
+    written = [1] if blocked else [1, 2]  # by the one transaction
+    assert ids in ([3], written + [3]), f"logged {ids} (of t's rows {written}, one transaction, and other's 3)"
+
+
+def test_a_source_with_a_generated_column_is_refused_or_logged(rconn):
+    """`source add --mode replication` hashes every column by default, generated ones
+    included, but pgoutput does not send generated columns (PostgreSQL 15-17 never; 18 only
+    with the publication's publish_generated_columns = stored): the first change stops the
+    writer with "the stream has no column(s)", forever, and nothing of the log is appended
+    after it. Registration should refuse (or not hash) such a column, or publish it."""
+    conn = rconn
+    conn.execute("CREATE TABLE g (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) STORED)")
+    registry.create_log(conn, "gen")
+    try:
+        with connect(conn.info.dsn) as c:
+            registry.add_source(c, "gen", "g", mode="replication")
+    except Exception as refused:  # noqa: BLE001 - a refusal with its reason is a fine outcome
+        assert "twice" in str(refused) or "generated" in str(refused)
+        return
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO g (id, v) VALUES (1, 21)")
+        wait_for_size(conn, "gen", 1, timeout=10, listener=listener)
+    finally:
+        listener.stop()
+    check_log(conn, "gen")
+
+
+def test_a_partition_registered_as_a_source_keeps_its_changes_when_its_parent_is_added(rconn):
+    """Registration checks only that the same table is not a source twice. A partition that is
+    a replication source of a log stops receiving anything once its partitioned parent becomes
+    a replication source of the same log: with publish_via_partition_root the publication sends
+    the partition's changes as the parent's only. The partition's source silently loses them
+    (they should be refused at registration, or logged for both)."""
+    conn = rconn
+    conn.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    registry.create_log(conn, "pp")
+    with connect(conn.info.dsn) as c:
+        part, _ = registry.add_source(c, "pp", "m_2025", mode="replication")
+        try:
+            registry.add_source(c, "pp", "m", mode="replication")
+        except Exception as refused:  # noqa: BLE001 - refusing the parent is a fine outcome
+            assert "m_2025" in str(refused) or "partition" in str(refused)
+            return
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO m_2025 VALUES (1, '2025-03-01', 10)")
+        conn.execute("INSERT INTO m VALUES (2, '2025-04-01', 20)")
+        time.sleep(3)
+    finally:
+        listener.stop()
+    rows = check_log(conn, "pp")
+    assert sorted(int(orjson_id(r[2])) for r in rows if r[1] == part.source_id) == [1, 2], \
+        f"source m_2025 got {[(r[1], r[2]) for r in rows]}"
