@@ -147,6 +147,36 @@ def test_refusals_say_how_to_fix(rconn):
     with pytest.raises(psycopg.DatabaseError, match="TRUNCATE on public.t is refused") as refused:
         conn.execute("TRUNCATE t")
     assert refused.value.sqlstate == "ML100"
+    # The refusal names the policy, not append-only (the source is not append-only).
+    assert "--truncate refuse" in str(refused.value) and "append-only" not in str(refused.value)
+    assert "--truncate log" in refused.value.diag.message_hint
+
+
+def test_guard_keeps_the_replica_identity_the_log_publication_needs(rconn):
+    """An insert-only source with a row filter, on a log where another source logs updates:
+    its replica identity had to be FULL to register (the publication publishes updates for
+    every table); lowering it afterwards would make PostgreSQL refuse the application's
+    UPDATEs, so the DDL guard refuses it."""
+    conn = rconn
+    conn.execute("CREATE TABLE pay (id int PRIMARY KEY, amount int NOT NULL)")
+    conn.execute("CREATE TABLE acct (id int PRIMARY KEY, owner text)")
+    conn.execute("ALTER TABLE pay REPLICA IDENTITY FULL")
+    conn.execute("ALTER TABLE acct REPLICA IDENTITY FULL")
+    registry.create_log(conn, "ri")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "ri", "pay", mode="replication", where="amount > 0")
+        registry.add_source(c, "ri", "acct", mode="replication", events=["insert", "update"])
+    with pytest.raises(psycopg.DatabaseError, match="replica identity must cover its key and row filter") as refused:
+        conn.execute("ALTER TABLE pay REPLICA IDENTITY DEFAULT")
+    assert refused.value.sqlstate == "ML101"
+    conn.execute("INSERT INTO pay VALUES (1, 5)")
+    conn.execute("UPDATE pay SET amount = 6")  # still allowed
+    # Without a source logging updates, the publication publishes inserts only: allowed.
+    with connect(conn.info.dsn) as c:
+        registry.remove_source(c, "ri", "acct", wait=0)
+    conn.execute("DELETE FROM merkle.sources WHERE table_name = 'acct'")  # no listener to confirm the removal
+    conn.execute("ALTER TABLE pay REPLICA IDENTITY DEFAULT")
+    conn.execute("UPDATE pay SET amount = 7")
 
 
 def test_backfill_meets_the_stream(rconn):
