@@ -217,6 +217,11 @@ def _split(value: str | None) -> list[str] | None:
     return parse_column_list(value)
 
 
+def _events(value: str | None) -> list[str] | None:
+    # Not a column list: event names get their own messages (replication_setup.normalize_events).
+    return None if value is None else value.split(",")
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -250,11 +255,19 @@ def cmd_init(args) -> int:
     from listener.store import migrate
 
     with database(args) as dsn, connect(dsn, autocommit=False) as conn:
+        # A migration warns when it cannot do all it would (the DDL guard needs a superuser).
+        conn.add_notice_handler(_print_warning)
         applied = migrate.apply(conn)
         conn.commit()
         version = migrate.current_version(conn)
     print(f"schema merkle at version {version}" + (f" (applied {', '.join(f'{m.version:03d}_{m.name}' for m in applied)})" if applied else " (up to date)"))
     return 0
+
+
+def _print_warning(diag: psycopg.errors.Diagnostic) -> None:
+    if diag.severity_nonlocalized == "WARNING":
+        hint = f" ({diag.message_hint})" if diag.message_hint else ""
+        print(f"warning: {diag.message_primary}{hint}", file=sys.stderr)
 
 
 def cmd_log(args) -> int:
@@ -306,7 +319,7 @@ def cmd_source(args) -> int:
             source, queued = registry.add_source(
                 conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
                 entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
-                mode=args.mode, events=_split(args.events), truncate=args.truncate, dsn=dsn, doorbell=args.doorbell,
+                mode=args.mode, events=_events(args.events), truncate=args.truncate, dsn=dsn, doorbell=args.doorbell,
             )
             extra = f"; {queued} existing rows queued" if args.backfill else ""
             if source.mode == "replication":

@@ -157,6 +157,9 @@ def add_source(
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
         _check_entry_column_not_null(conn, spec)
         check_not_a_source(conn, spec)
+        if missing := trigger.missing_privileges(conn, spec, outbox=True):
+            role = conn.execute("SELECT current_user").fetchone()[0]
+            raise ConfigurationError(f"role {role!r} lacks what trigger mode needs:\n  - " + "\n  - ".join(missing))
         source = _insert_source(conn, log, spec, append_only, doorbell=doorbell)
         queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill,
                                  doorbell=doorbell)

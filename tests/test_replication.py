@@ -179,6 +179,61 @@ def test_guard_keeps_the_replica_identity_the_log_publication_needs(rconn):
     conn.execute("UPDATE pay SET amount = 7")
 
 
+def _replication_footprint(conn) -> tuple:
+    return conn.execute(
+        "SELECT (SELECT count(*) FROM merkle.sources), (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal), "
+        "(SELECT count(*) FROM merkle.replication_progress), "
+        "(SELECT array_agg(pubname || ':' || tablename || ':' || coalesce(rowfilter, '') ORDER BY 1) "
+        " FROM pg_publication_tables), (SELECT array_agg(pubname || pubinsert || pubupdate || pubdelete || pubtruncate "
+        " ORDER BY 1) FROM pg_publication)").fetchone() + (tuple(slots(conn)),)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-publication", "existing-publication"])
+def test_a_filter_postgresql_refuses_in_a_publication_is_refused_clearly(rconn, existing):
+    """The project's filter check admits what a trigger evaluates; a publication's row filter
+    is narrower (immutable only). PostgreSQL's own refusal is reported, nothing written."""
+    conn = rconn
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, ts timestamptz, amount numeric)")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    registry.create_log(conn, "audit")
+    if existing:  # the log's publication and slot exist: ALTER PUBLICATION, not CREATE
+        cli("source", "add", "audit", "other", "--mode", "replication", dsn=conn.info.dsn, check=True)
+    before = _replication_footprint(conn)
+    out = cli("source", "add", "audit", "orders", "--mode", "replication", "--where", "ts::date > '2020-01-01'",
+              dsn=conn.info.dsn)
+    assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
+    assert "database error" not in out.stderr
+    for needle in ("--where \"ts::date > '2020-01-01'\"", "mutable functions are not allowed",
+                   "immutable built-in functions", "replica identity", "use --mode trigger"):
+        assert needle in out.stderr, out.stderr
+    assert _replication_footprint(conn) == before
+    # Trigger mode evaluates that filter under pinned settings: accepted there.
+    cli("source", "add", "audit", "orders", "--where", "ts::date > '2020-01-01'", dsn=conn.info.dsn, check=True)
+
+
+@pytest.mark.parametrize("events, message", [
+    ("", "--events is empty: give a comma-separated list of insert, update, delete"),
+    ("insert,insert", "--events names 'insert' twice; list each event once"),
+    ("truncate", "--events: 'truncate' is not an event here; TRUNCATE is logged or refused with "
+                 "--truncate log|refuse"),
+    ("insert,upsert", "--events: 'upsert' is not an event; give a comma-separated list of insert, update, delete"),
+    ("insert,,update", "with no empty item"),
+])
+def test_events_have_their_own_messages(rconn, events, message):
+    conn = rconn
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "l")
+    before = _replication_footprint(conn)
+    out = cli("source", "add", "l", "t", "--mode", "replication", "--events", events, dsn=conn.info.dsn)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "column" not in out.stderr
+    assert _replication_footprint(conn) == before
+    # Case and spaces are forgiven, as they were.
+    conn.execute("ALTER TABLE t REPLICA IDENTITY FULL")
+    out = cli("source", "add", "l", "t", "--mode", "replication", "--events", " INSERT, update", dsn=conn.info.dsn)
+    assert out.returncode == 0 and "events insert, update, truncate" in out.stdout, out.stderr
+
+
 def test_backfill_meets_the_stream(rconn):
     """Existing rows and the stream: no gap, no duplicate, backfill first — for a new slot
     (exported snapshot) and for a log whose slot exists (SHARE lock)."""

@@ -30,6 +30,7 @@ from psycopg import pq, sql
 
 from listener import canonical_sql
 from listener.errors import ConfigurationError, DatabaseError, SourceTableError
+from listener.sources import trigger
 from listener.sources.validate import SourceSpec
 from listener.store.connect import options_string
 
@@ -79,15 +80,7 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
         )
     if senders_max < 1:
         raise ConfigurationError("max_wal_senders is 0; set it to at least 1 and restart PostgreSQL")
-    can_replicate = conn.execute(
-        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()[0]
-    if not can_replicate:
-        user = conn.execute("SELECT current_user").fetchone()[0]
-        raise ConfigurationError(
-            f"role {user!r} lacks the REPLICATION privilege that a logical slot needs: run "
-            f"ALTER ROLE {sql.Identifier(user).as_string(conn)} REPLICATION; as a superuser (or use --mode trigger)"
-        )
+    check_privileges(conn, spec, log_name)
     identity = _replica_identity(conn, spec.oid)
     if ("update" in events or "delete" in events) and identity != "f":
         # Without FULL, an UPDATE that leaves a TOASTed column alone sends no value for it
@@ -97,6 +90,34 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
             f"hashed value, TOASTed or not, is in the stream): run ALTER TABLE {spec.ident().as_string(conn)} "
             "REPLICA IDENTITY FULL; or log inserts only"
         )
+
+
+def check_privileges(conn: psycopg.Connection, spec: SourceSpec, log_name: str) -> None:
+    """Refuse a role that could not make the slot, the publication or the table's triggers,
+    naming every privilege it lacks and what to run for each."""
+    role, database, can_replicate, may_create, pub_owner, owns_pub = conn.execute(
+        "SELECT current_user, current_database(), (SELECT rolreplication OR rolsuper FROM pg_roles "
+        "WHERE rolname = current_user), has_database_privilege(current_database(), 'CREATE'), "
+        "p.pubowner::regrole::text, pg_has_role(p.pubowner, 'USAGE') "
+        "FROM (SELECT) one LEFT JOIN pg_publication p ON p.pubname = %s", (publication_name(log_name),)).fetchone()
+    quoted = sql.Identifier(role).as_string(conn)
+    pub = sql.Identifier(publication_name(log_name)).as_string(conn)
+    missing = []
+    if not can_replicate:
+        missing.append(f"the REPLICATION privilege that a logical slot needs: run ALTER ROLE {quoted} REPLICATION; "
+                       "as a superuser")
+    if pub_owner is None and not may_create:
+        missing.append(f"CREATE on database {database} (for the log's publication {pub}): run GRANT CREATE ON "
+                       f"DATABASE {sql.Identifier(database).as_string(conn)} TO {quoted}; as its owner or a superuser")
+    elif pub_owner is not None and not owns_pub:
+        missing.append(f"ownership of the log's publication {pub} (role {pub_owner} owns it): run ALTER PUBLICATION "
+                       f"{pub} OWNER TO {quoted}; as {pub_owner} or a superuser")
+    owner_too = trigger.missing_privileges(conn, spec, outbox=False)
+    if missing or owner_too:
+        # Trigger mode needs the table's ownership too: suggest it only where that is not what lacks.
+        raise ConfigurationError(
+            f"role {role!r} lacks what replication mode needs{'' if owner_too else ' (or use --mode trigger)'}:"
+            + "\n  - " + "\n  - ".join(missing + owner_too))
 
 
 def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[str, int, bool]],

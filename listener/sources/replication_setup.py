@@ -22,10 +22,20 @@ EVENT_CHOICES = ("insert", "update", "delete")
 def normalize_events(events: list[str] | None, truncate: str | None, append_only: bool) -> list[str]:
     """The events column of a replication source: chosen row events plus 'truncate' when
     TRUNCATE is logged (policy 'log', the default unless --append-only) rather than refused."""
-    chosen = list(events or ["insert"])
-    bad = [e for e in chosen if e not in EVENT_CHOICES]
-    if bad or not chosen:
-        raise ConfigurationError(f"--events takes a list of {', '.join(EVENT_CHOICES)}; got {', '.join(bad) or 'nothing'}")
+    chosen = ["insert"] if events is None else [e.strip().lower() for e in events]
+    choices = ", ".join(EVENT_CHOICES)
+    if not any(chosen):
+        raise ConfigurationError(f"--events is empty: give a comma-separated list of {choices} "
+                                 "(for example --events insert,update,delete), or leave it out to log inserts only")
+    for e in chosen:
+        if e == "truncate":
+            raise ConfigurationError("--events: 'truncate' is not an event here; TRUNCATE is logged or refused with "
+                                     "--truncate log|refuse (logged by default, refused with --append-only)")
+        if e not in EVENT_CHOICES:
+            raise ConfigurationError(f"--events: {e!r} is not an event; give a comma-separated list of {choices}"
+                                     + (" with no empty item" if not e else ""))
+        if chosen.count(e) > 1:
+            raise ConfigurationError(f"--events names {e!r} twice; list each event once")
     if truncate not in (None, "log", "refuse"):
         raise ConfigurationError(f"--truncate must be 'log' or 'refuse', got {truncate!r}")
     if append_only and ({"update", "delete"} & set(chosen) or truncate == "log"):
@@ -65,7 +75,20 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
             "ON CONFLICT (log_id) DO NOTHING", (log.log_id, slot, publication.publication_name(log_name)))
         if backfill:
             conn.execute("INSERT INTO merkle.replication_backfill_state (source_id) VALUES (%s)", (source.source_id,))
-        publication.sync_publication(conn, log.name, log.log_id)
+        try:
+            publication.sync_publication(conn, log.name, log.log_id)
+        except psycopg.errors.FeatureNotSupported as exc:
+            # PostgreSQL's row-filter rules are narrower than the trigger's: let it judge the
+            # filter (0A000 "invalid publication WHERE expression") rather than copy its rules.
+            if not spec.row_filter:
+                raise
+            raise SourceTableError(
+                f"PostgreSQL refuses --where {where!r} (as {spec.row_filter}) as the row filter of a publication: "
+                f"{exc.diag.message_primary}{': ' + exc.diag.message_detail if exc.diag.message_detail else ''} "
+                "A publication's row filter may use only columns, constants, built-in operators and immutable "
+                "built-in functions (so no cast that depends on settings, such as timestamptz to date), and only "
+                "the replica identity's columns when updates or deletes are published. Rewrite the filter, or "
+                "use --mode trigger, whose filter may use these. Nothing was changed") from None
         if backfill and slot_there:
             queued = publication.queue_backfill(conn, source.source_id, spec)
     if slot_there:

@@ -111,6 +111,28 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     return cur.rowcount
 
 
+def missing_privileges(conn: psycopg.Connection, spec: SourceSpec, *, outbox: bool) -> list[str]:
+    """What the role lacks to add the table's triggers (and, with `outbox`, its capture objects
+    in schema merkle), each with what to run. The triggers are made ENABLE ALWAYS, which
+    PostgreSQL allows the table's owner only (as it does adding a table to a publication)."""
+    role, owner, owner_super, owns, may_create = conn.execute(
+        "SELECT current_user, c.relowner::regrole::text, r.rolsuper, pg_has_role(c.relowner, 'USAGE'), "
+        "has_schema_privilege('merkle', 'CREATE') FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
+        "WHERE c.oid = %s", (spec.oid,)).fetchone()
+    quoted = sql.Identifier(role).as_string(conn)
+    missing = []
+    if not owns:
+        # Membership in the owning role works too, but never suggest joining a superuser's.
+        member = "" if owner_super else f" (or GRANT {owner} TO {quoted};)"
+        missing.append(f"ownership of {spec.qualified} (role {owner} owns it; only the owner may add triggers "
+                       f"to it): as {owner} or a superuser, run ALTER TABLE {spec.ident().as_string(conn)} OWNER TO "
+                       f"{quoted};{member}")
+    if outbox and not may_create:
+        missing.append(f"CREATE on schema merkle (for the source's outbox and capture function): run "
+                       f"GRANT CREATE ON SCHEMA merkle TO {quoted}; as its owner")
+    return missing
+
+
 def install_guards(conn: psycopg.Connection, source_id: int, log_name: str, table: sql.Composable,
                    *, update_delete: bool, truncate: bool) -> None:
     """The append-only guard (alone in replication mode, which has no capture trigger): refuse

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from listener.errors import ConfigurationError
 
@@ -116,10 +117,32 @@ def apply(conn: psycopg.Connection) -> list[Migration]:
                 f"the database's merkle schema has migration(s) {sorted(unknown)} that this merkle-listener "
                 f"does not know (it knows up to {latest_version()}): upgrade merkle-listener; nothing was changed"
             )
-        for m in (m for m in migrations() if m.version not in done):
+        pending = [m for m in migrations() if m.version not in done]
+        if pending:
+            check_privileges(conn)
+        for m in pending:
             conn.execute(m.path.read_text())
             conn.execute(
                 "INSERT INTO merkle.schema_version (version, name) VALUES (%s, %s)", (m.version, m.name)
             )
             applied.append(m)
     return applied
+
+
+def check_privileges(conn: psycopg.Connection) -> None:
+    """Refuse, with the GRANT that fixes it, a role that cannot apply the migrations: they
+    create schema merkle (CREATE on the database) and then alter what is in it (ownership)."""
+    role, database, owner, may_create, owns = conn.execute(
+        "SELECT current_user, current_database(), n.nspowner::regrole::text, "
+        "has_database_privilege(current_database(), 'CREATE'), pg_has_role(n.nspowner, 'USAGE') "
+        "FROM (SELECT) one LEFT JOIN pg_namespace n ON n.nspname = 'merkle'").fetchone()
+    quoted = lambda name: sql.Identifier(name).as_string(conn)  # noqa: E731
+    if owner is None and not may_create:
+        raise ConfigurationError(
+            f"role {role!r} may not create schema merkle in database {database!r}: as its owner or a superuser, "
+            f"run GRANT CREATE ON DATABASE {quoted(database)} TO {quoted(role)}; (or run init as a role that "
+            "has it; as a superuser, init also installs the DDL guard). Nothing was changed")
+    if owner is not None and not owns:
+        raise ConfigurationError(
+            f"schema merkle belongs to role {owner}, and role {role!r} may not upgrade it: run init as {owner} "
+            "or as a superuser. Nothing was changed")

@@ -1,0 +1,154 @@
+"""A role that is no superuser, from `init` to `log drop`: each privilege it lacks is named,
+with what to run, before anything is written; with the privileges of docs/replication.md
+("Running as a non-superuser role") the whole flow works, in both modes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import psycopg
+import pytest
+
+from listener.store.connect import options_string
+from tests.helpers import check_log, cli, slots, start_listener
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def plain(pg_server):
+    """(superuser connection, the role's DSN, role, writer role) on a new database without
+    schema merkle; the role may log in and read the tables, nothing more."""
+    n = f"{os.getpid()}_{next(_counter)}"
+    db, role, writer = f"np{n}", f"app{n}", f"writer{n}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {db}")
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"CREATE ROLE {writer} LOGIN")
+    su = psycopg.connect(pg_server.dsn(db), autocommit=True, options=options_string())
+    try:
+        su.execute("CREATE TABLE orders (id int PRIMARY KEY, placed timestamptz, amount numeric)")
+        su.execute("CREATE TABLE payments (id int PRIMARY KEY, amount numeric)")
+        su.execute(f"GRANT SELECT ON orders, payments TO {role}")
+        su.execute(f"GRANT SELECT, INSERT, UPDATE ON orders, payments TO {writer}")
+        yield su, psycopg.conninfo.make_conninfo(pg_server.dsn(db), user=role), role, writer
+    finally:
+        for name in slots(su):
+            su.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                       "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
+            for _ in range(50):
+                try:
+                    su.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    time.sleep(0.1)
+        su.close()
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {db} WITH (FORCE)")
+            admin.execute(f"DROP ROLE {role}")
+            admin.execute(f"DROP ROLE {writer}")
+
+
+def _footprint(su) -> tuple:
+    return su.execute(
+        "SELECT (SELECT count(*) FROM merkle.sources), (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal), "
+        "(SELECT count(*) FROM pg_class WHERE relnamespace = 'merkle'::regnamespace), "
+        "(SELECT count(*) FROM pg_publication), (SELECT count(*) FROM merkle.replication_progress)"
+    ).fetchone() + (tuple(slots(su)),)
+
+
+def _refused(out, *needles: str) -> None:
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+
+
+def test_a_plain_role_is_told_each_privilege_then_runs_both_modes(plain):
+    su, dsn, role, writer = plain
+    db = su.info.dbname
+    su.execute("INSERT INTO orders VALUES (1, '2024-01-01', 5)")
+
+    # init creates schema merkle: CREATE on the database.
+    _refused(cli("init", dsn=dsn), f'GRANT CREATE ON DATABASE "{db}" TO "{role}";')
+    assert su.execute("SELECT to_regnamespace('merkle')").fetchone()[0] is None
+    su.execute(f"GRANT CREATE ON DATABASE {db} TO {role}")
+    out = cli("init", dsn=dsn, check=True)
+    assert "guard against DDL on source tables was not installed" in out.stderr  # needs a superuser
+    cli("log", "create", "audit", dsn=dsn, check=True)
+
+    # Both modes make triggers ENABLE ALWAYS: the table's owner only.
+    before = _footprint(su)
+    _refused(cli("source", "add", "audit", "payments", dsn=dsn),
+             "lacks what trigger mode needs", f'ALTER TABLE "public"."payments" OWNER TO "{role}";')
+    assert _footprint(su) == before
+    su.execute(f"REVOKE CREATE ON DATABASE {db} FROM {role}")
+    out = cli("source", "add", "audit", "orders", "--mode", "replication", dsn=dsn)
+    _refused(out, f'ALTER ROLE "{role}" REPLICATION;', f'GRANT CREATE ON DATABASE "{db}" TO "{role}";',
+             f'ALTER TABLE "public"."orders" OWNER TO "{role}";')
+    assert "GRANT postgres" not in out.stderr  # never suggest joining a superuser's role
+    assert _footprint(su) == before
+    su.execute(f"ALTER TABLE orders OWNER TO {role}")
+    su.execute(f"ALTER TABLE payments OWNER TO {role}")
+    out = cli("source", "add", "audit", "orders", "--mode", "replication", dsn=dsn)
+    _refused(out, "(or use --mode trigger)", "REPLICATION", "CREATE ON DATABASE")
+    assert "OWNER TO" not in out.stderr
+    assert _footprint(su) == before
+
+    # The minimal privileges of docs/replication.md.
+    su.execute(f"ALTER ROLE {role} REPLICATION")
+    su.execute(f"GRANT CREATE ON DATABASE {db} TO {role}")
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+    cli("source", "add", "audit", "orders", "--mode", "replication", "--events", "insert,update",
+        "--backfill", dsn=dsn, check=True)
+    cli("source", "add", "audit", "payments", "--append-only", dsn=dsn, check=True)
+    assert slots(su) == ["merkle_audit"]
+
+    # Writers in another role: a trigger source's capture runs as the writer.
+    with psycopg.connect(su.info.dsn, user=writer, autocommit=True) as w:
+        w.execute("INSERT INTO orders VALUES (2, '2024-01-02', 7)")
+        w.execute("UPDATE orders SET amount = 8 WHERE id = 2")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            w.execute("INSERT INTO payments VALUES (1, 7)")
+        outbox = su.execute("SELECT 'merkle.outbox_' || source_id FROM merkle.sources "
+                            "WHERE table_name = 'payments'").fetchone()[0]
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute(f"GRANT USAGE ON SCHEMA merkle TO {writer}")
+            app.execute(f"GRANT USAGE ON SEQUENCE merkle.stmt_seq TO {writer}")
+            app.execute(f"GRANT INSERT ON {outbox} TO {writer}")
+        w.execute("INSERT INTO payments VALUES (1, 7), (2, 9)")
+
+    listener = start_listener(dsn)
+    try:
+        deadline = time.monotonic() + 60
+        while su.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 5:
+            assert time.monotonic() < deadline, listener.stop()[-3000:]
+            time.sleep(0.05)
+        rows = check_log(su, "audit")
+        assert sorted(r[3] for r in rows) == ["backfill", "insert", "insert", "insert", "update"]
+        proof = cli("prove", "inclusion", "audit", "4", dsn=dsn, check=True).stdout
+        assert cli("verify", "-", input=proof, check=True).stdout.startswith("OK")
+        cli("status", dsn=dsn, check=True)
+        cli("source", "remove", "audit", "orders", dsn=dsn, check=True)
+    finally:
+        listener.stop()
+    cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
+    assert slots(su) == [] and su.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+
+
+def test_init_refuses_to_upgrade_a_schema_of_another_role(plain):
+    su, dsn, role, _ = plain
+    su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {role}")
+    with psycopg.connect(su.info.dsn, autocommit=False) as c:
+        # A schema merkle that a superuser made and that lacks the latest migration.
+        from listener.store import migrate
+
+        migrate.apply(c)
+        c.execute("DELETE FROM merkle.schema_version WHERE version = %s", (migrate.latest_version(),))
+        c.commit()
+    su.execute(f"GRANT USAGE ON SCHEMA merkle TO {role}")
+    su.execute(f"GRANT SELECT ON merkle.schema_version TO {role}")
+    _refused(cli("init", dsn=dsn), "schema merkle belongs to role postgres", "run init as postgres or as a superuser")
