@@ -641,3 +641,35 @@ def test_log_drop_that_cannot_drop_the_slot_drops_nothing(rconn):
         conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_paused_log_keeps_its_stream(rconn):
+    """A paused log stops reading once its buffer is full, so the server's keepalives wait
+    unread: the listener still replies often enough that the walsender does not end the
+    stream at wal_sender_timeout (here 3 s), and nothing is lost when the log resumes."""
+    conn = rconn
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET wal_sender_timeout = '3s'")
+    conn.execute("CREATE TABLE held (id int PRIMARY KEY)")
+    registry.create_log(conn, "held")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "held", "held", mode="replication")
+    rows = 70_000  # more than the feed buffers (MAX_BUFFERED_CHANGES)
+    for lo in range(0, rows, 10_000):
+        conn.execute("INSERT INTO held SELECT g FROM generate_series(%s::int, %s::int) g", (lo + 1, lo + 10_000))
+    cli("log", "pause", "held", dsn=conn.info.dsn, check=True)
+    listener = start_listener(conn.info.dsn)
+    try:
+        listener.wait_for("replication stream open")
+        time.sleep(1)
+        pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'merkle_held'").fetchone()[0]
+        assert pid is not None
+        time.sleep(8)  # well past the timeout
+        assert conn.execute("SELECT active_pid FROM pg_replication_slots "
+                            "WHERE slot_name = 'merkle_held'").fetchone()[0] == pid
+        cli("log", "resume", "held", dsn=conn.info.dsn, check=True)
+        wait_for_size(conn, "held", rows, timeout=60, listener=listener)
+    finally:
+        said = listener.stop()
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} RESET wal_sender_timeout")
+    assert "replication stream interrupted" not in said, said[-2000:]
+    check_log(conn, "held")

@@ -37,6 +37,9 @@ log = logging.getLogger("listener.replication")
 
 # Send a status update at least this often: well inside wal_sender_timeout (default 60 s).
 STATUS_INTERVAL = 10.0
+# ... and this often while reading is paused, when the keepalives that ask for a reply (sent
+# at half of wal_sender_timeout, whatever the server sets it to) wait unread in the socket.
+BACKLOG_STATUS_INTERVAL = 1.0
 # Messages decoded between two yields to the event loop.
 YIELD_EVERY = 500
 
@@ -140,6 +143,8 @@ class ReplicationStream:
                     handled = 0
                     await anyio.lowlevel.checkpoint()
                     while self.backlogged():
+                        if time.monotonic() - self._last_status > BACKLOG_STATUS_INTERVAL:
+                            await self._send_status(self.confirmed)  # or the server ends the stream
                         await anyio.sleep(0.002)
                 continue
             if nbytes == 0 and not drained:

@@ -202,7 +202,8 @@ class ReplicationFeed:
         row = conn.execute(
             "SELECT p.end_lsn::text, l.log_id, s.slot_name IS NOT NULL, s.wal_status "
             "FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
-            "LEFT JOIN pg_replication_slots s ON s.slot_name = p.slot_name WHERE l.name = %s",
+            "LEFT JOIN pg_replication_slots s ON s.slot_name = p.slot_name AND s.database = current_database() "
+            "WHERE l.name = %s",
             (self.log_name,)).fetchone()
         problem = None
         if row is not None and not row[2]:

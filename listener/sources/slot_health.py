@@ -31,7 +31,7 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
         "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
         "extract(epoch FROM r.flush_lag)::float8 "
         "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
-        "WHERE s.slot_name = %s", (slot,)).fetchone()
+        "WHERE s.slot_name = %s AND s.database = current_database()", (slot,)).fetchone()
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
     if row is None:
         report.update(level="error", message=missing_message(log_name))
