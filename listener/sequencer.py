@@ -30,7 +30,7 @@ from listener.errors import ProcessingError
 from listener.merkle import TileBuilder
 from listener.registry import Log, Source, get_log, list_sources
 from listener.sources.replication_apply import ReplicationBatch
-from listener.sources.trigger import outbox_name
+from listener.sources.trigger import outbox_columns, outbox_name
 from listener.store.tiles import load_partial_tiles, write_tiles
 
 log = logging.getLogger(__name__)
@@ -246,22 +246,27 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
     """
     if not sources:
         return None
+    own = {s.source_id: outbox_columns(s) for s in sources}
     stmt_ids = sql.SQL(" UNION ALL ").join(
-        sql.SQL("SELECT stmt_id FROM {}").format(outbox_name(s.source_id)) for s in sources
+        sql.SQL("SELECT {} AS stmt_id FROM {}").format(sql.Identifier(own[s.source_id].stmt_id), outbox_name(s.source_id))
+        for s in sources
     )
     deletes = []
     for s in sources:
+        o = own[s.source_id]
         if s.entry_column:
             leaf = canonical_sql.leaf_hash_of_bytes_sql(sql.Identifier("o", s.entry_column))
         else:
-            entry = canonical_sql.entry_sql("o", s.qualified, s.columns, sql.Identifier("o", "op"), types[s.source_id])
+            entry = canonical_sql.entry_sql("o", s.qualified, s.columns, sql.Identifier("o", o.op), types[s.source_id])
             leaf = canonical_sql.leaf_hash_sql(entry)
         deletes.append(sql.SQL(
-            "{name} AS (DELETE FROM {outbox} o WHERE o.stmt_id < (SELECT stmt_id FROM cutoff) "
-            "RETURNING {sid}::integer AS source_id, o.stmt_id, o.ord, o.op, {key} AS source_key, {leaf} AS leaf_hash)"
+            "{name} AS (DELETE FROM {outbox} o WHERE o.{stmt_id} < (SELECT stmt_id FROM cutoff) "
+            "RETURNING {sid}::integer AS source_id, o.{stmt_id} AS stmt_id, o.{ord} AS ord, o.{op} AS op, "
+            "{key} AS source_key, {leaf} AS leaf_hash)"
         ).format(
             name=sql.Identifier(f"d{s.source_id}"), outbox=outbox_name(s.source_id),
             sid=sql.Literal(s.source_id), key=canonical_sql.key_sql("o", s.key_columns, types[s.source_id]), leaf=leaf,
+            stmt_id=sql.Identifier(o.stmt_id), ord=sql.Identifier(o.ord), op=sql.Identifier(o.op),
         ))
     changes = sql.SQL(" UNION ALL ").join(
         sql.SQL("SELECT * FROM {}").format(sql.Identifier(f"d{s.source_id}")) for s in sources

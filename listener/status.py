@@ -9,7 +9,7 @@ from psycopg import sql
 
 from listener.registry import list_logs, list_sources
 from listener.sources import slot_health
-from listener.sources.trigger import outbox_name
+from listener.sources.trigger import outbox_columns, outbox_name
 
 
 def collect(conn: psycopg.Connection) -> dict:
@@ -21,8 +21,8 @@ def collect(conn: psycopg.Connection) -> dict:
                 sources.append(slot_health.source_status(conn, log.name, s))
                 continue
             queued, oldest = conn.execute(sql.SQL(
-                "SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
-            ).format(outbox_name(s.source_id))).fetchone()
+                "SELECT count(*), extract(epoch FROM now() - min({}))::float8 FROM {}"
+            ).format(sql.Identifier(outbox_columns(s).queued_at), outbox_name(s.source_id))).fetchone()
             capturing = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s AND tgname = %s)",
                 (s.table_oid, f"merkle_capture_{s.source_id}"),

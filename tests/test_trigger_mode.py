@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -245,6 +246,31 @@ def test_row_filter_only_logs_matching_rows(conn, dsn):
     with connect(dsn) as wconn:
         Sequencer(wconn, "audit").drain_all()
     assert [r[2] for r in check_log(conn, "audit")] == ['{"id":"2"}', '{"id":"4"}']
+
+
+def test_columns_named_like_the_outboxs_own(conn, dsn):
+    """A table with columns called like the outbox's own (stmt_id, ord, op, queued_at) and the
+    capture function's variable (stmt), one of them in the row filter: registered, backfilled,
+    captured and hashed like any other, with `status` reading the outbox."""
+    conn.execute("CREATE TABLE ops (id int PRIMARY KEY, op text, ord int, stmt_id bigint, queued_at date, stmt int)")
+    conn.execute("INSERT INTO ops VALUES (1, 'open', 1, 10, '2024-01-02', 5)")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "ops", where="stmt > 0", backfill=True)
+    conn.execute("INSERT INTO ops VALUES (2, 'close', 2, 20, '2024-01-03', 7), (3, 'skip', 3, 30, NULL, 0)")
+    status = json.loads(cli("status", "--json", dsn=dsn, check=True).stdout)
+    [source] = [s for log in status["logs"] for s in log["sources"]]
+    assert source["queued"] == 2 and source["oldest_queued_seconds"] is not None
+    with connect(dsn) as wconn:
+        Sequencer(wconn, "audit").drain_all()
+    rows = check_log(conn, "audit")
+    h = canonical.leaf_hash_of_entry
+    assert [(r[3], bytes(r[4])) for r in rows] == [
+        ("backfill", h(canonical.entry_v1("backfill", "public.ops", {
+            "id": "1", "op": "open", "ord": "1", "stmt_id": "10", "queued_at": "2024-01-02", "stmt": "5"}))),
+        ("insert", h(canonical.entry_v1("insert", "public.ops", {
+            "id": "2", "op": "close", "ord": "2", "stmt_id": "20", "queued_at": "2024-01-03", "stmt": "7"}))),
+    ]
 
 
 def test_source_remove_waits_for_queued_changes(two_sources, dsn):

@@ -2,7 +2,8 @@
 
 For source S on table T (all names composed with psycopg.sql, never pasted):
 
-    merkle.outbox_S   (stmt_id, ord, op, queued_at, <hashed columns of T, same types>)
+    merkle.outbox_S   (stmt_id, ord, op, queued_at, <hashed columns of T, same types>); the
+                      first four prefixed with merkle_ if T has a column of such a name
     merkle.capture_S  AFTER INSERT ... REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT:
                       one nextval per statement, rows numbered in insertion order,
                       the row filter applied, then one NOTIFY on channel merkle_outbox
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -52,6 +54,32 @@ def _trigger_names(source_id: int) -> tuple[sql.Identifier, sql.Identifier, sql.
     )
 
 
+@dataclass(frozen=True)
+class OutboxColumns:
+    """Names of an outbox's own columns (beside the table's, which keep their names)."""
+
+    stmt_id: str
+    ord: str
+    op: str
+    queued_at: str
+
+
+def outbox_columns(source: SourceSpec | Source) -> OutboxColumns:
+    """The plain names, unless the table has a column of one of them: then each is prefixed
+    with merkle_ (again, until nothing clashes). Derived from the registered columns alone,
+    so the trigger, the drain and `status` agree without asking the outbox."""
+    captured = set(captured_columns(source))
+    names = [f.name for f in fields(OutboxColumns)]
+    prefix = ""
+    while any(prefix + n in captured for n in names):
+        prefix += "merkle_"
+    return OutboxColumns(*(prefix + n for n in names))
+
+
+def _own_identifiers(source: SourceSpec | Source) -> dict[str, sql.Identifier]:
+    return {k: sql.Identifier(v) for k, v in asdict(outbox_columns(source)).items()}
+
+
 def captured_columns(spec: SourceSpec | Source) -> tuple[str, ...]:
     """Columns copied into the outbox: the hashed ones, or key + entry column."""
     if spec.entry_column:
@@ -71,6 +99,7 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     no duplicate. Returns the number of rows queued by the backfill.
     """
     cols = captured_columns(spec)
+    own = _own_identifiers(spec)
     outbox = outbox_name(source_id)
     col_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
     new_cols = sql.SQL(", ").join(sql.Identifier("n", c) for c in cols)
@@ -80,14 +109,14 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(spec.ident()))
 
     conn.execute(sql.SQL(
-        "CREATE TABLE {outbox} AS SELECT 0::bigint AS stmt_id, 0::integer AS ord, "
-        "'insert'::text AS op, now() AS queued_at, {cols} FROM {table} WITH NO DATA"
-    ).format(outbox=outbox, cols=col_list, table=spec.ident()))
+        "CREATE TABLE {outbox} AS SELECT 0::bigint AS {stmt_id}, 0::integer AS {ord}, "
+        "'insert'::text AS {op}, now() AS {queued_at}, {cols} FROM {table} WITH NO DATA"
+    ).format(outbox=outbox, cols=col_list, table=spec.ident(), **own))
     conn.execute(sql.SQL(
-        "ALTER TABLE {outbox} ALTER stmt_id SET NOT NULL, ALTER ord SET NOT NULL, "
-        "ALTER op SET NOT NULL, ALTER op SET DEFAULT 'insert', "
-        "ALTER queued_at SET NOT NULL, ALTER queued_at SET DEFAULT now()"
-    ).format(outbox=outbox))
+        "ALTER TABLE {outbox} ALTER {stmt_id} SET NOT NULL, ALTER {ord} SET NOT NULL, "
+        "ALTER {op} SET NOT NULL, ALTER {op} SET DEFAULT 'insert', "
+        "ALTER {queued_at} SET NOT NULL, ALTER {queued_at} SET DEFAULT now()"
+    ).format(outbox=outbox, **own))
 
     _create_capture_function(conn, source_id, log_name, spec, doorbell=doorbell)
 
@@ -103,11 +132,11 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     key_order = sql.SQL(", ").join(sql.Identifier("n", c) for c in spec.key_columns)
     stmt = conn.execute("SELECT nextval('merkle.stmt_seq')").fetchone()[0]
     cur = conn.execute(sql.SQL(
-        "INSERT INTO {outbox} (stmt_id, ord, op, {cols}) "
+        "INSERT INTO {outbox} ({stmt_id}, {ord}, {op}, {cols}) "
         "SELECT {stmt}, row_number() OVER (ORDER BY {key_order}), 'backfill', {new_cols} "
         "FROM {table} n {where}"
     ).format(outbox=outbox, cols=col_list, new_cols=new_cols, table=spec.ident(), stmt=sql.Literal(stmt),
-             key_order=key_order, where=where))
+             key_order=key_order, where=where, stmt_id=own["stmt_id"], ord=own["ord"], op=own["op"]))
     return cur.rowcount
 
 
@@ -149,18 +178,24 @@ def install_guards(conn: psycopg.Connection, source_id: int, log_name: str, tabl
 def _create_capture_function(conn: psycopg.Connection, source_id: int, log_name: str,
                              spec: SourceSpec | Source, *, doorbell: bool, replace: bool = False) -> None:
     cols = captured_columns(spec)
+    own = _own_identifiers(spec)
     where = sql.SQL("WHERE ({})").format(sql.SQL(spec.row_filter)) if spec.row_filter else sql.SQL("")
     ring = (sql.SQL("  IF FOUND THEN PERFORM pg_notify({channel}, {log}); END IF;\n").format(
         channel=sql.Literal(DOORBELL_CHANNEL), log=sql.Literal(log_name)) if doorbell else sql.SQL(""))
+    # The table's column names (and the row filter's) win over the function's own variable,
+    # which is read by its block label: a table may have a column called stmt.
     body = sql.SQL(
+        "#variable_conflict use_column\n"
+        "<<merkle_capture>>\n"
         "DECLARE stmt bigint := nextval('merkle.stmt_seq');\n"
         "BEGIN\n"
-        "  INSERT INTO {outbox} (stmt_id, ord, {cols})\n"
-        "  SELECT stmt, row_number() OVER (), {new_cols} FROM new_rows n {where};\n"
+        "  INSERT INTO {outbox} ({stmt_id}, {ord}, {cols})\n"
+        "  SELECT merkle_capture.stmt, row_number() OVER (), {new_cols} FROM new_rows n {where};\n"
         "{ring}"
         "  RETURN NULL;\n"
         "END"
     ).format(outbox=outbox_name(source_id), cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+             stmt_id=own["stmt_id"], ord=own["ord"],
              new_cols=sql.SQL(", ").join(sql.Identifier("n", c) for c in cols), where=where, ring=ring)
     conn.execute(sql.SQL(
         "CREATE {replace} FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} AS {body}"
