@@ -104,11 +104,10 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         # Undo the registration: without its slot (or backfill) the source would be incomplete.
         try:
             _forget(conn, dsn, log_name, source.source_id, spec.ident())
-        except SourceTableError as stuck:
+        except (SourceTableError, DatabaseError) as stuck:
             raise SourceTableError(
-                f"adding {spec.qualified} failed ({failed}) and could not be undone: {stuck}. It stays registered "
-                f"without its slot: run `merkle-listener source remove {log_name} {spec.qualified}` once that "
-                "transaction has ended") from failed
+                f"adding {spec.qualified} failed ({failed}) and could not be undone: {stuck}. It stays registered: "
+                f"run `merkle-listener source remove {log_name} {spec.qualified}` once the cause is gone") from failed
         raise
     return source, queued
 
@@ -130,7 +129,7 @@ def _forget(conn: psycopg.Connection, dsn: str, log_name: str, source_id: int, t
         trigger.drop_triggers(conn, source_id, table)
         conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source_id,))
         publication.sync_publication(conn, log.name, log.log_id)
-    _drop_slot_if_unused(conn, dsn, log_name)
+        _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source stays registered")
 
 
 def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str | None = None,
@@ -174,28 +173,20 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
             return -1
         time.sleep(0.1)
     with conn.transaction():
-        others = conn.execute(
-            "SELECT count(*) FROM merkle.sources WHERE log_id = %s AND mode = 'replication' AND source_id <> %s",
-            (log.log_id, source.source_id)).fetchone()[0]
-    if not others:
-        # The slot before the source: should the drop fail, the source stays registered and a
-        # rerun finishes, where a slot left behind by a finished remove would pin WAL unseen.
-        _drop_slot(dsn, publication.slot_name(log_name), "the source is still registered; run this again")
-    with conn.transaction():
         registry.get_log(conn, log_name, for_update=True)
         conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
-        _drop_publication_if_unused(conn, log.log_id, log_name)
+        _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source is still registered; run this again")
     return 0
 
 
-def _drop_slot_if_unused(conn: psycopg.Connection, dsn: str, log_name: str) -> None:
-    """Drop the log's slot and publication when it has no replication source left (a
-    forgotten slot pins WAL forever)."""
-    with conn.transaction():
-        log = registry.get_log(conn, log_name)
-        if not _drop_publication_if_unused(conn, log.log_id, log_name):
-            return
-    _drop_slot(dsn, publication.slot_name(log_name), "its sources are removed already")
+def _drop_slot_if_unused(conn: psycopg.Connection, dsn: str, log_id: int, log_name: str, state: str) -> None:
+    """In the caller's transaction, which holds the log's row lock: when the log has no
+    replication source left, drop its publication and its slot (a forgotten slot pins WAL
+    forever). The slot goes last, while the transaction can still be rolled back: should the
+    drop fail, the registry stays as it was (`state` says how that is). The lock keeps a
+    concurrent `source add` from reusing the slot meanwhile; it then creates a new one."""
+    if _drop_publication_if_unused(conn, log_id, log_name):
+        _drop_slot(dsn, publication.slot_name(log_name), state)
 
 
 def _drop_publication_if_unused(conn: psycopg.Connection, log_id: int, log_name: str) -> bool:
@@ -226,11 +217,6 @@ def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dic
     publication and slot. Irreversible. Returns what was dropped."""
     dsn = dsn if dsn is not None else conn.info.dsn
     with conn.transaction():
-        registry.get_log(conn, name)  # refuse an unknown name before dropping anything
-    # The slot first: should that fail, nothing is dropped; once the log is gone, nothing would
-    # point at a slot left behind, pinning WAL.
-    _drop_slot(dsn, publication.slot_name(name), "nothing was dropped")
-    with conn.transaction():
         log = registry.get_log(conn, name, for_update=True)
         sources = registry.list_sources(conn, log.log_id)
         for s in sources:
@@ -239,4 +225,7 @@ def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dic
         conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication.publication_name(name))))
         conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log.log_id,))
         conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log.log_id,))
+        # Last, while this transaction can still be rolled back: should it fail, nothing is
+        # dropped, where a slot outliving its log would pin WAL with nothing to point at it.
+        _drop_slot(dsn, publication.slot_name(name), "nothing was dropped")
     return {"log": name, "tree_size": log.tree_size, "sources": [s.qualified for s in sources]}
