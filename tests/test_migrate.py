@@ -60,3 +60,37 @@ def test_unsupported_server_message_names_both_versions():
     assert text.startswith("this PostgreSQL is 14.11; merkle-listener needs PostgreSQL 15 or later")
     assert "tested on 15, 16, 17, 18" in text
     assert migrate.unsupported_server_message(90624).startswith("this PostgreSQL is 9.6.24;")
+
+
+def test_upgrade_makes_existing_capture_functions_run_as_their_owner(conn):
+    """A trigger source added by an earlier version has a capture function that runs as the
+    writer; migration 012 makes it SECURITY DEFINER, so a writer role with privileges on its
+    own table only can insert."""
+    from listener import registry
+    from listener.runner import connect
+
+    conn.execute("CREATE TABLE old_src (id int PRIMARY KEY)")
+    registry.create_log(conn, "old")
+    with connect(conn.info.dsn) as c:
+        source, _ = registry.add_source(c, "old", "old_src")
+    capture = f"merkle.capture_{source.source_id}()"
+    conn.execute(f"ALTER FUNCTION {capture} SECURITY INVOKER")  # as created before 012
+    conn.execute("DELETE FROM merkle.schema_version WHERE version = 12")
+    writer = f"w_{conn.info.backend_pid}"
+    conn.execute(f"CREATE ROLE {writer} LOGIN")
+    conn.execute(f"GRANT INSERT ON old_src TO {writer}")
+    conn.commit()
+    try:
+        with psycopg.connect(conn.info.dsn, user=writer, autocommit=True) as w:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                w.execute("INSERT INTO old_src VALUES (1)")
+            assert [m.version for m in migrate.apply(conn)] == [12]
+            conn.commit()
+            w.execute("INSERT INTO old_src VALUES (2)")
+        assert conn.execute(f"SELECT prosecdef FROM pg_proc WHERE oid = '{capture}'::regprocedure").fetchone()[0]
+        assert conn.execute(f"SELECT count(*) FROM merkle.outbox_{source.source_id}").fetchone()[0] == 1
+    finally:
+        conn.rollback()
+        conn.execute(f"DROP OWNED BY {writer}")
+        conn.execute(f"DROP ROLE {writer}")
+        conn.commit()

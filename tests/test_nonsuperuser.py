@@ -107,19 +107,16 @@ def test_a_plain_role_is_told_each_privilege_then_runs_both_modes(plain):
     cli("source", "add", "audit", "payments", "--append-only", dsn=dsn, check=True)
     assert slots(su) == ["merkle_audit"]
 
-    # Writers in another role: a trigger source's capture runs as the writer.
+    # Writers in another role, with privileges on their tables only: the capture function runs
+    # as the role that added the source.
     with psycopg.connect(su.info.dsn, user=writer, autocommit=True) as w:
         w.execute("INSERT INTO orders VALUES (2, '2024-01-02', 7)")
         w.execute("UPDATE orders SET amount = 8 WHERE id = 2")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            w.execute("INSERT INTO payments VALUES (1, 7)")
+        w.execute("INSERT INTO payments VALUES (1, 7), (2, 9)")
         outbox = su.execute("SELECT 'merkle.outbox_' || source_id FROM merkle.sources "
                             "WHERE table_name = 'payments'").fetchone()[0]
-        with psycopg.connect(dsn, autocommit=True) as app:
-            app.execute(f"GRANT USAGE ON SCHEMA merkle TO {writer}")
-            app.execute(f"GRANT USAGE ON SEQUENCE merkle.stmt_seq TO {writer}")
-            app.execute(f"GRANT INSERT ON {outbox} TO {writer}")
-        w.execute("INSERT INTO payments VALUES (1, 7), (2, 9)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            w.execute(f"SELECT count(*) FROM {outbox}")  # the outbox itself stays out of its reach
 
     listener = start_listener(dsn)
     try:

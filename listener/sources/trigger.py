@@ -197,8 +197,10 @@ def _create_capture_function(conn: psycopg.Connection, source_id: int, log_name:
     ).format(outbox=outbox_name(source_id), cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
              stmt_id=own["stmt_id"], ord=own["ord"],
              new_cols=sql.SQL(", ").join(sql.Identifier("n", c) for c in cols), where=where, ring=ring)
+    # SECURITY DEFINER: the writer's role needs no privilege in schema merkle (the function's
+    # owner, who added the source, owns the outbox); the pinned settings fix its search_path.
     conn.execute(sql.SQL(
-        "CREATE {replace} FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} AS {body}"
+        "CREATE {replace} FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER {settings} AS {body}"
     ).format(replace=sql.SQL("OR REPLACE" if replace else ""), fn=_capture_function(source_id),
              settings=_pinned_settings_clause(), body=sql.Literal(body.as_string(conn))))
 
