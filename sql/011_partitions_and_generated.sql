@@ -16,7 +16,9 @@
 --
 -- `source add` installs them; merkle.check_source_partitions(), run at the end of every
 -- CREATE TABLE, ALTER TABLE and ALTER TRIGGER, installs them on partitions created or
--- attached later and refuses (SQLSTATE ML101) disabling, altering or renaming them.
+-- attached later and refuses (SQLSTATE ML101) disabling, altering or renaming them, and a
+-- partition tree holding two replication sources of one log (ATTACH PARTITION of one under
+-- the other: pgoutput would send the partition's changes as the parent's only).
 -- merkle.check_partition_guard_drop() refuses DROP TRIGGER of one that still guards a
 -- partition of its source. Both event triggers need a superuser, like those of 007.
 
@@ -145,6 +147,12 @@ BEGIN
                      AND s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(cmd.relid) a)
                      AND NOT EXISTS (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = s.source_id) LOOP
             problem := NULL;
+            SELECT format('%I.%I, a replication source of the same log, would be a partition of it: pgoutput would '
+                          'send its changes as %I.%I''s only', o.table_schema, o.table_name, src.table_schema, src.table_name)
+              INTO problem
+              FROM merkle.sources o JOIN pg_partition_tree(src.table_oid) t ON t.relid = o.table_oid
+             WHERE o.log_id = src.log_id AND o.mode = 'replication' AND o.source_id <> src.source_id AND t.level > 0
+             LIMIT 1;
             IF problem IS NULL AND cmd.object_type = 'trigger' AND cmd.relid <> src.table_oid AND EXISTS (
                     SELECT 1 FROM pg_trigger t WHERE t.oid = cmd.objid AND t.tgfoid = 'merkle.partition_guard()'::regprocedure) THEN
                 problem := 'the merkle-listener triggers of its partitions may not be altered or renamed';

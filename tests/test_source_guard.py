@@ -302,3 +302,18 @@ def test_an_append_only_partitioned_source_refuses_changes_through_its_partition
                       "UPDATE m SET v = 2", "DELETE FROM m", "TRUNCATE m"):
         _refused(conn, statement, "ML100", "append-only")
     conn.execute("INSERT INTO m_2025 VALUES (2, '2025-04-01', 1)")
+
+
+def test_attaching_a_source_under_a_source_of_the_same_log_is_refused(partitioned, dsn):
+    """ATTACH PARTITION would make the publication send the attached source's changes as the
+    parent's only; the DDL guard refuses it (`source add` refuses the same tree)."""
+    conn, _ = partitioned
+    conn.execute("CREATE TABLE m_2026 (id int NOT NULL, at date NOT NULL, v int, PRIMARY KEY (id, at))")
+    conn.execute("CREATE TABLE m_2027 (id int NOT NULL, at date NOT NULL, v int, PRIMARY KEY (id, at))")
+    registry.create_log(conn, "elsewhere")
+    with connect(dsn) as c:
+        registry.add_source(c, "parts", "m_2026", mode="replication")
+        registry.add_source(c, "elsewhere", "m_2027", mode="replication")
+    _refused(conn, "ALTER TABLE m ATTACH PARTITION m_2026 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+             "ML101", "public.m_2026, a replication source of the same log, would be a partition of it")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
