@@ -49,6 +49,7 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         registry._check_entry_column_not_null(conn, spec)
         registry.check_not_a_source(conn, spec)
         _check_partition_relatives(conn, log, spec)
+        _check_not_generated(spec)
         publication.preflight(conn, spec, events, log_name=log_name)
         slot_there = publication.slot_exists(conn, slot)
         if slot_there:
@@ -93,6 +94,18 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
                 "transaction has ended") from failed
         raise
     return source, queued
+
+
+def _check_not_generated(spec) -> None:
+    """pgoutput never sends a generated column on PostgreSQL 15-17 (18 only with the
+    publication's publish_generated_columns): a leaf hashing one could not be computed."""
+    if spec.generated:
+        names = ", ".join(spec.generated)
+        raise SourceTableError(
+            f"column {names} of {spec.qualified} is generated, and logical replication does not send generated "
+            f"columns: leave {names} out of --columns (or --key, --entry-column); its value follows from the "
+            "columns it is computed from. Or use --mode trigger, which captures it"
+        )
 
 
 def _check_partition_relatives(conn: psycopg.Connection, log: registry.Log, spec) -> None:
