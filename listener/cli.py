@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("log", help="the log's name")
     sa.add_argument("table", help="table name, optionally schema-qualified")
     sa.add_argument("--key", help="comma-separated unique key columns (default: the primary key)")
-    sa.add_argument("--columns", help="comma-separated columns to hash (default: all)")
+    sa.add_argument("--columns", help="comma-separated columns to hash (default: all but generated ones)")
     sa.add_argument("--where", help="row filter: column references, constants and operators only")
     sa.add_argument("--entry-column", help="a NOT NULL bytea column holding the entry bytes to log as is")
     sa.add_argument("--backfill", action="store_true", help="also log the rows already in the table, in key order")

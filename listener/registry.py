@@ -157,6 +157,7 @@ def add_source(
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
         _check_entry_column_not_null(conn, spec)
         check_not_a_source(conn, spec)
+        _check_not_partitioned(conn, spec)
         if missing := trigger.missing_privileges(conn, spec, outbox=True):
             role = conn.execute("SELECT current_user").fetchone()[0]
             raise ConfigurationError(f"role {role!r} lacks what trigger mode needs:\n  - " + "\n  - ".join(missing))
@@ -226,6 +227,26 @@ def check_not_a_source(conn: psycopg.Connection, spec: SourceSpec) -> None:
             f"table {spec.qualified} is already a source of log {other[0]!r}; "
             "a table feeds one log (remove it there first)"
         )
+
+
+def _check_not_partitioned(conn: psycopg.Connection, spec: SourceSpec) -> None:
+    """Trigger mode: PostgreSQL fires a statement trigger only for the table a statement names,
+    so a partitioned table's capture misses rows inserted into a partition directly, and a
+    partition's misses rows inserted through its parent."""
+    row = conn.execute(
+        "SELECT c.relkind, (SELECT n.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent "
+        "JOIN pg_namespace n ON n.oid = p.relnamespace WHERE i.inhrelid = c.oid) "
+        "FROM pg_class c WHERE c.oid = %s AND (c.relkind = 'p' OR c.relispartition)", (spec.oid,)).fetchone()
+    kind, parent = row or (None, None)
+    if kind == "p":
+        raise SourceTableError(
+            f"{spec.qualified} is a partitioned table: trigger mode's statement trigger does not fire for rows "
+            "inserted into one of its partitions directly; use --mode replication, which captures every partition "
+            "(one attached later included)")
+    if kind is not None:
+        raise SourceTableError(
+            f"{spec.qualified} is a partition of {parent}: trigger mode's statement trigger does not fire for rows "
+            f"inserted through {parent}; use --mode replication (for {parent}, or for this partition)")
 
 
 def _check_entry_column_not_null(conn: psycopg.Connection, spec: SourceSpec) -> None:

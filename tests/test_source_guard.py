@@ -213,3 +213,107 @@ def test_removed_sources_leave_no_recorded_types(rconn, dsn):
         assert _recorded(conn) == {"id": "integer", "body": "text"} == _recorded(conn, "facts")
         replication_setup.drop_log(c, "audit", dsn=dsn)
     assert conn.execute("SELECT count(*) FROM merkle.source_columns").fetchone()[0] == 0
+
+
+# --- the partitions of a partitioned replication source (sql/011) -------------------------
+
+
+def _guards(conn) -> list[tuple[str, str, str]]:
+    return conn.execute(
+        "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger "
+        "WHERE tgname ~ '^merkle_(partition|truncate_begin|truncate_end)_' ORDER BY 1, 2").fetchall()
+
+
+@pytest.fixture
+def partitioned(rconn, dsn):
+    conn = rconn
+    conn.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    registry.create_log(conn, "parts")
+    with connect(dsn) as c:
+        source, _ = registry.add_source(c, "parts", "m", mode="replication")
+    return conn, source.source_id
+
+
+def _refused(conn, statement: str, sqlstate: str, match: str) -> None:
+    with pytest.raises(psycopg.Error, match=match) as exc:
+        conn.execute(statement)
+    assert exc.value.sqlstate == sqlstate
+
+
+def test_partitions_created_or_attached_later_are_guarded_too(partitioned):
+    conn, sid = partitioned
+    conn.execute("CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    conn.execute("CREATE TABLE m_2027 PARTITION OF m FOR VALUES FROM ('2027-01-01') TO ('2028-01-01') "
+                 "PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2027a PARTITION OF m_2027 FOR VALUES FROM ('2027-01-01') TO ('2027-07-01')")
+    conn.execute("CREATE TABLE m_2023 (id int NOT NULL, at date NOT NULL, v int)")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m_2023 FOR VALUES FROM ('2023-01-01') TO ('2024-01-01')")
+    assert _guards(conn) == [("m", f"merkle_truncate_begin_{sid}", "A"), ("m", f"merkle_truncate_end_{sid}", "A")] + [
+        (t, f"merkle_partition_{sid}", "A") for t in ("m_2023", "m_2025", "m_2026", "m_2027", "m_2027a")]
+    for t in ("m_2023", "m_2025", "m_2026", "m_2027", "m_2027a"):
+        _refused(conn, f"TRUNCATE {t}", "ML100", f"TRUNCATE of public.{t} is refused: it is a partition of public.m")
+    # The TRUNCATE of the source marks only its own statement.
+    with pytest.raises(psycopg.Error, match="TRUNCATE of public.m_2025 is refused"):
+        with conn.transaction():
+            conn.execute("TRUNCATE m")
+            conn.execute("TRUNCATE m_2025")
+    # Updates and deletes of a partition are the source's, streamed as such: allowed.
+    conn.execute("INSERT INTO m VALUES (1, '2025-03-01', 1)")
+    conn.execute("DELETE FROM m_2025")
+
+
+@pytest.mark.parametrize("ddl, sqlstate, why", [
+    ("ALTER TABLE m_2025 DISABLE TRIGGER ALL", "ML101", "may not be disabled"),
+    ("ALTER TABLE m DISABLE TRIGGER ALL", "ML101", "may not be disabled"),
+    ("ALTER TABLE m_2025 ENABLE TRIGGER merkle_partition_1", "ML101", "may not be disabled"),
+    ("ALTER TRIGGER merkle_partition_1 ON m_2025 RENAME TO innocent", "ML101", "may not be altered or renamed"),
+    ("DROP TRIGGER merkle_partition_1 ON m_2025", "ML101", "is a merkle-listener trigger"),
+    ("DROP TRIGGER merkle_truncate_begin_1 ON m", "ML101", "is a merkle-listener trigger"),
+])
+def test_the_partition_guards_may_not_be_disabled_renamed_or_dropped(partitioned, ddl, sqlstate, why):
+    conn, sid = partitioned
+    assert sid == 1
+    _refused(conn, ddl, sqlstate, why)
+    _refused(conn, "TRUNCATE m_2025", "ML100", "is refused")
+
+
+def test_a_detached_partition_is_free_and_source_remove_takes_every_guard(partitioned, dsn):
+    conn, sid = partitioned
+    conn.execute("CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    conn.execute("ALTER TABLE m DETACH PARTITION m_2026")
+    conn.execute("TRUNCATE m_2026")  # its trigger is left, inert
+    conn.execute(f"DROP TRIGGER merkle_partition_{sid} ON m_2026")
+    with connect(dsn) as c:
+        assert replication_setup.remove_source(c, "parts", "m", wait=0) in (0, -1)
+    assert _guards(conn) == []
+    conn.execute("TRUNCATE m_2025")
+
+
+def test_an_append_only_partitioned_source_refuses_changes_through_its_partitions(rconn, dsn):
+    conn = rconn
+    conn.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    conn.execute("INSERT INTO m VALUES (1, '2025-03-01', 1)")
+    registry.create_log(conn, "ao")
+    with connect(dsn) as c:
+        registry.add_source(c, "ao", "m", mode="replication", append_only=True)
+    for statement in ("UPDATE m_2025 SET v = 2", "DELETE FROM m_2025", "TRUNCATE m_2025",
+                      "UPDATE m SET v = 2", "DELETE FROM m", "TRUNCATE m"):
+        _refused(conn, statement, "ML100", "append-only")
+    conn.execute("INSERT INTO m_2025 VALUES (2, '2025-04-01', 1)")
+
+
+def test_attaching_a_source_under_a_source_of_the_same_log_is_refused(partitioned, dsn):
+    """ATTACH PARTITION would make the publication send the attached source's changes as the
+    parent's only; the DDL guard refuses it (`source add` refuses the same tree)."""
+    conn, _ = partitioned
+    conn.execute("CREATE TABLE m_2026 (id int NOT NULL, at date NOT NULL, v int, PRIMARY KEY (id, at))")
+    conn.execute("CREATE TABLE m_2027 (id int NOT NULL, at date NOT NULL, v int, PRIMARY KEY (id, at))")
+    registry.create_log(conn, "elsewhere")
+    with connect(dsn) as c:
+        registry.add_source(c, "parts", "m_2026", mode="replication")
+        registry.add_source(c, "elsewhere", "m_2027", mode="replication")
+    _refused(conn, "ALTER TABLE m ATTACH PARTITION m_2026 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+             "ML101", "public.m_2026, a replication source of the same log, would be a partition of it")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")

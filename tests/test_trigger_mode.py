@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from listener import canonical, merkle, registry
+from listener.errors import SourceTableError
 from listener.runner import connect
 from listener.sequencer import Sequencer
 from tests.helpers import check_log, cli, start_listener
@@ -235,6 +236,22 @@ def test_append_only_guard_refuses_update_delete_truncate(conn, dsn):
             conn.execute(stmt)
         assert exc.value.sqlstate == "ML100"
     assert conn.execute("SELECT body FROM facts").fetchall() == [("x",)]
+
+
+def test_partitioned_tables_and_partitions_are_refused(conn, dsn):
+    """A statement trigger fires only for the table a statement names: on a partitioned table
+    it misses rows inserted into a partition directly, on a partition those inserted through
+    its parent. Replication mode captures both."""
+    conn.execute("CREATE TABLE m (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    registry.create_log(conn, "parts")
+    with connect(dsn) as c:
+        with pytest.raises(SourceTableError, match="public.m is a partitioned table: .* use --mode replication"):
+            registry.add_source(c, "parts", "m")
+        with pytest.raises(SourceTableError, match="public.m_2025 is a partition of public.m: .* use --mode replication"):
+            registry.add_source(c, "parts", "m_2025")
+    assert registry.list_sources(conn) == []
+    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()[0] == 0
 
 
 def test_row_filter_only_logs_matching_rows(conn, dsn):

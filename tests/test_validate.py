@@ -429,3 +429,50 @@ def test_check_log_name():
     for bad in ["", "Orders", "1x", "_x", "a-b", "a" * 64, "abc\n", "ab c", "ü"]:
         with pytest.raises(ConfigurationError, match="invalid log name"):
             check_log_name(bad)
+
+
+# --- generated columns ---------------------------------------------------------------------
+
+
+def test_generated_columns_are_left_out_by_default_and_may_be_named(db):
+    """Left out by default in both modes (pgoutput does not send them; replication mode refuses
+    naming one, see tests/test_replication_audit2.py); a stored one may be named."""
+    db.execute("CREATE TABLE gen (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) STORED)")
+    db.execute("CREATE TABLE gen_key (k int GENERATED ALWAYS AS (v + 1) STORED PRIMARY KEY, v int)")
+    spec = validate_source(db, "gen")
+    assert (spec.columns, spec.generated) == (("id", "v"), ())
+    spec = validate_source(db, "gen", columns=["id", "twice"])
+    assert (spec.columns, spec.generated) == (("id", "twice"), ("twice",))
+    spec = validate_source(db, "gen_key")  # the key is hashed, generated or not
+    assert (spec.columns, spec.generated) == (("k", "v"), ("k",))
+
+
+def test_virtual_generated_columns_are_refused(db):
+    """PostgreSQL 18: a virtual column's value is computed when read; a trigger's transition
+    table holds NULL for it, and pgoutput never sends it."""
+    if db.info.server_version < 180000:
+        pytest.skip("virtual generated columns are PostgreSQL 18's")
+    db.execute("CREATE TABLE genv (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) VIRTUAL)")
+    assert validate_source(db, "genv").columns == ("id", "v")
+    with pytest.raises(SourceTableError, match="uses column twice of genv, a virtual generated column"):
+        validate_source(db, "genv", columns=["id", "twice"])
+    with pytest.raises(SourceTableError, match="row filter 'twice > 2' uses column twice of genv, a virtual"):
+        validate_source(db, "genv", where="twice > 2")
+
+
+def test_trigger_mode_captures_a_stored_generated_column_named_in_columns(conn, dsn):
+    from listener import canonical, registry
+    from listener.runner import connect
+    from listener.sequencer import Sequencer
+    from tests.helpers import check_log
+
+    conn.execute("CREATE TABLE gen (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) STORED)")
+    registry.create_log(conn, "gen")
+    with connect(dsn) as c:
+        registry.add_source(c, "gen", "gen", columns=["id", "twice"])
+    conn.execute("INSERT INTO gen (id, v) VALUES (1, 21)")
+    with connect(dsn) as w:
+        assert Sequencer(w, "gen").drain_all() == 1
+    rows = check_log(conn, "gen")
+    assert bytes(rows[0][4]) == canonical.leaf_hash_of_entry(
+        canonical.entry_v1("insert", "public.gen", {"id": "1", "twice": "42"}))

@@ -58,6 +58,8 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
         registry._check_entry_column_not_null(conn, spec)
         registry.check_not_a_source(conn, spec)
+        _check_partition_relatives(conn, log, spec)
+        _check_not_generated(spec)
         publication.preflight(conn, spec, events, log_name=log_name)
         slot_there = publication.slot_exists(conn, slot)
         if slot_there:
@@ -70,6 +72,10 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         source = registry._insert_source(conn, log, spec, append_only, "replication", events)
         trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
                                update_delete=append_only, truncate="truncate" not in events)
+        # Statement triggers on a partitioned table do not fire for a statement naming one of
+        # its partitions, and pgoutput does not send a partition's own TRUNCATE: guard each
+        # partition (sql/011_partitions_and_generated.sql).
+        conn.execute("SELECT merkle.install_partition_guards(%s)", (source.source_id,))
         conn.execute(
             "INSERT INTO merkle.replication_progress (log_id, slot_name, publication) VALUES (%s, %s, %s) "
             "ON CONFLICT (log_id) DO NOTHING", (log.log_id, slot, publication.publication_name(log_name)))
@@ -110,6 +116,41 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
                 f"run `merkle-listener source remove {log_name} {spec.qualified}` once the cause is gone") from failed
         raise
     return source, queued
+
+
+def _check_not_generated(spec) -> None:
+    """pgoutput never sends a generated column on PostgreSQL 15-17 (18 only with the
+    publication's publish_generated_columns): a leaf hashing one could not be computed."""
+    if spec.generated:
+        names = ", ".join(spec.generated)
+        raise SourceTableError(
+            f"column {names} of {spec.qualified} is generated, and logical replication does not send generated "
+            f"columns: leave {names} out of --columns (or --key, --entry-column); its value follows from the "
+            "columns it is computed from. Or use --mode trigger, which captures it"
+        )
+
+
+def _check_partition_relatives(conn: psycopg.Connection, log: registry.Log, spec) -> None:
+    """Refuse a table whose partition ancestor or descendant is a replication source of the same
+    log: with publish_via_partition_root the publication sends a partition's changes as its
+    top-most published ancestor's only, so the lower source would get nothing. (Another log has
+    a publication and slot of its own, which sends them as each of its tables'.)"""
+    row = conn.execute(
+        "SELECT s.table_schema, s.table_name, s.table_oid IN (SELECT relid FROM pg_partition_ancestors(%(oid)s)) "
+        "FROM merkle.sources s WHERE s.log_id = %(log)s AND s.mode = 'replication' AND s.table_oid <> %(oid)s "
+        "AND (s.table_oid IN (SELECT relid FROM pg_partition_ancestors(%(oid)s)) "
+        "OR s.table_oid IN (SELECT relid FROM pg_partition_tree(%(oid)s))) LIMIT 1",
+        {"oid": spec.oid, "log": log.log_id}).fetchone()
+    if row is None:
+        return
+    other = f"{row[0]}.{row[1]}"
+    upper, lower = (other, spec.qualified) if row[2] else (spec.qualified, other)
+    raise SourceTableError(
+        f"{lower} is a partition of {upper}, and {other} is a replication source of log {log.name!r} already: "
+        f"the log's publication would send {lower}'s changes as {upper}'s only, and the source of {lower} "
+        "would get none of them. "
+        f"{upper} alone captures every partition's rows; to log {lower} as itself, use another log "
+        f"(or remove {other} first)")
 
 
 def _backfill_in_snapshot(conn: psycopg.Connection, source_id: int, spec, snapshot: str) -> int:

@@ -248,6 +248,8 @@ def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composabl
         if table is not None:
             for trg in _trigger_names(source_id):
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
+        # Those of a partitioned replication source's partitions (sql/011), wherever they are now.
+        conn.execute("SELECT merkle.drop_partition_guards(%s)", (source_id,))
         conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
 
 

@@ -71,6 +71,9 @@ class SourceSpec:
     columns: tuple[str, ...]  # hashed columns, in table order; include the key columns
     row_filter: str | None  # pglast's deparse of the checked filter
     entry_column: str | None
+    # Stored generated columns among those the leaves are computed from: a trigger's
+    # transition table holds their values, pgoutput does not send them.
+    generated: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -89,6 +92,7 @@ class _Column:
     type_name: str
     not_null: bool  # by a validated NOT NULL constraint (or primary key)
     type_category: str  # pg_type.typcategory: 'D' for date/time types
+    generated: str  # pg_attribute.attgenerated: '' plain, 's' stored, 'v' virtual (PostgreSQL 18)
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,11 @@ def validate_source(
             hashed = _hashed_columns(table, column_names, key_columns, table_columns)
             if entry_column is not None:
                 _check_entry_column(table, entry_column, by_name)
+            captured = [*key_columns, *([entry_column] if entry_column is not None else hashed)]
+            _check_not_virtual(table, captured, by_name)
             if row_filter is not None:
                 _check_filter_columns(table, where, filter_columns, by_name)
+                _check_not_virtual(table, sorted(filter_columns), by_name, f"row filter {where!r}")
                 _check_filter_is_fixed(where, row_filter, filter_columns, by_name)
                 _type_check_filter(conn, ident, table, where, row_filter)
     except psycopg.Error as exc:
@@ -155,6 +162,7 @@ def validate_source(
         columns=hashed,
         row_filter=row_filter,
         entry_column=entry_column,
+        generated=tuple(dict.fromkeys(c for c in captured if by_name[c].generated == "s")),
     )
 
 
@@ -222,7 +230,8 @@ def _columns(conn: psycopg.Connection, oid: int) -> list[_Column]:
                       SELECT FROM pg_catalog.pg_constraint k
                        WHERE k.conrelid = a.attrelid AND k.contype = 'n'
                          AND NOT k.convalidated AND a.attnum = ANY (k.conkey)),
-                  (SELECT t.typcategory FROM pg_catalog.pg_type t WHERE t.oid = a.atttypid)
+                  (SELECT t.typcategory FROM pg_catalog.pg_type t WHERE t.oid = a.atttypid),
+                  a.attgenerated::text
              FROM pg_catalog.pg_attribute a
             WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
             ORDER BY a.attnum""",
@@ -315,7 +324,9 @@ def _hashed_columns(
     shown: str, given: list[str] | None, key: tuple[str, ...], table_columns: list[_Column]
 ) -> tuple[str, ...]:
     if given is None:
-        return tuple(c.name for c in table_columns)
+        # A generated column is left out: its value follows from the others, and pgoutput
+        # does not send it, so one default is good for both capture modes.
+        return tuple(c.name for c in table_columns if not c.generated or c.name in key)
     known = {c.name for c in table_columns}
     unknown = [c for c in given if c not in known]
     if unknown:
@@ -331,6 +342,17 @@ def _hashed_columns(
         )
     chosen = set(given)
     return tuple(c.name for c in table_columns if c.name in chosen)
+
+
+def _check_not_virtual(shown: str, names: Sequence[str], by_name: dict[str, _Column],
+                       user: str = "the source") -> None:
+    virtual = [c for c in names if by_name[c].generated == "v"]
+    if virtual:
+        raise SourceTableError(
+            f"{user} uses column {', '.join(virtual)} of {shown}, a virtual generated column: its value is "
+            "computed when read, and neither a trigger's transition table nor pgoutput carries it; leave it "
+            "out (of --columns, --key, --entry-column or the row filter), or make it STORED"
+        )
 
 
 def _check_entry_column(shown: str, name: str, by_name: dict[str, _Column]) -> None:
