@@ -219,7 +219,7 @@ def _split(value: str | None) -> list[str] | None:
 
 def _events(value: str | None) -> list[str] | None:
     # Not a column list: event names get their own messages (replication_setup.normalize_events).
-    return None if value is None else value.split(",")
+    return None if value is None else [e.strip().lower() for e in value.split(",")]
 
 
 def _print_json(obj) -> None:

@@ -150,11 +150,13 @@ def add_source(
             append_only=append_only, backfill=backfill, events=events, truncate=truncate, dsn=dsn)
     if mode != "trigger":
         raise ConfigurationError(f"--mode must be 'trigger' or 'replication', got {mode!r}")
-    if events not in (None, ["insert"]) or truncate is not None:
+    if (events is not None and [e.strip().lower() for e in events] != ["insert"]) or truncate is not None:
         raise ConfigurationError("trigger mode logs inserts only; use --mode replication for --events and --truncate")
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
+        # Before the checks: a concurrent add of the same table waits here, then sees it taken.
+        trigger.lock_out_writers(conn, spec.ident(), "to add its capture trigger")
         _check_entry_column_not_null(conn, spec)
         check_not_a_source(conn, spec)
         _check_not_partitioned(conn, spec)

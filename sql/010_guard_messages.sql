@@ -9,7 +9,8 @@
 -- its replica identity lowered (ALTER TABLE ... REPLICA IDENTITY DEFAULT) while another
 -- source of its log logs updates, so that the log's publication publishes updates for it
 -- too: PostgreSQL then refused every UPDATE of the table. The rule `source add` applies is
--- now kept by the guard; every other check is that of 008.
+-- now kept by the guard (with a hint of its own: REPLICA IDENTITY FULL is always allowed);
+-- every other check is that of 008.
 
 CREATE OR REPLACE FUNCTION merkle.refuse_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -35,6 +36,7 @@ DECLARE
     cmd record;
     src record;
     problem text;
+    hint text;
 BEGIN
     FOR cmd IN SELECT DISTINCT CASE WHEN c.object_type = 'trigger'
                                     THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)
@@ -45,6 +47,7 @@ BEGIN
         FOR src IN SELECT s.*, l.name AS log_name FROM merkle.sources s JOIN merkle.logs l USING (log_id)
                    WHERE s.table_oid = cmd.relid LOOP
             problem := NULL;
+            hint := 'Remove the source (merkle-listener source remove), alter the table, then add it again.';
             IF cmd.object_type = 'trigger' AND EXISTS (
                     SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
                     WHERE t.oid = cmd.objid AND p.pronamespace = 'merkle'::regnamespace) THEN
@@ -82,7 +85,9 @@ BEGIN
             -- sources logs them; PostgreSQL then refuses UPDATE and DELETE on a table whose
             -- replica identity does not cover its key and row filter. The rule of
             -- listener.sources.publication.check_publication_identities, kept after registration.
-            IF problem IS NULL AND src.mode = 'replication' AND EXISTS (
+            IF problem IS NULL AND src.mode = 'replication'
+               AND NOT EXISTS (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = src.source_id)
+               AND EXISTS (
                     SELECT 1 FROM merkle.sources o
                      WHERE o.log_id = src.log_id AND o.mode = 'replication' AND o.events && '{update,delete}'
                        AND NOT EXISTS (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = o.source_id))
@@ -93,12 +98,13 @@ BEGIN
                           FROM pg_class c WHERE c.oid = src.table_oid) THEN
                 problem := 'its replica identity must cover its key and row filter (REPLICA IDENTITY FULL) while '
                            'the log publishes updates or deletes, or PostgreSQL refuses UPDATE and DELETE on it';
+                hint := format('ALTER TABLE %I.%I REPLICA IDENTITY FULL is allowed (and repairs a table whose '
+                               'identity was lowered before this check existed).', src.table_schema, src.table_name);
             END IF;
             IF problem IS NOT NULL THEN
                 RAISE EXCEPTION 'ALTER refused on %.%: % (it feeds merkle-listener log "%")',
                     src.table_schema, src.table_name, problem, src.log_name
-                    USING ERRCODE = 'ML101',
-                          HINT = 'Remove the source (merkle-listener source remove), alter the table, then add it again.';
+                    USING ERRCODE = 'ML101', HINT = hint;
             END IF;
         END LOOP;
     END LOOP;

@@ -169,6 +169,7 @@ def test_guard_keeps_the_replica_identity_the_log_publication_needs(rconn):
     with pytest.raises(psycopg.DatabaseError, match="replica identity must cover its key and row filter") as refused:
         conn.execute("ALTER TABLE pay REPLICA IDENTITY DEFAULT")
     assert refused.value.sqlstate == "ML101"
+    assert "REPLICA IDENTITY FULL is allowed" in refused.value.diag.message_hint
     conn.execute("INSERT INTO pay VALUES (1, 5)")
     conn.execute("UPDATE pay SET amount = 6")  # still allowed
     # Without a source logging updates, the publication publishes inserts only: allowed.
@@ -232,6 +233,10 @@ def test_events_have_their_own_messages(rconn, events, message):
     conn.execute("ALTER TABLE t REPLICA IDENTITY FULL")
     out = cli("source", "add", "l", "t", "--mode", "replication", "--events", " INSERT, update", dsn=conn.info.dsn)
     assert out.returncode == 0 and "events insert, update, truncate" in out.stdout, out.stderr
+    # ... in trigger mode too, where inserts are the only event.
+    conn.execute("CREATE TABLE u (id int PRIMARY KEY)")
+    out = cli("source", "add", "l", "u", "--events", "INSERT ", dsn=conn.info.dsn)
+    assert out.returncode == 0, out.stderr
 
 
 def test_backfill_meets_the_stream(rconn):
@@ -607,8 +612,9 @@ def test_log_drop_while_running_stops_its_writer_only(rconn):
 
 
 def test_log_drop_that_cannot_drop_the_slot_drops_nothing(rconn):
-    """The slot goes first: a `log drop` that may not end the walsender streaming it (a role
-    that cannot terminate a superuser's process) leaves the log, its sources and its slot."""
+    """The slot is dropped last, inside the transaction that holds the log's lock: a `log drop`
+    that may not end the walsender streaming it (a role that cannot terminate a superuser's
+    process) rolls back, leaving the log, its sources and its slot."""
     conn = rconn
     role = f"dropper_{conn.info.backend_pid}"
     conn.execute("CREATE TABLE held (id int PRIMARY KEY)")
@@ -673,3 +679,39 @@ def test_a_paused_log_keeps_its_stream(rconn):
         conn.execute(f"ALTER DATABASE {conn.info.dbname} RESET wal_sender_timeout")
     assert "replication stream interrupted" not in said, said[-2000:]
     check_log(conn, "held")
+
+
+def test_two_adds_of_one_table_to_two_logs_queue_instead_of_deadlocking(rconn):
+    """Both logs' slots exist and a writer holds the table: the two `source add`s wait for it
+    (not for ever), then one registers the table and the other is told it is taken, instead of
+    one of them dying in a deadlock between their lock upgrades."""
+    import threading
+
+    conn = rconn
+    conn.execute("CREATE TABLE shared (id int PRIMARY KEY)")
+    for log_name in ("la", "lb"):
+        conn.execute(f"CREATE TABLE seed_{log_name} (id int PRIMARY KEY)")
+        registry.create_log(conn, log_name)
+        with connect(conn.info.dsn) as c:
+            registry.add_source(c, log_name, f"seed_{log_name}", mode="replication")
+    outcomes: dict[str, str] = {}
+
+    def add(log_name: str) -> None:
+        with connect(conn.info.dsn) as c:
+            try:
+                registry.add_source(c, log_name, "shared", mode="replication", append_only=True)
+                outcomes[log_name] = "added"
+            except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
+                outcomes[log_name] = f"{type(exc).__name__}: {exc}"
+
+    with psycopg.connect(conn.info.dsn) as writer:
+        writer.execute("INSERT INTO shared VALUES (1)")  # holds the table until it commits
+        threads = [threading.Thread(target=add, args=(n,)) for n in ("la", "lb")]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        writer.commit()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(v.split(":")[0] for v in outcomes.values()) == ["SourceTableError", "added"], outcomes
+    assert "Deadlock" not in str(outcomes)

@@ -78,8 +78,9 @@ def bench_writers(dsn: str, rows: int, synchronous_commit: str = "on", rounds: i
     /dev/null instead (what any logical consumer costs the writers here).
 
     This VM's speed drifts between rounds by as much as the effect measured, and the table
-    grows, so each streaming round is compared with the not-read round just before it and the
-    median of those paired ratios is reported, with their range. The streaming rounds share
+    grows, so each streaming round is compared with a not-read round next to it (the
+    listener's with the one before, pg_recvlogical's with the one after) and the median of
+    those paired ratios is reported, with their range. The streaming rounds share
     this machine's cores and disk with the consumer, its walsender and the log's own writes."""
     with connect(dsn) as conn:
         conn.execute("SELECT set_config('synchronous_commit', %s, false)", (synchronous_commit,))
@@ -112,6 +113,8 @@ def bench_writers(dsn: str, rows: int, synchronous_commit: str = "on", rounds: i
                     _wait_confirmed(conn, LIMIT_SLOT)
                 finally:
                     _stop(other)
+            idle.append(_bulk_rate(conn, "repl", next(base), rows))  # after the last pg_recvlogical round
+            captured += rows
             listener = _listener(dsn, "bench_r")
             try:
                 _wait_size(conn, "bench_r", captured, timeout=900)
@@ -122,7 +125,7 @@ def bench_writers(dsn: str, rows: int, synchronous_commit: str = "on", rounds: i
             with connect(dsn, autocommit=True) as admin:
                 drop_slot(admin, LIMIT_SLOT)
     listener_ratios = [s / i for s, i in zip(streaming, idle)]
-    recvlogical_ratios = [r / i for r, i in zip(recvlogical, idle)]
+    recvlogical_ratios = [r / i for r, i in zip(recvlogical, idle[1:])]
     return {"bulk_rows_per_s_without_slot": round(statistics.median(without)),
             "bulk_rows_per_s_with_slot": round(statistics.median(idle)),
             "bulk_rows_per_s_with_slot_streaming": round(statistics.median(streaming)),
@@ -134,7 +137,7 @@ def bench_writers(dsn: str, rows: int, synchronous_commit: str = "on", rounds: i
             "ratio_pg_recvlogical_streaming_vs_idle_range": [round(min(recvlogical_ratios), 3),
                                                              round(max(recvlogical_ratios), 3)],
             "writers_synchronous_commit": synchronous_commit,
-            "note": f"medians of {rounds} rounds; each streaming round against the slot-not-read round before it"}
+            "note": f"medians of {rounds} rounds; each streaming round against a slot-not-read round next to it"}
 
 
 def _pg_recvlogical(dsn: str) -> subprocess.Popen:
@@ -168,6 +171,10 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (LIMIT_SLOT,))
         try:
             base = _size(conn, "bench_r")
+            # Left to autovacuum, the earlier phases' millions of rows would be vacuumed (and
+            # their pages' visibility written to the WAL) while the listener runs.
+            for table in ("repl", "merkle.processed_log", "merkle.tiles"):
+                conn.execute(f"VACUUM {table}")
             wal_before = _wal_lsn(conn)
             for lo in range(10_000_000, 10_000_000 + rows, 1000):
                 conn.execute(BULK.format(name="repl"), (lo, lo + 999))
@@ -221,9 +228,9 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
             "listener_rows_per_s_sustained": round(sustained),
             "listener_first_leaf_after_s": round(t_first - t, 2), "slot_wal_decoded_again_bytes": replay_bytes,
             "cpu_us_per_row_sustained": cpu_us_per_row or "not measured (server not on this machine)",
-            # WAL the log writes per leaf (processed_log, its indexes, tiles, progress; autovacuum
-            # of either table included) against the WAL of the source rows themselves: what a
-            # writer's commit must also flush while the listener streams.
+            # WAL the log writes per leaf (processed_log, its indexes, tiles, progress) against
+            # the WAL of the source rows themselves: what a writer's commit must also flush
+            # while the listener streams.
             "wal_bytes_per_source_row": round(source_wal / rows),
             "wal_bytes_per_leaf": round(log_wal / rows),
             "ratio": round(rows / acked_s / (rows / limit_s), 3),

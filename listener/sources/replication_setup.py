@@ -56,19 +56,18 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
     with conn.transaction():
         log = registry.get_log(conn, log_name, for_update=True)
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
+        # Writers wait from here to COMMIT: every change before is read below (with --backfill
+        # and an existing slot), every change after is streamed (the table is in the
+        # publication from COMMIT on). Without --backfill too: pgoutput decides per change, so
+        # a transaction that wrote the table before this COMMIT and again after it would be
+        # logged in half. And a concurrent add of the same table waits, then sees it taken.
+        trigger.lock_out_writers(conn, spec.ident(), "to add it to the publication")
         registry._check_entry_column_not_null(conn, spec)
         registry.check_not_a_source(conn, spec)
         _check_partition_relatives(conn, log, spec)
         _check_not_generated(spec)
         publication.preflight(conn, spec, events, log_name=log_name)
         slot_there = publication.slot_exists(conn, slot)
-        if slot_there:
-            # Writers wait from here to COMMIT: every change before is read below (with
-            # --backfill), every change after is streamed (the table is in the publication from
-            # COMMIT on). Without --backfill too: pgoutput decides per change, so a transaction
-            # that wrote the table before this COMMIT and again after it would be logged in
-            # half. (With a new slot, CREATE_REPLICATION_SLOT waits for such transactions.)
-            trigger.lock_out_writers(conn, spec.ident(), "to add it to the publication")
         source = registry._insert_source(conn, log, spec, append_only, "replication", events)
         trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
                                update_delete=append_only, truncate="truncate" not in events)
@@ -249,8 +248,9 @@ def _drop_slot(dsn: str, slot: str, state: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as admin:
             publication.drop_slot(admin, slot)
     except (psycopg.Error, DatabaseError) as exc:
-        raise DatabaseError(f"cannot drop replication slot {slot} ({state}): {str(exc).strip()}; a superuser "
-                            f"or the slot's owner can drop it with SELECT pg_drop_replication_slot('{slot}')") from exc
+        raise DatabaseError(f"cannot drop replication slot {slot} ({state}): {str(exc).strip()}. Stop the process "
+                            "streaming from it (pg_stat_replication), or have a superuser do so, then run this "
+                            f"again; by hand: SELECT pg_drop_replication_slot('{slot}')") from exc
 
 
 def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dict:

@@ -254,10 +254,12 @@ def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composabl
 
 
 def lock_out_writers(conn: psycopg.Connection, table: sql.Composable, purpose: str) -> None:
-    """LOCK TABLE ... IN SHARE MODE in the caller's transaction: transactions that wrote the
-    table end first, and new writes wait for the caller's COMMIT."""
+    """LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE in the caller's transaction: transactions that
+    wrote the table end first, and new writes wait for the caller's COMMIT. The mode conflicts
+    with itself and covers CREATE TRIGGER and ALTER PUBLICATION on the table, so two
+    registrations of one table queue instead of deadlocking on a lock upgrade."""
     with _bounded_lock_wait(conn, table, purpose):
-        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(table))
 
 
 @contextlib.contextmanager
