@@ -193,7 +193,7 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
         replay_bytes = conn.execute(
             "SELECT (confirmed_flush_lsn - restart_lsn)::bigint FROM pg_replication_slots "
             "WHERE slot_name = 'merkle_bench_r'").fetchone()[0]
-        wal_before = _wal_lsn(conn)
+        wal_before, fpi_before = _wal_lsn(conn), _full_page_images(conn)
         listener = _listener(dsn, "bench_r")
         try:
             t = time.perf_counter()
@@ -223,6 +223,8 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
             log_wal = _wal_lsn(conn) - wal_before
         finally:
             _stop(listener)
+        time.sleep(0.5)  # the listener's sessions report their statistics as they exit
+        log_fpi = _full_page_images(conn) - fpi_before
     return {"rows": rows, "pg_recvlogical_rows_per_s": round(rows / limit_s),
             "listener_rows_per_s_with_startup": round(rows / ours_s), "listener_rows_per_s_acked": round(rows / acked_s),
             "listener_rows_per_s_sustained": round(sustained),
@@ -233,6 +235,9 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
             # while the listener streams.
             "wal_bytes_per_source_row": round(source_wal / rows),
             "wal_bytes_per_leaf": round(log_wal / rows),
+            # Pages written whole to the WAL on their first change after a checkpoint: the
+            # indexes' random pages (leaf hash, change identity) make most of them.
+            "wal_full_page_images_per_1000_leaves": round(log_fpi / rows * 1000, 1),
             "ratio": round(rows / acked_s / (rows / limit_s), 3),
             "ratio_sustained": round(sustained / (rows / limit_s), 3),
             "note": "ratio counts the listener's start-up (process, connect, START_REPLICATION) and the final ack"}
@@ -241,6 +246,12 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
 def _wal_lsn(conn: psycopg.Connection) -> int:
     """The server's current WAL insert position, in bytes."""
     return conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0]
+
+
+def _full_page_images(conn: psycopg.Connection) -> int:
+    """Full-page images written to the WAL so far, by the whole server (pg_stat_wal)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return conn.execute("SELECT wal_fpi FROM pg_stat_wal").fetchone()[0]
 
 
 def _cpu_seconds(pids: list[int]) -> float:
