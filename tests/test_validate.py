@@ -436,7 +436,7 @@ def test_check_log_name():
 
 def test_generated_columns_are_left_out_by_default_and_may_be_named(db):
     """Left out by default in both modes (pgoutput does not send them; replication mode refuses
-    naming one, see tests/test_replication_audit2.py); a stored one may be named."""
+    naming one, see tests/test_replication_edges.py); a stored one may be named."""
     db.execute("CREATE TABLE gen (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) STORED)")
     db.execute("CREATE TABLE gen_key (k int GENERATED ALWAYS AS (v + 1) STORED PRIMARY KEY, v int)")
     spec = validate_source(db, "gen")
