@@ -155,14 +155,14 @@ def add_source(
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
-        # Before the checks: a concurrent add of the same table waits here, then sees it taken.
+        if missing := trigger.missing_privileges(conn, spec, outbox=True):  # before the lock, which needs them
+            role = conn.execute("SELECT current_user").fetchone()[0]
+            raise ConfigurationError(f"role {role!r} lacks what trigger mode needs:\n  - " + "\n  - ".join(missing))
+        # Before the other checks: a concurrent add of the same table waits here, then sees it taken.
         trigger.lock_out_writers(conn, spec.ident(), "to add its capture trigger")
         _check_entry_column_not_null(conn, spec)
         check_not_a_source(conn, spec)
         _check_not_partitioned(conn, spec)
-        if missing := trigger.missing_privileges(conn, spec, outbox=True):
-            role = conn.execute("SELECT current_user").fetchone()[0]
-            raise ConfigurationError(f"role {role!r} lacks what trigger mode needs:\n  - " + "\n  - ".join(missing))
         source = _insert_source(conn, log, spec, append_only, doorbell=doorbell)
         queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill,
                                  doorbell=doorbell)

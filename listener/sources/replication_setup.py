@@ -56,6 +56,7 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
     with conn.transaction():
         log = registry.get_log(conn, log_name, for_update=True)
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
+        publication.preflight(conn, spec, events, log_name=log_name)  # first: it says when the role may not lock
         # Writers wait from here to COMMIT: every change before is read below (with --backfill
         # and an existing slot), every change after is streamed (the table is in the
         # publication from COMMIT on). Without --backfill too: pgoutput decides per change, so
@@ -66,7 +67,6 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         registry.check_not_a_source(conn, spec)
         _check_partition_relatives(conn, log, spec)
         _check_not_generated(spec)
-        publication.preflight(conn, spec, events, log_name=log_name)
         slot_there = publication.slot_exists(conn, slot)
         source = registry._insert_source(conn, log, spec, append_only, "replication", events)
         trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
