@@ -97,6 +97,15 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    -- An update or delete carries the old row as the partition holding it is set, and a new
+    -- partition starts at REPLICA IDENTITY DEFAULT: without FULL, an update that leaves a
+    -- TOASTed value alone would stop the log (`source add` checks the partitions it finds).
+    IF src.events && '{update,delete}' THEN
+        FOR part IN SELECT t.relid FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
+                     WHERE t.level > 0 AND c.relkind = 'r' AND c.relreplident <> 'f' LOOP
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part.relid::regclass);
+        END LOOP;
+    END IF;
     -- Foreign partitions are left out: their rows are on another server, never streamed.
     FOR part IN SELECT t.relid FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
                  WHERE t.level > 0 AND c.relkind IN ('r', 'p')
@@ -137,7 +146,7 @@ BEGIN
     FOR cmd IN SELECT DISTINCT CASE WHEN c.object_type = 'trigger'
                                     THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)
                                     ELSE c.objid END AS relid,
-                               c.object_type, c.objid
+                               c.object_type, c.objid, c.command_tag
                FROM pg_event_trigger_ddl_commands() c
                WHERE c.object_type IN ('table', 'trigger') LOOP
         -- The replication sources whose partition tree holds the table (pg_partition_ancestors
@@ -156,6 +165,14 @@ BEGIN
             IF problem IS NULL AND cmd.object_type = 'trigger' AND cmd.relid <> src.table_oid AND EXISTS (
                     SELECT 1 FROM pg_trigger t WHERE t.oid = cmd.objid AND t.tgfoid = 'merkle.partition_guard()'::regprocedure) THEN
                 problem := 'the merkle-listener triggers of its partitions may not be altered or renamed';
+            END IF;
+            -- A partition of its own ALTER TABLE: lowering its identity is refused, where one
+            -- created or attached is set to FULL below.
+            IF problem IS NULL AND cmd.object_type = 'table' AND cmd.command_tag = 'ALTER TABLE'
+               AND cmd.relid <> src.table_oid AND src.events && '{update,delete}'
+               AND (SELECT relkind = 'r' AND relreplident <> 'f' FROM pg_class WHERE oid = cmd.relid) THEN
+                problem := format('partition %s must keep REPLICA IDENTITY FULL while updates or deletes are logged',
+                                  cmd.relid::regclass);
             END IF;
             IF problem IS NULL THEN
                 SELECT format('trigger %I on partition %s may not be disabled (merkle-listener triggers are ENABLE ALWAYS)',

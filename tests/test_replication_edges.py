@@ -277,3 +277,41 @@ def test_a_partition_under_a_source_of_the_same_log_is_refused_and_another_log_m
         listener.stop()
     assert [int(orjson_id(r[2])) for r in check_log(conn, "up")] == [1, 2]
     assert [int(orjson_id(r[2])) for r in check_log(conn, "down")] == [1, 2]
+
+
+def test_partitions_of_a_source_logging_updates_carry_the_whole_old_row(rconn):
+    """An update or delete carries the old row as the partition holding it is set, and a new
+    partition starts at REPLICA IDENTITY DEFAULT: an update leaving a TOASTed value alone would
+    stop the log. Registration asks for FULL on each partition; one created later is set to
+    FULL by the guard; lowering a partition's identity is refused."""
+    conn = rconn
+    conn.execute("CREATE TABLE m (id int, at date, body text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2024 PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    conn.execute("ALTER TABLE m REPLICA IDENTITY FULL")
+    registry.create_log(conn, "pi")
+    events = ["insert", "update", "delete"]
+    with connect(conn.info.dsn) as c:
+        with pytest.raises(SourceTableError, match=r"ALTER TABLE m_2024 REPLICA IDENTITY FULL;"):
+            registry.add_source(c, "pi", "m", mode="replication", events=events)
+    conn.execute("ALTER TABLE m_2024 REPLICA IDENTITY FULL")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "pi", "m", mode="replication", events=events)
+    conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    assert conn.execute("SELECT relreplident FROM pg_class WHERE oid = 'm_2025'::regclass").fetchone()[0] == "f"
+    with pytest.raises(psycopg.DatabaseError, match="must keep REPLICA IDENTITY FULL") as refused:
+        conn.execute("ALTER TABLE m_2025 REPLICA IDENTITY DEFAULT")
+    assert refused.value.sqlstate == "ML101"
+    conn.execute("ALTER TABLE m_2025 ALTER body SET STORAGE EXTERNAL")  # out of line: "unchanged" on update
+    conn.execute("INSERT INTO m VALUES (1, '2024-05-01', repeat('x', 5000)), (2, '2025-05-01', repeat('y', 5000))")
+    conn.execute("UPDATE m SET at = at WHERE id = 2")
+    conn.execute("DELETE FROM m WHERE id = 1")
+    listener = start_listener(conn.info.dsn)
+    try:
+        wait_for_size(conn, "pi", 4, listener=listener)
+    finally:
+        listener.stop()
+    h = canonical.leaf_hash_of_entry
+    rows = check_log(conn, "pi")
+    assert [r[3] for r in rows] == ["insert", "insert", "update", "delete"]
+    assert bytes(rows[2][4]) == h(canonical.entry_v1(
+        "update", "public.m", {"id": "2", "at": "2025-05-01", "body": "y" * 5000}))

@@ -90,6 +90,18 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
             f"hashed value, TOASTed or not, is in the stream): run ALTER TABLE {spec.ident().as_string(conn)} "
             "REPLICA IDENTITY FULL; or log inserts only"
         )
+    if "update" in events or "delete" in events:
+        # The old row comes from the partition that holds it, under that partition's own
+        # identity (a new partition starts at DEFAULT; partitions created or attached later
+        # are set to FULL by the guard of sql/011_partitions_and_generated.sql).
+        lacking = [r[0] for r in conn.execute(
+            "SELECT t.relid::regclass::text FROM pg_partition_tree(%s) t JOIN pg_class c ON c.oid = t.relid "
+            "WHERE t.level > 0 AND c.relkind = 'r' AND c.relreplident <> 'f' ORDER BY 1", (spec.oid,))]
+        if lacking:
+            raise SourceTableError(
+                f"logging updates/deletes of {spec.qualified} needs REPLICA IDENTITY FULL on each of its partitions "
+                "too (an update or delete carries the old row as the partition holding it is set): run "
+                + " ".join(f"ALTER TABLE {name} REPLICA IDENTITY FULL;" for name in lacking) + " or log inserts only")
 
 
 def check_privileges(conn: psycopg.Connection, spec: SourceSpec, log_name: str) -> None:

@@ -208,7 +208,8 @@ def _fill_unchanged(s: Source, relation: po.Relation, values, old, plan: _Plan) 
         if values[i] is po.UNCHANGED:
             raise ProcessingError(
                 f"{s.qualified}: the stream did not send column {relation.columns[i].name} (an unchanged TOASTed "
-                f"value); run ALTER TABLE {s.qualified} REPLICA IDENTITY FULL so updates carry every value, then restart"
+                f"value); run ALTER TABLE {s.qualified} REPLICA IDENTITY FULL (on a partitioned table: on the partition "
+                f"that holds the row, each of them) so updates carry every value, then restart"
             )
     return values
 
