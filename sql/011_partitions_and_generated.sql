@@ -143,6 +143,22 @@ BEGIN
     IF current_setting('merkle.installing_partition_guards', true) = 'on' THEN
         RETURN;  -- merkle.install_partition_guards creating them
     END IF;
+    -- A trigger-mode source may not become a partition (ATTACH PARTITION): its statement
+    -- trigger would not fire for rows inserted through the partitioned table.
+    SELECT format('%I.%I feeds merkle-listener log "%s" in trigger mode and may not be a partition: rows '
+                  'inserted through %s would not be captured', s.table_schema, s.table_name, l.name, t.parentrelid::regclass)
+      INTO problem
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_partition_tree(c.objid) t ON t.level > 0
+      JOIN merkle.sources s ON s.table_oid = t.relid AND s.mode = 'trigger'
+      JOIN merkle.logs l USING (log_id)
+     WHERE c.object_type = 'table'
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'refused: %', problem
+            USING ERRCODE = 'ML101',
+                  HINT = 'Remove the source (merkle-listener source remove) first; to log a partitioned table, add it with --mode replication.';
+    END IF;
     FOR cmd IN SELECT DISTINCT CASE WHEN c.object_type = 'trigger'
                                     THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)
                                     ELSE c.objid END AS relid,

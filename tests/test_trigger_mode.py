@@ -254,6 +254,27 @@ def test_partitioned_tables_and_partitions_are_refused(conn, dsn):
     assert conn.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()[0] == 0
 
 
+def test_a_trigger_source_may_not_become_a_partition(conn, dsn):
+    """ATTACH PARTITION of a trigger-mode source would leave rows inserted through the new
+    parent uncaptured: the DDL guard refuses it. Where it happened anyway (no guard, or an
+    earlier version), `status` says so."""
+    conn.execute("CREATE TABLE m_2024 (id int, at date, PRIMARY KEY (id, at))")
+    registry.create_log(conn, "parts")
+    with connect(dsn) as c:
+        registry.add_source(c, "parts", "m_2024")
+    conn.execute("CREATE TABLE m (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    attach = "ALTER TABLE m ATTACH PARTITION m_2024 FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')"
+    with pytest.raises(psycopg.DatabaseError, match="may not be a partition: rows inserted through public.m") as e:
+        conn.execute(attach)
+    assert e.value.sqlstate == "ML101"
+    assert cli("status", dsn=dsn, check=True).stdout.count("warning") == 0
+    conn.execute("SET session_replication_role = replica")  # a superuser passing the guard
+    conn.execute(attach)
+    conn.execute("RESET session_replication_role")
+    out = cli("status", dsn=dsn, check=True).stdout
+    assert "warning: public.m_2024 is partitioned or a partition: trigger mode captures only rows" in out, out
+
+
 def test_row_filter_only_logs_matching_rows(conn, dsn):
     conn.execute("CREATE TABLE events (id int PRIMARY KEY, kind text, amount int)")
     registry.create_log(conn, "audit")
