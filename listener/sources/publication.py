@@ -13,7 +13,7 @@ and no duplicate:
                        read the table in that snapshot: it holds exactly the transactions the
                        slot will not stream. Until that read commits, the source's backfill
                        state is not ready and the sequencer holds its streamed changes back.
-    slot exists        LOCK TABLE ... IN SHARE MODE, add the table to the publication and read
+    slot exists        LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE, add the table to the publication and read
                        it in one transaction: writers wait, so every change before is in the
                        read and every change after is streamed.
 

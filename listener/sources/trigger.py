@@ -94,9 +94,9 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
             *, append_only: bool, backfill: bool, doorbell: bool = True) -> int:
     """Create outbox, capture trigger and optional guard, in the caller's transaction.
 
-    With backfill, the table is locked against writers (SHARE mode) first and its existing rows
-    are queued in key order with op 'backfill', so the seam with live capture has no gap and
-    no duplicate. Returns the number of rows queued by the backfill.
+    The caller holds the table locked against writers (lock_out_writers); with backfill, its
+    existing rows are queued in key order with op 'backfill', so the seam with live capture has
+    no gap and no duplicate. Returns the number of rows queued by the backfill.
     """
     cols = captured_columns(spec)
     own = _own_identifiers(spec)
@@ -104,9 +104,6 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
     col_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
     new_cols = sql.SQL(", ").join(sql.Identifier("n", c) for c in cols)
     where = sql.SQL("WHERE ({})").format(sql.SQL(spec.row_filter)) if spec.row_filter else sql.SQL("")
-
-    if backfill:
-        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(spec.ident()))
 
     conn.execute(sql.SQL(
         "CREATE TABLE {outbox} AS SELECT 0::bigint AS {stmt_id}, 0::integer AS {ord}, "
