@@ -8,9 +8,9 @@ listener/sources/pgoutput.py and assembled into committed transactions: a transa
 handed on only when its Commit arrives, so an aborted or half-received one never is.
 
 Acknowledgement (Standby Status Update, flush LSN) is the owner's decision: `confirm(lsn)`
-after the transaction's leaves are durably committed; `idle` tells whether nothing received
-is still waiting, in which case a keepalive's walEnd may be confirmed so that an idle slot
-does not pin WAL (done here when the owner says so through `may_confirm_idle`).
+after the transaction's leaves are durably committed. A keepalive that arrives while nothing
+received is waiting (`may_confirm_idle`) sets `idle_end` to its walEnd and calls `on_idle`:
+the owner may store that position and then confirm it, so that an idle slot does not pin WAL.
 """
 
 from __future__ import annotations
@@ -68,17 +68,19 @@ class ReplicationStream:
 
     def __init__(self, dsn: str, slot: str, publication: str, start_lsn: int, *,
                  on_transaction: Callable[[Transaction], None], may_confirm_idle: Callable[[], bool],
-                 backlogged: Callable[[], bool] = lambda: False):
+                 on_idle: Callable[[], None] = lambda: None, backlogged: Callable[[], bool] = lambda: False):
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
         self.start_lsn = start_lsn
         self.on_transaction = on_transaction
         self.may_confirm_idle = may_confirm_idle
+        self.on_idle = on_idle
         self.backlogged = backlogged
         self.pgconn: pq.PGconn | None = None
         self.confirmed = start_lsn  # highest LSN sent as flushed
         self.received = start_lsn  # highest end_lsn of a transaction handed on
+        self.idle_end = start_lsn  # highest walEnd of a keepalive that found nothing waiting
         self._relations: dict[int, po.Relation] = {}
         self._current: Transaction | None = None
         self._last_status = 0.0
@@ -179,11 +181,11 @@ class ReplicationStream:
             return
         frame = po.decode_copy_data(bytes(data))
         if isinstance(frame, po.Keepalive):
-            target = self.confirmed
-            if self._current is None and self.may_confirm_idle() and frame.wal_end > target:
-                target = frame.wal_end  # nothing received is waiting: let the slot advance
-            if target > self.confirmed or frame.reply_requested:
-                self._queue_status(target)
+            if self._current is None and frame.wal_end > self.idle_end and self.may_confirm_idle():
+                self.idle_end = frame.wal_end  # nothing received is waiting: the owner may confirm it
+                self.on_idle()
+            if frame.reply_requested:
+                self._queue_status(self.confirmed)
             return
         self._message(po.decode(frame.payload, raw=True))
 

@@ -7,7 +7,13 @@ Owned by the log's writer task (listener/runner.py), which holds the log's advis
                    transaction goes to the buffer and wakes the writer. A slot that is
                    missing or lost is reported as an error (nothing is captured meanwhile)
     apply()        called by the writer: appends buffered transactions in one fenced batch
-                   (Sequencer.append_changes), then confirms the stored end_lsn to the server
+                   (Sequencer.append_changes), then confirms the stored end_lsn to the server;
+                   when nothing is waiting, stores the position the stream has passed (a
+                   keepalive's walEnd) and then confirms that, so a quiet slot pins no WAL
+
+The slot's confirmed position therefore never passes the stored end_lsn by the listener's
+doing; a session that finds it past (pg_replication_slot_advance, another client streaming the
+slot) does not stream, and says why: the transactions in between would be skipped unseen.
 
 A transaction's leaves are computed when it arrives (replication_apply.prepare, with the
 sources as last read: at session start or by the last batch), on the event loop while the
@@ -36,7 +42,7 @@ from listener.errors import MerkleListenerError
 from listener.registry import list_sources
 from listener.sequencer import BatchResult, Sequencer
 from listener.sources import publication, slot_health
-from listener.sources.pgoutput import lsn_to_int
+from listener.sources.pgoutput import int_to_lsn, lsn_to_int
 from listener.sources.replication import ReplicationStream, Transaction
 from listener.sources.replication_apply import ReplicationBatch, prepare
 from listener.store.connect import KeptConnection
@@ -53,6 +59,8 @@ PREPARE_ON_ARRIVAL_MAX = 5_000
 # an error, again every SLOT_PROBLEM_REPEAT seconds while it lasts.
 SLOT_PROBLEM_GRACE = 2.0
 SLOT_PROBLEM_REPEAT = 60.0
+# An idle position is stored (one small UPDATE) at most this often.
+IDLE_CONFIRM_INTERVAL = 0.5
 
 
 class ReplicationFeed:
@@ -71,8 +79,13 @@ class ReplicationFeed:
         self._sources: dict | None = None  # replication sources as last read (session start or batch)
         self._tg: anyio.abc.TaskGroup | None = None
         self._probe = KeptConnection(dsn)  # for the periodic "is there a slot?" question
-        # (message, first seen, last reported) while the log's slot is missing or lost
+        # (message, first seen, last reported) while the log's slot is missing, lost or moved
         self._slot_problem: tuple[str, float, float] | None = None
+        self._last_idle_store = 0.0
+        # WAL position just after the last idle position was stored: WAL up to here may be
+        # that UPDATE's own, and storing a position past it only to pass it again never ends.
+        self._own_wal_end = 0
+        self._idle_tried = 0  # the last idle position considered (a new keepalive brings the next)
 
     async def __aenter__(self) -> ReplicationFeed:
         self._tg = anyio.create_task_group()
@@ -95,6 +108,7 @@ class ReplicationFeed:
         empty buffer, about once per recheck interval, appends ready backfills."""
         while True:
             if not self._buffer:
+                await self._confirm_idle(seq)
                 # No stream (a log without replication sources): nothing to append.
                 if self.stream is None or time.monotonic() - self._last_empty_check < self.recheck_interval:
                     return None
@@ -125,6 +139,29 @@ class ReplicationFeed:
                 return result
             if batch.consumed == 0 or not self._buffer:
                 return None
+
+    async def _confirm_idle(self, seq: Sequencer) -> None:
+        """Store, then confirm, the position a keepalive said the stream has passed while
+        nothing received was waiting: every transaction ending at or before it is in the log
+        or had nothing for it. Skipped when the WAL since the last such store may be only that
+        store's own, unless a `source remove` waits for the slot to pass its position."""
+        stream = self.stream
+        if stream is None or stream.idle_end <= max(stream.confirmed, self._idle_tried) or self._in_flight:
+            return
+        if time.monotonic() - self._last_idle_store < IDLE_CONFIRM_INTERVAL:
+            return
+        self._last_idle_store = time.monotonic()
+        target = self._idle_tried = stream.idle_end
+        self._in_flight = True
+        try:
+            stored, own_end = await anyio.to_thread.run_sync(
+                _store_idle_position, seq.conn, seq.log.log_id, target, target > self._own_wal_end)
+        finally:
+            self._in_flight = False
+        if stored:
+            self._own_wal_end = own_end
+            if self.stream is stream:
+                stream.confirm(target)
 
     def _idle(self) -> bool:
         return not self._buffer and not self._in_flight
@@ -164,7 +201,8 @@ class ReplicationFeed:
             self._buffered_changes = 0
             stream = ReplicationStream(
                 self.dsn, publication.slot_name(self.log_name), publication.publication_name(self.log_name), start,
-                on_transaction=self._received, may_confirm_idle=self._idle, backlogged=self._backlogged)
+                on_transaction=self._received, may_confirm_idle=self._idle, on_idle=self.wake,
+                backlogged=self._backlogged)
             try:
                 await stream.open()
                 self.stream = stream
@@ -195,21 +233,33 @@ class ReplicationFeed:
             self._slot_problem = (message, since, now)
 
     def _durable_position(self) -> int | None:
-        """The stored end_lsn, or None when the log has no slot to stream from. Also reads
-        the log's replication sources, so that transactions are prepared on arrival from the
-        start (the batch checks them again under the log's lock)."""
+        """The stored end_lsn, or None when the log has no slot to stream from, or one that
+        was moved past it. Also reads the log's replication sources, so that transactions are
+        prepared on arrival from the start (the batch checks them again under the log's lock)."""
         conn = self._probe.get()
-        row = conn.execute(
-            "SELECT p.end_lsn::text, l.log_id, s.slot_name IS NOT NULL, s.wal_status "
-            "FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
-            "LEFT JOIN pg_replication_slots s ON s.slot_name = p.slot_name AND s.database = current_database() "
-            "WHERE l.name = %s",
+        # The slot first: no stream is open now, so it cannot move before end_lsn is read.
+        slot = conn.execute(
+            "SELECT s.wal_status, s.confirmed_flush_lsn::text FROM merkle.replication_progress p "
+            "JOIN merkle.logs l USING (log_id) JOIN pg_replication_slots s "
+            "ON s.slot_name = p.slot_name AND s.database = current_database() WHERE l.name = %s",
             (self.log_name,)).fetchone()
+        row = conn.execute(
+            "SELECT p.end_lsn::text, l.log_id, p.slot_checked FROM merkle.replication_progress p "
+            "JOIN merkle.logs l USING (log_id) WHERE l.name = %s", (self.log_name,)).fetchone()
         problem = None
-        if row is not None and not row[2]:
+        if row is not None and slot is None:
             problem = slot_health.missing_message(self.log_name)
-        elif row is not None and row[3] == "lost":
+        elif row is not None and slot[0] == "lost":
             problem = slot_health.lost_message(self.log_name, row[0])
+        elif row is not None and slot[1] is not None and lsn_to_int(slot[1]) > lsn_to_int(row[0]):
+            if row[2] and row[0] != "0/0":
+                problem = slot_health.ahead_message(self.log_name, row[0], slot[1])
+            else:
+                # Never streamed yet, or stored by a version that confirmed idle positions
+                # without storing them: the slot's position is the log's own.
+                row = (self._take_slot_position(conn, row[1], slot[1]), row[1], True)
+        elif row is not None and not row[2]:
+            conn.execute("UPDATE merkle.replication_progress SET slot_checked = true WHERE log_id = %s", (row[1],))
         if problem is None:
             self._slot_problem = None
         elif self._slot_problem is None or self._slot_problem[0] != problem:
@@ -219,3 +269,29 @@ class ReplicationFeed:
         self._log_id = row[1]
         self._sources = {s.table_oid: s for s in list_sources(conn, self._log_id) if s.mode == "replication"}
         return lsn_to_int(row[0])
+
+    def _take_slot_position(self, conn: psycopg.Connection, log_id: int, confirmed: str) -> str:
+        with conn.transaction():
+            conn.execute("SELECT 1 FROM merkle.logs WHERE log_id = %s FOR UPDATE", (log_id,))  # batches wait
+            end_lsn = conn.execute(
+                "UPDATE merkle.replication_progress SET end_lsn = greatest(end_lsn, %s::pg_lsn), slot_checked = true "
+                "WHERE log_id = %s RETURNING end_lsn::text", (confirmed, log_id)).fetchone()[0]
+        log.info("replication position taken from the slot", extra={"log": self.log_name, "end_lsn": end_lsn})
+        return end_lsn
+
+
+def _store_idle_position(conn: psycopg.Connection, log_id: int, lsn: int, past_own: bool) -> tuple[bool, int]:
+    """On the writer's connection: raise the stored end_lsn to `lsn` when the WAL before it is
+    not only our last such store's (`past_own`) or a retired source waits for the slot to pass
+    its until_lsn. Returns whether it was stored and the WAL position right after."""
+    with conn.transaction():
+        stored = conn.execute(
+            "UPDATE merkle.replication_progress p SET end_lsn = %(lsn)s::pg_lsn, updated_at = now() "
+            "WHERE log_id = %(log)s AND end_lsn < %(lsn)s::pg_lsn AND (%(past_own)s OR EXISTS ("
+            "SELECT 1 FROM merkle.replication_retired r JOIN merkle.sources s USING (source_id) "
+            "WHERE s.log_id = p.log_id AND r.until_lsn > p.end_lsn)) RETURNING 1",
+            {"lsn": int_to_lsn(lsn), "log": log_id, "past_own": past_own}).fetchone() is not None
+    if not stored:
+        return False, 0
+    with conn.transaction():  # after COMMIT, so the commit record is counted as ours too
+        return True, lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])

@@ -19,24 +19,25 @@ from listener.sources.publication import publication_name, slot_name
 def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None:
     """None when the log has no replication progress (never had a replication source)."""
     progress = conn.execute(
-        "SELECT end_lsn::text, extract(epoch FROM now() - updated_at)::float8 FROM merkle.replication_progress "
-        "WHERE log_id = %s", (log_id,)).fetchone()
+        "SELECT end_lsn::text, extract(epoch FROM now() - updated_at)::float8, slot_checked "
+        "FROM merkle.replication_progress WHERE log_id = %s", (log_id,)).fetchone()
     if progress is None:
         return None
-    end_lsn, progress_age = progress
+    end_lsn, progress_age, slot_checked = progress
     slot = slot_name(log_name)
     row = conn.execute(
         "SELECT s.wal_status, s.active, s.confirmed_flush_lsn::text, "
+        "s.confirmed_flush_lsn > %s::pg_lsn AND %s::pg_lsn <> '0/0', "
         "pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
         "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
         "extract(epoch FROM r.flush_lag)::float8 "
         "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
-        "WHERE s.slot_name = %s AND s.database = current_database()", (slot,)).fetchone()
+        "WHERE s.slot_name = %s AND s.database = current_database()", (end_lsn, end_lsn, slot)).fetchone()
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
     if row is None:
         report.update(level="error", message=missing_message(log_name))
         return report
-    wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
+    wal_status, active, confirmed, ahead, lag_bytes, retained, flush_lag = row
     if flush_lag is not None:
         lag_seconds = flush_lag
     elif lag_bytes and lag_bytes > 0 and not active:
@@ -47,6 +48,8 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
                   retained_bytes=retained, lag_seconds=round(lag_seconds, 3))
     if wal_status == "lost":
         report.update(level="error", message=lost_message(log_name, end_lsn))
+    elif ahead and slot_checked:
+        report.update(level="error", message=ahead_message(log_name, end_lsn, confirmed))
     elif wal_status in ("extended", "unreserved"):
         report.update(level="warning", message=(
             f"slot {slot} holds {retained} bytes of WAL (wal_status {wal_status}): "
@@ -69,10 +72,27 @@ def lost_message(log_name: str, end_lsn: str) -> str:
     slot = slot_name(log_name)
     return (f"slot {slot} is lost: PostgreSQL removed WAL it still needed, so changes committed after "
             f"{end_lsn} (the last one logged) can no longer be streamed and are not in the log. To recover: "
-            f"1. stop `merkle-listener run`; 2. SELECT pg_drop_replication_slot('{slot}'); "
+            + _recovery_steps(log_name)
+            + "; 4. raise max_slot_wal_keep_size (or keep the listener running) so it does not recur")
+
+
+def _recovery_steps(log_name: str) -> str:
+    return (f"1. stop `merkle-listener run`; 2. SELECT pg_drop_replication_slot('{slot_name(log_name)}'); "
             f"3. for each replication source, `merkle-listener source remove {log_name} TABLE`, then "
             f"`merkle-listener source add {log_name} TABLE --mode replication --backfill` (logs the rows as they "
-            "are now); 4. raise max_slot_wal_keep_size (or keep the listener running) so it does not recur")
+            "are now)")
+
+
+def ahead_message(log_name: str, end_lsn: str, confirmed: str) -> str:
+    slot = slot_name(log_name)
+    return (f"slot {slot} has confirmed {confirmed}, past {end_lsn}, the last position the log stored: something "
+            "other than merkle-listener moved it (pg_replication_slot_advance, or another client streaming the "
+            "slot), so "
+            f"changes committed between {end_lsn} and {confirmed} will not be streamed again and may be missing "
+            "from the log. The listener does not stream this slot until you choose: either recover as for a lost "
+            "slot (" + _recovery_steps(log_name) + "), or accept the gap and go on from the slot's position: "
+            f"UPDATE merkle.replication_progress SET end_lsn = '{confirmed}' "
+            f"WHERE slot_name = '{slot}' (the changes in between then stay out of the log)")
 
 
 def source_status(conn: psycopg.Connection, log_name: str, s: Source) -> dict:

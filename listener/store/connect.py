@@ -45,8 +45,11 @@ def resolve(dsn: str | None, environ: dict[str, str] | None = None) -> Target:
 
 
 # Not part of the encoding, but of correctness: the drain and the backfill rely on READ
-# COMMITTED taking a new snapshot per statement, whatever the database's default is.
-SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read committed"}
+# COMMITTED taking a new snapshot per statement, whatever the database's default is; and a
+# batch must be durable when its COMMIT returns, whatever synchronous_commit the database or
+# role sets, before its end_lsn is confirmed to the slot or a checkpoint is signed over it.
+SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read committed",
+                    "synchronous_commit": "on"}
 
 
 def options_string() -> str:

@@ -1,0 +1,142 @@
+"""The slot's confirmed position against the log's stored one (merkle.replication_progress).
+
+The listener stores a position before it confirms it to the slot, the idle one included, so
+the slot never passes the stored end_lsn by the listener's doing. A slot found past it was
+moved by something else (pg_replication_slot_advance, another client streaming it): resuming
+would skip the transactions in between without a word, so the listener says so and waits."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import orjson
+import psycopg
+
+from listener import registry
+from listener.runner import connect
+from tests.helpers import check_log, cli, start_listener
+from tests.test_replication import orjson_id, wait_for_size
+
+
+def _source(conn, log_name: str) -> None:
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int, pad text)")  # not a source: WAL the slot passes
+    registry.create_log(conn, log_name)
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, log_name, "t", mode="replication")
+
+
+def _log_rows(conn, log_name: str, first: int, last: int) -> None:
+    """Insert ids first..last into t and run a listener until they are leaves."""
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO t SELECT generate_series(%s::int, %s::int)", (first, last))
+        wait_for_size(conn, log_name, last, listener=listener)
+    finally:
+        listener.stop()
+
+
+def _positions(conn, slot: str) -> tuple[int, int]:
+    """(slot's confirmed position, stored end_lsn) as byte offsets; the slot read first, so a
+    confirmation that follows a store can only make the pair look safer, never worse."""
+    confirmed = conn.execute("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = %s",
+                             (slot,)).fetchone()[0]
+    stored = conn.execute("SELECT end_lsn - '0/0' FROM merkle.replication_progress").fetchone()[0]
+    return int(confirmed), int(stored)
+
+
+def test_a_slot_moved_past_the_log_is_not_streamed_and_the_user_is_told(rconn):
+    conn = rconn
+    _source(conn, "mv")
+    _log_rows(conn, "mv", 1, 5)
+    stored = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress").fetchone()[0]
+    conn.execute("INSERT INTO t SELECT generate_series(6, 8)")  # committed; the slot is moved past it
+    moved = conn.execute("SELECT end_lsn::text FROM pg_replication_slot_advance('merkle_mv', pg_current_wal_lsn())"
+                         ).fetchone()[0]
+    listener = start_listener(conn.info.dsn)
+    try:
+        listener.wait_for(f"slot merkle_mv has confirmed {moved}, past {stored}", timeout=30)
+        assert conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 5
+        out = cli("status", "--json", dsn=conn.info.dsn)
+        slot = orjson.loads(out.stdout)["logs"][0]["slot"]
+        assert slot["level"] == "error", slot
+        assert f"between {stored} and {moved}" in slot["message"]
+        assert "pg_replication_slot_advance" in cli("status", dsn=conn.info.dsn).stdout
+        # The user accepts the gap with the statement the message names; streaming resumes.
+        accept = re.search(r"UPDATE merkle\.replication_progress [^(]*", slot["message"]).group(0).strip()
+        conn.execute(accept)
+        conn.execute("INSERT INTO t VALUES (9)")
+        wait_for_size(conn, "mv", 6, listener=listener)
+    finally:
+        listener.stop()
+    assert [orjson_id(r[2]) for r in check_log(conn, "mv")] == ["1", "2", "3", "4", "5", "9"]
+
+
+def test_an_idle_slot_is_confirmed_only_up_to_a_stored_position(rconn):
+    """Idle, the listener confirms the WAL the slot has passed (others' writes), so the slot
+    pins none of it; the stored end_lsn is raised first, so after a kill -9 the restart finds
+    the slot at or behind it and streams on."""
+    conn = rconn
+    _source(conn, "idle")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO t SELECT generate_series(1, 3)")
+        wait_for_size(conn, "idle", 3, listener=listener)
+        passed = False
+        deadline = time.monotonic() + 20
+        while not passed:
+            assert time.monotonic() < deadline, "the idle slot was never confirmed past the others' WAL"
+            conn.execute("INSERT INTO other SELECT g, repeat('x', 100) FROM generate_series(1, 200) g")
+            written = int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
+            for _ in range(20):
+                confirmed, stored = _positions(conn, "merkle_idle")
+                assert confirmed <= stored, "the slot was confirmed past the stored position"
+                if confirmed >= written:
+                    passed = True
+                    break
+                time.sleep(0.05)
+        listener.stop(signal.SIGKILL)
+        listener = start_listener(conn.info.dsn)
+        conn.execute("INSERT INTO t VALUES (4)")
+        wait_for_size(conn, "idle", 4, listener=listener)
+    finally:
+        said = listener.stop()
+    assert "has confirmed" not in said
+    assert [orjson_id(r[2]) for r in check_log(conn, "idle")] == ["1", "2", "3", "4"]
+
+
+def test_a_log_from_an_earlier_version_takes_its_slots_position_once(rconn):
+    """An earlier version confirmed idle positions without storing them: its slot may be past
+    end_lsn with nothing missing. The first stream start takes the slot's position; from then
+    on the check holds."""
+    conn = rconn
+    _source(conn, "up")
+    _log_rows(conn, "up", 1, 3)
+    conn.execute("INSERT INTO other VALUES (1, 'not a source')")
+    moved = conn.execute("SELECT end_lsn FROM pg_replication_slot_advance('merkle_up', pg_current_wal_lsn())"
+                         ).fetchone()[0]
+    conn.execute("UPDATE merkle.replication_progress SET slot_checked = false")  # as sql/013 leaves it
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO t VALUES (4)")
+        wait_for_size(conn, "up", 4, listener=listener)
+    finally:
+        said = listener.stop()
+    assert "has confirmed" not in said and "replication position taken from the slot" in said
+    checked, taken = conn.execute("SELECT slot_checked, end_lsn >= %s FROM merkle.replication_progress",
+                                  (moved,)).fetchone()
+    assert checked and taken
+    assert [orjson_id(r[2]) for r in check_log(conn, "up")] == ["1", "2", "3", "4"]
+
+
+def test_the_listener_commits_durably_whatever_the_database_sets(conn):
+    """A batch's COMMIT must be on disk before its end_lsn is confirmed or a checkpoint is
+    signed over it: synchronous_commit = off in the database must not reach the listener."""
+    database = conn.info.dbname
+    conn.execute(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+    with psycopg.connect(conn.info.dsn, options="") as plain:  # the DSN carries the listener's options
+        assert plain.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+    with connect(conn.info.dsn) as listener_session:
+        assert listener_session.execute("SHOW synchronous_commit").fetchone()[0] == "on"
