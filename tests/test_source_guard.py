@@ -278,16 +278,117 @@ def test_the_partition_guards_may_not_be_disabled_renamed_or_dropped(partitioned
     _refused(conn, "TRUNCATE m_2025", "ML100", "is refused")
 
 
-def test_a_detached_partition_is_free_and_source_remove_takes_every_guard(partitioned, dsn):
+def test_a_partition_leaves_its_source_only_empty_and_source_remove_takes_every_guard(partitioned, dsn):
+    """DETACH PARTITION or DROP TABLE of a partition would take its rows out of the source
+    without a leaf: refused while it holds rows; an empty one is let go, its guard dropped."""
     conn, sid = partitioned
     conn.execute("CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    conn.execute("INSERT INTO m VALUES (1, '2026-02-01', 1)")
+    _refused(conn, "ALTER TABLE m DETACH PARTITION m_2026", "ML101",
+             'DETACH PARTITION of public.m_2026 refused: it holds rows of public.m, which feeds merkle-listener log "parts"')
+    _refused(conn, "DROP TABLE m_2026", "ML101", "DROP of partition public.m_2026 refused: it is a partition of public.m")
+    conn.execute("CREATE SCHEMA old")
+    conn.execute("CREATE TABLE old.m_2020 PARTITION OF m FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')")
+    _refused(conn, "DROP SCHEMA old CASCADE", "ML101", "DROP of partition old.m_2020 refused")
+    assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 1
+    conn.execute("DELETE FROM m_2026")
     conn.execute("ALTER TABLE m DETACH PARTITION m_2026")
-    conn.execute("TRUNCATE m_2026")  # its trigger is left, inert
-    conn.execute(f"DROP TRIGGER merkle_partition_{sid} ON m_2026")
+    assert (f"m_2026", f"merkle_partition_{sid}", "A") not in _guards(conn)
+    conn.execute("INSERT INTO m_2026 VALUES (2, '2026-03-01', 1)")  # a table of its own now
+    conn.execute("TRUNCATE m_2026")
+    conn.execute("DROP TABLE m_2026")
+    conn.execute("ALTER TABLE m DETACH PARTITION old.m_2020")
+    conn.execute("DROP SCHEMA old CASCADE")
     with connect(dsn) as c:
         assert replication_setup.remove_source(c, "parts", "m", wait=0) in (0, -1)
     assert _guards(conn) == []
     conn.execute("TRUNCATE m_2025")
+
+
+def test_migration_drops_the_guards_an_earlier_version_left_on_detached_partitions(partitioned, dsn):
+    """Before 014 a partition holding rows could be detached, its guard left on it, inert; the
+    DETACH check would take it for one detached now and refuse every later ALTER of the source."""
+    conn, sid = partitioned
+    conn.execute("CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    conn.execute("INSERT INTO m VALUES (1, '2026-02-01', 1)")
+    # Back to a database at 013, with what it allowed. Its guard functions stay 014's, so the
+    # event triggers are off until 014 is applied again.
+    conn.execute("ALTER EVENT TRIGGER merkle_source_partitions DISABLE")
+    conn.execute("ALTER EVENT TRIGGER merkle_partition_guard_drop DISABLE")
+    conn.execute("ALTER TABLE m DETACH PARTITION m_2026")
+    conn.execute("DROP FUNCTION merkle.mark_own_ddl, merkle.unmark_own_ddl, merkle.own_ddl_running, merkle.has_rows")
+    conn.execute("DROP TABLE merkle.own_ddl")
+    conn.execute("DELETE FROM merkle.schema_version WHERE version = 14")
+    with psycopg.connect(dsn, options=options_string()) as c:
+        assert [m.version for m in migrate.apply(c)] == [14]
+    conn.execute("ALTER EVENT TRIGGER merkle_source_partitions ENABLE")
+    assert ("m_2026", f"merkle_partition_{sid}", "A") not in _guards(conn)
+    conn.execute("CREATE TABLE m_2027 PARTITION OF m FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
+    assert ("m_2027", f"merkle_partition_{sid}", "A") in _guards(conn)
+
+
+def test_a_table_holding_rows_may_not_join_a_source_as_a_partition(partitioned):
+    conn, sid = partitioned
+    conn.execute("CREATE TABLE m_2023 (id int NOT NULL, at date NOT NULL, v int)")
+    conn.execute("INSERT INTO m_2023 VALUES (1, '2023-05-01', 1)")
+    _refused(conn, "ALTER TABLE m ATTACH PARTITION m_2023 FOR VALUES FROM ('2023-01-01') TO ('2024-01-01')",
+             "ML101", "ATTACH PARTITION of public.m_2023 refused: it holds rows, which would join public.m")
+    conn.execute("CREATE TABLE m_2024 (id int NOT NULL, at date NOT NULL, v int) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE m_2024a PARTITION OF m_2024 FOR VALUES FROM ('2024-01-01') TO ('2024-07-01')")
+    conn.execute("INSERT INTO m_2024 VALUES (1, '2024-05-01', 1)")
+    _refused(conn, "ALTER TABLE m ATTACH PARTITION m_2024 FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
+             "ML101", "ATTACH PARTITION of public.m_2024a refused")
+    conn.execute("DELETE FROM m_2023")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m_2023 FOR VALUES FROM ('2023-01-01') TO ('2024-01-01')")
+    conn.execute("INSERT INTO m VALUES (1, '2023-05-01', 1)")  # through the source: streamed
+    assert ("m_2023", f"merkle_partition_{sid}", "A") in _guards(conn)
+
+
+def test_dropping_a_partitioned_source_with_its_partitions_is_not_a_partition_drop(partitioned):
+    conn, _ = partitioned
+    conn.execute("INSERT INTO m VALUES (1, '2025-02-01', 1)")
+    conn.execute("DROP TABLE m")
+    assert _guards(conn) == []
+
+
+def test_the_guards_own_marks_cannot_be_set_by_a_table_owner(rconn, dsn):
+    """merkle-listener marks its own trigger changes in merkle.own_ddl, which only the owner of
+    schema merkle writes: a table's owner cannot pass for it, by a setting or by the function
+    (sql/014; earlier versions used session settings any role could set)."""
+    conn = rconn
+    conn.execute("DROP ROLE IF EXISTS table_owner")
+    conn.execute("CREATE ROLE table_owner LOGIN")
+    try:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        conn.execute("CREATE TABLE m (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+        conn.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+        for table in ("notes", "m", "m_2025"):
+            conn.execute(f"ALTER TABLE {table} OWNER TO table_owner")
+        conn.execute("GRANT USAGE ON SCHEMA merkle TO table_owner")  # as a reader of proofs would have
+        registry.create_log(conn, "g")
+        with connect(dsn) as c:
+            notes, _ = registry.add_source(c, "g", "notes")
+            m, _ = registry.add_source(c, "g", "m", mode="replication")
+        conn.execute("INSERT INTO m VALUES (1, '2025-02-01')")
+        with psycopg.connect(dsn, user="table_owner", autocommit=True) as owner:
+            owner.execute("SET merkle.dropping_triggers = on")
+            _refused(owner, f"DROP TRIGGER merkle_capture_{notes.source_id} ON notes", "ML101",
+                     "is a merkle-listener trigger")
+            _refused(owner, f"DROP TRIGGER merkle_partition_{m.source_id} ON m_2025", "ML101",
+                     "is a merkle-listener trigger")
+            owner.execute(f"SET merkle.truncating_sources = ',{m.source_id},'")
+            _refused(owner, "TRUNCATE m_2025", "ML100", "TRUNCATE of public.m_2025 is refused")
+            owner.execute("SET merkle.installing_partition_guards = on")
+            _refused(owner, "ALTER TABLE m_2025 DISABLE TRIGGER ALL", "ML101", "may not be disabled")
+            _refused(owner, "SELECT merkle.mark_own_ddl('drop_triggers')", "42501", "permission denied")
+            owner.execute("INSERT INTO notes VALUES (1, 'still captured')")
+        assert conn.execute(f"SELECT count(*) FROM merkle.outbox_{notes.source_id}").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM merkle.own_ddl").fetchone()[0] == 0
+    finally:
+        conn.execute("DROP TABLE IF EXISTS notes, m")
+        conn.execute("REVOKE USAGE ON SCHEMA merkle FROM table_owner")
+        conn.execute("DROP ROLE table_owner")
 
 
 def test_an_append_only_partitioned_source_refuses_changes_through_its_partitions(rconn, dsn):

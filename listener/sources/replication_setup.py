@@ -69,12 +69,16 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         _check_not_generated(spec)
         slot_there = publication.slot_exists(conn, slot)
         source = registry._insert_source(conn, log, spec, append_only, "replication", events)
+        # Marked as merkle-listener's own DDL (sql/014): the DDL guard would take the partitions
+        # not guarded yet, whose rows the source starts with, for ones attached with rows.
+        conn.execute("SELECT merkle.mark_own_ddl('install_partition_guards', %s)", (source.source_id,))
         trigger.install_guards(conn, source.source_id, log.name, spec.ident(),
                                update_delete=append_only, truncate="truncate" not in events)
         # Statement triggers on a partitioned table do not fire for a statement naming one of
         # its partitions, and pgoutput does not send a partition's own TRUNCATE: guard each
         # partition (sql/011_partitions_and_generated.sql).
         conn.execute("SELECT merkle.install_partition_guards(%s)", (source.source_id,))
+        conn.execute("SELECT merkle.unmark_own_ddl('install_partition_guards', %s)", (source.source_id,))
         conn.execute(
             "INSERT INTO merkle.replication_progress (log_id, slot_name, publication) VALUES (%s, %s, %s) "
             "ON CONFLICT (log_id) DO NOTHING", (log.log_id, slot, publication.publication_name(log_name)))

@@ -238,16 +238,17 @@ def _pinned_settings_clause() -> sql.Composed:
 
 def drop_triggers(conn: psycopg.Connection, source_id: int, table: sql.Composable | None) -> None:
     """Stop capture (and lift the guard); queued rows stay in the outbox for the sequencer.
-    Runs in a transaction: the DDL guard lets merkle-listener drop its own triggers only while
-    merkle.dropping_triggers is set, for that transaction alone."""
+    Runs in a transaction: the DDL guard lets merkle-listener drop its own triggers only in a
+    transaction it marked in merkle.own_ddl, which other roles cannot write (sql/014)."""
     with _bounded_lock_wait(conn, table, "to drop merkle-listener's triggers"):
-        conn.execute("SELECT set_config('merkle.dropping_triggers', 'on', true)")
+        conn.execute("SELECT merkle.mark_own_ddl('drop_triggers')")
         if table is not None:
             for trg in _trigger_names(source_id):
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trg, table))
         # Those of a partitioned replication source's partitions (sql/011), wherever they are now.
         conn.execute("SELECT merkle.drop_partition_guards(%s)", (source_id,))
         conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(_capture_function(source_id)))
+        conn.execute("SELECT merkle.unmark_own_ddl('drop_triggers')")
 
 
 def lock_out_writers(conn: psycopg.Connection, table: sql.Composable, purpose: str) -> None:
