@@ -74,6 +74,27 @@ def test_a_slot_moved_past_the_log_is_not_streamed_and_the_user_is_told(rconn):
     assert [orjson_id(r[2]) for r in check_log(conn, "mv")] == ["1", "2", "3", "4", "5", "9"]
 
 
+def test_a_slot_dropped_and_created_anew_by_another_source_add_is_reported(rconn):
+    """The slot was dropped by hand and `source add` of another table created a new one: the
+    changes committed meanwhile are nowhere, and the new slot starts past the log's position."""
+    conn = rconn
+    _source(conn, "re")
+    _log_rows(conn, "re", 1, 3)
+    conn.execute("INSERT INTO t VALUES (4)")
+    conn.execute("SELECT pg_drop_replication_slot('merkle_re')")
+    conn.execute("CREATE TABLE u (id int PRIMARY KEY)")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "re", "u", mode="replication")
+    listener = start_listener(conn.info.dsn)
+    try:
+        listener.wait_for("the slot dropped and created anew", timeout=30)
+        conn.execute("INSERT INTO u VALUES (1)")
+        time.sleep(1)
+        assert conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 3
+    finally:
+        listener.stop()
+
+
 def test_an_idle_slot_is_confirmed_only_up_to_a_stored_position(rconn):
     """Idle, the listener confirms the WAL the slot has passed (others' writes), so the slot
     pins none of it; the stored end_lsn is raised first, so after a kill -9 the restart finds

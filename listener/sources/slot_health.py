@@ -86,8 +86,8 @@ def _recovery_steps(log_name: str) -> str:
 def ahead_message(log_name: str, end_lsn: str, confirmed: str) -> str:
     slot = slot_name(log_name)
     return (f"slot {slot} has confirmed {confirmed}, past {end_lsn}, the last position the log stored: something "
-            "other than merkle-listener moved it (pg_replication_slot_advance, or another client streaming the "
-            "slot), so "
+            "other than merkle-listener moved it (pg_replication_slot_advance, another client streaming the "
+            "slot, or the slot dropped and created anew), so "
             f"changes committed between {end_lsn} and {confirmed} will not be streamed again and may be missing "
             "from the log. The listener does not stream this slot until you choose: either recover as for a lost "
             "slot (" + _recovery_steps(log_name) + "), or accept the gap and go on from the slot's position: "
