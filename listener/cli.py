@@ -12,6 +12,7 @@ import contextlib
 import shlex
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import psycopg
 
 from listener import __version__, jsonlog
 from listener.embedded import EmbeddedPostgres, default_data_dir
-from listener.errors import ConfigurationError, MerkleListenerError, ProofVerificationError
+from listener.errors import CaptureGapWarning, ConfigurationError, MerkleListenerError, ProofVerificationError
 from listener.store.connect import options_string, resolve
 
 EMBEDDED_DATABASE = "merkle"
@@ -316,11 +317,17 @@ def cmd_source(args) -> int:
         _checked(conn)
         conn.commit()
         if args.source_command == "add":
-            source, queued = registry.add_source(
-                conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
-                entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
-                mode=args.mode, events=_events(args.events), truncate=args.truncate, dsn=dsn, doorbell=args.doorbell,
-            )
+            with warnings.catch_warnings(record=True) as gaps:
+                warnings.simplefilter("always", CaptureGapWarning)
+                source, queued = registry.add_source(
+                    conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
+                    entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
+                    mode=args.mode, events=_events(args.events), truncate=args.truncate, dsn=dsn,
+                    doorbell=args.doorbell,
+                )
+            for gap in gaps:
+                if issubclass(gap.category, CaptureGapWarning):
+                    print(f"warning: {gap.message}", file=sys.stderr)
             extra = f"; {queued} existing rows queued" if args.backfill else ""
             if source.mode == "replication":
                 extra += f"; {source.mode} mode, events {', '.join(source.events)}"

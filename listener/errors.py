@@ -27,3 +27,8 @@ class ProcessingError(MerkleListenerError):
 
 class ProofVerificationError(MerkleListenerError):
     """A proof, root or checkpoint did not verify: do not trust the log's claim."""
+
+
+class CaptureGapWarning(UserWarning):
+    """Done as asked, but committed changes are missing from a log; the message says which and
+    how to log the rows as they are now."""

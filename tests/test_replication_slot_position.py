@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 
 import orjson
@@ -16,6 +17,8 @@ import psycopg
 
 from listener import registry
 from listener.runner import connect
+from listener.sources import slot_health
+from listener.sources.replication_feed import IDLE_CONFIRM_MIN_BYTES
 from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import orjson_id, wait_for_size
 
@@ -65,7 +68,7 @@ def test_a_slot_moved_past_the_log_is_not_streamed_and_the_user_is_told(rconn):
         assert f"between {stored} and {moved}" in slot["message"]
         assert "pg_replication_slot_advance" in cli("status", dsn=conn.info.dsn).stdout
         # The user accepts the gap with the statement the message names; streaming resumes.
-        accept = re.search(r"UPDATE merkle\.replication_progress [^(]*", slot["message"]).group(0).strip()
+        accept = re.search(r"UPDATE merkle\.replication_progress .*? WHERE slot_name = '\w+'", slot["message"]).group(0)
         conn.execute(accept)
         conn.execute("INSERT INTO t VALUES (9)")
         wait_for_size(conn, "mv", 6, listener=listener)
@@ -74,25 +77,126 @@ def test_a_slot_moved_past_the_log_is_not_streamed_and_the_user_is_told(rconn):
     assert [orjson_id(r[2]) for r in check_log(conn, "mv")] == ["1", "2", "3", "4", "5", "9"]
 
 
-def test_a_slot_dropped_and_created_anew_by_another_source_add_is_reported(rconn):
-    """The slot was dropped by hand and `source add` of another table created a new one: the
-    changes committed meanwhile are nowhere, and the new slot starts past the log's position."""
+def test_a_slot_created_anew_by_source_add_starts_the_log_there_and_names_the_gap(rconn):
+    """The slot was dropped (or lost) and `source add` of another table created a new one:
+    the changes committed meanwhile are nowhere. `source add` says so, naming the sources
+    and how to log their rows as they are now, and the listener streams the new slot."""
     conn = rconn
     _source(conn, "re")
     _log_rows(conn, "re", 1, 3)
     conn.execute("INSERT INTO t VALUES (4)")
     conn.execute("SELECT pg_drop_replication_slot('merkle_re')")
     conn.execute("CREATE TABLE u (id int PRIMARY KEY)")
-    with connect(conn.info.dsn) as c:
-        registry.add_source(c, "re", "u", mode="replication")
+    out = cli("source", "add", "re", "u", "--mode", "replication", dsn=conn.info.dsn, check=True)
+    assert "warning: log 're' had no replication slot" in out.stderr
+    assert "changes of public.t committed after" in out.stderr and "--backfill" in out.stderr
     listener = start_listener(conn.info.dsn)
     try:
-        listener.wait_for("the slot dropped and created anew", timeout=30)
         conn.execute("INSERT INTO u VALUES (1)")
-        time.sleep(1)
-        assert conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 3
+        conn.execute("INSERT INTO t VALUES (5)")
+        wait_for_size(conn, "re", 5, listener=listener)
+    finally:
+        said = listener.stop()
+    assert "has confirmed" not in said
+    assert [orjson_id(r[2]) for r in check_log(conn, "re")] == ["1", "2", "3", "1", "5"]
+
+
+def test_the_documented_recovery_with_two_sources_needs_no_accepted_gap(rconn):
+    """The lost-slot recovery, source by source, while another source is still registered:
+    re-adding the first creates the new slot, the listener streams it, and the second one's
+    `source remove` (which waits for the slot to pass its position) finishes."""
+    conn = rconn
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    registry.create_log(conn, "rec")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "rec", "a", mode="replication")
+        registry.add_source(c, "rec", "b", mode="replication")
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO a SELECT generate_series(1, 3)")
+        conn.execute("INSERT INTO b SELECT generate_series(1, 3)")
+        wait_for_size(conn, "rec", 6, listener=listener)
     finally:
         listener.stop()
+    dsn = conn.info.dsn
+    conn.execute("SELECT pg_drop_replication_slot('merkle_rec')")
+    cli("source", "remove", "rec", "a", dsn=dsn, check=True)
+    cli("source", "add", "rec", "a", "--mode", "replication", "--backfill", dsn=dsn, check=True)
+    listener = start_listener(dsn)
+    try:
+        listener.wait_for("replication stream open")  # `source remove` waits for a streaming listener only
+        cli("source", "remove", "rec", "b", dsn=dsn, check=True)
+        cli("source", "add", "rec", "b", "--mode", "replication", "--backfill", dsn=dsn, check=True)
+        conn.execute("INSERT INTO a VALUES (4)")
+        wait_for_size(conn, "rec", 6 + 3 + 3 + 1, listener=listener)
+    finally:
+        said = listener.stop()
+    assert "has confirmed" not in said
+    check_log(conn, "rec")
+
+
+def test_status_never_sees_a_running_listeners_slot_past_the_log(rconn):
+    """`status` reads the slot before the stored position, as the listener does: a batch
+    stored and confirmed between the two reads cannot make a healthy slot look moved."""
+    conn = rconn
+    _source(conn, "st")
+    log_id = conn.execute("SELECT log_id FROM merkle.logs WHERE name = 'st'").fetchone()[0]
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(conn.info.dsn, autocommit=True) as w:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                w.execute("INSERT INTO t VALUES (%s)", (i,))
+
+    listener = start_listener(conn.info.dsn)
+    writer = threading.Thread(target=write)
+    reports = 0
+    try:
+        listener.wait_for("replication stream open")
+        writer.start()
+        deadline = time.monotonic() + 10
+        with psycopg.connect(conn.info.dsn, autocommit=True) as probe:
+            while time.monotonic() < deadline:
+                report = slot_health.collect(probe, log_id, "st")
+                assert report["level"] != "error", report["message"]
+                reports += 1
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        said = listener.stop()
+    assert reports > 100 and conn.execute("SELECT tree_size > 100 FROM merkle.logs").fetchone()[0]
+    assert "has confirmed" not in said
+
+
+def test_an_idle_listener_on_an_idle_server_stops_writing(rconn):
+    """The idle position is stored only once it is IDLE_CONFIRM_MIN_BYTES past the confirmed
+    one: the WAL an idle server writes by itself (the store, the background writer's
+    running-transactions records every 15 s) never adds up to another store, and the
+    listener's rechecks write none."""
+    conn = rconn
+    _source(conn, "quiet")
+    _log_rows(conn, "quiet", 1, 3)
+    listener = start_listener(conn.info.dsn)
+    try:
+        conn.execute("INSERT INTO t VALUES (4)")
+        conn.execute("INSERT INTO other SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g")
+        wait_for_size(conn, "quiet", 4, listener=listener)
+        time.sleep(3)  # the last batch, the idle store past the others' WAL
+        stored = conn.execute("SELECT end_lsn, updated_at FROM merkle.replication_progress").fetchone()
+        first_wal = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        time.sleep(17)
+        assert conn.execute("SELECT end_lsn, updated_at FROM merkle.replication_progress").fetchone() == stored
+        written = conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (first_wal,)).fetchone()[0]
+        confirmed, stored_end = _positions(conn, "merkle_quiet")
+    finally:
+        listener.stop()
+    assert written < 4096, f"the idle listener wrote {written} bytes of WAL in 17 s"
+    assert confirmed <= stored_end
+    assert int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0]) - confirmed < IDLE_CONFIRM_MIN_BYTES
 
 
 def test_an_idle_slot_is_confirmed_only_up_to_a_stored_position(rconn):

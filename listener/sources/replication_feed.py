@@ -9,7 +9,7 @@ Owned by the log's writer task (listener/runner.py), which holds the log's advis
     apply()        called by the writer: appends buffered transactions in one fenced batch
                    (Sequencer.append_changes), then confirms the stored end_lsn to the server;
                    when nothing is waiting, stores the position the stream has passed (a
-                   keepalive's walEnd) and then confirms that, so a quiet slot pins no WAL
+                   keepalive's walEnd) and then confirms that, so a quiet slot pins little WAL
 
 The slot's confirmed position therefore never passes the stored end_lsn by the listener's
 doing; a session that finds it past (pg_replication_slot_advance, another client streaming the
@@ -59,8 +59,12 @@ PREPARE_ON_ARRIVAL_MAX = 5_000
 # an error, again every SLOT_PROBLEM_REPEAT seconds while it lasts.
 SLOT_PROBLEM_GRACE = 2.0
 SLOT_PROBLEM_REPEAT = 60.0
-# An idle position is stored (one small UPDATE) at most this often.
+# An idle position is stored (one small UPDATE) at most this often, and only once it is this
+# far past the confirmed one (or a `source remove` waits for it): a quiet slot pins less WAL
+# than that, and the WAL an idle server writes on its own (the store itself, the background
+# writer's running-transactions records, checkpoints) never adds up to a store of its own.
 IDLE_CONFIRM_INTERVAL = 0.5
+IDLE_CONFIRM_MIN_BYTES = 64 * 1024
 
 
 class ReplicationFeed:
@@ -82,9 +86,6 @@ class ReplicationFeed:
         # (message, first seen, last reported) while the log's slot is missing, lost or moved
         self._slot_problem: tuple[str, float, float] | None = None
         self._last_idle_store = 0.0
-        # WAL position just after the last idle position was stored: WAL up to here may be
-        # that UPDATE's own, and storing a position past it only to pass it again never ends.
-        self._own_wal_end = 0
         self._idle_tried = 0  # the last idle position considered (a new keepalive brings the next)
 
     async def __aenter__(self) -> ReplicationFeed:
@@ -113,6 +114,9 @@ class ReplicationFeed:
                 if self.stream is None or time.monotonic() - self._last_empty_check < self.recheck_interval:
                     return None
                 self._last_empty_check = time.monotonic()
+                # Looked at without the fenced batch, whose lock on the log's row writes WAL.
+                if not await anyio.to_thread.run_sync(_backfill_ready, seq.conn, seq.log.log_id):
+                    return None
             txns, count = [], 0
             for txn in self._buffer:
                 txns.append(txn)
@@ -143,8 +147,8 @@ class ReplicationFeed:
     async def _confirm_idle(self, seq: Sequencer) -> None:
         """Store, then confirm, the position a keepalive said the stream has passed while
         nothing received was waiting: every transaction ending at or before it is in the log
-        or had nothing for it. Skipped when the WAL since the last such store may be only that
-        store's own, unless a `source remove` waits for the slot to pass its position."""
+        or had nothing for it. Only once it is IDLE_CONFIRM_MIN_BYTES past the confirmed
+        position, unless a `source remove` waits for the slot to pass its own."""
         stream = self.stream
         if stream is None or stream.idle_end <= max(stream.confirmed, self._idle_tried) or self._in_flight:
             return
@@ -154,14 +158,13 @@ class ReplicationFeed:
         target = self._idle_tried = stream.idle_end
         self._in_flight = True
         try:
-            stored, own_end = await anyio.to_thread.run_sync(
-                _store_idle_position, seq.conn, seq.log.log_id, target, target > self._own_wal_end)
+            stored = await anyio.to_thread.run_sync(
+                _store_idle_position, seq.conn, seq.log.log_id, target,
+                target - stream.confirmed >= IDLE_CONFIRM_MIN_BYTES)
         finally:
             self._in_flight = False
-        if stored:
-            self._own_wal_end = own_end
-            if self.stream is stream:
-                stream.confirm(target)
+        if stored and self.stream is stream:
+            stream.confirm(target)
 
     def _idle(self) -> bool:
         return not self._buffer and not self._in_flight
@@ -280,18 +283,21 @@ class ReplicationFeed:
         return end_lsn
 
 
-def _store_idle_position(conn: psycopg.Connection, log_id: int, lsn: int, past_own: bool) -> tuple[bool, int]:
-    """On the writer's connection: raise the stored end_lsn to `lsn` when the WAL before it is
-    not only our last such store's (`past_own`) or a retired source waits for the slot to pass
-    its until_lsn. Returns whether it was stored and the WAL position right after."""
+def _store_idle_position(conn: psycopg.Connection, log_id: int, lsn: int, far_enough: bool) -> bool:
+    """On the writer's connection: raise the stored end_lsn to `lsn` when it is `far_enough`
+    past the confirmed position or a retired source waits for the slot to pass its until_lsn
+    (a statement that updates nothing writes no WAL). Returns whether it was stored."""
     with conn.transaction():
-        stored = conn.execute(
+        return conn.execute(
             "UPDATE merkle.replication_progress p SET end_lsn = %(lsn)s::pg_lsn, updated_at = now() "
-            "WHERE log_id = %(log)s AND end_lsn < %(lsn)s::pg_lsn AND (%(past_own)s OR EXISTS ("
+            "WHERE log_id = %(log)s AND end_lsn < %(lsn)s::pg_lsn AND (%(far)s OR EXISTS ("
             "SELECT 1 FROM merkle.replication_retired r JOIN merkle.sources s USING (source_id) "
             "WHERE s.log_id = p.log_id AND r.until_lsn > p.end_lsn)) RETURNING 1",
-            {"lsn": int_to_lsn(lsn), "log": log_id, "past_own": past_own}).fetchone() is not None
-    if not stored:
-        return False, 0
-    with conn.transaction():  # after COMMIT, so the commit record is counted as ours too
-        return True, lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+            {"lsn": int_to_lsn(lsn), "log": log_id, "far": far_enough}).fetchone() is not None
+
+
+def _backfill_ready(conn: psycopg.Connection, log_id: int) -> bool:
+    with conn.transaction():
+        return conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM merkle.replication_backfill_state b JOIN merkle.sources s USING (source_id) "
+            "WHERE s.log_id = %s AND b.ready)", (log_id,)).fetchone()[0]

@@ -7,12 +7,13 @@ themselves (publication, slot, backfill) are made by listener/sources/publicatio
 from __future__ import annotations
 
 import time
+import warnings
 
 import psycopg
 from psycopg import sql
 
 from listener import registry
-from listener.errors import ConfigurationError, DatabaseError, SourceTableError
+from listener.errors import CaptureGapWarning, ConfigurationError, DatabaseError, SourceTableError
 from listener.sources import publication, trigger
 from listener.sources.validate import validate_source
 
@@ -100,11 +101,18 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
                 "use --mode trigger, whose filter may use these. Nothing was changed") from None
         if backfill and slot_there:
             queued = publication.queue_backfill(conn, source.source_id, spec)
+        prior_end = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress WHERE log_id = %s",
+                                 (log.log_id,)).fetchone()[0]
     if slot_there:
         return source, queued
     try:
-        rc, _point, snapshot = publication.create_slot(dsn, slot, export_snapshot=backfill)
+        rc, point, snapshot = publication.create_slot(dsn, slot, export_snapshot=backfill)
         try:
+            # Nothing before the new slot's start can be streamed: that is the log's position
+            # now (a session would otherwise take the slot for one moved past the log).
+            with conn.transaction():
+                conn.execute("UPDATE merkle.replication_progress SET end_lsn = greatest(end_lsn, %s::pg_lsn) "
+                             "WHERE log_id = %s", (point, log.log_id))
             if backfill:
                 queued = _backfill_in_snapshot(conn, source.source_id, spec, snapshot)
         finally:
@@ -118,7 +126,23 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
                 f"adding {spec.qualified} failed ({failed}) and could not be undone: {stuck}. It stays registered: "
                 f"run `merkle-listener source remove {log_name} {spec.qualified}` once the cause is gone") from failed
         raise
+    _warn_of_a_missing_slots_gap(conn, log, source, prior_end, point)
     return source, queued
+
+
+def _warn_of_a_missing_slots_gap(conn: psycopg.Connection, log: registry.Log, added: registry.Source,
+                                 prior_end: str, point: str) -> None:
+    """The log had streamed (its position is not 0/0) but its slot was gone: what the other
+    replication sources committed between that position and the new slot's start is nowhere."""
+    others = [s.qualified for s in registry.list_sources(conn, log.log_id)
+              if s.mode == "replication" and s.source_id != added.source_id]
+    if prior_end == "0/0" or not others:
+        return
+    warnings.warn(CaptureGapWarning(
+        f"log {log.name!r} had no replication slot (it was dropped or lost), and a new one starts at {point}: "
+        f"changes of {', '.join(others)} committed after {prior_end} (the last one logged) and before {point} are "
+        f"not in the log. To log their rows as they are now, remove each (`merkle-listener source remove "
+        f"{log.name} TABLE`) and add it again with --mode replication --backfill"), stacklevel=3)
 
 
 def _check_not_generated(spec) -> None:

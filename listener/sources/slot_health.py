@@ -13,31 +13,34 @@ from __future__ import annotations
 import psycopg
 
 from listener.registry import Source
+from listener.sources.pgoutput import lsn_to_int
 from listener.sources.publication import publication_name, slot_name
 
 
 def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None:
     """None when the log has no replication progress (never had a replication source)."""
+    slot = slot_name(log_name)
+    # The slot before the stored progress: a running listener stores a position before it
+    # confirms it, so read in this order the slot is never seen past the log by its doing.
+    row = conn.execute(
+        "SELECT s.wal_status, s.active, s.confirmed_flush_lsn::text, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
+        "extract(epoch FROM r.flush_lag)::float8 "
+        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
+        "WHERE s.slot_name = %s AND s.database = current_database()", (slot,)).fetchone()
     progress = conn.execute(
         "SELECT end_lsn::text, extract(epoch FROM now() - updated_at)::float8, slot_checked "
         "FROM merkle.replication_progress WHERE log_id = %s", (log_id,)).fetchone()
     if progress is None:
         return None
     end_lsn, progress_age, slot_checked = progress
-    slot = slot_name(log_name)
-    row = conn.execute(
-        "SELECT s.wal_status, s.active, s.confirmed_flush_lsn::text, "
-        "s.confirmed_flush_lsn > %s::pg_lsn AND %s::pg_lsn <> '0/0', "
-        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
-        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
-        "extract(epoch FROM r.flush_lag)::float8 "
-        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
-        "WHERE s.slot_name = %s AND s.database = current_database()", (end_lsn, end_lsn, slot)).fetchone()
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
     if row is None:
         report.update(level="error", message=missing_message(log_name))
         return report
-    wal_status, active, confirmed, ahead, lag_bytes, retained, flush_lag = row
+    wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
+    ahead = end_lsn != "0/0" and confirmed is not None and lsn_to_int(confirmed) > lsn_to_int(end_lsn)
     if flush_lag is not None:
         lag_seconds = flush_lag
     elif lag_bytes and lag_bytes > 0 and not active:
@@ -91,7 +94,7 @@ def ahead_message(log_name: str, end_lsn: str, confirmed: str) -> str:
             f"changes committed between {end_lsn} and {confirmed} will not be streamed again and may be missing "
             "from the log. The listener does not stream this slot until you choose: either recover as for a lost "
             "slot (" + _recovery_steps(log_name) + "), or accept the gap and go on from the slot's position: "
-            f"UPDATE merkle.replication_progress SET end_lsn = '{confirmed}' "
+            f"UPDATE merkle.replication_progress SET end_lsn = greatest(end_lsn, '{confirmed}') "
             f"WHERE slot_name = '{slot}' (the changes in between then stay out of the log)")
 
 
