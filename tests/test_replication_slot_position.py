@@ -172,11 +172,12 @@ def test_status_never_sees_a_running_listeners_slot_past_the_log(rconn):
     assert "has confirmed" not in said
 
 
-def test_an_idle_listener_on_an_idle_server_stops_writing(rconn):
+def test_an_idle_listener_stores_its_position_only_as_others_write(rconn):
     """The idle position is stored only once it is IDLE_CONFIRM_MIN_BYTES past the confirmed
-    one: the WAL an idle server writes by itself (the store, the background writer's
-    running-transactions records every 15 s) never adds up to another store, and the
-    listener's rechecks write none."""
+    one: the WAL the store itself writes, and the background writer's running-transactions
+    record that follows it within 15 s, never add up to another store (an earlier version
+    stored every half second on an idle server), and the listener's rechecks write none. The
+    server is shared with the rest of the test suite, whose WAL may take a store or two."""
     conn = rconn
     _source(conn, "quiet")
     _log_rows(conn, "quiet", 1, 3)
@@ -186,17 +187,21 @@ def test_an_idle_listener_on_an_idle_server_stops_writing(rconn):
         conn.execute("INSERT INTO other SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g")
         wait_for_size(conn, "quiet", 4, listener=listener)
         time.sleep(3)  # the last batch, the idle store past the others' WAL
-        stored = conn.execute("SELECT end_lsn, updated_at FROM merkle.replication_progress").fetchone()
         first_wal = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-        time.sleep(17)
-        assert conn.execute("SELECT end_lsn, updated_at FROM merkle.replication_progress").fetchone() == stored
-        written = conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (first_wal,)).fetchone()[0]
+        stores = set()
+        deadline = time.monotonic() + 17
+        while time.monotonic() < deadline:
+            stores.add(conn.execute("SELECT updated_at FROM merkle.replication_progress").fetchone()[0])
+            time.sleep(0.1)
+        written = int(conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (first_wal,)).fetchone()[0])
         confirmed, stored_end = _positions(conn, "merkle_quiet")
+        lag = int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0]) - confirmed
     finally:
         listener.stop()
-    assert written < 4096, f"the idle listener wrote {written} bytes of WAL in 17 s"
+    assert len(stores) - 1 <= written // (64 * 1024) + 1, \
+        f"the idle listener stored its position {len(stores) - 1} times in 17 s while {written} bytes of WAL were written"
     assert confirmed <= stored_end
-    assert int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0]) - confirmed < IDLE_CONFIRM_MIN_BYTES
+    assert lag < IDLE_CONFIRM_MIN_BYTES + written
 
 
 def test_an_idle_slot_is_confirmed_only_up_to_a_stored_position(rconn):

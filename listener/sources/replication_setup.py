@@ -103,6 +103,8 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
             queued = publication.queue_backfill(conn, source.source_id, spec)
         prior_end = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress WHERE log_id = %s",
                                  (log.log_id,)).fetchone()[0]
+        others = [s.qualified for s in registry.list_sources(conn, log.log_id)
+                  if s.mode == "replication" and s.source_id != source.source_id]
     if slot_there:
         return source, queued
     try:
@@ -126,16 +128,13 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
                 f"adding {spec.qualified} failed ({failed}) and could not be undone: {stuck}. It stays registered: "
                 f"run `merkle-listener source remove {log_name} {spec.qualified}` once the cause is gone") from failed
         raise
-    _warn_of_a_missing_slots_gap(conn, log, source, prior_end, point)
+    _warn_of_a_missing_slots_gap(log, others, prior_end, point)
     return source, queued
 
 
-def _warn_of_a_missing_slots_gap(conn: psycopg.Connection, log: registry.Log, added: registry.Source,
-                                 prior_end: str, point: str) -> None:
-    """The log had streamed (its position is not 0/0) but its slot was gone: what the other
+def _warn_of_a_missing_slots_gap(log: registry.Log, others: list[str], prior_end: str, point: str) -> None:
+    """The log had streamed (its position is not 0/0) but its slot was gone: what its other
     replication sources committed between that position and the new slot's start is nowhere."""
-    others = [s.qualified for s in registry.list_sources(conn, log.log_id)
-              if s.mode == "replication" and s.source_id != added.source_id]
     if prior_end == "0/0" or not others:
         return
     warnings.warn(CaptureGapWarning(

@@ -200,6 +200,10 @@ def _create_capture_function(conn: psycopg.Connection, source_id: int, log_name:
         "CREATE {replace} FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER {settings} AS {body}"
     ).format(replace=sql.SQL("OR REPLACE" if replace else ""), fn=_capture_function(source_id),
              settings=_pinned_settings_clause(), body=sql.Literal(body.as_string(conn))))
+    # A trigger runs its function without checking EXECUTE, but creating one needs it: no
+    # other role may put this function on a table of its own (its rows would become leaves
+    # of this source, and its casts would run as this function's owner).
+    conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {}() FROM PUBLIC").format(_capture_function(source_id)))
 
 
 def ring(conn: psycopg.Connection, log_name: str) -> None:

@@ -10,11 +10,23 @@
 -- schema's owner; merkle.mark_own_ddl() runs as its caller, so a role that cannot write the
 -- table cannot mark.
 --
--- Also refused from here (found by review: rows left a partitioned replication source without
--- a leaf): ALTER TABLE ... DETACH PARTITION of a partition that holds rows (an empty one is let
--- go, its guard dropped), DROP TABLE (or DROP SCHEMA ... CASCADE, DROP OWNED) of a
--- partition, unless the source's own table is dropped too, and ATTACH PARTITION of a table
--- that holds rows (they would join the source without a leaf).
+-- Also refused from here (found by review: rows left or joined a source without a leaf):
+--   * ALTER TABLE ... DETACH PARTITION of a partition that holds rows (an empty one is let go,
+--     its guard dropped), and DETACH PARTITION ... CONCURRENTLY under a partitioned source
+--     (it commits the detach before the guard runs);
+--   * DROP TABLE (or DROP SCHEMA ... CASCADE, DROP OWNED) of a partition, unless the source's
+--     own table is dropped too;
+--   * ATTACH PARTITION of a table that holds rows;
+--   * an UNLOGGED partition (its rows write no WAL: the slot never sends them);
+--   * an inheritance child of a source (CREATE TABLE ... INHERITS, ALTER TABLE ... INHERIT):
+--     its rows read as the source's, and neither capture mode sees them.
+--
+-- Trigger functions run as their owner (SECURITY DEFINER) and PostgreSQL checks EXECUTE only
+-- when a trigger is created: EXECUTE is revoked from PUBLIC on the capture functions,
+-- merkle.partition_guard() and merkle.refuse_change(), so no other role can put them on a table
+-- of its own (found by review: that forged leaves and TRUNCATE marks, and ran the role's casts
+-- as the function's owner). merkle-listener's own guard triggers are recognised by their
+-- function, never by their name alone.
 
 CREATE TABLE merkle.own_ddl (
     xid        xid8 NOT NULL,
@@ -37,13 +49,35 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
          LIMIT 1)
 $$;
 
+-- Whether a table (or a partitioned one's partitions) holds rows, for the guard, which runs
+-- as a superuser: only plain tables are read (ONLY: not their inheritance children), since a
+-- view, a foreign table or a rule would run its owner's code as the reader. A table whose file
+-- is empty never held a row, whatever the snapshot; any other is read with a fresh one, so a
+-- REPEATABLE READ or SERIALIZABLE transaction, whose snapshot may predate rows committed since,
+-- is refused.
 CREATE FUNCTION merkle.has_rows(rel regclass) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    part regclass;
     found boolean;
 BEGIN
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO found;
-    RETURN found;
+    -- pg_partition_tree lists a table that is in no partition tree not even itself.
+    FOR part IN SELECT c.oid FROM pg_class c
+                 WHERE c.relkind = 'r' AND (c.oid = rel OR c.oid IN (SELECT t.relid FROM pg_partition_tree(rel) t)) LOOP
+        CONTINUE WHEN pg_relation_size(part) = 0;
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'merkle-listener must see whether % holds rows, and this transaction''s snapshot may '
+                            'predate rows committed since (isolation level %)', part,
+                            current_setting('transaction_isolation')
+                USING ERRCODE = 'ML101',
+                      HINT = 'Run the ALTER TABLE in a READ COMMITTED transaction.';
+        END IF;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', part) INTO found;
+        IF found THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
 END
 $$;
 
@@ -89,9 +123,11 @@ BEGIN
     END IF;
     IF TG_RELID = src.table_oid THEN
         -- In the statement's transaction, so an error inside the statement takes the mark with it.
-        IF TG_WHEN = 'BEFORE' THEN
+        -- Only from the two triggers install_partition_guards put there (EXECUTE is revoked, so
+        -- no other role can create one that calls this function; belt and braces).
+        IF TG_OP = 'TRUNCATE' AND TG_NAME = format('merkle_truncate_begin_%s', src.source_id) THEN
             PERFORM merkle.mark_own_ddl('truncate', src.source_id);
-        ELSE
+        ELSIF TG_OP = 'TRUNCATE' AND TG_NAME = format('merkle_truncate_end_%s', src.source_id) THEN
             PERFORM merkle.unmark_own_ddl('truncate', src.source_id);
         END IF;
         RETURN NULL;
@@ -200,6 +236,24 @@ BEGIN
             USING ERRCODE = 'ML101',
                   HINT = 'Remove the source (merkle-listener source remove) first; to log a partitioned table, add it with --mode replication.';
     END IF;
+    -- An inheritance child of a source: its rows read as the source's, and no capture sees
+    -- them (the capture trigger fires for statements naming the source; the publication holds
+    -- the source alone).
+    SELECT format('%s may not inherit from %I.%I, which feeds merkle-listener log "%s": its rows would read as '
+                  'the source''s and no capture would see them', i.inhrelid::regclass, s.table_schema, s.table_name, l.name)
+      INTO problem
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_inherits i ON i.inhrelid = c.objid
+      JOIN pg_class k ON k.oid = i.inhrelid AND NOT k.relispartition
+      JOIN merkle.sources s ON s.table_oid = i.inhparent
+      JOIN merkle.logs l USING (log_id)
+     WHERE c.object_type = 'table'
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'refused: %', problem
+            USING ERRCODE = 'ML101',
+                  HINT = 'Keep the rows in a table of their own, or insert them into the source (each is logged).';
+    END IF;
     FOR cmd IN SELECT DISTINCT CASE WHEN c.object_type = 'trigger'
                                     THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)
                                     ELSE c.objid END AS relid,
@@ -239,6 +293,26 @@ BEGIN
                  WHERE t.level > 0 AND g.tgfoid = 'merkle.partition_guard()'::regprocedure AND g.tgenabled <> 'A'
                  LIMIT 1;
             END IF;
+            -- A trigger of another function under a merkle-listener name would pass for the
+            -- guard (install_partition_guards skips a table that has one).
+            IF problem IS NULL THEN
+                SELECT format('trigger %I on %s was not created by merkle-listener, whose triggers alone may be '
+                              'named so', g.tgname, g.tgrelid::regclass)
+                  INTO problem
+                  FROM pg_partition_tree(src.table_oid) t JOIN pg_trigger g ON g.tgrelid = t.relid
+                 WHERE g.tgname ~ '^merkle_(partition|truncate_begin|truncate_end)_[0-9]+$'
+                   AND g.tgfoid <> 'merkle.partition_guard()'::regprocedure
+                 LIMIT 1;
+            END IF;
+            -- An unlogged partition's rows write no WAL: the slot would never send them.
+            IF problem IS NULL THEN
+                SELECT format('partition %s is UNLOGGED: its rows write no WAL, so the log''s slot would never '
+                              'send them', t.relid::regclass)
+                  INTO problem
+                  FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
+                 WHERE t.level > 0 AND c.relpersistence <> 'p'
+                 LIMIT 1;
+            END IF;
             IF problem IS NOT NULL THEN
                 RAISE EXCEPTION 'refused on %.%: % (it feeds merkle-listener log "%")',
                     src.table_schema, src.table_name, problem, src.log_name
@@ -251,7 +325,8 @@ BEGIN
               FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
              WHERE t.level > 0 AND c.relkind = 'r'
                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relid
-                                  AND g.tgname = format('merkle_partition_%s', src.source_id))
+                                  AND g.tgname = format('merkle_partition_%s', src.source_id)
+                                  AND g.tgfoid = 'merkle.partition_guard()'::regprocedure)
                AND merkle.has_rows(t.relid)
              LIMIT 1;
             IF FOUND THEN
@@ -270,9 +345,10 @@ BEGIN
     -- leaf. Refused unless it is empty; an empty one is let go, its guard dropped.
     FOR left_tree IN SELECT g.tgrelid::regclass AS rel, g.tgname, s.table_schema, s.table_name, s.events, l.name AS log_name
                        FROM pg_trigger g
+                       JOIN pg_class c ON c.oid = g.tgrelid AND c.relkind IN ('r', 'p')
                        JOIN merkle.sources s ON g.tgname = format('merkle_partition_%s', s.source_id)
                        JOIN merkle.logs l USING (log_id)
-                      WHERE g.tgname LIKE 'merkle\_partition\_%' AND s.mode = 'replication'
+                      WHERE g.tgfoid = 'merkle.partition_guard()'::regprocedure AND s.mode = 'replication'
                         AND g.tgrelid <> s.table_oid
                         AND NOT EXISTS (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = s.source_id)
                         AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(g.tgrelid) a WHERE a.relid = s.table_oid) LOOP
@@ -338,6 +414,57 @@ BEGIN
 END
 $$;
 
+-- DETACH PARTITION ... CONCURRENTLY commits the detach in a first transaction, before any
+-- ddl_command_end trigger runs: refused up front where a partitioned replication source
+-- exists. ddl_command_start sees only the statement's text; the two keywords are enough (a
+-- keyword cannot be split or quoted), and a false alarm costs a plain DETACH instead.
+CREATE FUNCTION merkle.check_detach_concurrently() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_query() ~* 'detach' AND current_query() ~* 'concurrently' AND EXISTS (
+            SELECT 1 FROM merkle.sources s JOIN pg_class c ON c.oid = s.table_oid
+             WHERE s.mode = 'replication' AND c.relkind = 'p') THEN
+        RAISE EXCEPTION 'DETACH PARTITION ... CONCURRENTLY is refused in this database: it commits the detach before '
+                        'merkle-listener''s guard can check the partition, whose rows would leave a partitioned source '
+                        'without a leaf'
+            USING ERRCODE = 'ML101',
+                  HINT = 'Use DETACH PARTITION without CONCURRENTLY: the guard lets an empty partition go.';
+    END IF;
+END
+$$;
+
+-- EXECUTE on the trigger functions: their owner's alone (see above).
+REVOKE EXECUTE ON FUNCTION merkle.partition_guard(), merkle.refuse_change() FROM PUBLIC;
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS fn, p.proowner::regrole AS owner, pg_has_role(p.proowner, 'USAGE') AS mine
+               FROM pg_proc p
+              WHERE p.pronamespace = 'merkle'::regnamespace AND p.proname ~ '^capture_[0-9]+$'
+                AND has_function_privilege('public', p.oid, 'EXECUTE') LOOP
+        IF f.mine THEN
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.fn);
+        ELSE
+            RAISE WARNING 'merkle-listener: any role may put % on a table of its own and forge leaves; as % run: REVOKE EXECUTE ON FUNCTION % FROM PUBLIC;',
+                f.fn, f.owner, f.fn;
+        END IF;
+    END LOOP;
+END
+$$;
+
+DO $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        CREATE EVENT TRIGGER merkle_detach_concurrently ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION merkle.check_detach_concurrently();
+    ELSE
+        RAISE WARNING 'merkle-listener: the guard against DETACH PARTITION ... CONCURRENTLY was not installed (it needs a superuser)'
+            USING HINT = 'As a superuser: CREATE EVENT TRIGGER merkle_detach_concurrently ON ddl_command_start WHEN TAG IN (''ALTER TABLE'') EXECUTE FUNCTION merkle.check_detach_concurrently();';
+    END IF;
+END
+$$;
+
 -- The drop guard now also runs for DROP TABLE, DROP SCHEMA and DROP OWNED (see above).
 DO $$
 BEGIN
@@ -364,7 +491,7 @@ BEGIN
     PERFORM merkle.mark_own_ddl('drop_triggers');
     FOR t IN SELECT g.tgrelid::regclass AS rel, g.tgname
                FROM pg_trigger g JOIN merkle.sources s ON g.tgname = format('merkle_partition_%s', s.source_id)
-              WHERE g.tgname LIKE 'merkle\_partition\_%' AND g.tgrelid <> s.table_oid
+              WHERE g.tgfoid = 'merkle.partition_guard()'::regprocedure AND g.tgrelid <> s.table_oid
                 AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(g.tgrelid) a WHERE a.relid = s.table_oid) LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
