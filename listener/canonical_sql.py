@@ -3,7 +3,10 @@
 `listener.canonical` builds an entry in Python; this module builds the same bytes in SQL, as a
 flat chain of `||` over literals pre-rendered in Python (keys sorted and JSON-escaped here,
 at build time) and one small expression per column value. Nothing from the user is pasted
-into SQL: names become `sql.Identifier`, rendered JSON becomes `sql.Literal`.
+into SQL: names become `sql.Identifier`, rendered JSON becomes `sql.Literal`. Functions are
+called as pg_catalog.<name>: the polymorphic and variadic ones (to_json, concat, num_nulls)
+would otherwise lose to a better-matching function that a table's owner put on the search_path,
+which would then run as the listener's role.
 
 Precondition of every expression built here: it runs in a session with the pinned settings
 of `listener.store.connect.PINNED_SETTINGS` (TimeZone=UTC, DateStyle='ISO, YMD',
@@ -57,12 +60,13 @@ def value_sql(value: sql.Composable, type_oid: int | None = None) -> sql.Composa
     if type_oid in _NO_ESCAPE_OIDS:
         return sql.SQL("""coalesce('"' || {v}::text || '"', 'null')""").format(v=value)
     if type_oid in _IO_CAST_OIDS:
-        return sql.SQL("coalesce(to_json({v}::text)::text, 'null')").format(v=value)
+        return sql.SQL("coalesce(pg_catalog.to_json({v}::text)::text, 'null')").format(v=value)
     if type_oid == _BOOL_OID:
         return sql.SQL("""CASE WHEN {v} THEN '"t"' WHEN NOT {v} THEN '"f"' ELSE 'null' END""").format(v=value)
     # num_nulls() tests the datum itself: `x IS NULL` is also true for a composite value
     # whose fields are all NULL, which is not NULL and whose output is "(,)".
-    return sql.SQL("CASE WHEN num_nulls({v}) = 1 THEN 'null' ELSE to_json(concat({v}))::text END").format(v=value)
+    return sql.SQL("CASE WHEN pg_catalog.num_nulls({v}) = 1 THEN 'null' "
+                   "ELSE pg_catalog.to_json(pg_catalog.concat({v}))::text END").format(v=value)
 
 
 def entry_sql(
@@ -86,7 +90,7 @@ def entry_sql(
         head: list[sql.Composable] = []
         text = '{"op":' + _json(op) + ',"row":{'
     else:
-        head = [sql.SQL("{}::text").format(sql.Literal('{"op":')), sql.SQL("to_json(({})::text)::text").format(op)]
+        head = [sql.SQL("{}::text").format(sql.Literal('{"op":')), sql.SQL("pg_catalog.to_json(({})::text)::text").format(op)]
         text = ',"row":{'
     if not isinstance(source, str) or not source:
         raise ProcessingError(f"canonical entry SQL: source must be a non-empty '<schema>.<table>' string, got {source!r}")
@@ -106,12 +110,12 @@ def key_sql(
 
 def leaf_hash_sql(entry_text: sql.Composable) -> sql.Composed:
     """bytea expression: RFC 9162 §2.1.1 leaf hash SHA-256(0x00 || UTF-8 bytes of the entry)."""
-    return sql.SQL("sha256({} || convert_to({}, 'UTF8'))").format(sql.Literal(LEAF_PREFIX), entry_text)
+    return sql.SQL("pg_catalog.sha256({} || pg_catalog.convert_to({}, 'UTF8'))").format(sql.Literal(LEAF_PREFIX), entry_text)
 
 
 def leaf_hash_of_bytes_sql(entry_bytes: sql.Composable) -> sql.Composed:
     """bytea expression: the leaf hash of an entry that is already bytes (an entry column)."""
-    return sql.SQL("sha256({} || {})").format(sql.Literal(LEAF_PREFIX), entry_bytes)
+    return sql.SQL("pg_catalog.sha256({} || {})").format(sql.Literal(LEAF_PREFIX), entry_bytes)
 
 
 def _row_parts(

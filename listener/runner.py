@@ -19,6 +19,7 @@ import logging
 import random
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import psycopg
@@ -27,7 +28,7 @@ from listener.errors import MerkleListenerError, ProcessingError
 from listener.sequencer import DEFAULT_MAX_BATCH, QUIET_POLL_INTERVAL, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
-from listener.store.connect import KeptConnection, options_string
+from listener.store.connect import RUN_SEARCH_PATH, KeptConnection, options_string
 
 log = logging.getLogger("listener.run")
 
@@ -85,8 +86,9 @@ class _Wakeups:
         return False
 
 
-def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
-    return psycopg.connect(dsn, autocommit=autocommit, options=options_string(), application_name="merkle-listener")
+def connect(dsn: str, *, autocommit: bool = False, search_path: str | None = None) -> psycopg.Connection:
+    return psycopg.connect(dsn, autocommit=autocommit, options=options_string(search_path=search_path),
+                           application_name="merkle-listener")
 
 
 # The interpreter's thread switch interval while running. A writer's batch runs in a worker
@@ -194,7 +196,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
     while True:
         conn = None
         try:
-            conn = await anyio.to_thread.run_sync(connect, opts.dsn)
+            conn = await anyio.to_thread.run_sync(partial(connect, opts.dsn, search_path=RUN_SEARCH_PATH))
             await _become_writer(conn, name, opts)
             seq = Sequencer(conn, name, max_batch=opts.max_batch)
             await anyio.to_thread.run_sync(seq.load)

@@ -465,6 +465,88 @@ BEGIN
 END
 $$;
 
+-- A hashed column dropped by a DROP ... CASCADE of its type, domain or collation (or of a
+-- function a generated column calls): no ALTER TABLE names it, so check_source_ddl never
+-- runs. Refused when the column is a hashed, key or entry column of a source whose table
+-- stays.
+CREATE FUNCTION merkle.check_source_column_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hit record;
+BEGIN
+    IF merkle.own_ddl_running('drop_triggers') OR TG_TAG = 'ALTER TABLE' THEN
+        RETURN;  -- an ALTER TABLE ... DROP COLUMN is check_source_ddl's, at its end
+    END IF;
+    SELECT d.address_names[3] AS col, s.table_schema, s.table_name, l.name AS log_name INTO hit
+      FROM pg_event_trigger_dropped_objects() d
+      JOIN merkle.sources s ON s.table_oid = d.objid
+      JOIN merkle.logs l USING (log_id)
+     WHERE d.object_type = 'table column'
+       AND d.address_names[3] = ANY (s.columns || s.key_columns || coalesce(s.entry_column, ''))
+       AND NOT EXISTS (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = s.source_id)
+       AND NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() t
+                        WHERE t.object_type = 'table' AND t.objid = s.table_oid)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'DROP refused: column % is hashed by the log and may not be dropped (%.% feeds merkle-listener log "%")',
+            hit.col, hit.table_schema, hit.table_name, hit.log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Remove the source (merkle-listener source remove) first, or drop what the column depends on without CASCADE.';
+    END IF;
+END
+$$;
+
+-- Triggers that call merkle-listener's trigger functions but are not the ones it keeps:
+-- before this migration any role could create them (EXECUTE was PUBLIC), and revoking it does
+-- not stop one that exists; and an earlier version left its guard on a partition detached
+-- from its source, which the DETACH check above would take for one detached now. Dropped,
+-- each named in a warning.
+DO $$
+DECLARE
+    t record;
+BEGIN
+    PERFORM merkle.mark_own_ddl('drop_triggers');
+    FOR t IN SELECT g.tgrelid::regclass AS rel, g.tgname
+               FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid
+              WHERE p.pronamespace = 'merkle'::regnamespace
+                AND (p.proname IN ('partition_guard', 'refuse_change') OR p.proname ~ '^capture_[0-9]+$')
+                AND NOT EXISTS (
+                    SELECT 1 FROM merkle.sources s
+                     WHERE (p.proname = pg_catalog.format('capture_%s', s.source_id)
+                            AND g.tgname = pg_catalog.format('merkle_capture_%s', s.source_id) AND g.tgrelid = s.table_oid)
+                        OR (p.proname = 'refuse_change' AND g.tgrelid = s.table_oid
+                            AND g.tgname IN (pg_catalog.format('merkle_guard_%s', s.source_id),
+                                             pg_catalog.format('merkle_guard_truncate_%s', s.source_id)))
+                        OR (p.proname = 'partition_guard' AND g.tgrelid = s.table_oid
+                            AND g.tgname IN (pg_catalog.format('merkle_truncate_begin_%s', s.source_id),
+                                             pg_catalog.format('merkle_truncate_end_%s', s.source_id)))
+                        OR (p.proname = 'partition_guard' AND g.tgname = pg_catalog.format('merkle_partition_%s', s.source_id)
+                            AND s.table_oid IN (SELECT a.relid FROM pg_catalog.pg_partition_ancestors(g.tgrelid) a))) LOOP
+        RAISE WARNING 'merkle-listener: dropping trigger % on %, which calls a merkle-listener trigger function but is not one it keeps',
+            t.tgname, t.rel;
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
+    PERFORM merkle.unmark_own_ddl('drop_triggers');
+END
+$$;
+
+DO $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        CREATE EVENT TRIGGER merkle_source_column_drop ON sql_drop
+            EXECUTE FUNCTION merkle.check_source_column_drop();
+        -- CREATE SCHEMA ... CREATE TABLE runs under its own tag.
+        DROP EVENT TRIGGER IF EXISTS merkle_source_partitions;
+        CREATE EVENT TRIGGER merkle_source_partitions ON ddl_command_end
+            WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'ALTER TRIGGER', 'CREATE SCHEMA')
+            EXECUTE FUNCTION merkle.check_source_partitions();
+    ELSE
+        RAISE WARNING 'merkle-listener: the guard against dropping a hashed column through its type was not installed, and that of partitions does not see CREATE SCHEMA (it needs a superuser)'
+            USING HINT = 'As a superuser: CREATE EVENT TRIGGER merkle_source_column_drop ON sql_drop EXECUTE FUNCTION merkle.check_source_column_drop(); DROP EVENT TRIGGER IF EXISTS merkle_source_partitions; CREATE EVENT TRIGGER merkle_source_partitions ON ddl_command_end WHEN TAG IN (''CREATE TABLE'', ''ALTER TABLE'', ''ALTER TRIGGER'', ''CREATE SCHEMA'') EXECUTE FUNCTION merkle.check_source_partitions();';
+    END IF;
+END
+$$;
+
 -- The drop guard now also runs for DROP TABLE, DROP SCHEMA and DROP OWNED (see above).
 DO $$
 BEGIN
@@ -479,22 +561,5 @@ BEGIN
                 USING HINT = 'As a superuser: DROP EVENT TRIGGER merkle_partition_guard_drop; CREATE EVENT TRIGGER merkle_partition_guard_drop ON sql_drop WHEN TAG IN (''DROP TRIGGER'', ''DROP TABLE'', ''DROP SCHEMA'', ''DROP OWNED'') EXECUTE FUNCTION merkle.check_partition_guard_drop();';
         END IF;
     END IF;
-END
-$$;
-
--- Guards left by an earlier version on tables detached from their source do nothing; drop
--- them, or the DETACH check above would take them for tables detached now.
-DO $$
-DECLARE
-    t record;
-BEGIN
-    PERFORM merkle.mark_own_ddl('drop_triggers');
-    FOR t IN SELECT g.tgrelid::regclass AS rel, g.tgname
-               FROM pg_trigger g JOIN merkle.sources s ON g.tgname = format('merkle_partition_%s', s.source_id)
-              WHERE g.tgfoid = 'merkle.partition_guard()'::regprocedure AND g.tgrelid <> s.table_oid
-                AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(g.tgrelid) a WHERE a.relid = s.table_oid) LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
-    END LOOP;
-    PERFORM merkle.unmark_own_ddl('drop_triggers');
 END
 $$;

@@ -13,8 +13,10 @@ import psycopg
 import pytest
 
 from listener import registry
+from listener.errors import SourceTableError
 from listener.runner import connect
 from listener.sequencer import Sequencer
+from listener.store import migrate
 
 ROLE = "table_owner_app"
 
@@ -340,3 +342,142 @@ def test_what_held(partitioned, dsn):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             owner.execute(f"SELECT {call}")
     assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 1
+
+
+# --- the superuser's own sessions, and DDL under other tags ----------------------------------
+
+
+ESCALATE = f"""
+    BEGIN
+      IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        EXECUTE 'ALTER ROLE {ROLE} SUPERUSER';
+      END IF;
+"""
+
+
+def test_the_drain_does_not_call_the_owners_functions_as_the_listener(app, dsn):
+    """pg_catalog's to_json, num_nulls and concat are polymorphic or VARIADIC "any": a function
+    public.to_json(text) of the table owner's would be a better match for the drain's canonical
+    expressions, and run as the listener's role, were they not called as pg_catalog.<name>."""
+    conn, as_owner = app
+    _owned_source(conn, dsn, "notes", append_only=True)
+    owner = as_owner()
+    owner.execute(f"""CREATE FUNCTION public.to_json(t text) RETURNS json LANGUAGE plpgsql AS $$
+        {ESCALATE}
+          RETURN pg_catalog.to_json(t);
+        END $$""")
+    owner.execute("INSERT INTO notes VALUES (1, 'a')")
+    with connect(dsn) as w:
+        assert Sequencer(w, "audit").drain_all() == 1
+    assert not _is_superuser(conn), "the table owner's public.to_json(text) ran as the listener's role"
+
+
+def _downgrade_to(admin, version: int) -> None:
+    """Rebuild schema merkle up to `version` (nothing is registered yet, so nothing is lost)."""
+    for (evt,) in admin.execute("SELECT evtname FROM pg_event_trigger").fetchall():
+        admin.execute(f"DROP EVENT TRIGGER {evt}")
+    admin.execute("DROP SCHEMA merkle CASCADE")
+    for m in migrate.migrations():
+        if m.version <= version:
+            admin.execute(m.path.read_text())
+            admin.execute("INSERT INTO merkle.schema_version (version, name) VALUES (%s, %s)", (m.version, m.name))
+    admin.execute(f"GRANT USAGE ON SCHEMA merkle TO {ROLE}")
+
+
+def test_the_upgrade_to_014_neither_runs_the_owners_functions_nor_keeps_its_planted_triggers(app, dsn):
+    """Before sql/014 any role could put merkle-listener's trigger functions on a table of its
+    own (EXECUTE was PUBLIC's), and revoking EXECUTE does not stop a trigger that exists: the
+    upgrade drops them. It runs as a superuser, under search_path pg_catalog, pg_temp, so a
+    public.format(text, integer) of the owner's cannot win its calls."""
+    conn, as_owner = app
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        _downgrade_to(admin, 13)
+    source = _owned_source(conn, dsn, "notes", append_only=True)
+    # As an earlier version created it (this one revokes EXECUTE at once).
+    conn.execute(f"GRANT EXECUTE ON FUNCTION merkle.capture_{source.source_id}() TO PUBLIC")
+    owner = as_owner()
+    owner.execute("CREATE TABLE fake (id int, body text)")
+    owner.execute("CREATE TRIGGER forge AFTER INSERT ON fake REFERENCING NEW TABLE AS new_rows "
+                  f"FOR EACH STATEMENT EXECUTE FUNCTION merkle.capture_{source.source_id}()")
+    owner.execute("CREATE TRIGGER bait BEFORE TRUNCATE ON fake FOR EACH STATEMENT "
+                  f"EXECUTE FUNCTION merkle.partition_guard('{source.source_id}')")
+    owner.execute(f"""CREATE FUNCTION public.format(f text, i integer) RETURNS text LANGUAGE plpgsql AS $$
+        {ESCALATE}
+          RETURN pg_catalog.format(f, i);
+        END $$""")
+    with psycopg.connect(dsn) as c:
+        assert [m.version for m in migrate.apply(c)] == [14]
+    assert not _is_superuser(conn), "the table owner's public.format() ran as the superuser applying sql/014"
+    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'fake'::regclass").fetchone()[0] == 0
+    owner.execute("INSERT INTO fake VALUES (777, 'never in notes')")
+    with connect(dsn) as w:
+        assert Sequencer(w, "audit").drain_all() == 0
+    assert conn.execute("SELECT count(*) FROM merkle.processed_log").fetchone()[0] == 0
+
+
+def test_a_partition_created_inside_create_schema_is_guarded_or_refused(partitioned):
+    """CREATE SCHEMA ... CREATE TABLE runs under the tag CREATE SCHEMA, which the partition
+    guard's event trigger now watches too."""
+    conn, as_owner, _ = partitioned
+    conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {ROLE}")
+    owner = as_owner()
+    _refused(owner, "CREATE SCHEMA unlogged_one CREATE UNLOGGED TABLE m_2031 PARTITION OF public.m "
+                    "FOR VALUES FROM ('2031-01-01') TO ('2032-01-01')", "is UNLOGGED")
+    owner.execute("CREATE SCHEMA sneaky CREATE TABLE m_2030 PARTITION OF public.m "
+                  "FOR VALUES FROM ('2030-01-01') TO ('2031-01-01')")
+    owner.execute("INSERT INTO m VALUES (30, '2030-03-01', 1)")
+    _refused(owner, "DELETE FROM sneaky.m_2030", "append-only")
+    _refused(owner, "TRUNCATE sneaky.m_2030", "append-only")
+    assert conn.execute("SELECT count(*) FROM m WHERE id = 30").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("mode", ["trigger", "replication"])
+def test_an_inheritance_child_created_inside_create_schema_is_refused(app, dsn, mode):
+    conn, as_owner = app
+    _owned_source(conn, dsn, "notes", mode=mode, append_only=True)
+    conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {ROLE}")
+    _refused(as_owner(), "CREATE SCHEMA sneaky CREATE TABLE notes_more () INHERITS (public.notes)",
+             "may not inherit from public.notes")
+
+
+@pytest.mark.parametrize("mode", ["trigger", "replication"])
+@pytest.mark.parametrize("drop", ["DROP DOMAIN public.short CASCADE", "DROP COLLATION public.mine CASCADE"])
+def test_a_hashed_column_cannot_be_dropped_by_dropping_its_type(app, dsn, mode, drop):
+    """Dropping a hashed column's domain or collation with CASCADE drops the column, under a tag
+    no ALTER TABLE check sees: a sql_drop event trigger refuses it."""
+    conn, as_owner = app
+    owner = as_owner()
+    owner.execute("CREATE DOMAIN public.short AS text")
+    owner.execute("CREATE COLLATION public.mine (provider = libc, locale = 'C')")
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body public.short, tag text COLLATE public.mine)")
+    _own(conn, "notes")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "notes", mode=mode, append_only=True)
+    owner.execute("INSERT INTO notes VALUES (1, 'logged', 'logged')")
+    _refused(owner, drop, "is hashed by the log and may not be dropped")
+    cols = {r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'notes'::regclass "
+                                       "AND attnum > 0 AND NOT attisdropped")}
+    assert cols == {"id", "body", "tag"}
+
+
+@pytest.mark.parametrize("mode", ["trigger", "replication"])
+def test_source_add_refuses_a_table_with_an_inheritance_child(app, dsn, mode):
+    conn, as_owner = app
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    _own(conn, "notes")
+    as_owner().execute("CREATE TABLE notes_more () INHERITS (notes)")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c, pytest.raises(SourceTableError, match="has an inheritance child, notes_more"):
+        registry.add_source(c, "audit", "notes", mode=mode, append_only=True)
+    assert conn.execute("SELECT count(*) FROM merkle.sources").fetchone()[0] == 0
+
+
+def test_source_add_refuses_a_partitioned_table_with_an_unlogged_partition(app, dsn):
+    conn, _ = app
+    conn.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE UNLOGGED TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    registry.create_log(conn, "parts")
+    with connect(dsn) as c, pytest.raises(SourceTableError, match="partition m_2025 of public.m is UNLOGGED"):
+        registry.add_source(c, "parts", "m", mode="replication", append_only=True)
+    assert conn.execute("SELECT count(*) FROM merkle.sources").fetchone()[0] == 0

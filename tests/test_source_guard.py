@@ -317,8 +317,9 @@ def test_migration_drops_the_guards_an_earlier_version_left_on_detached_partitio
     conn.execute("ALTER EVENT TRIGGER merkle_partition_guard_drop DISABLE")
     conn.execute("ALTER TABLE m DETACH PARTITION m_2026")
     conn.execute("DROP EVENT TRIGGER merkle_detach_concurrently")
+    conn.execute("DROP EVENT TRIGGER merkle_source_column_drop")
     conn.execute("DROP FUNCTION merkle.mark_own_ddl, merkle.unmark_own_ddl, merkle.own_ddl_running, merkle.has_rows, "
-                 "merkle.check_detach_concurrently")
+                 "merkle.check_detach_concurrently, merkle.check_source_column_drop")
     conn.execute("DROP TABLE merkle.own_ddl")
     conn.execute("DELETE FROM merkle.schema_version WHERE version = 14")
     with psycopg.connect(dsn, options=options_string()) as c:

@@ -218,7 +218,30 @@ def _resolve(conn: psycopg.Connection, shown: str, schema: str | None, rel: str)
             f"{'merkle-listener itself' if nsp == 'merkle' else 'PostgreSQL'}; "
             "only application tables can be sources"
         )
+    _check_tree(conn, oid, f"{nsp}.{name}")
     return oid, nsp, name
+
+
+def _check_tree(conn: psycopg.Connection, oid: int, shown: str) -> None:
+    """Rows a capture would not see: those of an inheritance child (they read as the table's,
+    but neither the capture trigger nor the publication covers the child) and those of an
+    unlogged partition (no WAL, so the slot never sends them). The DDL guard refuses making
+    either later (sql/014_guard_hardening.sql)."""
+    child = conn.execute(
+        "SELECT i.inhrelid::regclass::text FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c "
+        "ON c.oid = i.inhrelid WHERE i.inhparent = %s AND NOT c.relispartition LIMIT 1", [oid]).fetchone()
+    if child is not None:
+        raise SourceTableError(
+            f"{shown} has an inheritance child, {child[0]}, whose rows read as {shown}'s but which no capture "
+            f"sees: move its rows into {shown} (or a table of their own) and ALTER TABLE {child[0]} NO INHERIT "
+            f"{shown}, then add the source")
+    unlogged = conn.execute(
+        "SELECT t.relid::regclass::text FROM pg_catalog.pg_partition_tree(%s) t JOIN pg_catalog.pg_class c "
+        "ON c.oid = t.relid WHERE t.level > 0 AND c.relpersistence = 'u' LIMIT 1", [oid]).fetchone()
+    if unlogged is not None:
+        raise SourceTableError(
+            f"partition {unlogged[0]} of {shown} is UNLOGGED: its rows write no WAL, so logical replication "
+            f"never sends them; ALTER TABLE {unlogged[0]} SET LOGGED, then add the source")
 
 
 def _columns(conn: psycopg.Connection, oid: int) -> list[_Column]:

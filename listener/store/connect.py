@@ -52,14 +52,25 @@ SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read co
                     "synchronous_commit": "on"}
 
 
-def options_string() -> str:
-    """libpq `options` value that pins these settings for a session of the listener."""
-    return " ".join(f"-c {k.lower()}={v.replace(' ', chr(92) + ' ')}" for k, v in SESSION_SETTINGS.items())
+# The search_path of the listener's own sessions under `run` (its writers and their probes):
+# they name every object of theirs with its schema, and a function that a table's owner put
+# on the default path could otherwise win the call of a polymorphic built-in (to_json,
+# concat, format) and run as the listener's role. Commands such as `source add` keep the
+# caller's path, which names the tables they are given.
+RUN_SEARCH_PATH = "pg_catalog, pg_temp"
+
+
+def options_string(*, search_path: str | None = None) -> str:
+    """libpq `options` value that pins these settings (and `search_path`, if given) for a
+    session of the listener."""
+    settings = SESSION_SETTINGS if search_path is None else {**SESSION_SETTINGS, "search_path": search_path}
+    return " ".join(f"-c {k.lower()}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
 
 
 class KeptConnection:
-    """One autocommit connection kept open for periodic small queries (a new backend per
-    query costs PostgreSQL milliseconds of CPU that the writers and the sequencer need).
+    """One autocommit connection of `run` (RUN_SEARCH_PATH) kept open for periodic small
+    queries (a new backend per query costs PostgreSQL milliseconds of CPU that the writers
+    and the sequencer need).
     Reconnects on the next call after a failure. Not thread-safe: one user at a time."""
 
     def __init__(self, dsn: str):
@@ -70,7 +81,7 @@ class KeptConnection:
         import psycopg
 
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self.dsn, autocommit=True, options=options_string(),
+            self._conn = psycopg.connect(self.dsn, autocommit=True, options=options_string(search_path=RUN_SEARCH_PATH),
                                          application_name="merkle-listener")
         return self._conn
 

@@ -111,6 +111,10 @@ def apply(conn: psycopg.Connection) -> list[Migration]:
     applied = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        # Run as whoever may alter schema merkle (often a superuser): the migrations name their
+        # objects with their schema, and nothing a table's owner put on the caller's path may
+        # win a call in them.
+        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
         done = applied_versions(conn)
         if unknown := _unknown(done):
             raise ConfigurationError(
