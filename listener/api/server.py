@@ -19,7 +19,7 @@ from listener.api.app import create_asgi
 from listener.api.logstate import LogState
 from listener.api.tilestore import TileStore
 from listener.errors import ConfigurationError
-from listener.store.connect import options_string
+from listener.store.connect import RUN_SEARCH_PATH, options_string
 
 log = logging.getLogger("listener.api")
 
@@ -73,7 +73,8 @@ async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age:
     sock = listen_socket(host, port)
     pool = AsyncConnectionPool(
         dsn, min_size=pool_size, max_size=pool_size, open=False,
-        kwargs={"autocommit": True, "options": options_string(), "application_name": "merkle-listener-http"},
+        kwargs={"autocommit": True, "options": options_string(search_path=RUN_SEARCH_PATH),
+                "application_name": "merkle-listener-http"},
     )
     await pool.open(wait=True, timeout=30)
     try:

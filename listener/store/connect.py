@@ -52,7 +52,8 @@ SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read co
                     "synchronous_commit": "on"}
 
 
-# The search_path of the listener's own sessions under `run` (its writers and their probes):
+# The search_path of the listener's own sessions under `run` (its writers and their probes)
+# and `serve`:
 # they name every object of theirs with its schema, and a function that a table's owner put
 # on the default path could otherwise win the call of a polymorphic built-in (to_json,
 # concat, format) and run as the listener's role. Commands such as `source add` keep the
