@@ -453,18 +453,6 @@ BEGIN
 END
 $$;
 
-DO $$
-BEGIN
-    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        CREATE EVENT TRIGGER merkle_detach_concurrently ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
-            EXECUTE FUNCTION merkle.check_detach_concurrently();
-    ELSE
-        RAISE WARNING 'merkle-listener: the guard against DETACH PARTITION ... CONCURRENTLY was not installed (it needs a superuser)'
-            USING HINT = 'As a superuser: CREATE EVENT TRIGGER merkle_detach_concurrently ON ddl_command_start WHEN TAG IN (''ALTER TABLE'') EXECUTE FUNCTION merkle.check_detach_concurrently();';
-    END IF;
-END
-$$;
-
 -- A hashed column dropped by a DROP ... CASCADE of its type, domain or collation (or of a
 -- function a generated column calls): no ALTER TABLE names it, so check_source_ddl never
 -- runs. Refused when the column is a hashed, key or entry column of a source whose table
@@ -530,36 +518,32 @@ BEGIN
 END
 $$;
 
+-- The event triggers of this migration; an event trigger's tags cannot be altered, so those of
+-- 011 are dropped and created again with more: the partition check also for CREATE SCHEMA
+-- (... CREATE TABLE runs under that tag), the drop guard also for DROP TABLE, DROP SCHEMA and
+-- DROP OWNED.
 DO $$
-BEGIN
-    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+DECLARE
+    statements text := $sql$
+        CREATE EVENT TRIGGER merkle_detach_concurrently ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION merkle.check_detach_concurrently();
         CREATE EVENT TRIGGER merkle_source_column_drop ON sql_drop
             EXECUTE FUNCTION merkle.check_source_column_drop();
-        -- CREATE SCHEMA ... CREATE TABLE runs under its own tag.
         DROP EVENT TRIGGER IF EXISTS merkle_source_partitions;
         CREATE EVENT TRIGGER merkle_source_partitions ON ddl_command_end
             WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'ALTER TRIGGER', 'CREATE SCHEMA')
             EXECUTE FUNCTION merkle.check_source_partitions();
-    ELSE
-        RAISE WARNING 'merkle-listener: the guard against dropping a hashed column through its type was not installed, and that of partitions does not see CREATE SCHEMA (it needs a superuser)'
-            USING HINT = 'As a superuser: CREATE EVENT TRIGGER merkle_source_column_drop ON sql_drop EXECUTE FUNCTION merkle.check_source_column_drop(); DROP EVENT TRIGGER IF EXISTS merkle_source_partitions; CREATE EVENT TRIGGER merkle_source_partitions ON ddl_command_end WHEN TAG IN (''CREATE TABLE'', ''ALTER TABLE'', ''ALTER TRIGGER'', ''CREATE SCHEMA'') EXECUTE FUNCTION merkle.check_source_partitions();';
-    END IF;
-END
-$$;
-
--- The drop guard now also runs for DROP TABLE, DROP SCHEMA and DROP OWNED (see above).
-DO $$
+        DROP EVENT TRIGGER IF EXISTS merkle_partition_guard_drop;
+        CREATE EVENT TRIGGER merkle_partition_guard_drop ON sql_drop
+            WHEN TAG IN ('DROP TRIGGER', 'DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+            EXECUTE FUNCTION merkle.check_partition_guard_drop();
+    $sql$;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'merkle_partition_guard_drop') THEN
-        IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-            DROP EVENT TRIGGER merkle_partition_guard_drop;
-            CREATE EVENT TRIGGER merkle_partition_guard_drop ON sql_drop
-                WHEN TAG IN ('DROP TRIGGER', 'DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
-                EXECUTE FUNCTION merkle.check_partition_guard_drop();
-        ELSE
-            RAISE WARNING 'merkle-listener: the guard against dropping partitions of a source was not installed (it needs a superuser)'
-                USING HINT = 'As a superuser: DROP EVENT TRIGGER merkle_partition_guard_drop; CREATE EVENT TRIGGER merkle_partition_guard_drop ON sql_drop WHEN TAG IN (''DROP TRIGGER'', ''DROP TABLE'', ''DROP SCHEMA'', ''DROP OWNED'') EXECUTE FUNCTION merkle.check_partition_guard_drop();';
-        END IF;
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        EXECUTE statements;
+    ELSE
+        RAISE WARNING 'merkle-listener: the guards of migration 014 against DETACH ... CONCURRENTLY, hashed columns dropped with their type, CREATE SCHEMA and dropped partitions were not installed (they need a superuser)'
+            USING HINT = 'As a superuser: ' || regexp_replace(btrim(statements), '\s+', ' ', 'g');
     END IF;
 END
 $$;
