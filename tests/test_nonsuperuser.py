@@ -77,6 +77,7 @@ def test_a_plain_role_is_told_each_privilege_then_runs_both_modes(plain):
     su.execute(f"GRANT CREATE ON DATABASE {db} TO {role}")
     out = cli("init", dsn=dsn, check=True)
     assert "guard against DDL on source tables was not installed" in out.stderr  # needs a superuser
+    assert "CREATE EVENT TRIGGER merkle_source_rewrite ON table_rewrite" in out.stderr  # sql/015's, named too
     cli("log", "create", "audit", dsn=dsn, check=True)
 
     # Both modes make triggers ENABLE ALWAYS: the table's owner only.
