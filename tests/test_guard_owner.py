@@ -306,6 +306,69 @@ def test_an_inheritance_child_may_not_put_rows_into_a_source(app, dsn, mode, how
         "rows entered the source through an inheritance child without a leaf"
 
 
+# --- committed values rewritten without a leaf (sql/015) ----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["trigger", "replication"])
+def test_a_rewrite_cannot_change_hashed_values_whatever_the_owners_code_does(app, dsn, mode):
+    """ALTER COLUMN ... TYPE <same type> USING rewrites every row without a row trigger or a
+    decoded change. The owner's code runs between the two reads of the guard (the USING
+    expression): the digest is kept where it cannot write, under settings it cannot change, and
+    a statement it runs from inside the rewrite does not end the check; a savepoint or an
+    exception block does not hide what the transaction altered."""
+    conn, as_owner = app
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, memo int, body text)")
+    _own(conn, "notes")
+    registry.create_log(conn, "audit")
+    with connect(dsn) as c:
+        registry.add_source(c, "audit", "notes", mode=mode, columns=["id", "body"])
+    owner = as_owner()
+    owner.execute("INSERT INTO notes VALUES (1, 1, 'as written'), (2, 2, 'also as written')")
+    if mode == "trigger":
+        with connect(dsn) as w:
+            assert Sequencer(w, "audit").drain_all() == 2
+    rows = conn.execute("SELECT * FROM notes ORDER BY id").fetchall()
+    leaves = conn.execute("SELECT leaf_hash FROM merkle.processed_log ORDER BY seq").fetchall()
+    rewrite = "ALTER TABLE notes ALTER body TYPE text USING {}"
+    _refused(owner, rewrite.format("upper(body)"), "it would rewrite committed values of hashed column body")
+    owner.execute("BEGIN")
+    owner.execute("SAVEPOINT s")
+    _refused(owner, rewrite.format("body || '!'"), "hashed column body")
+    owner.execute("ROLLBACK")
+    _refused(owner, """DO $$ BEGIN
+                         ALTER TABLE notes ALTER body TYPE text USING body || '?';
+                       EXCEPTION WHEN division_by_zero THEN NULL;
+                       END $$""", "hashed column body")
+    owner.execute("CREATE TABLE scratch (x int)")
+    owner.execute("""CREATE FUNCTION public.launder(b text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+          BEGIN
+            DELETE FROM merkle.rewrite_checks;
+          EXCEPTION WHEN insufficient_privilege THEN NULL;
+          END;
+          PERFORM set_config('TimeZone', 'Asia/Tokyo', false);
+          PERFORM set_config('search_path', 'public', false);
+          EXECUTE 'ALTER TABLE scratch ADD COLUMN IF NOT EXISTS y int';
+          EXECUTE 'ALTER TABLE scratch ALTER x TYPE bigint USING x + 1';
+          RETURN b || ' (laundered)';
+        END $$""")
+    _refused(owner, rewrite.format("public.launder(body)"), "hashed column body")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        owner.execute("INSERT INTO merkle.rewrite_checks VALUES (pg_current_xact_id(), 'notes'::regclass, 0, "
+                      "'{}', '{}', '')")
+    # A column before the hashed one retyped in the same statement: refused, not read at its
+    # new width (which can crash the server).
+    _refused(owner, "ALTER TABLE notes ALTER memo TYPE text USING repeat('x', 10000), "
+                    "ALTER body TYPE text USING body || '.'", "altered hashed column body and also column memo")
+    assert conn.execute("SELECT * FROM notes ORDER BY id").fetchall() == rows
+    assert conn.execute("SELECT leaf_hash FROM merkle.processed_log ORDER BY seq").fetchall() == leaves
+    if mode == "replication":
+        assert _inserts_sent(conn, "audit") == 2
+    owner.execute(rewrite.format("body || ''"))  # the same values pass
+    with connect(dsn) as w:
+        assert Sequencer(w, "audit").drain_all() == 0
+
+
 # --- what the guard held before sql/014 too ------------------------------------------------
 
 
