@@ -1,5 +1,8 @@
 """Benchmark of replication-mode capture, each figure beside its limit measured in the same run.
 
+    ceiling     rows/s at which the listener's own code reads the same backlog and computes its
+                leaves and tree (stream, decode, canonical entry, SHA-256, interior nodes) with
+                nothing written: no consumer built on this Python code can be faster than this
     end_to_end  rows/s from a slot backlog to leaves sequenced, tiles committed and the LSN
                 acknowledged (`merkle-listener run` in its own process), vs pg_recvlogical
                 reading the same transactions with pgoutput to /dev/null (the limit); with
@@ -31,18 +34,22 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import psycopg
 
 from listener import registry
 from listener.bench import capture
 from listener.bench.capture import BULK, TABLE, _bulk_rate, bench_database
 from listener.embedded import bin_dir
+from listener.merkle.memory import MemoryTree
 from listener.runner import connect
 from listener.sources.publication import drop_slot
-from listener.sources.replication_apply import COPY_COLUMNS
+from listener.sources.replication import ReplicationStream, Transaction
+from listener.sources.replication_apply import COPY_COLUMNS, prepare
 from listener.store import migrate
 
 LIMIT_SLOT = "bench_recvlogical"
+CEILING_SLOT = "bench_ceiling"
 WRITER_ROUNDS = 5
 
 
@@ -168,7 +175,8 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
     is timed from its start until it has everything. `cpu`: the server runs on this machine,
     so its processes' CPU time can be read from /proc."""
     with connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (LIMIT_SLOT,))
+        for slot in (LIMIT_SLOT, CEILING_SLOT):
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
         try:
             base = _size(conn, "bench_r")
             # Left to autovacuum, the earlier phases' millions of rows would be vacuumed (and
@@ -186,8 +194,10 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
                  "--endpos", end_lsn, "--no-loop", "-o", "proto_version=1", "-o", "publication_names=merkle_bench_r",
                  "-f", "/dev/null"], check=True, capture_output=True, timeout=600)
             limit_s = time.perf_counter() - t
+            ceiling = bench_ceiling(dsn, conn, rows, cpu=cpu)
         finally:
             drop_slot(conn, LIMIT_SLOT)
+            drop_slot(conn, CEILING_SLOT)
         # WAL the walsender decodes again before it reaches the backlog (restart_lsn lags the
         # confirmed position): start-up work that pg_recvlogical's fresh slot does not have.
         replay_bytes = conn.execute(
@@ -210,10 +220,12 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
             cpu_before = {kind: _cpu_seconds(p) for kind, p in pids.items()}
             _wait_size(conn, "bench_r", base + rows, timeout=600)
             ours_s = time.perf_counter() - t
-            cpu_us_per_row = {kind: round((_cpu_seconds(p) - cpu_before[kind]) / (base + rows - first) * 1e6, 1)
-                              for kind, p in pids.items()}
-            # Sustained: from the first committed batch on (start-up and the first batch excluded).
-            sustained = (base + rows - first) / (time.perf_counter() - t_first)
+            # Sustained: from the first committed batch on (start-up and the first batch excluded);
+            # not measured when the first batch took the whole (small) backlog.
+            after_first = base + rows - first
+            cpu_us_per_row = {kind: round((_cpu_seconds(p) - cpu_before[kind]) / after_first * 1e6, 1)
+                              for kind, p in pids.items()} if after_first else {}
+            sustained = after_first / (time.perf_counter() - t_first) if after_first else None
             # ... and acknowledged: the slot has confirmed the stored end_lsn.
             while conn.execute(
                 "SELECT s.confirmed_flush_lsn < p.end_lsn FROM pg_replication_slots s "
@@ -227,9 +239,9 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
         log_fpi = _full_page_images(conn) - fpi_before
     return {"rows": rows, "pg_recvlogical_rows_per_s": round(rows / limit_s),
             "listener_rows_per_s_with_startup": round(rows / ours_s), "listener_rows_per_s_acked": round(rows / acked_s),
-            "listener_rows_per_s_sustained": round(sustained),
+            "listener_rows_per_s_sustained": sustained and round(sustained),
             "listener_first_leaf_after_s": round(t_first - t, 2), "slot_wal_decoded_again_bytes": replay_bytes,
-            "cpu_us_per_row_sustained": cpu_us_per_row or "not measured (server not on this machine)",
+            "cpu_us_per_row_sustained": cpu_us_per_row or "not measured (server not on this machine, or no batch after the first)",
             # WAL the log writes per leaf (processed_log, its indexes, tiles, progress) against
             # the WAL of the source rows themselves: what a writer's commit must also flush
             # while the listener streams.
@@ -239,8 +251,58 @@ def bench_end_to_end(dsn: str, rows: int, *, cpu: bool = True) -> dict:
             # indexes' random pages (leaf hash, change identity) make most of them.
             "wal_full_page_images_per_1000_leaves": round(log_fpi / rows * 1000, 1),
             "ratio": round(rows / acked_s / (rows / limit_s), 3),
-            "ratio_sustained": round(sustained / (rows / limit_s), 3),
+            "ratio_sustained": sustained and round(sustained / (rows / limit_s), 3),
+            "ceiling": ceiling | {"ratio": round(ceiling["rows_per_s"] / (rows / limit_s), 3)},
             "note": "ratio counts the listener's start-up (process, connect, START_REPLICATION) and the final ack"}
+
+
+def bench_ceiling(dsn: str, conn: psycopg.Connection, rows: int, *, cpu: bool = True) -> dict:
+    """The listener's stream and leaf computation alone, in this process, on the backlog that
+    waits in CEILING_SLOT: every transaction is received, decoded, turned into entries and leaf
+    hashes (replication_apply.prepare), its leaves added to an in-memory tree, and confirmed at
+    once; nothing is written. The time runs from START_REPLICATION to the last leaf."""
+    log_id = registry.get_log(conn, "bench_r").log_id
+    sources = {s.table_oid: s for s in registry.list_sources(conn, log_id) if s.mode == "replication"}
+    tree = MemoryTree()
+    done: list[anyio.Event] = []  # made inside the event loop
+
+    def received(txn: Transaction) -> None:
+        tree.append(prepare(txn, sources, log_id).hashes)
+        stream.confirm(txn.end_lsn)
+        if tree.size >= rows:
+            done[0].set()
+
+    stream = ReplicationStream(dsn, CEILING_SLOT, "merkle_bench_r", 0, on_transaction=received,
+                               may_confirm_idle=lambda: False)
+
+    pids = {"python": [os.getpid()]}
+    cpu_before = {}
+
+    async def read() -> float:
+        done.append(anyio.Event())
+        await stream.open()
+        if cpu:
+            pids["walsender"] = [pid for (pid,) in conn.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (CEILING_SLOT,))]
+            cpu_before.update((kind, _cpu_seconds(p)) for kind, p in pids.items())
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.run)
+            with anyio.fail_after(600):
+                await done[0].wait()
+            tg.cancel_scope.cancel()
+        return time.perf_counter() - t
+
+    try:
+        elapsed = anyio.run(read)
+    finally:
+        stream.close()
+    # The root lets a caller check that this computed the leaves the listener commits.
+    result = {"rows_per_s": round(rows / elapsed), "tree_size": tree.size, "tree_root": tree.root().hex()}
+    if cpu:
+        result["cpu_us_per_row"] = {kind: round((_cpu_seconds(p) - cpu_before[kind]) / rows * 1e6, 1)
+                                    for kind, p in pids.items()}
+    return result
 
 
 def _wal_lsn(conn: psycopg.Connection) -> int:
