@@ -267,10 +267,14 @@ def _log_dropped(dsn: str, name: str) -> bool:
 
 
 async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
-    """Vacuum the log's outboxes after enough drained rows, on a connection of its own."""
+    """On a connection of its own: summarize processed_log's complete page ranges in the
+    leaf-hash index, and vacuum the log's outboxes after enough drained rows."""
     kept = KeptConnection(opts.dsn)
+    summarized: int | None = 0  # processed_log's first block whose range may not be summarized
     while True:
         await anyio.sleep(opts.janitor_interval)
+        if summarized is not None:
+            summarized = await anyio.to_thread.run_sync(_summarize_leaf_lookup, kept, summarized)
         if drained.rows.get(name, 0) < opts.vacuum_every_rows:
             continue
         drained.rows[name] = 0
@@ -279,6 +283,20 @@ async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
         except psycopg.Error as exc:
             kept.close()
             log.warning("could not vacuum the outboxes; autovacuum will", extra={"log": name, "error": str(exc)})
+
+
+def _summarize_leaf_lookup(kept: KeptConnection, from_block: int) -> int | None:
+    """Summarize the leaf-hash index's complete ranges (sql/016) from from_block on; returns
+    the next from_block, or None when this role may not (autovacuum does it then)."""
+    try:
+        return kept.get().execute("SELECT merkle.summarize_leaf_lookup(%s)", (from_block,)).fetchone()[0]
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.info("processed_log's leaf-hash index is left to autovacuum to summarize", extra={"error": str(exc).strip()})
+        return None
+    except psycopg.Error as exc:
+        kept.close()  # the writer reports a lost database; this is retried in a second
+        log.debug("could not summarize processed_log's leaf-hash index", extra={"error": str(exc).strip()})
+        return from_block
 
 
 def _vacuum_outboxes(kept: KeptConnection, name: str) -> None:

@@ -138,8 +138,7 @@ async def inclusion(request: Request) -> Response:
         leaf_hash = _hash_param(raw_hash, "leaf_hash")
         async with request.app.state.pool.connection() as conn:
             row = await (await conn.execute(
-                "SELECT min(seq) FROM merkle.processed_log WHERE log_id = %s AND leaf_hash = %s AND seq < %s",
-                (info.log_id, leaf_hash, size),
+                "SELECT merkle.leaf_index(%s, %s, %s)", (info.log_id, leaf_hash, size),
             )).fetchone()
         if row[0] is None:
             raise ApiError(404, f"no leaf with hash {_b64(leaf_hash)} in log {info.name!r} at size {size}")
