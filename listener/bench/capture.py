@@ -239,6 +239,8 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float) -> dict:
     with bench_database(dsn) as target:
         _setup(target)
         result = {"benchmark": "capture", "rows": rows}
+        with connect(target) as conn:
+            result["server_version"] = conn.execute("SHOW server_version").fetchone()[0]
         result["writers"] = bench_writers(target, rows)
         result["drain"] = bench_drain(target)
         with connect(target, autocommit=True) as conn:

@@ -375,6 +375,8 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float, writers_synchro
     with bench_database(dsn) as target:
         _setup(target)
         result = {"benchmark": "replication", "rows": rows}
+        with connect(target) as conn:
+            result["server_version"] = conn.execute("SHOW server_version").fetchone()[0]
         try:
             # Latency first, on a fresh database: after the bulk phases, autovacuum of millions
             # of new rows would compete for the same cores during the paced run.
