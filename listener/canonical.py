@@ -92,12 +92,12 @@ def _dumps(doc: object) -> bytes:
 
 # The only bytes entry_v1 escapes: '"', '\\' and U+0000..U+001F. None of them occurs inside a
 # multi-byte UTF-8 sequence, so escaping can be decided on the bytes.
-_NEEDS_ESCAPE = re.compile(rb'["\\\x00-\x1f]')
+NEEDS_ESCAPE = re.compile(rb'["\\\x00-\x1f]')
 
 
 def json_string_of_utf8(raw: bytes) -> bytes:
     """The JSON string of UTF-8 text given as bytes, escaped exactly as entry_v1 escapes it."""
-    if _NEEDS_ESCAPE.search(raw) is None:
+    if NEEDS_ESCAPE.search(raw) is None:
         return b'"' + raw + b'"'
     return _dumps(raw.decode("utf-8"))
 
@@ -119,14 +119,15 @@ class ObjectTemplate:
         self._names = [_dumps(c) + b":" for c in self.columns]
         self._head = head + b"{"
         self._tail = b"}" + tail
-        # Fast path: every value present and needing no escape fills one %-format.
+        # Fast path: every value present and needing no escape (NEEDS_ESCAPE) fills one
+        # %-format: plain_format % tuple(values) == encode(values).
         lit = [self._head, *self._names, self._tail]
         h, *names, t = (part.replace(b"%", b"%%") for part in lit)
-        self._format = h + b",".join(name + b'"%b"' for name in names) + t
+        self.plain_format = h + b",".join(name + b'"%b"' for name in names) + t
 
     def encode(self, values: Sequence[bytes | None]) -> bytes:
-        if None not in values and _NEEDS_ESCAPE.search(b"".join(values)) is None:
-            return self._format % tuple(values)
+        if None not in values and NEEDS_ESCAPE.search(b"".join(values)) is None:
+            return self.plain_format % tuple(values)
         quote = json_string_of_utf8
         return self._head + b",".join(
             [name + (b"null" if v is None else quote(v)) for name, v in zip(self._names, values)]

@@ -73,7 +73,7 @@ class _Plan:
     the canonical (sorted) order and the templates. Built once per source and Relation."""
 
     __slots__ = ("source", "relation", "entry_idx", "key_idx", "key", "entries", "entry_column_idx",
-                 "entry_values", "key_values", "used_idx")
+                 "entry_values", "key_values", "used_idx", "hashed_values", "plain")
 
     def __init__(self, s: Source, relation: po.Relation):
         self.source, self.relation = s, relation
@@ -94,6 +94,10 @@ class _Plan:
         self.entry_values = _getter(self.entry_idx)
         self.key_values = _getter(self.key_idx)
         self.used_idx = sorted(set(self.entry_idx) | set(self.key_idx) | ({self.entry_column_idx} - {None}))
+        # The fast path of an Insert whose entry and key values are all plain (canonical.plain_values):
+        # one check for both, then each template's format (None for an entry column source).
+        self.hashed_values = _getter(sorted(set(self.entry_idx) | set(self.key_idx)))
+        self.plain = None if s.entry_column else (self.entries[_INSERT].plain_format, self.key.plain_format)
 
 
 _plans: dict[tuple[int, int], _Plan] = {}
@@ -119,6 +123,7 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
     sha256 = hashlib.sha256
     prefix = canonical.LEAF_PREFIX
     insert_values = po.insert_new_values
+    needs_escape, join = canonical.NEEDS_ESCAPE.search, b"".join
     tail = b"\t%d\t%%d\t%b\t" % (txn.end_lsn, int_to_lsn(txn.commit_lsn).encode())
     formats: dict[tuple[int, str], bytes] = {}  # (source, op) -> COPY row format for this transaction
     last_relation = last_source = plan = fmt_plan = fmt_op = None
@@ -149,19 +154,32 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
             source_ids.add(s.source_id)
         if op is _INSERT:
             values = insert_values(payload)
-            if UNCHANGED in values:
+            if plan.plain is not None:
+                try:  # a NULL or an unchanged value among them fails the join: not plain
+                    plain = needs_escape(join(plan.hashed_values(values))) is None
+                except TypeError:
+                    plain = False
+            else:
+                plain = False
+            if not plain and UNCHANGED in values:
                 # An UPDATE that moved a row into a row filter is sent as an INSERT and may
                 # lack unchanged TOASTed values (without REPLICA IDENTITY FULL).
                 values = _fill_unchanged(s, relation, values, None, plan)
         else:
             values = _old_or_new_values(s, relation, plan, op, po.decode(payload, raw=True))
-        if op is _DELETE:
-            entry = plan.entries[op].encode(plan.key_values(values))
-        elif plan.entry_column_idx is not None:
-            entry = _entry_column_bytes(s, values[plan.entry_column_idx])
+            plain = False
+        if plain:
+            entry_format, key_format = plan.plain
+            entry = entry_format % plan.entry_values(values)
+            key = key_format % plan.key_values(values)
         else:
-            entry = plan.entries[op].encode(plan.entry_values(values))
-        key = plan.key.encode(plan.key_values(values))
+            if op is _DELETE:
+                entry = plan.entries[op].encode(plan.key_values(values))
+            elif plan.entry_column_idx is not None:
+                entry = _entry_column_bytes(s, values[plan.entry_column_idx])
+            else:
+                entry = plan.entries[op].encode(plan.entry_values(values))
+            key = plan.key.encode(plan.key_values(values))
         if b"\\" in key:
             key = key.replace(b"\\", b"\\\\")  # COPY's escape; JSON already escaped control characters
         if plan is not fmt_plan or op is not fmt_op:
