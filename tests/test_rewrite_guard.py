@@ -262,3 +262,32 @@ def test_the_upgrade_from_014_installs_the_rewrite_guard(ledger, dsn):
                           "ORDER BY 1").fetchall() == [
         ("merkle_source_rewrite", "table_rewrite", ["ALTER TABLE", "ALTER TYPE"]),
         ("merkle_source_rewritten", "ddl_command_end", ["ALTER TABLE", "ALTER TYPE"])]
+
+
+def test_a_repeatable_read_rewrite_cannot_undo_a_logged_change(facts, dsn):
+    """Found by review: in REPEATABLE READ the digest before the rewrite read the transaction's
+    snapshot, while the rewrite copies the rows as they are now. A logged UPDATE committed after
+    the snapshot was undone by a rewrite, without a leaf: both digests saw the old value."""
+    facts.execute("UPDATE facts SET amount = 9 WHERE id = 2")  # committed before the snapshot
+    owner = psycopg.connect(dsn, options=options_string())
+    try:
+        owner.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        assert owner.execute("SELECT amount FROM facts WHERE id = 2").fetchone()[0] == 9
+        facts.execute("UPDATE facts SET amount = 1000 WHERE id = 2")  # logged (op update)
+        with pytest.raises(psycopg.Error, match="isolation level repeatable read") as exc:
+            owner.execute("ALTER TABLE facts ALTER amount TYPE numeric(12,2) USING CASE WHEN id = 2 THEN 9 "
+                          "ELSE amount END")
+        assert exc.value.sqlstate == "ML101"
+        owner.rollback()
+    finally:
+        owner.close()
+    assert facts.execute("SELECT amount FROM facts WHERE id = 2").fetchone()[0] == 1000
+    # Nothing to miss in an empty table, and READ COMMITTED reads the rows the rewrite copies.
+    facts.execute("CREATE TABLE empty_facts (id int PRIMARY KEY, amount numeric(12,2))")
+    registry.add_source(facts, "audit", "empty_facts", mode="replication", columns=["id", "amount"], dsn=dsn)
+    with psycopg.connect(dsn, options=options_string()) as owner:
+        owner.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        owner.execute("SELECT 1").fetchone()
+        owner.execute("ALTER TABLE empty_facts ALTER amount TYPE numeric(12,2) USING amount + 1")
+    _refused(facts, "ALTER TABLE facts ALTER amount TYPE numeric(12,2) USING CASE WHEN id = 2 THEN 9 ELSE amount END",
+             "hashed column amount")
