@@ -109,6 +109,7 @@ async def run(opts: RunOptions, *, task_status=anyio.TASK_STATUS_IGNORED) -> Non
         async with anyio.create_task_group() as tg:
             await tg.start(_doorbell, opts, wakeups)
             await tg.start(_supervise, opts, wakeups, drained, tg)
+            tg.start_soon(_summarizer, opts)
             if opts.http:
                 from listener.api.server import serve_http
 
@@ -266,15 +267,22 @@ def _log_dropped(dsn: str, name: str) -> bool:
         return False
 
 
-async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
-    """On a connection of its own: summarize processed_log's complete page ranges in the
-    leaf-hash index, and vacuum the log's outboxes after enough drained rows."""
+async def _summarizer(opts: RunOptions) -> None:
+    """Summarize processed_log's page ranges in the leaf-hash index (shared by every log) as
+    the table leaves them behind, on a connection of its own; stops where the role may not."""
     kept = KeptConnection(opts.dsn)
     summarized: int | None = 0  # processed_log's first block whose range may not be summarized
+    while summarized is not None:
+        await anyio.sleep(opts.janitor_interval)
+        summarized = await anyio.to_thread.run_sync(_summarize_leaf_lookup, kept, summarized)
+    await anyio.to_thread.run_sync(kept.close)
+
+
+async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
+    """Vacuum the log's outboxes after enough drained rows, on a connection of its own."""
+    kept = KeptConnection(opts.dsn)
     while True:
         await anyio.sleep(opts.janitor_interval)
-        if summarized is not None:
-            summarized = await anyio.to_thread.run_sync(_summarize_leaf_lookup, kept, summarized)
         if drained.rows.get(name, 0) < opts.vacuum_every_rows:
             continue
         drained.rows[name] = 0

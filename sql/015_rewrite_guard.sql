@@ -32,6 +32,12 @@
 -- end; under ALTER TYPE (a typed table retyped with its type), which check_source_ddl does not
 -- see, this is the only check.
 --
+-- Under REPEATABLE READ or SERIALIZABLE the digest would read the transaction's snapshot while
+-- the rewrite copies the rows committed now (and every rewritten row is then the transaction's
+-- own): a row updated and logged since the snapshot was taken would be digested with its old
+-- value both times, so the owner could rewrite it back without a leaf. As merkle.has_rows()
+-- of 014 does, such a transaction is refused unless the table's file is empty.
+--
 -- The digest is recorded in a table that only the owner of schema merkle writes, not in a
 -- session setting: the statement runs the table owner's code between the two events (a USING
 -- expression, a default), and that code may set any setting. A row lasts for the transaction
@@ -66,6 +72,13 @@ DECLARE
     obj text;
     result bytea;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' AND pg_relation_size(rel) > 0 THEN
+        RAISE EXCEPTION 'merkle-listener must compare the hashed values of % before and after this rewrite, and this '
+                        'transaction''s snapshot may predate rows committed since (isolation level %)',
+                        rel, current_setting('transaction_isolation')
+            USING ERRCODE = 'ML101',
+                  HINT = 'Run the ALTER in a READ COMMITTED transaction.';
+    END IF;
     SELECT pg_catalog.string_agg(
                pg_catalog.format('%L || CASE WHEN pg_catalog.num_nulls(%I) = 1 THEN ''null'' '
                                  'ELSE pg_catalog.to_json(pg_catalog.concat(%I))::text END',
@@ -159,7 +172,7 @@ BEGIN
     -- rewrite; planning any query on the table reads a B-tree's first page, which it lacks yet.
     SELECT i.indexrelid::regclass INTO unbuilt
       FROM pg_index i
-     WHERE i.indrelid = rel AND pg_relation_size(i.indexrelid) = 0
+     WHERE i.indrelid = rel AND i.indisvalid AND pg_relation_size(i.indexrelid) = 0
      ORDER BY i.indexrelid
      LIMIT 1;
     IF unbuilt IS NOT NULL THEN

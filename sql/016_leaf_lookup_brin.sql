@@ -8,14 +8,15 @@
 -- 1,000 leaves in a long run), which every synchronous commit of the source's writers flushes
 -- too. A BRIN index keeps one summary per range of heap pages, and processed_log only grows at
 -- its end: a range is summarized once, when it is complete, so an append writes nothing to it.
--- Measured on 3.8M rows: appends 1.5-1.9x faster, ~40 % less WAL per leaf, full-page images
--- per 1,000 leaves from ~30 to ~2.
+-- Measured (docs/benchmarks.md, fourth session): PostgreSQL writes processed_log rows 2.0-2.3x
+-- as fast, and the log's WAL per leaf went from 570-1,064 bytes to ~450, with almost no
+-- full-page images.
 --
 -- The price: a lookup reads every summary (about 2 bytes per leaf) and the heap ranges whose
 -- bloom filter matches (the one holding the leaf, and false positives at 0.1 %): milliseconds
 -- instead of a fraction of one. Ranges not yet summarized always match and are read whole:
 -- the listener summarizes the ranges the table has left behind about every second
--- (merkle.summarize_leaf_lookup, from each log's janitor); autosummarize and VACUUM do too.
+-- (merkle.summarize_leaf_lookup, once a second from `run`); autosummarize and VACUUM do too.
 --
 -- A range is 16 pages, about 1,000 rows of processed_log (each ~130 bytes): the bloom filter
 -- is sized for that many distinct hashes (a range with more only has more false positives).
@@ -30,7 +31,9 @@ CREATE INDEX processed_log_leaf_lookup ON merkle.processed_log
 -- has left behind are summarized: those that end at least 128 pages (~8,000 rows) before its
 -- end, since PostgreSQL 16+ extends a table by up to 64 pages at once, before COPY fills them.
 -- Takes processed_log's SHARE UPDATE EXCLUSIVE lock, which inserts do not wait for; while
--- VACUUM holds it (and summarizes as it ends) this returns from_block and does nothing.
+-- VACUUM holds it (and summarizes as it ends) this returns from_block and does nothing. A
+-- from_block past the table's end (VACUUM FULL shrank it) starts again from block 0: the
+-- ranges refilled below it would otherwise never be summarized by the caller.
 -- SECURITY DEFINER: brin_summarize_range is for the table's owner.
 CREATE FUNCTION merkle.summarize_leaf_lookup(from_block bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
@@ -40,7 +43,8 @@ DECLARE
     margin CONSTANT bigint := 128;
     blocks bigint := pg_relation_size('merkle.processed_log'::regclass)
                      / current_setting('block_size')::bigint;
-    start bigint := greatest(from_block, 0) / per_range * per_range;
+    start bigint := CASE WHEN from_block > blocks THEN 0 ELSE greatest(from_block, 0) END / per_range * per_range;
+    first bigint := start;
 BEGIN
     WHILE start + per_range + margin <= blocks LOOP
         PERFORM brin_summarize_range('merkle.processed_log_leaf_lookup'::regclass, start);
@@ -48,7 +52,7 @@ BEGIN
     END LOOP;
     RETURN start;
 EXCEPTION WHEN lock_not_available THEN
-    RETURN from_block;
+    RETURN first;
 END
 $$;
 -- Only the schema's owner (the listener's role) summarizes: in another role's hands a loop of

@@ -1,5 +1,5 @@
 """The leaf-hash index (sql/016): a BRIN bloom index whose page ranges are summarized once the
-table has left them behind, by merkle.summarize_leaf_lookup and the listener's janitor; a
+table has left them behind, by merkle.summarize_leaf_lookup, which `run` calls each second; a
 lookup by hash then reads the range holding the leaf and the tail not summarized yet."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_only_the_schemas_owner_summarizes(conn):
 
 
 def test_the_listener_summarizes_what_it_appended(conn, dsn):
-    # Autosummarize and autovacuum off: only the listener's janitor can summarize here.
+    # Autosummarize and autovacuum off: only the listener can summarize here.
     conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
     conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")
     conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
@@ -123,9 +123,9 @@ def test_the_listener_summarizes_what_it_appended(conn, dsn):
         listener.stop()
 
 
-def test_the_janitors_block_past_a_shrunk_table_starts_again(conn):
+def test_a_block_past_a_shrunk_table_starts_again(conn):
     """Found by review: after VACUUM FULL merkle.processed_log (docs/design.md advises it after
-    a large log drop) the janitor's block lay past the table's end, and the ranges refilled
+    a large log drop) the listener's block lay past the table's end, and the ranges refilled
     below it were never summarized by it: every lookup read them all."""
     conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
     conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")

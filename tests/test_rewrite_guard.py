@@ -291,3 +291,17 @@ def test_a_repeatable_read_rewrite_cannot_undo_a_logged_change(facts, dsn):
         owner.execute("ALTER TABLE empty_facts ALTER amount TYPE numeric(12,2) USING amount + 1")
     _refused(facts, "ALTER TABLE facts ALTER amount TYPE numeric(12,2) USING CASE WHEN id = 2 THEN 9 ELSE amount END",
              "hashed column amount")
+
+
+def test_an_invalid_index_left_by_a_failed_concurrent_build_does_not_refuse(facts):
+    """Found by review: a failed CREATE INDEX CONCURRENTLY leaves an invalid, empty index,
+    which no query reads; it is not an index the rewrite builds anew."""
+    facts.execute("INSERT INTO facts VALUES (3, 10, 3.50)")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        facts.execute("CREATE UNIQUE INDEX CONCURRENTLY facts_memo ON facts (memo)")
+    assert facts.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'facts_memo'::regclass").fetchone() == (
+        False,)
+    facts.execute("DELETE FROM facts WHERE id = 3")  # the rewrite rebuilds the index: unique now
+    facts.execute("ALTER TABLE facts ALTER amount TYPE numeric(12,2) USING amount + 0")
+    _refused(facts, "ALTER TABLE facts ALTER amount TYPE numeric(12,2) USING amount + 1", "hashed column amount")
+    assert facts.execute("SELECT id, amount FROM facts ORDER BY id").fetchall() == [(1, 1.5), (2, 2.5)]
