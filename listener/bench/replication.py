@@ -10,6 +10,8 @@
     floor       rows/s at which PostgreSQL alone writes the same processed_log rows (COPY of
                 rows computed beforehand, 20,000 per transaction, the schema's indexes): no
                 consumer that writes the log can be faster than this
+    paced_writers  the same statements paced at --writer-rate rows/s for --seconds, slot not
+                read and listener streaming: the rate the writers keep, each commit's time
     writers     bulk INSERT throughput (1,000-row statements) with no slot, then in
                 alternating rounds with the log's slot present but not read, with the
                 listener streaming it, and with pg_recvlogical streaming it (on the same
@@ -21,7 +23,7 @@
 Runs on a throwaway embedded PostgreSQL unless --dsn names a database (which then needs
 wal_level=logical and gets tables repl, paced_r and logs bench_r, paced_r).
     python -m listener.bench.replication [--rows N] [--rate R] [--seconds S] [--dsn DSN]
-                                         [--writers-synchronous-commit on|off]
+                                         [--writers-synchronous-commit on|off] [--writer-rate W]
 """
 
 from __future__ import annotations
@@ -145,6 +147,50 @@ def bench_writers(dsn: str, rows: int, synchronous_commit: str = "on", rounds: i
                                                              round(max(recvlogical_ratios), 3)],
             "writers_synchronous_commit": synchronous_commit,
             "note": f"medians of {rounds} rounds; each streaming round against a slot-not-read round next to it"}
+
+
+def bench_paced_writers(dsn: str, rate: float, seconds: float, per_stmt: int = 1000) -> dict:
+    """Writers at a load the machine can carry: 1,000-row INSERT statements, each committed,
+    paced at `rate` rows/s for `seconds`, with the log's slot not read (listener stopped) and
+    then with the listener streaming it. The saturated `writers` figure measures who gets the
+    two cores when the writers want all of them; this one, what capture costs writers that
+    leave room: the rate they keep and how long each commit takes."""
+    base = iter(range(50_000_000, 10**9, 10_000_000))
+    result = {"rate_rows_per_s": rate, "seconds": seconds, "rows_per_statement": per_stmt}
+    with connect(dsn) as conn:
+        result["slot_not_read"] = _paced_round(conn, next(base), rate, seconds, per_stmt)
+        target = _size(conn, "bench_r") + int(rate * seconds) // per_stmt * per_stmt
+        conn.commit()
+        listener = _listener(dsn, "bench_r")
+        try:
+            _wait_size(conn, "bench_r", target, timeout=900)
+            result["listener_streaming"] = _paced_round(conn, next(base), rate, seconds, per_stmt)
+            conn.commit()
+            _wait_size(conn, "bench_r", target + int(rate * seconds) // per_stmt * per_stmt, timeout=900)
+        finally:
+            _stop(listener)
+    idle, streaming = result["slot_not_read"], result["listener_streaming"]
+    result["ratio_achieved"] = round(streaming["achieved_rows_per_s"] / idle["achieved_rows_per_s"], 3)
+    return result
+
+
+def _paced_round(conn: psycopg.Connection, start: int, rate: float, seconds: float, per_stmt: int) -> dict:
+    statements = int(rate * seconds) // per_stmt
+    took = []
+    t0 = time.perf_counter()
+    for i in range(statements):
+        due = t0 + i * per_stmt / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(due - now, 0.0005))
+        lo = start + i * per_stmt
+        conn.execute(BULK.format(name="repl"), (lo, lo + per_stmt - 1))
+        conn.commit()
+        took.append((time.perf_counter() - now) * 1000)
+    # Over the paced window, or longer when the writers fell behind it.
+    achieved = statements * per_stmt / max(time.perf_counter() - t0, statements * per_stmt / rate)
+    q = statistics.quantiles(took, n=100)
+    return {"achieved_rows_per_s": round(achieved), "statement_ms_p50": round(q[49], 2),
+            "statement_ms_p99": round(q[98], 2)}
 
 
 def _pg_recvlogical(dsn: str) -> subprocess.Popen:
@@ -282,8 +328,13 @@ def bench_ceiling(dsn: str, conn: psycopg.Connection, rows: int, *, cpu: bool = 
         done.append(anyio.Event())
         await stream.open()
         if cpu:
-            pids["walsender"] = [pid for (pid,) in conn.execute(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (CEILING_SLOT,))]
+            for _ in range(100):  # the slot shows its walsender a moment after START_REPLICATION
+                pids["walsender"] = [pid for (pid,) in conn.execute(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s AND active_pid IS NOT NULL",
+                    (CEILING_SLOT,))]
+                if pids["walsender"]:
+                    break
+                await anyio.sleep(0.01)
             cpu_before.update((kind, _cpu_seconds(p)) for kind, p in pids.items())
         t = time.perf_counter()
         async with anyio.create_task_group() as tg:
@@ -371,7 +422,8 @@ def _wait_size(conn: psycopg.Connection, log: str, size: int, timeout: float) ->
         time.sleep(0.005)
 
 
-def run(dsn: str | None, rows: int, rate: float, seconds: float, writers_synchronous_commit: str = "on") -> dict:
+def run(dsn: str | None, rows: int, rate: float, seconds: float, writers_synchronous_commit: str = "on",
+        writer_rate: float = 100_000) -> dict:
     with bench_database(dsn) as target:
         _setup(target)
         result = {"benchmark": "replication", "rows": rows}
@@ -382,6 +434,7 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float, writers_synchro
             # of new rows would compete for the same cores during the paced run.
             result["latency"] = bench_latency(target, rate, seconds)
             result["writers"] = bench_writers(target, rows, writers_synchronous_commit)
+            result["paced_writers"] = bench_paced_writers(target, writer_rate, seconds)
             result["end_to_end"] = e2e = bench_end_to_end(target, rows, cpu=dsn is None)
             result["floor"] = floor = bench_floor(target, rows)
             floor["listener_sustained_vs_floor"] = round(e2e["listener_rows_per_s_sustained"]
@@ -401,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--writers-synchronous-commit", choices=["on", "off"], default="on",
                        help="the writers' synchronous_commit in the writers phase (default on; off: their commits "
                             "no longer wait for WAL flushes, which also flush the log's own WAL)")
+        p.add_argument("--writer-rate", type=float, default=100_000,
+                       help="rows/s of the paced writers phase, 1,000-row statements (default 100000: about a "
+                            "quarter of what they reach saturating this 2-core machine)")
 
     return capture.json_bench_main("python -m listener.bench.replication", __doc__, run, 400_000, argv, add_options)
 
