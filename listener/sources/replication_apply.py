@@ -94,7 +94,7 @@ class _Plan:
         self.entry_values = _getter(self.entry_idx)
         self.key_values = _getter(self.key_idx)
         self.used_idx = sorted(set(self.entry_idx) | set(self.key_idx) | ({self.entry_column_idx} - {None}))
-        # The fast path of an Insert whose entry and key values are all plain (canonical.plain_values):
+        # The fast path of an Insert whose entry and key values are all bytes needing no escape:
         # one check for both, then each template's format (None for an entry column source).
         self.hashed_values = _getter(sorted(set(self.entry_idx) | set(self.key_idx)))
         self.plain = None if s.entry_column else (self.entries[_INSERT].plain_format, self.key.plain_format)
