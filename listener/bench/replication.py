@@ -310,44 +310,41 @@ def bench_ceiling(dsn: str, conn: psycopg.Connection, rows: int, *, cpu: bool = 
     log_id = registry.get_log(conn, "bench_r").log_id
     sources = {s.table_oid: s for s in registry.list_sources(conn, log_id) if s.mode == "replication"}
     tree = MemoryTree()
-    done: list[anyio.Event] = []  # made inside the event loop
-
-    def received(txn: Transaction) -> None:
-        tree.append(prepare(txn, sources, log_id).hashes)
-        stream.confirm(txn.end_lsn)
-        if tree.size >= rows:
-            done[0].set()
-
-    stream = ReplicationStream(dsn, CEILING_SLOT, "merkle_bench_r", 0, on_transaction=received,
-                               may_confirm_idle=lambda: False)
-
     pids = {"python": [os.getpid()]}
-    cpu_before = {}
 
-    async def read() -> float:
-        done.append(anyio.Event())
-        await stream.open()
-        if cpu:
-            for _ in range(100):  # the slot shows its walsender a moment after START_REPLICATION
-                pids["walsender"] = [pid for (pid,) in conn.execute(
-                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s AND active_pid IS NOT NULL",
-                    (CEILING_SLOT,))]
-                if pids["walsender"]:
-                    break
-                await anyio.sleep(0.01)
-            cpu_before.update((kind, _cpu_seconds(p)) for kind, p in pids.items())
-        t = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stream.run)
-            with anyio.fail_after(600):
-                await done[0].wait()
-            tg.cancel_scope.cancel()
-        return time.perf_counter() - t
+    async def read() -> tuple[float, dict[str, float]]:
+        done = anyio.Event()
 
-    try:
-        elapsed = anyio.run(read)
-    finally:
-        stream.close()
+        def received(txn: Transaction) -> None:
+            tree.append(prepare(txn, sources, log_id).hashes)
+            stream.confirm(txn.end_lsn)
+            if tree.size >= rows:
+                done.set()
+
+        stream = ReplicationStream(dsn, CEILING_SLOT, "merkle_bench_r", 0, on_transaction=received,
+                                   may_confirm_idle=lambda: False)
+        try:
+            await stream.open()
+            if cpu:
+                for _ in range(100):  # the slot shows its walsender a moment after START_REPLICATION
+                    pids["walsender"] = [pid for (pid,) in conn.execute(
+                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s AND active_pid IS NOT NULL",
+                        (CEILING_SLOT,))]
+                    if pids["walsender"]:
+                        break
+                    await anyio.sleep(0.01)
+            cpu_before = {kind: _cpu_seconds(p) for kind, p in pids.items()} if cpu else {}
+            t = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream.run)
+                with anyio.fail_after(600):
+                    await done.wait()
+                tg.cancel_scope.cancel()
+            return time.perf_counter() - t, cpu_before
+        finally:
+            stream.close()
+
+    elapsed, cpu_before = anyio.run(read)
     # The root lets a caller check that this computed the leaves the listener commits.
     result = {"rows_per_s": round(rows / elapsed), "tree_size": tree.size, "tree_root": tree.root().hex()}
     if cpu:
