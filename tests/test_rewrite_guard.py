@@ -16,6 +16,7 @@ from listener.store import migrate
 from listener.store.connect import options_string
 from tests.helpers import check_log
 
+
 def _refused(conn, statement: str, match: str) -> None:
     with pytest.raises(psycopg.Error, match=match) as exc:
         conn.execute(statement)
