@@ -153,8 +153,7 @@ def _report(conn: psycopg.Connection, log_name: str, committed: dict) -> int:
     _step(f"inclusion proof for the row orders.id = {order_id}")
     key = canonical.key_json({"id": str(order_id)})
     index = conn.execute(
-        "SELECT p.seq FROM merkle.processed_log p JOIN merkle.sources s USING (source_id) "
-        "WHERE p.log_id = %s AND s.table_name = 'orders' AND p.source_key = %s", (log.log_id, key),
+        "SELECT seq FROM merkle.leaves_by_key(%s, 'public.orders', %s, %s)", (log.log_id, key, 2**63 - 1),
     ).fetchone()[0]
     conn.commit()
     doc = proofs.inclusion(conn, log.name, index)

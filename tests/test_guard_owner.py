@@ -472,7 +472,7 @@ def test_the_upgrade_to_014_neither_runs_the_owners_functions_nor_keeps_its_plan
           RETURN pg_catalog.format(f, i);
         END $$""")
     with psycopg.connect(dsn) as c:
-        assert [m.version for m in migrate.apply(c)] == [14, 15, 16]
+        assert [m.version for m in migrate.apply(c)] == list(range(14, migrate.latest_version() + 1))
     assert not _is_superuser(conn), "the table owner's public.format() ran as the superuser applying sql/014"
     assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'fake'::regclass").fetchone()[0] == 0
     owner.execute("INSERT INTO fake VALUES (777, 'never in notes')")

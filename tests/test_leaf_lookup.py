@@ -1,6 +1,7 @@
-"""The leaf-hash index (sql/016): a BRIN bloom index whose page ranges are summarized once the
-table has left them behind, by merkle.summarize_leaf_lookup, which `run` calls each second; a
-lookup by hash then reads the range holding the leaf and the tail not summarized yet."""
+"""The leaf lookup index (sql/016, sql/017): a BRIN bloom index on leaf_hash and source_key whose
+page ranges are summarized once the table has left them behind, by merkle.summarize_leaf_lookup,
+which `run` calls each second; a lookup by hash or by key then reads the ranges holding the
+leaves and the tail not summarized yet."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import time
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from listener import registry
+from listener.runner import connect
+from listener.sequencer import Sequencer
 from tests.helpers import check_log, start_listener
 from tests.naive_tree import insert_log
 
@@ -26,23 +30,23 @@ def heap_blocks(conn) -> int:
                         ).fetchone()[0]
 
 
-def lookup(conn, log_id: int, leaf_hash: bytes) -> tuple[int | None, int]:
-    """(the leaf's index by merkle.leaf_index, heap pages its query reads)."""
-    found = conn.execute("SELECT merkle.leaf_index(%s, %s, %s)", (log_id, leaf_hash, 2**63 - 1)).fetchone()[0]
+def pages_read(conn, function: str, args: tuple) -> int:
+    """Heap pages of processed_log that the query of `function` (a regprocedure) reads for
+    `args`, checking that it reads them through the BRIN index."""
     with conn.transaction():
         # Its query, with its settings (a function's own plan cannot be EXPLAINed from here).
         body, config = conn.execute(
-            "SELECT prosrc, proconfig FROM pg_proc WHERE oid = 'merkle.leaf_index(integer, bytea, bigint)'::regprocedure"
-        ).fetchone()
+            "SELECT prosrc, proconfig FROM pg_proc WHERE oid = %s::regprocedure", (function,)).fetchone()
         for setting in config:
             name, value = setting.split("=", 1)
             conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-        conn.execute("PREPARE leaf_index_body(integer, bytea, bigint) AS " + body)
+        types = function[function.index("(") + 1:-1]
+        conn.execute(f"PREPARE lookup_body({types}) AS " + body)
         try:
-            plan = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE leaf_index_body("
-                                f"{log_id:d}, '\\x{leaf_hash.hex()}', {2**63 - 1:d})").fetchone()[0][0]["Plan"]
+            plan = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE lookup_body({})").format(
+                sql.SQL(", ").join(map(sql.Literal, args)))).fetchone()[0][0]["Plan"]
         finally:
-            conn.execute("DEALLOCATE leaf_index_body")
+            conn.execute("DEALLOCATE lookup_body")
     scans = []
 
     def walk(node):
@@ -54,7 +58,21 @@ def lookup(conn, log_id: int, leaf_hash: bytes) -> tuple[int | None, int]:
     walk(plan)
     assert [s["Relation Name"] for s in scans] == ["processed_log"], plan
     assert scans[0]["Plans"][0]["Index Name"] == "processed_log_leaf_lookup", plan
-    return found, scans[0]["Lossy Heap Blocks"] + scans[0].get("Exact Heap Blocks", 0)
+    return scans[0]["Lossy Heap Blocks"] + scans[0].get("Exact Heap Blocks", 0)
+
+
+def lookup(conn, log_id: int, leaf_hash: bytes) -> tuple[int | None, int]:
+    """(the leaf's index by merkle.leaf_index, heap pages its query reads)."""
+    args = (log_id, leaf_hash, 2**63 - 1)
+    found = conn.execute("SELECT merkle.leaf_index(%s, %s, %s)", args).fetchone()[0]
+    return found, pages_read(conn, "merkle.leaf_index(integer, bytea, bigint)", args)
+
+
+def by_key(conn, log_id: int, source: str, key: str, size: int = 2**63 - 1) -> tuple[list[tuple], int]:
+    """(the leaves of that row by merkle.leaves_by_key, heap pages its query reads)."""
+    args = (log_id, source, key, size)
+    found = conn.execute("SELECT seq, op FROM merkle.leaves_by_key(%s, %s, %s, %s)", args).fetchall()
+    return found, pages_read(conn, "merkle.leaves_by_key(integer, text, text, bigint)", args)
 
 
 def test_summarized_ranges_narrow_a_lookup_to_the_leafs_range(conn):
@@ -143,3 +161,53 @@ def test_a_block_past_a_shrunk_table_starts_again(conn):
     assert reached + MARGIN <= blocks < reached + PER_RANGE + MARGIN
     found, read = lookup(conn, log_id, leaves[100])
     assert found == 100 and read <= PER_RANGE + (blocks - reached) + PER_RANGE, f"{read} of {blocks} pages read"
+
+
+def test_leaves_of_a_row_are_found_by_key_through_the_summaries(conn):
+    """sql/017: the unique change index no longer holds the key, so lookups by key (the HTTP
+    API's /lookup) go through the BRIN summaries: every leaf of that row of that source, in log
+    order, below the size asked for, and only a few ranges of the table read."""
+    conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
+    conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")
+    for table in ("orders", "refunds"):
+        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text)")
+    log_id = registry.create_log(conn, "audit").log_id
+    registry.add_source(conn, "audit", "orders")
+    registry.add_source(conn, "audit", "refunds")
+    conn.execute("INSERT INTO orders SELECT g, 'note ' || g FROM generate_series(1, 20000) g")
+    conn.execute("INSERT INTO refunds VALUES (7, 'same key, other source')")
+    conn.execute("DELETE FROM orders WHERE id = 7")  # not logged (inserts only) ...
+    conn.execute("INSERT INTO orders VALUES (7, 'the same row key again')")  # ... but this is
+    with connect(conn.info.dsn) as w:
+        assert Sequencer(w, "audit").drain_all() == 20_002
+    rows = check_log(conn, "audit")
+    key = '{"id":"7"}'
+    first, again = [r[0] for r in rows if r[2] == key and r[1] == rows[0][1]]
+    assert 0 <= first < again == 20_001
+
+    blocks = heap_blocks(conn)
+    reached = conn.execute("SELECT merkle.summarize_leaf_lookup(0)").fetchone()[0]
+    assert reached + MARGIN <= blocks < reached + PER_RANGE + MARGIN
+    found, read = by_key(conn, log_id, "public.orders", key)
+    assert found == [(first, "insert"), (again, "insert")]
+    # The range holding the first leaf, the tail (the second), a false positive at most.
+    assert read <= PER_RANGE + (blocks - reached) + PER_RANGE, f"{read} of {blocks} pages read"
+    assert by_key(conn, log_id, "public.orders", key, again)[0] == [(first, "insert")]
+    assert by_key(conn, log_id, "public.refunds", key)[0] == [(20_000, "insert")]
+    assert by_key(conn, log_id, "public.orders", '{"id":"20001"}')[0] == []
+    assert by_key(conn, log_id, "public.payments", key)[0] == []
+    assert by_key(conn, log_id + 1, "public.orders", key)[0] == []
+
+
+def test_a_change_identity_is_unique_without_its_key(conn):
+    """sql/017's change index (log, source, change_id, change_ord): a change appended again is
+    refused even under another key, and the same identity in another source or log is not."""
+    insert_log(conn, "audit", [leaf(0)], tiles=False)
+    row = "(%s, %s, 1, %s, 'insert', %s, 0, 0)"
+    insert = "INSERT INTO merkle.processed_log (log_id, seq, source_id, source_key, op, leaf_hash, change_id, change_ord) VALUES "
+    log_id = registry.get_log(conn, "audit").log_id
+    with conn.transaction(force_rollback=True), pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute(insert + row, (log_id, 1, '{"id":"other"}', leaf(1)))
+    with conn.transaction(force_rollback=True):
+        conn.execute(insert + row.replace(", 1, %s", ", 2, %s"), (log_id, 1, '{"id":"0"}', leaf(1)))
+        conn.execute(insert + row, (log_id + 1, 0, '{"id":"0"}', leaf(1)))

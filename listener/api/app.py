@@ -209,10 +209,7 @@ async def lookup(request: Request) -> Response:
     info, size = await _size(request, info)
     async with request.app.state.pool.connection() as conn:
         rows = await (await conn.execute(
-            "SELECT p.seq, p.op FROM merkle.processed_log p JOIN merkle.sources s USING (source_id)"
-            " WHERE p.log_id = %s AND s.log_id = %s AND s.table_schema || '.' || s.table_name = %s"
-            " AND p.source_key = %s AND p.seq < %s ORDER BY p.seq LIMIT 1000",
-            (info.log_id, info.log_id, source, key, size),
+            "SELECT seq, op FROM merkle.leaves_by_key(%s, %s, %s, %s)", (info.log_id, source, key, size),
         )).fetchall()
     if not rows:
         raise ApiError(404, f"no leaf of {source} with key {key} in log {info.name!r} at size {size}")

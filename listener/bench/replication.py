@@ -9,7 +9,8 @@
                 the CPU seconds per row of the listener's processes (Linux /proc)
     floor       rows/s at which PostgreSQL alone writes the same processed_log rows (COPY of
                 rows computed beforehand, 20,000 per transaction, the schema's indexes): no
-                consumer that writes the log can be faster than this
+                consumer that writes the log can be faster than this; again with random keys
+                (a UUID key's spread) instead of the source's growing ids
     paced_writers  the same statements paced at --writer-rate rows/s for --seconds, slot not
                 read and listener streaming: the rate the writers keep, each commit's time
     writers     bulk INSERT throughput (1,000-row statements) with no slot, then in
@@ -376,14 +377,19 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def bench_floor(dsn: str, rows: int, per_txn: int = 20_000) -> dict:
+def bench_floor(dsn: str, rows: int, per_txn: int = 20_000, *, random_keys: bool = False) -> dict:
     """PostgreSQL alone writing processed_log rows shaped like the listener's (one source,
-    JSON key, insert, random leaf hash, commit LSNs), in a log of its own."""
+    JSON key, insert, random leaf hash, commit LSNs), in a log of its own. The keys are the
+    source's growing ids, or with `random_keys` 32 hex digits each (a UUID key's spread)."""
     with connect(dsn) as conn:
         log_id = registry.create_log(conn, f"bench_floor_{os.getpid()}").log_id
         try:
-            lines = [b'%d\t1\t{"id":"%d"}\tinsert\t\\\\x%b\t%d\t%d\t0/1\t%d\n'
-                     % (log_id, i, hashlib.sha256(b"%d" % i).hexdigest().encode(), 1000 + i // 1000, i % 1000 + 1, i)
+            def key(i: int) -> bytes:
+                return hashlib.sha256(b"key %d" % i).hexdigest()[:32].encode() if random_keys else b"%d" % i
+
+            lines = [b'%d\t1\t{"id":"%b"}\tinsert\t\\\\x%b\t%d\t%d\t0/1\t%d\n'
+                     % (log_id, key(i), hashlib.sha256(b"%d" % i).hexdigest().encode(), 1000 + i // 1000,
+                        i % 1000 + 1, i)
                      for i in range(rows)]
             t = time.perf_counter()
             for lo in range(0, rows, per_txn):
@@ -438,6 +444,8 @@ def run(dsn: str | None, rows: int, rate: float, seconds: float, writers_synchro
                                                          / floor["processed_log_rows_per_s"], 3)
             floor["floor_vs_pg_recvlogical"] = round(floor["processed_log_rows_per_s"]
                                                      / e2e["pg_recvlogical_rows_per_s"], 3)
+            floor["processed_log_rows_per_s_random_keys"] = bench_floor(
+                target, rows, random_keys=True)["processed_log_rows_per_s"]
         finally:
             with connect(target, autocommit=True) as conn:
                 for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()").fetchall():
