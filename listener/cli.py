@@ -489,15 +489,22 @@ def cmd_monitor(args) -> int:
 async def _until_signal(fn, *args) -> None:
     import anyio
 
-    async with anyio.create_task_group() as tg:
-        async def stop_on_signal():
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+    try:
+        async with anyio.create_task_group() as tg:
+            async def stop_on_signal():
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(stop_on_signal)
-        await tg.start(fn, *args)
+            tg.start_soon(stop_on_signal)
+            await tg.start(fn, *args)
+    except BaseExceptionGroup as group:
+        # fn's own error (a port in use, a schema to upgrade) is said as one message, not as
+        # a traceback of the task group.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], MerkleListenerError):
+            raise group.exceptions[0] from None
+        raise
 
 
 def cmd_status(args) -> int:

@@ -287,3 +287,17 @@ def test_serve_read_only_with_two_workers(http_log):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
         assert proc.returncode in (0, -15), err
+
+
+def test_serve_refuses_a_schema_that_lacks_a_migration(conn, dsn):
+    """A `serve` upgraded before `init` ran would answer some requests with errors (a lookup
+    calls merkle.leaves_by_key, from sql/017): it refuses to start and says what to run."""
+    from listener.store import migrate
+    from tests.helpers import cli
+    from tests.http_server import free_port
+
+    last = migrate.migrations()[-1].version
+    conn.execute("DELETE FROM merkle.schema_version WHERE version = %s", (last,))
+    out = cli("serve", "--http", f"127.0.0.1:{free_port()}", dsn=dsn, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"lacks migration(s) [{last}]: run `merkle-listener init`" in out.stderr

@@ -15,8 +15,10 @@ from psycopg import sql
 from listener import registry
 from listener.runner import connect
 from listener.sequencer import Sequencer
+from listener.store import migrate
 from tests.helpers import check_log, start_listener
 from tests.naive_tree import insert_log
+from tests.test_replication import wait_for_size
 
 PER_RANGE, MARGIN = 16, 128
 
@@ -211,3 +213,48 @@ def test_a_change_identity_is_unique_without_its_key(conn):
     with conn.transaction(force_rollback=True):
         conn.execute(insert + row.replace(", 1, %s", ", 2, %s"), (log_id, 1, '{"id":"0"}', leaf(1)))
         conn.execute(insert + row, (log_id + 1, 0, '{"id":"0"}', leaf(1)))
+
+
+def test_the_upgrade_to_017_indexes_a_log_written_before_it(rconn):
+    """sql/017 builds its unique index over the leaves that earlier versions wrote: trigger and
+    replication inserts, and the backfills of two replication sources (whose change ids are
+    all 0). Afterwards the log is whole and every row's leaves are found by key."""
+    conn = rconn
+    for table in ("counts", "tallies", "notes"):
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, body text)")
+        conn.execute(f"INSERT INTO {table} SELECT g, '{table} ' || g FROM generate_series(1, 300) g")
+    registry.create_log(conn, "old")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "old", "counts", mode="replication", backfill=True)
+        registry.add_source(c, "old", "tallies", mode="replication", backfill=True)
+        registry.add_source(c, "old", "notes", backfill=True)
+    listener = start_listener(conn.info.dsn)
+    try:
+        for table in ("counts", "tallies", "notes"):
+            conn.execute(f"INSERT INTO {table} SELECT g, 'later ' || g FROM generate_series(301, 400) g")
+        wait_for_size(conn, "old", 1200, listener=listener)
+    finally:
+        listener.stop()
+    # Back to the indexes of sql/016, as a database of that version has them.
+    conn.execute("DROP FUNCTION merkle.leaves_by_key(integer, text, text, bigint)")
+    conn.execute("DROP INDEX merkle.processed_log_change")
+    conn.execute("CREATE UNIQUE INDEX processed_log_change ON merkle.processed_log "
+                 "(log_id, source_id, source_key, change_id, change_ord)")
+    conn.execute("DROP INDEX merkle.processed_log_leaf_lookup")
+    conn.execute("CREATE INDEX processed_log_leaf_lookup ON merkle.processed_log USING brin (leaf_hash "
+                 "bytea_bloom_ops (n_distinct_per_range = 1000, false_positive_rate = 0.001)) "
+                 "WITH (pages_per_range = 16, autosummarize = on)")
+    conn.execute("DELETE FROM merkle.schema_version WHERE version = 17")
+
+    with connect(conn.info.dsn) as c:
+        assert [m.version for m in migrate.apply(c)] == [17]
+        c.commit()
+    rows = check_log(conn, "old")
+    log_id = registry.get_log(conn, "old").log_id
+    names = dict(conn.execute("SELECT source_id, table_schema || '.' || table_name FROM merkle.sources"))
+    assert sorted(set(names.values())) == ["public.counts", "public.notes", "public.tallies"]
+    # The replication backfills' change ids are 0, the trigger one's a statement's id.
+    assert sorted(r[5] == 0 for r in rows if r[3] == "backfill") == [False] * 300 + [True] * 600
+    for r in rows[::37]:
+        found, _ = by_key(conn, log_id, names[r[1]], r[2])
+        assert found == [(r[0], r[3])]

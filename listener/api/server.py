@@ -12,6 +12,7 @@ import logging
 import socket
 
 import anyio
+import psycopg
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
@@ -19,6 +20,7 @@ from listener.api.app import create_asgi
 from listener.api.logstate import LogState
 from listener.api.tilestore import TileStore
 from listener.errors import ConfigurationError
+from listener.store import migrate
 from listener.store.connect import RUN_SEARCH_PATH, options_string
 
 log = logging.getLogger("listener.api")
@@ -66,6 +68,11 @@ async def _serve(server: _Server, sock: socket.socket) -> None:
         raise ConfigurationError("the HTTP server could not start (see the log above)") from None
 
 
+def _check_schema(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True, options=options_string()) as conn:
+        migrate.check_version(conn)
+
+
 async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age: float = 60.0, preload: bool = False, *,
                      pool_size: int = 4, task_status=anyio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; task_status.started() once the socket listens."""
@@ -78,6 +85,9 @@ async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age:
     )
     await pool.open(wait=True, timeout=30)
     try:
+        # A schema without this version's migrations would fail some requests (a lookup
+        # calls merkle.leaves_by_key from sql/017): refuse to start, saying what to run.
+        await anyio.to_thread.run_sync(_check_schema, dsn)
         logs = LogState(pool)
         tiles = TileStore(pool, cache_mb << 20)
         async with anyio.create_task_group() as tg:
