@@ -268,7 +268,7 @@ def _log_dropped(dsn: str, name: str) -> bool:
 
 
 async def _summarizer(opts: RunOptions) -> None:
-    """Summarize processed_log's page ranges in the leaf-hash index (shared by every log) as
+    """Summarize processed_log's page ranges in the leaf lookup index (shared by every log) as
     the table leaves them behind, on a connection of its own; stops where the role may not."""
     kept = KeptConnection(opts.dsn)
     summarized: int | None = 0  # processed_log's first block whose range may not be summarized
@@ -294,16 +294,16 @@ async def _janitor(opts: RunOptions, drained: _Drained, name: str) -> None:
 
 
 def _summarize_leaf_lookup(kept: KeptConnection, from_block: int) -> int | None:
-    """Summarize the leaf-hash index's complete ranges (sql/016) from from_block on; returns
+    """Summarize the leaf lookup index's complete ranges (sql/016, 017) from from_block on; returns
     the next from_block, or None when this role may not (autovacuum does it then)."""
     try:
         return kept.get().execute("SELECT merkle.summarize_leaf_lookup(%s)", (from_block,)).fetchone()[0]
     except psycopg.errors.InsufficientPrivilege as exc:
-        log.info("processed_log's leaf-hash index is left to autovacuum to summarize", extra={"error": str(exc).strip()})
+        log.info("processed_log's leaf lookup index is left to autovacuum to summarize", extra={"error": str(exc).strip()})
         return None
     except psycopg.Error as exc:
         kept.close()  # the writer reports a lost database; this is retried in a second
-        log.debug("could not summarize processed_log's leaf-hash index", extra={"error": str(exc).strip()})
+        log.debug("could not summarize processed_log's leaf lookup index", extra={"error": str(exc).strip()})
         return from_block
 
 

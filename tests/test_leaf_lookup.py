@@ -198,7 +198,32 @@ def test_leaves_of_a_row_are_found_by_key_through_the_summaries(conn):
     assert by_key(conn, log_id, "public.refunds", key)[0] == [(20_000, "insert")]
     assert by_key(conn, log_id, "public.orders", '{"id":"20001"}')[0] == []
     assert by_key(conn, log_id, "public.payments", key)[0] == []
-    assert by_key(conn, log_id + 1, "public.orders", key)[0] == []
+    # The same key in another log's source: each log answers for its own.
+    conn.execute("CREATE TABLE credits (id bigint PRIMARY KEY, note text)")
+    other = registry.create_log(conn, "other").log_id
+    registry.add_source(conn, "other", "credits")
+    conn.execute("INSERT INTO credits VALUES (7, 'another log')")
+    with connect(conn.info.dsn) as w:
+        assert Sequencer(w, "other").drain_all() == 1
+    assert by_key(conn, other, "public.credits", key)[0] == [(0, "insert")]
+    assert by_key(conn, other, "public.orders", key)[0] == []
+    assert by_key(conn, log_id, "public.credits", key)[0] == []
+
+
+def test_a_lookup_by_key_gives_the_first_thousand_leaves(conn):
+    """As the HTTP API's /lookup always did: a row with more leaves (one updated that often)
+    answers its first 1,000, in log order."""
+    conn.execute("CREATE TABLE hot (id int PRIMARY KEY, n int)")
+    log_id = registry.create_log(conn, "audit").log_id
+    source, _ = registry.add_source(conn, "audit", "hot")
+    key = '{"id":"1"}'
+    with conn.cursor().copy("COPY merkle.processed_log (log_id, seq, source_id, source_key, op, leaf_hash, "
+                            "change_id, change_ord) FROM STDIN") as copy:
+        for seq in range(2_400):
+            copy.write_row((log_id, seq, source.source_id, key if seq % 2 else '{"id":"2"}', "insert", leaf(seq), seq, 1))
+    found, _ = by_key(conn, log_id, "public.hot", key)
+    assert found == [(seq, "insert") for seq in range(1, 2_000, 2)]
+    assert by_key(conn, log_id, "public.hot", key, 1_199)[0] == [(seq, "insert") for seq in range(1, 1_199, 2)]
 
 
 def test_a_change_identity_is_unique_without_its_key(conn):
@@ -208,8 +233,9 @@ def test_a_change_identity_is_unique_without_its_key(conn):
     row = "(%s, %s, 1, %s, 'insert', %s, 0, 0)"
     insert = "INSERT INTO merkle.processed_log (log_id, seq, source_id, source_key, op, leaf_hash, change_id, change_ord) VALUES "
     log_id = registry.get_log(conn, "audit").log_id
-    with conn.transaction(force_rollback=True), pytest.raises(psycopg.errors.UniqueViolation):
+    with conn.transaction(force_rollback=True), pytest.raises(psycopg.errors.UniqueViolation) as refused:
         conn.execute(insert + row, (log_id, 1, '{"id":"other"}', leaf(1)))
+    assert refused.value.diag.constraint_name == "processed_log_change"
     with conn.transaction(force_rollback=True):
         conn.execute(insert + row.replace(", 1, %s", ", 2, %s"), (log_id, 1, '{"id":"0"}', leaf(1)))
         conn.execute(insert + row, (log_id + 1, 0, '{"id":"0"}', leaf(1)))
