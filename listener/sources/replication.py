@@ -42,6 +42,10 @@ STATUS_INTERVAL = 10.0
 BACKLOG_STATUS_INTERVAL = 1.0
 # Messages decoded between two yields to the event loop.
 YIELD_EVERY = 500
+# A transaction is held whole, in memory, until its leaves are committed (~700 bytes per
+# change, measured: docs/replication.md, "Large transactions"): each time one being received
+# grows by this many changes, say so.
+LARGE_TRANSACTION_CHANGES = 1_000_000
 
 
 @dataclass
@@ -83,6 +87,7 @@ class ReplicationStream:
         self.idle_end = start_lsn  # highest walEnd of a keepalive that found nothing waiting
         self._relations: dict[int, po.Relation] = {}
         self._current: Transaction | None = None
+        self._large_at = LARGE_TRANSACTION_CHANGES  # the current transaction's next warning
         self._last_status = 0.0
 
     # -- connection ----------------------------------------------------------------------
@@ -143,6 +148,8 @@ class ReplicationStream:
                 drained = False
                 if handled >= YIELD_EVERY:
                     handled = 0
+                    if self._current is not None and len(self._current.changes) >= self._large_at:
+                        self._warn_large()
                     await anyio.lowlevel.checkpoint()
                     while self.backlogged():
                         if time.monotonic() - self._last_status > BACKLOG_STATUS_INTERVAL:
@@ -189,9 +196,18 @@ class ReplicationStream:
             return
         self._message(po.decode(frame.payload, raw=True))
 
+    def _warn_large(self) -> None:
+        changes = len(self._current.changes)
+        log.warning("large transaction: it is held in memory until its leaves are committed; split bulk loads "
+                    "into smaller transactions (docs/replication.md, \"Large transactions\")",
+                    extra={"slot": self.slot, "commit_lsn": po.int_to_lsn(self._current.commit_lsn),
+                           "changes_so_far": changes})
+        self._large_at = (changes // LARGE_TRANSACTION_CHANGES + 1) * LARGE_TRANSACTION_CHANGES
+
     def _message(self, msg: po.PgoutputMessage) -> None:
         if isinstance(msg, po.Begin):
             self._current = Transaction(msg.final_lsn, 0, msg.commit_time)
+            self._large_at = LARGE_TRANSACTION_CHANGES
         elif isinstance(msg, po.Commit):
             txn, self._current = self._current, None
             if txn is None:
