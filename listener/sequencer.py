@@ -241,14 +241,16 @@ class Sequencer:
 def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> sql.Composed | None:
     """The one statement of step 2 for these trigger-mode sources (None without sources).
 
-    The cutoff takes whole statements, oldest first, up to max_batch rows (a larger single
-    statement is taken whole), so a transaction's rows keep their (stmt_id, ord) order.
+    The cutoff takes the first max_batch rows in (stmt_id, ord) order, so a transaction's rows
+    keep their order, and a statement of more rows is spread over several batches: the
+    memory a batch needs, here and in the server, does not grow with the statement.
     """
     if not sources:
         return None
     own = {s.source_id: outbox_columns(s) for s in sources}
-    stmt_ids = sql.SQL(" UNION ALL ").join(
-        sql.SQL("SELECT {} AS stmt_id FROM {}").format(sql.Identifier(own[s.source_id].stmt_id), outbox_name(s.source_id))
+    changes_order = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT {} AS stmt_id, {} AS ord FROM {}").format(
+            sql.Identifier(own[s.source_id].stmt_id), sql.Identifier(own[s.source_id].ord), outbox_name(s.source_id))
         for s in sources
     )
     deletes = []
@@ -260,7 +262,8 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
             entry = canonical_sql.entry_sql("o", s.qualified, s.columns, sql.Identifier("o", o.op), types[s.source_id])
             leaf = canonical_sql.leaf_hash_sql(entry)
         deletes.append(sql.SQL(
-            "{name} AS (DELETE FROM {outbox} o WHERE o.{stmt_id} < (SELECT stmt_id FROM cutoff) "
+            "{name} AS (DELETE FROM {outbox} o WHERE o.{stmt_id} <= (SELECT stmt_id FROM cutoff) "
+            "AND (o.{stmt_id} < (SELECT stmt_id FROM cutoff) OR o.{ord} < (SELECT ord FROM cutoff)) "
             "RETURNING {sid}::integer AS source_id, o.{stmt_id} AS stmt_id, o.{ord} AS ord, o.{op} AS op, "
             "{key} AS source_key, {leaf} AS leaf_hash)"
         ).format(
@@ -272,13 +275,12 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
         sql.SQL("SELECT * FROM {}").format(sql.Identifier(f"d{s.source_id}")) for s in sources
     )
     return sql.SQL(
-        # One bounded top-N sort over the outboxes' stmt ids: the first and the (max_batch+1)-th.
-        "WITH firsts AS (SELECT array_agg(stmt_id) AS a FROM "
-        "(SELECT stmt_id FROM ({stmt_ids}) ids ORDER BY stmt_id LIMIT %(max_batch)s + 1) f), "
-        "cutoff AS (SELECT CASE "
-        "WHEN cardinality(a) IS NULL OR cardinality(a) <= %(max_batch)s THEN 9223372036854775807 "
-        "WHEN a[cardinality(a)] > a[1] THEN a[cardinality(a)] "
-        "ELSE a[1] + 1 END AS stmt_id FROM firsts), "
+        # One bounded top-N sort over the outboxes' rows: the (max_batch+1)-th is the first one
+        # left for the next batch (none: every row is taken).
+        "WITH next AS (SELECT stmt_id, ord FROM ({changes_order}) ids ORDER BY stmt_id, ord "
+        "OFFSET %(max_batch)s LIMIT 1), "
+        "cutoff AS (SELECT coalesce((SELECT stmt_id FROM next), 9223372036854775807) AS stmt_id, "
+        "coalesce((SELECT ord FROM next), 0) AS ord), "
         "{deletes}, "
         "changes AS ({changes}), "
         "ins AS (INSERT INTO merkle.processed_log "
@@ -288,5 +290,5 @@ def drain_statement(sources: list[Source], types: dict[int, dict[str, int]]) -> 
         "RETURNING seq, leaf_hash) "
         "SELECT string_agg(leaf_hash, ''::bytea ORDER BY seq), "
         "(SELECT stmt_id FROM cutoff) < 9223372036854775807 FROM ins"
-    ).format(stmt_ids=stmt_ids, deletes=sql.SQL(", ").join(deletes), changes=changes)
+    ).format(changes_order=changes_order, deletes=sql.SQL(", ").join(deletes), changes=changes)
 

@@ -147,6 +147,29 @@ def test_savepoints_rolled_back_leave_nothing_and_released_ones_are_logged(two_s
                                         ("public.payments", canonical.key_json({"id": "4"}))]
 
 
+def test_a_statement_larger_than_a_batch_is_spread_over_batches(two_sources, dsn):
+    """A batch takes at most max_batch rows, in (statement, row) order, even from one
+    statement: the memory a batch needs does not grow with the statement (a whole statement
+    of tens of millions of rows would not fit one batch's packed leaf hashes). The rows of
+    the large statement and of the ones around it keep their order."""
+    conn = two_sources
+    conn.execute("INSERT INTO payments VALUES (1, 1, 'before')")
+    conn.execute("INSERT INTO orders (id, customer) SELECT g, 'c' || g FROM generate_series(1, 120) g")
+    conn.execute("INSERT INTO payments VALUES (2, 1, 'after')")
+    with connect(dsn) as wconn:
+        seq = Sequencer(wconn, "audit", max_batch=50)
+        batches = []
+        while (batch := seq.drain_once()) is not None:
+            batches.append((batch.count, batch.more))
+    assert batches == [(50, True), (50, True), (22, False)]
+    rows = check_log(conn, "audit")
+    assert _logged_keys(conn, rows) == [("public.payments", '{"id":"1"}')] + [
+        ("public.orders", canonical.key_json({"id": str(i)})) for i in range(1, 121)] + [
+        ("public.payments", '{"id":"2"}')]
+    assert [r[6] for r in rows[1:121]] == list(range(1, 121))  # one statement, its rows numbered in order
+    assert len({r[5] for r in rows[1:121]}) == 1
+
+
 def test_kill_9_listener_mid_batches_loses_and_duplicates_nothing(two_sources, dsn):
     conn = two_sources
     stop = threading.Event()
