@@ -272,6 +272,43 @@ def test_backfill_meets_the_stream(rconn):
     assert keys[b_id] == [("backfill", i) for i in [*range(1, 31), 100]] + [("insert", 101)]
 
 
+def test_a_large_backfill_is_spread_over_batches_before_its_sources_changes(rconn, monkeypatch):
+    """A batch takes at most BACKFILL_ROWS_PER_BATCH backfill rows (lowered here to 100), so
+    its memory does not grow with the table; a transaction of a source whose backfill still
+    has rows waits for the batches that take them, and then follows them."""
+    from listener.sequencer import Sequencer
+    from listener.sources import replication_apply
+    from listener.sources.replication_apply import ReplicationBatch
+
+    monkeypatch.setattr(replication_apply, "BACKFILL_ROWS_PER_BATCH", 100)
+    conn = rconn
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO a SELECT generate_series(1, 250)")
+    conn.execute("INSERT INTO b SELECT generate_series(1, 30)")
+    log = registry.create_log(conn, "big")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "big", "a", mode="replication", backfill=True)
+        registry.add_source(c, "big", "b", mode="replication", backfill=True)
+    conn.execute("INSERT INTO a VALUES (251)")
+    (txn,) = _receive(conn.info.dsn, "merkle_big", 0, 1)
+    with connect(conn.info.dsn) as w:
+        seq = Sequencer(w, "big")
+        taken, pending = [], [txn]
+        while (result := seq.append_changes(batch := ReplicationBatch(log.log_id, pending))) is not None:
+            taken.append((result.count, batch.consumed, batch.backfill_left))
+            del pending[:batch.consumed]
+            assert len(taken) < 10
+    # 100 + 100 of a; a's last 50 and b's 30, and a's transaction after them.
+    assert taken == [(100, 0, True), (100, 0, True), (81, 1, False)]
+    assert conn.execute("SELECT count(*) FROM merkle.replication_backfill_state").fetchone()[0] == 0
+    rows = check_log(conn, "big")
+    a_id, b_id = sorted({r[1] for r in rows})
+    assert [(r[1], r[3], int(orjson_id(r[2]))) for r in rows] == (
+        [(a_id, "backfill", i) for i in range(1, 251)] + [(b_id, "backfill", i) for i in range(1, 31)]
+        + [(a_id, "insert", 251)])
+
+
 def orjson_id(key: str) -> str:
     import orjson
 

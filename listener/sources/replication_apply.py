@@ -12,7 +12,8 @@ sequencer's fenced batch transaction (Sequencer.append_changes), uses a prepared
 only if the sources read under the log's lock are the ones it was prepared with (otherwise
 it prepares it again), and writes, in that one transaction:
 
-    1. leaves of backfills that are ready (op 'backfill', before any streamed change);
+    1. leaves of backfills that are ready (op 'backfill', before any streamed change of their
+       source), at most BACKFILL_ROWS_PER_BATCH of them;
     2. leaves of every transaction whose end_lsn > the stored end_lsn, in stream order;
        change_id = its commit end_lsn, change_ord = position in the transaction (1..n);
     3. merkle.replication_progress.end_lsn = the last transaction's end_lsn.
@@ -44,6 +45,9 @@ from listener.sources.replication import Transaction
 COPY_COLUMNS = "log_id, source_id, source_key, op, leaf_hash, change_id, change_ord, commit_lsn, seq"
 # Rows formatted per COPY write: the first ones reach the server while the rest are formatted.
 COPY_CHUNK = 2_000
+# Backfill rows appended per batch: a large backfill is spread over batches, so that a batch's
+# memory does not grow with the table (a source's streamed changes wait until all are in).
+BACKFILL_ROWS_PER_BATCH = 20_000
 
 
 _INSERT, _UPDATE, _DELETE = "insert", "update", "delete"
@@ -249,6 +253,7 @@ class ReplicationBatch:
         self.consumed = 0
         self.end_lsn: int | None = None
         self.sources: dict[int, Source] | None = None  # read under the log's lock: for preparing the next ones
+        self.backfill_left = False  # a ready backfill still has rows for the next batch
 
     def append(self, conn: psycopg.Connection, base: int, by_oid: dict[int, Source], extend=None) -> list[bytes]:
         """Step 2 of the sequencer's batch, in its transaction (the log row is locked);
@@ -270,11 +275,14 @@ class ReplicationBatch:
         hashes: list[bytes] = []
         rows: list[bytes] = []  # COPY rows of processed_log without their seq
         if has_backfill:
-            for source_id, ord_, key, leaf in self._take_backfills(conn):
+            taken, left = self._take_backfills(conn)
+            for source_id, ord_, key, leaf in taken:
                 leaf = bytes(leaf)
                 rows.append(b"%d\t%d\t%b\tbackfill\t\\\\x%b\t0\t%d\t\\N\t"
                             % (self.log_id, source_id, _copy_text(key), hexlify(leaf), ord_))
                 hashes.append(leaf)
+            waiting |= left
+            self.backfill_left = bool(left)
         last = stored
         compared: dict[int, bool] = {}
         for txn in self.txns:
@@ -308,18 +316,34 @@ class ReplicationBatch:
         self.end_lsn = last
         return hashes
 
-    def _take_backfills(self, conn: psycopg.Connection) -> list[tuple]:
-        """Delete and return the rows of every ready backfill of the log, in (source, ord) order."""
-        # One statement, so one snapshot: a backfill whose `ready` commits meanwhile (it does
-        # not take the log's lock) is either taken whole, rows and state, or left whole for the
-        # next batch. (Two statements could delete its state, and by cascade its rows, without
-        # having taken the rows.)
+    def _take_backfills(self, conn: psycopg.Connection) -> tuple[list[tuple], set[int]]:
+        """Delete and return the first BACKFILL_ROWS_PER_BATCH rows of the log's ready
+        backfills, in (source, ord) order, then the state of each ready backfill with no row
+        left; also returns the sources whose ready backfill still has rows."""
+        # Each source's candidates are bounded by an ord range from its first row left (the
+        # rows are taken in ord order): otherwise the planner sorts all the rows left, every batch.
         rows = conn.execute(
-            "WITH st AS (DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
-            "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %s RETURNING st.source_id) "
-            "DELETE FROM merkle.replication_backfill b USING st WHERE b.source_id = st.source_id "
-            "RETURNING b.source_id, b.ord, b.source_key, b.leaf_hash", (self.log_id,)).fetchall()
-        return sorted(rows, key=lambda r: (r[0], r[1]))
+            "DELETE FROM merkle.replication_backfill b USING (SELECT f.source_id, f.ord "
+            "FROM merkle.replication_backfill_state st JOIN merkle.sources s USING (source_id) "
+            "CROSS JOIN LATERAL (SELECT f.source_id, f.ord FROM merkle.replication_backfill f "
+            "WHERE f.source_id = st.source_id AND f.ord < (SELECT min(m.ord) FROM merkle.replication_backfill m "
+            "WHERE m.source_id = st.source_id) + %(n)s) f "
+            "WHERE st.ready AND s.log_id = %(log)s ORDER BY f.source_id, f.ord LIMIT %(n)s) t "
+            "WHERE b.source_id = t.source_id AND b.ord = t.ord "
+            "RETURNING b.source_id, b.ord, b.source_key, b.leaf_hash",
+            {"log": self.log_id, "n": BACKFILL_ROWS_PER_BATCH}).fetchall()
+        # A later statement sees a later snapshot: a backfill that became ready meanwhile (its
+        # `ready` commits with its rows, without the log's lock) has rows, so its state stays
+        # and its source waits, like one with rows beyond this batch's.
+        left = {source_id for (source_id,) in conn.execute(
+            "WITH done AS (DELETE FROM merkle.replication_backfill_state st USING merkle.sources s "
+            "WHERE st.ready AND s.source_id = st.source_id AND s.log_id = %(log)s "
+            "AND NOT EXISTS (SELECT 1 FROM merkle.replication_backfill b WHERE b.source_id = st.source_id) "
+            "RETURNING st.source_id) "
+            "SELECT st.source_id FROM merkle.replication_backfill_state st JOIN merkle.sources s USING (source_id) "
+            "WHERE st.ready AND s.log_id = %(log)s AND st.source_id NOT IN (SELECT source_id FROM done)",
+            {"log": self.log_id})}
+        return sorted(rows, key=lambda r: (r[0], r[1])), left
 
 
 def _same(known: dict[int, bool], sources: dict[int, Source], by_oid: dict[int, Source]) -> bool:

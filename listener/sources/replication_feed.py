@@ -133,6 +133,8 @@ class ReplicationFeed:
                 self._in_flight = False
             if batch.sources is not None:
                 self._sources = batch.sources
+            if batch.backfill_left:
+                self._last_empty_check = 0.0  # the next batch takes more of it at once
             # Durable from here: trim and acknowledge (the server may now recycle that WAL).
             if generation == self._generation:
                 self._buffered_changes -= sum(len(t.changes) for t in self._buffer[:batch.consumed])
