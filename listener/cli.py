@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("run", help="sequence captured changes into the logs until stopped (Ctrl-C)")
     rp.add_argument("--log", action="append", dest="logs", metavar="NAME", help="only this log (repeatable)")
     rp.add_argument("--poll", type=float, default=1.0, help="safety poll interval in seconds (default 1)")
-    rp.add_argument("--max-batch", type=int, default=50_000, help="rows per batch transaction (default 50000)")
+    rp.add_argument("--max-batch", type=int, default=50_000,
+                    help="trigger mode: at most this many rows per batch transaction; a larger statement is spread "
+                         "over several (default 50000)")
     rp.add_argument("--key", type=Path, help="signer key file (from `keygen`): publish signed checkpoints")
     rp.add_argument("--checkpoint-interval", type=int, default=1000, metavar="MS",
                     help="at most one checkpoint per log every MS milliseconds (default 1000)")
