@@ -22,6 +22,7 @@ from listener import registry
 from listener.embedded import EmbeddedPostgres
 from listener.runner import connect
 from listener.sources import pgoutput as po
+from listener.sources.replication_apply import BACKFILL_ROWS_PER_BATCH
 from listener.store import migrate
 from tests.helpers import check_log, start_listener
 from tests.test_replication import wait_for_size
@@ -142,6 +143,50 @@ def test_kill_and_crash_while_writers_commit(crash_server):
     for members in by_txn.values():
         ids_in_txn = [int(orjson.loads(rows[s][2])["id"]) for s, _ in members]
         assert ids_in_txn == sorted(ids_in_txn)
+
+
+def test_kill_while_a_large_backfill_is_appended(crash_server):
+    """A backfill is appended over several batches (BACKFILL_ROWS_PER_BATCH rows each): a
+    kill -9 of the listener between them leaves the rest queued, and the next listener appends
+    it, each row once, before the source's own changes."""
+    dsn = crash_server.dsn("crash")
+    total = 10 * BACKFILL_ROWS_PER_BATCH
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big_bf (id bigint PRIMARY KEY, pad text)")
+        conn.execute("INSERT INTO big_bf SELECT g, 'before' FROM generate_series(1, %s) g", (total,))
+        registry.create_log(conn, "bf_crash")
+    with connect(dsn) as c:
+        registry.add_source(c, "bf_crash", "big_bf", mode="replication", backfill=True)
+    queued = "SELECT count(*) FROM merkle.replication_backfill"
+    try:
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO big_bf VALUES (%s, 'after'), (%s, 'after')", (total + 1, total + 2))
+            killed_midway = 0
+            while killed_midway < 2:
+                listener = start_listener(dsn, "--log", "bf_crash")
+                before = conn.execute(queued).fetchone()[0]
+                deadline = time.monotonic() + 60
+                while conn.execute(queued).fetchone()[0] == before:  # a batch of it has committed
+                    assert time.monotonic() < deadline, listener.stop()[-2000:]
+                    time.sleep(0.01)
+                listener.stop(signal.SIGKILL)
+                left = conn.execute(queued).fetchone()[0]
+                assert left < before
+                if not left:
+                    break
+                killed_midway += 1
+            assert killed_midway >= 1, "the backfill was appended before any kill: the test lost its point"
+            listener = start_listener(dsn, "--log", "bf_crash")
+            try:
+                wait_for_size(conn, "bf_crash", total + 2, timeout=120, listener=listener)
+            finally:
+                listener.stop()
+            rows = check_log(conn, "bf_crash")
+    finally:
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot('merkle_bf_crash')")
+    assert [(r[3], int(orjson.loads(r[2])["id"])) for r in rows] == (
+        [("backfill", i) for i in range(1, total + 1)] + [("insert", total + 1), ("insert", total + 2)])
 
 
 class _Counter:
