@@ -320,18 +320,25 @@ class ReplicationBatch:
         """Delete and return the first BACKFILL_ROWS_PER_BATCH rows of the log's ready
         backfills, in (source, ord) order, then the state of each ready backfill with no row
         left; also returns the sources whose ready backfill still has rows."""
-        # Each source's candidates are bounded by an ord range from its first row left (the
-        # rows are taken in ord order): otherwise the planner sorts all the rows left, every batch.
-        rows = conn.execute(
-            "DELETE FROM merkle.replication_backfill b USING (SELECT f.source_id, f.ord "
+        # The rows are taken in ord order, so each ready backfill's rows left are the ords
+        # from its smallest to its largest (numbered 1..n when queued). The ranges to take are
+        # decided here and deleted by constant bounds: a plan that cannot turn into a sort, or a
+        # scan, of every row left (which a planner with fresh statistics may choose otherwise).
+        spans = conn.execute(
+            "SELECT st.source_id, (SELECT min(b.ord) FROM merkle.replication_backfill b WHERE b.source_id = st.source_id), "
+            "(SELECT max(b.ord) FROM merkle.replication_backfill b WHERE b.source_id = st.source_id) "
             "FROM merkle.replication_backfill_state st JOIN merkle.sources s USING (source_id) "
-            "CROSS JOIN LATERAL (SELECT f.source_id, f.ord FROM merkle.replication_backfill f "
-            "WHERE f.source_id = st.source_id AND f.ord < (SELECT min(m.ord) FROM merkle.replication_backfill m "
-            "WHERE m.source_id = st.source_id) + %(n)s) f "
-            "WHERE st.ready AND s.log_id = %(log)s ORDER BY f.source_id, f.ord LIMIT %(n)s) t "
-            "WHERE b.source_id = t.source_id AND b.ord = t.ord "
-            "RETURNING b.source_id, b.ord, b.source_key, b.leaf_hash",
-            {"log": self.log_id, "n": BACKFILL_ROWS_PER_BATCH}).fetchall()
+            "WHERE st.ready AND s.log_id = %s ORDER BY st.source_id", (self.log_id,)).fetchall()
+        rows: list[tuple] = []
+        budget = BACKFILL_ROWS_PER_BATCH
+        for source_id, first, last in spans:
+            if first is None or budget <= 0:
+                continue
+            end = min(last + 1, first + budget)
+            rows += conn.execute(
+                "DELETE FROM merkle.replication_backfill WHERE source_id = %s AND ord >= %s AND ord < %s "
+                "RETURNING source_id, ord, source_key, leaf_hash", (source_id, first, end)).fetchall()
+            budget -= end - first
         # A later statement sees a later snapshot: a backfill that became ready meanwhile (its
         # `ready` commits with its rows, without the log's lock) has rows, so its state stays
         # and its source waits, like one with rows beyond this batch's.
