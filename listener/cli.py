@@ -363,7 +363,8 @@ def cmd_source(args) -> int:
         else:
             queued = registry.remove_source(conn, args.log, args.table, dsn=dsn)
             if queued < 0:
-                print(f"{args.table} left the log's publication; changes committed before may still be streaming: "
+                print(f"{args.table} left the log's publication; changes committed before (or its backfill) may "
+                      "still be on their way: "
                       "run `merkle-listener run` until it caught up, then `source remove` again to finish")
                 return 3
             if queued:
@@ -385,6 +386,8 @@ def cmd_run(args) -> int:
         signer, state_dir = _load_signer(args.key, args.state_dir)
         if args.checkpoint_interval < 0:
             raise ConfigurationError("--checkpoint-interval must be >= 0 milliseconds")
+        if args.max_batch < 1:
+            raise ConfigurationError("--max-batch must be at least 1")
         if args.http:
             from listener.api.server import parse_address
 

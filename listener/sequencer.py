@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from listener import canonical_sql
-from listener.errors import ProcessingError
+from listener.errors import ConfigurationError, ProcessingError
 from listener.merkle import TileBuilder
 from listener.registry import Log, Source, get_log, list_sources
 from listener.sources.replication_apply import ReplicationBatch
@@ -58,6 +58,8 @@ class Sequencer:
     def __init__(self, conn: psycopg.Connection, log_name: str, *, max_batch: int = DEFAULT_MAX_BATCH):
         if conn.autocommit:
             raise ValueError("the sequencer needs a connection with autocommit off")
+        if max_batch < 1:
+            raise ConfigurationError(f"--max-batch must be at least 1 (got {max_batch})")
         self.conn = conn
         self.log_name = log_name
         self.max_batch = max_batch

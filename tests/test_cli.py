@@ -54,6 +54,15 @@ def test_unknown_log_and_bad_log_name(conn, dsn):
     assert out.returncode == 2 and "error:" in out.stderr
 
 
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_run_refuses_a_batch_of_no_rows(conn, dsn, value):
+    """Found by review: `--max-batch 0` appended nothing, silently, and a negative value made
+    every batch fail."""
+    out = cli("run", "--max-batch", value, dsn=dsn)
+    assert out.returncode == 2, out.stderr
+    assert "--max-batch must be at least 1" in out.stderr
+
+
 def test_prove_and_verify_round_trip_and_tampering_is_caught(conn, dsn, tmp_path):
     conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
     cli("log", "create", "audit", dsn=dsn, check=True)

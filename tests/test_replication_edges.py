@@ -37,10 +37,11 @@ def test_backfill_committing_between_the_batchs_two_deletes_is_not_lost(rconn):
     """A new-slot backfill (`source add --backfill`) commits `ready = true` on its own
     connection, without the log's lock, while the writer runs batches (one per recheck interval
     even when nothing streams). ReplicationBatch._take_backfills takes the ready backfills in
-    two READ COMMITTED statements: the first (delete the rows of ready backfills) and the second
-    (delete the ready states) see different snapshots. When the backfill commits in between,
-    the second deletes its state (cascading to its rows) although the first took none of them:
-    the backfill is never appended, and the source's streamed changes go ahead without it."""
+    several READ COMMITTED statements: the first (which rows of ready backfills to take) and the
+    last (delete the states of ready backfills with no row left) see different snapshots. When
+    the backfill commits in between, the last must not delete its state (cascading to its rows)
+    although the first took none of them: the backfill would never be appended, and the
+    source's streamed changes would go ahead without it."""
     from listener.sequencer import Sequencer
     from listener.sources.replication_apply import ReplicationBatch
 
@@ -58,7 +59,7 @@ def test_backfill_committing_between_the_batchs_two_deletes_is_not_lost(rconn):
         publication.queue_backfill(backfiller, source.source_id, spec)  # rows + ready, not committed yet
 
         def commit_backfill_once(query: str) -> None:
-            if "DELETE FROM merkle.replication_backfill b" in query:
+            if "FROM merkle.replication_backfill_state st JOIN merkle.sources s" in query:
                 writer.after = None
                 backfiller.commit()  # the backfill's transaction ends between the two statements
 

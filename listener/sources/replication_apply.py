@@ -320,24 +320,25 @@ class ReplicationBatch:
         """Delete and return the first BACKFILL_ROWS_PER_BATCH rows of the log's ready
         backfills, in (source, ord) order, then the state of each ready backfill with no row
         left; also returns the sources whose ready backfill still has rows."""
-        # The rows are taken in ord order, so each ready backfill's rows left are the ords
-        # from its smallest to its largest (numbered 1..n when queued). The ranges to take are
-        # decided here and deleted by constant bounds: a plan that cannot turn into a sort, or a
-        # scan, of every row left (which a planner with fresh statistics may choose otherwise).
+        # A backfill's rows are numbered 1..n when queued and taken in that order: its rows left
+        # are next_ord up to its largest ord. The ranges are decided here and deleted by
+        # constant bounds, a plan that cannot turn into a scan or a sort of every row left.
         spans = conn.execute(
-            "SELECT st.source_id, (SELECT min(b.ord) FROM merkle.replication_backfill b WHERE b.source_id = st.source_id), "
+            "SELECT st.source_id, st.next_ord, "
             "(SELECT max(b.ord) FROM merkle.replication_backfill b WHERE b.source_id = st.source_id) "
             "FROM merkle.replication_backfill_state st JOIN merkle.sources s USING (source_id) "
             "WHERE st.ready AND s.log_id = %s ORDER BY st.source_id", (self.log_id,)).fetchall()
         rows: list[tuple] = []
         budget = BACKFILL_ROWS_PER_BATCH
         for source_id, first, last in spans:
-            if first is None or budget <= 0:
+            if last is None or last < first or budget <= 0:
                 continue
             end = min(last + 1, first + budget)
             rows += conn.execute(
                 "DELETE FROM merkle.replication_backfill WHERE source_id = %s AND ord >= %s AND ord < %s "
                 "RETURNING source_id, ord, source_key, leaf_hash", (source_id, first, end)).fetchall()
+            conn.execute("UPDATE merkle.replication_backfill_state SET next_ord = %s WHERE source_id = %s",
+                         (end, source_id))
             budget -= end - first
         # A later statement sees a later snapshot: a backfill that became ready meanwhile (its
         # `ready` commits with its rows, without the log's lock) has rows, so its state stays

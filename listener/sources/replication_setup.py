@@ -202,8 +202,9 @@ def _forget(conn: psycopg.Connection, dsn: str, log_name: str, source_id: int, t
 def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str | None = None,
                   wait: float = 10.0) -> int:
     """Take the table out of the publication; once the slot has confirmed everything committed
-    before that (the listener logged it), forget the source. Returns -1 while changes may still
-    be pending (run again after the listener caught up), else 0."""
+    before that (the listener logged it), and its backfill is all in the log, forget the source.
+    Returns -1 while changes may still be pending (run again after the listener caught up),
+    else 0."""
     dsn = dsn if dsn is not None else conn.info.dsn
     with conn.transaction():
         log = registry.get_log(conn, log_name, for_update=True)
@@ -241,6 +242,11 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         time.sleep(0.1)
     with conn.transaction():
         registry.get_log(conn, log_name, for_update=True)
+        # A backfill is appended over several batches: deleting the source now would drop the
+        # rest of it, leaving part of the table's rows in the log.
+        if conn.execute("SELECT EXISTS (SELECT 1 FROM merkle.replication_backfill WHERE source_id = %s)",
+                        (source.source_id,)).fetchone()[0]:
+            return -1
         conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
         _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source is still registered; run this again")
     return 0
