@@ -52,6 +52,28 @@ class BatchResult:
     more: bool  # rows were left for the next batch (the batch hit max_batch)
 
 
+class TreeAppend:
+    """A batch's leaves on their way into the tree: extend(hashes) appends them in seq order
+    and keeps the tiles they changed, which write_tiles() upserts. The sequencer writes them at
+    the end of the batch; a batch whose leaves do not fit in memory writes them on the way,
+    between its statements (a COPY in progress holds the connection)."""
+
+    def __init__(self, conn: psycopg.Connection, log_id: int, tree: TileBuilder):
+        self.conn = conn
+        self.log_id = log_id
+        self.tree = tree
+        self.count = 0
+        self._tiles: list = []
+
+    def extend(self, hashes: list[bytes]) -> None:
+        self._tiles += self.tree.append(hashes)
+        self.count += len(hashes)
+
+    def write_tiles(self) -> None:
+        write_tiles(self.conn, self.log_id, self._tiles)
+        self._tiles = []
+
+
 class Sequencer:
     """Appends one log's captured changes. Not thread-safe: one owner, one connection."""
 
@@ -127,33 +149,26 @@ class Sequencer:
         progress (end_lsn) in the same transaction (listener/sources/replication_apply.py).
         Acknowledge changes.end_lsn to the server only after this returns. A paused log
         appends nothing (and so nothing is acknowledged)."""
-        return self._batch(lambda source_ids, extend: changes.append(
-            self.conn, self.tree.size, self._replication_sources(source_ids), extend))
+        return self._batch(lambda source_ids, leaves: changes.append(
+            self.conn, self.tree.size, self._replication_sources(source_ids), leaves))
 
-    def _batch(self, append_leaves: Callable[[tuple[int, ...], Callable[[list[bytes]], None]], list[bytes]]
-               ) -> BatchResult | None:
-        """`append_leaves(source_ids, extend)` writes the leaves and returns their hashes; it
-        may call extend(hashes) itself while its rows are still being written, so that the
-        tree's hashing overlaps the server's work (otherwise it is called afterwards)."""
+    def _batch(self, append_leaves: Callable[[tuple[int, ...], TreeAppend], None]) -> BatchResult | None:
+        """`append_leaves(source_ids, leaves)` writes the leaves to processed_log and passes
+        their hashes, in seq order, to leaves.extend (see TreeAppend)."""
         if self.tree is None:
             self.load()
         started = time.perf_counter()
         self._more = False
-        tiles: list = []
-
-        def extend(hashes: list[bytes]) -> None:
-            tiles.append(self.tree.append(hashes))
-
         try:
             with self.conn.transaction():
                 source_ids = self._fence()
                 first = self.tree.size
-                hashes = append_leaves(source_ids, extend) if source_ids is not None else []
-                if not hashes:
+                leaves = TreeAppend(self.conn, self.log.log_id, self.tree)
+                if source_ids is not None:
+                    append_leaves(source_ids, leaves)
+                if not leaves.count:
                     return None
-                if not tiles:
-                    extend(hashes)
-                write_tiles(self.conn, self.log.log_id, tiles[0])
+                leaves.write_tiles()
                 # The notification is delivered at COMMIT: LISTEN merkle_sequenced to follow a log.
                 self.conn.execute(
                     "UPDATE merkle.logs SET tree_size = %s, root = %s WHERE log_id = %s "
@@ -165,7 +180,8 @@ class Sequencer:
             self.tree = None  # reload from what is durable before the next batch
             raise
         self.log = Log(self.log.log_id, self.log.name, self.log.origin, self.tree.size, self.tree.root, self.log.paused)
-        return BatchResult(first, len(hashes), self.tree.size, self.tree.root, time.perf_counter() - started, self._more)
+        return BatchResult(first, leaves.count, self.tree.size, self.tree.root, time.perf_counter() - started,
+                           self._more)
 
     def drain_all(self) -> int:
         """Drain until the outboxes are empty; returns the number of leaves appended."""
@@ -209,7 +225,7 @@ class Sequencer:
             self._replication_key = source_ids
         return self._replication_by_oid
 
-    def _append_leaves(self, source_ids: tuple[int, ...], extend=None) -> list[bytes]:
+    def _append_leaves(self, source_ids: tuple[int, ...], leaves: TreeAppend) -> None:
         if source_ids != self._sources_key or self._drain is None:
             # Sources changed (rare): rebuild the drain statement. Registration and removal lock
             # the log's row, which this batch holds, so the set cannot change until COMMIT.
@@ -220,15 +236,13 @@ class Sequencer:
         if self._drain is None:
             # No outbox to drain: skip the empty batch transactions for a second.
             self._no_outbox_until = time.monotonic() + NO_OUTBOX_RECHECK
-            return []
+            return
         params = {"log_id": self.log.log_id, "base": self.tree.size, "max_batch": self.max_batch}
         # One bytea of 32-byte hashes in seq order: far cheaper to fetch than a row per leaf.
         with self.conn.cursor(binary=True) as cur:
             packed, self._more = cur.execute(self._drain, params).fetchone()
-        if packed is None:
-            return []
-        return [packed[i:i + 32] for i in range(0, len(packed), 32)]
-
+        if packed is not None:
+            leaves.extend([packed[i:i + 32] for i in range(0, len(packed), 32)])
 
     def _column_types(self, source: Source) -> dict[str, int]:
         """Type OIDs of the outbox's columns (those of the source), for cheaper entry SQL."""

@@ -145,6 +145,16 @@ def test_kill_and_crash_while_writers_commit(crash_server):
         assert ids_in_txn == sorted(ids_in_txn)
 
 
+def _run_until(conn: psycopg.Connection, log: str, size: int) -> list[tuple]:
+    """Run a listener of `log` until the log holds `size` leaves; its checked rows."""
+    listener = start_listener(conn.info.dsn, "--log", log)
+    try:
+        wait_for_size(conn, log, size, timeout=120, listener=listener)
+    finally:
+        listener.stop()
+    return check_log(conn, log)
+
+
 def test_kill_while_a_large_backfill_is_appended(crash_server):
     """A backfill is appended over several batches (BACKFILL_ROWS_PER_BATCH rows each): a
     kill -9 of the listener between them leaves the rest queued, and the next listener appends
@@ -176,17 +186,56 @@ def test_kill_while_a_large_backfill_is_appended(crash_server):
                     break
                 killed_midway += 1
             assert killed_midway >= 1, "the backfill was appended before any kill: the test lost its point"
-            listener = start_listener(dsn, "--log", "bf_crash")
-            try:
-                wait_for_size(conn, "bf_crash", total + 2, timeout=120, listener=listener)
-            finally:
-                listener.stop()
-            rows = check_log(conn, "bf_crash")
+            rows = _run_until(conn, "bf_crash", total + 2)
     finally:
         with connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot('merkle_bf_crash')")
     assert [(r[3], int(orjson.loads(r[2])["id"])) for r in rows] == (
         [("backfill", i) for i in range(1, total + 1)] + [("insert", total + 1), ("insert", total + 2)])
+
+
+def test_kill_while_a_spilled_transaction_is_appended(crash_server):
+    """A transaction past SPILL_BYTES (60,000 rows of 600 bytes) is read back from its file and
+    appended in one batch transaction: a kill -9 while its rows are being copied leaves none
+    of them, and the next listener, which receives it again, appends it once and whole."""
+    dsn = crash_server.dsn("crash")
+    total = 60_000
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big_txn (id bigint PRIMARY KEY, pad text)")
+        registry.create_log(conn, "txn_crash")
+    with connect(dsn) as c:
+        registry.add_source(c, "txn_crash", "big_txn", mode="replication")
+    copying = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'merkle-listener' "
+               "AND state = 'active' AND query LIKE 'COPY merkle.processed_log%'")
+    try:
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO big_txn VALUES (0, 'before')")
+            conn.execute("INSERT INTO big_txn SELECT g, repeat(md5(g::text), 19) FROM generate_series(1, %s) g",
+                         (total,))
+            conn.execute("INSERT INTO big_txn VALUES (%s, 'after')", (total + 1,))
+            size = "SELECT tree_size FROM merkle.logs WHERE name = 'txn_crash'"
+            killed_midway = 0
+            for _ in range(2):
+                listener = start_listener(dsn, "--log", "txn_crash")
+                deadline = time.monotonic() + 60
+                while not conn.execute(copying).fetchone()[0] or conn.execute(size).fetchone()[0] == 0:
+                    assert time.monotonic() < deadline, listener.stop()[-2000:]
+                    time.sleep(0.005)
+                time.sleep(random.uniform(0, 0.2))
+                said = listener.stop(signal.SIGKILL)
+                assert "its changes go to a temporary file" in said
+                # The large transaction's batch is rolled back with the process's session.
+                left = conn.execute(size).fetchone()[0]
+                assert left in (1, total + 1, total + 2)
+                killed_midway += left == 1
+            assert killed_midway, "the transaction was appended before any kill: the test lost its point"
+            rows = _run_until(conn, "txn_crash", total + 2)
+    finally:
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot('merkle_txn_crash')")
+    assert [int(orjson.loads(r[2])["id"]) for r in rows] == list(range(total + 2))
+    assert [r[6] for r in rows] == [1] + list(range(1, total + 1)) + [1]
+    assert len({r[5] for r in rows[1:total + 1]}) == 1
 
 
 class _Counter:

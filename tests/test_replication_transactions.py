@@ -9,9 +9,8 @@ import psycopg
 
 from listener import canonical, registry
 from listener.runner import connect
-from listener.sources import replication
 from tests.helpers import check_log, start_listener
-from tests.test_replication import _receive, orjson_id, wait_for_size
+from tests.test_replication import orjson_id, wait_for_size
 
 
 def _replication_log(conn: psycopg.Connection, log: str, table: str) -> None:
@@ -121,24 +120,6 @@ def test_a_transaction_larger_than_the_walsenders_memory_is_logged_whole(rconn, 
     body = conn.execute("SELECT body FROM big WHERE id = 777").fetchone()[0]
     entry = canonical.entry_v1("insert", "public.big", {"id": "777", "body": body})
     assert bytes(rows[777][4]) == canonical.leaf_hash_of_entry(entry)
-
-
-def test_a_large_transaction_is_reported_while_it_is_received(rconn, monkeypatch, caplog):
-    """A transaction is held whole until its leaves are committed, so one that grows large is
-    said in the log while it arrives, each LARGE_TRANSACTION_CHANGES more changes (lowered
-    here to 1,000), and a small one after it is not."""
-    conn = rconn
-    monkeypatch.setattr(replication, "LARGE_TRANSACTION_CHANGES", 1000)
-    conn.execute("CREATE TABLE big (id int PRIMARY KEY)")
-    _replication_log(conn, "big", "big")
-    conn.execute("INSERT INTO big SELECT i FROM generate_series(1, 3500) i")
-    conn.execute("INSERT INTO big SELECT i FROM generate_series(3501, 4400) i")
-    with caplog.at_level("WARNING", logger="listener.replication"):
-        got = _receive(conn.info.dsn, "merkle_big", 0, 2)
-    assert [len(t.changes) for t in got] == [3500, 900]
-    said = [r for r in caplog.records if r.getMessage().startswith("large transaction")]
-    assert [r.changes_so_far // 1000 for r in said] == [1, 2, 3], [r.changes_so_far for r in said]
-    assert {r.commit_lsn for r in said} == {replication.po.int_to_lsn(got[0].commit_lsn)}
 
 
 def test_partitioned_source_logs_its_partitions_changes_as_its_own(rconn):

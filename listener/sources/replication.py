@@ -5,7 +5,8 @@
 puts the walsender connection in COPY BOTH mode. CopyData payloads are read with
 `pgconn.get_copy_data(async_=True)` while anyio waits for the socket; they are decoded by
 listener/sources/pgoutput.py and assembled into committed transactions: a transaction is
-handed on only when its Commit arrives, so an aborted or half-received one never is.
+handed on only when its Commit arrives, so an aborted or half-received one never is. A large
+one moves its changes to a temporary file while it arrives (listener/sources/spill.py).
 
 Acknowledgement (Standby Status Update, flush LSN) is the owner's decision: `confirm(lsn)`
 after the transaction's leaves are durably committed. A keepalive that arrives while nothing
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from psycopg import pq
 
 from listener.errors import DatabaseError, ProcessingError
 from listener.sources import pgoutput as po
+from listener.sources import spill
 from listener.store.connect import options_string
 
 if TYPE_CHECKING:
@@ -40,12 +42,9 @@ STATUS_INTERVAL = 10.0
 # ... and this often while reading is paused, when the keepalives that ask for a reply (sent
 # at half of wal_sender_timeout, whatever the server sets it to) wait unread in the socket.
 BACKLOG_STATUS_INTERVAL = 1.0
-# Messages decoded between two yields to the event loop.
+# Messages decoded between two yields to the event loop; also how often a transaction being
+# received is weighed, and spilled to a file once it holds spill.SPILL_BYTES.
 YIELD_EVERY = 500
-# A transaction is held whole, in memory, until its leaves are committed (~700 bytes per
-# change, measured: docs/replication.md, "Large transactions"): each time one being received
-# grows by this many changes, say so.
-LARGE_TRANSACTION_CHANGES = 1_000_000
 
 
 @dataclass
@@ -54,13 +53,49 @@ class Transaction:
     when it was sent. An Insert, Update or Delete stays its undecoded pgoutput message (bytes):
     the consumer decodes only the tables it logs, straight into leaves
     (listener/sources/replication_apply.py); a Truncate is decoded (po.Truncate).
-    `prepared` is for the consumer: the transaction's leaves, when computed ahead of its batch."""
+    A large one keeps its first changes in `spilled` (a temporary file) and the rest in
+    `changes`: read them all with chunks(). `prepared` is for the consumer: the transaction's
+    leaves, when computed ahead of its batch."""
 
     commit_lsn: int
     end_lsn: int
     commit_time: int  # microseconds since 2000-01-01 UTC
-    changes: list[tuple[po.Relation | None, bytes | po.Truncate]] = field(default_factory=list)
+    changes: list[spill.Change] = field(default_factory=list)
     prepared: Prepared | None = None
+    spilled: spill.SpilledChanges | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.changes) + (self.spilled.count if self.spilled is not None else 0)
+
+    def chunks(self, size: int) -> Iterator[list[spill.Change]]:
+        """All the changes in order, `size` at a time (the last chunk may be shorter)."""
+        if self.spilled is not None:
+            yield from self.spilled.chunks(size)
+        for lo in range(0, len(self.changes), size):
+            yield self.changes[lo:lo + size]
+
+    def table_oids(self) -> set[int]:
+        """The OIDs of the tables it changes or truncates."""
+        oids = set(self.spilled.table_oids) if self.spilled is not None else set()
+        for relation, payload in self.changes:
+            if type(payload) is po.Truncate:
+                oids.update(payload.relation_oids)
+            else:
+                oids.add(relation.oid if relation is not None else po.relation_oid_of_change(payload))
+        return oids
+
+    def spill(self) -> None:
+        """Move the changes held in memory to the end of the temporary file."""
+        if self.spilled is None:
+            self.spilled = spill.SpilledChanges()
+        self.spilled.write(self.changes)
+        self.changes = []
+
+    def close(self) -> None:
+        """Give back the temporary file, if any (once the transaction is appended or dropped)."""
+        if self.spilled is not None:
+            self.spilled.close()
 
 
 class ReplicationStream:
@@ -87,7 +122,8 @@ class ReplicationStream:
         self.idle_end = start_lsn  # highest walEnd of a keepalive that found nothing waiting
         self._relations: dict[int, po.Relation] = {}
         self._current: Transaction | None = None
-        self._large_at = LARGE_TRANSACTION_CHANGES  # the current transaction's next warning
+        self._weighed = 0  # changes of _current held in memory and already counted in _held
+        self._held = 0  # bytes those changes take (see spill.held_bytes)
         self._last_status = 0.0
 
     # -- connection ----------------------------------------------------------------------
@@ -124,6 +160,9 @@ class ReplicationStream:
         return pgconn
 
     def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
         if self.pgconn is not None:
             self.pgconn.finish()
             self.pgconn = None
@@ -148,8 +187,8 @@ class ReplicationStream:
                 drained = False
                 if handled >= YIELD_EVERY:
                     handled = 0
-                    if self._current is not None and len(self._current.changes) >= self._large_at:
-                        self._warn_large()
+                    if self._current is not None:
+                        self._weigh()
                     await anyio.lowlevel.checkpoint()
                     while self.backlogged():
                         if time.monotonic() - self._last_status > BACKLOG_STATUS_INTERVAL:
@@ -196,26 +235,40 @@ class ReplicationStream:
             return
         self._message(po.decode(frame.payload, raw=True))
 
-    def _warn_large(self) -> None:
-        changes = len(self._current.changes)
-        log.warning("large transaction: it is held in memory until its leaves are committed; split bulk loads "
-                    "into smaller transactions (docs/replication.md, \"Large transactions\")",
-                    extra={"slot": self.slot, "commit_lsn": po.int_to_lsn(self._current.commit_lsn),
-                           "changes_so_far": changes})
-        self._large_at = (changes // LARGE_TRANSACTION_CHANGES + 1) * LARGE_TRANSACTION_CHANGES
+    def _weigh(self) -> None:
+        """Spill the transaction being received once what it holds in memory reaches SPILL_BYTES."""
+        txn = self._current
+        self._held += spill.held_bytes(txn.changes, self._weighed)
+        self._weighed = len(txn.changes)
+        if self._held < spill.SPILL_BYTES:
+            return
+        if txn.spilled is None:
+            log.info("large transaction: its changes go to a temporary file until its leaves are appended",
+                     extra={"slot": self.slot, "commit_lsn": po.int_to_lsn(txn.commit_lsn),
+                            "changes_so_far": txn.count})
+        txn.spill()
+        self._weighed = self._held = 0
 
     def _message(self, msg: po.PgoutputMessage) -> None:
         if isinstance(msg, po.Begin):
+            if self._current is not None:
+                self._current.close()  # never the case with pgoutput's whole transactions
             self._current = Transaction(msg.final_lsn, 0, msg.commit_time)
-            self._large_at = LARGE_TRANSACTION_CHANGES
+            self._weighed = self._held = 0
         elif isinstance(msg, po.Commit):
             txn, self._current = self._current, None
             if txn is None:
                 raise ProcessingError("replication stream: Commit without Begin; restart the listener")
             txn.end_lsn = msg.end_lsn
-            if msg.end_lsn > self.start_lsn and txn.changes:
+            if msg.end_lsn > self.start_lsn and txn.count:
                 self.received = max(self.received, msg.end_lsn)
+                if txn.spilled is not None:
+                    log.info("large transaction received", extra={
+                        "slot": self.slot, "commit_lsn": po.int_to_lsn(txn.commit_lsn), "changes": txn.count,
+                        "spilled_mb": round(txn.spilled.size / 1e6)})
                 self.on_transaction(txn)
+            else:
+                txn.close()
         elif isinstance(msg, po.Relation):
             self._relations[msg.oid] = msg
         elif isinstance(msg, po.Truncate):

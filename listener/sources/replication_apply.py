@@ -20,7 +20,9 @@ it prepares it again), and writes, in that one transaction:
 
 So "the leaves are in the log" and "the stream is past them" commit together; the server is
 told (flush LSN) only afterwards. A transaction touching a source whose backfill is still
-being written stops the batch there: it and what follows wait for the next batch.
+being written stops the batch there: it and what follows wait for the next batch. A large
+transaction (spilled to a file while it arrived: listener/sources/spill.py) ends its batch
+and is prepared and written a chunk at a time, still in the batch's one transaction.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from binascii import hexlify
 from operator import itemgetter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import psycopg
 from psycopg.copy import QueuedLibpqWriter
@@ -39,12 +41,21 @@ from listener.registry import Source
 from listener.sources import pgoutput as po
 from listener.sources.pgoutput import UNCHANGED, int_to_lsn, lsn_to_int
 from listener.sources.replication import Transaction
+from listener.sources.spill import Change
+
+if TYPE_CHECKING:
+    from listener.sequencer import TreeAppend
 
 # processed_log's columns in the order of the COPY rows: seq last, the one field a row's
 # position in the batch decides.
 COPY_COLUMNS = "log_id, source_id, source_key, op, leaf_hash, change_id, change_ord, commit_lsn, seq"
 # Rows formatted per COPY write: the first ones reach the server while the rest are formatted.
 COPY_CHUNK = 2_000
+# A transaction of more changes than this (not prepared on arrival) is prepared and written this
+# many changes at a time, and its tiles written every COPY_STATEMENT_ROWS rows: a batch's memory
+# does not grow with the transaction (listener/sources/spill.py keeps it on disk until then).
+APPEND_CHUNK = 20_000
+COPY_STATEMENT_ROWS = 200_000
 # Backfill rows appended per batch: a large backfill is spread over batches, so that a batch's
 # memory does not grow with the table (a source's streamed changes wait until all are in).
 BACKFILL_ROWS_PER_BATCH = 20_000
@@ -116,11 +127,18 @@ def _plan_for(s: Source, relation: po.Relation) -> _Plan:
     return plan
 
 
-def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepared:
+def prepare(txn: Transaction, sources: dict[int, Source], log_id: int, changes: list[Change] | None = None,
+            first_ord: int = 1) -> Prepared:
     """The leaves of one committed transaction, in its order. `sources` maps table OID to the
     replication source; changes of other tables and of events a source does not log are
     skipped. Raises ProcessingError for a value the stream did not send (an unchanged
-    TOASTed value without REPLICA IDENTITY FULL): it is never hashed as a placeholder."""
+    TOASTed value without REPLICA IDENTITY FULL): it is never hashed as a placeholder.
+    Of a spilled transaction, one chunk at a time: `changes`, whose first leaf is the
+    transaction's `first_ord`-th."""
+    if changes is None:
+        if txn.spilled is not None:
+            raise ValueError("a spilled transaction is prepared one chunk at a time")
+        changes = txn.changes
     rows: list[bytes] = []
     hashes: list[bytes] = []
     source_ids: set[int] = set()
@@ -131,14 +149,15 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
     tail = b"\t%d\t%%d\t%b\t" % (txn.end_lsn, int_to_lsn(txn.commit_lsn).encode())
     formats: dict[tuple[int, str], bytes] = {}  # (source, op) -> COPY row format for this transaction
     last_relation = last_source = plan = fmt_plan = fmt_op = None
-    for relation, payload in txn.changes:
+    ord0 = first_ord
+    for relation, payload in changes:
         if type(payload) is po.Truncate:
             for oid in payload.relation_oids:
                 s = sources.get(oid)
                 if s is not None and "truncate" in s.events:
                     leaf = canonical.leaf_hash_of_entry(canonical.entry_v1("truncate", s.qualified, {}))
                     rows.append(_row_format(formats, log_id, s.source_id, "truncate", tail)
-                                % (b"{}", hexlify(leaf), len(rows) + 1))
+                                % (b"{}", hexlify(leaf), len(rows) + ord0))
                     hashes.append(leaf)
                     source_ids.add(s.source_id)
             continue
@@ -190,7 +209,7 @@ def prepare(txn: Transaction, sources: dict[int, Source], log_id: int) -> Prepar
             fmt_plan, fmt_op = plan, op
             fmt = formats.get((s.source_id, op)) or _row_format(formats, log_id, s.source_id, op, tail)
         leaf = sha256(prefix + entry).digest()
-        rows.append(fmt % (key, hexlify(leaf), len(rows) + 1))
+        rows.append(fmt % (key, hexlify(leaf), len(rows) + ord0))
         hashes.append(leaf)
     return Prepared(log_id, sources, rows, hashes, frozenset(source_ids))
 
@@ -255,11 +274,12 @@ class ReplicationBatch:
         self.sources: dict[int, Source] | None = None  # read under the log's lock: for preparing the next ones
         self.backfill_left = False  # a ready backfill still has rows for the next batch
 
-    def append(self, conn: psycopg.Connection, base: int, by_oid: dict[int, Source], extend=None) -> list[bytes]:
+    def append(self, conn: psycopg.Connection, base: int, by_oid: dict[int, Source], leaves: TreeAppend) -> None:
         """Step 2 of the sequencer's batch, in its transaction (the log row is locked);
-        `by_oid` maps table OID to the log's replication sources as of that lock.
-        `extend(hashes)`, if given, is called while the rows are being sent (by psycopg's
-        queued writer thread): the tree's hashing overlaps the server's inserts."""
+        `by_oid` maps table OID to the log's replication sources as of that lock. The rows go
+        out through psycopg's queued writer thread while `leaves` hashes them into the tree.
+        A transaction of more than APPEND_CHUNK changes that was not prepared ahead ends the
+        batch and is prepared and written a chunk at a time (see _append_large)."""
         self.consumed = 0
         stored_text, has_backfill = conn.execute(
             "SELECT end_lsn::text, EXISTS (SELECT 1 FROM merkle.replication_backfill_state b JOIN merkle.sources s "
@@ -284,12 +304,21 @@ class ReplicationBatch:
             waiting |= left
             self.backfill_left = bool(left)
         last = stored
+        large = None
         compared: dict[int, bool] = {}
         for txn in self.txns:
             if txn.end_lsn <= stored:
                 self.consumed += 1  # already in the log (a replay after a restart)
                 continue
             prepared = txn.prepared
+            if prepared is None and txn.count > APPEND_CHUNK:
+                if waiting and not waiting.isdisjoint(
+                        by_oid[oid].source_id for oid in txn.table_oids() if oid in by_oid):
+                    break
+                large = txn
+                last = txn.end_lsn
+                self.consumed += 1
+                break
             if prepared is not None and (prepared.log_id != self.log_id or not (
                     prepared.sources is by_oid or _same(compared, prepared.sources, by_oid))):
                 prepared = None
@@ -302,19 +331,37 @@ class ReplicationBatch:
             last = txn.end_lsn
             self.consumed += 1
         if rows:
-            cur = conn.cursor()
-            with cur.copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN",
-                          writer=QueuedLibpqWriter(cur)) as copy:
-                for lo in range(0, len(rows), COPY_CHUNK):
-                    chunk = rows[lo:lo + COPY_CHUNK]
-                    copy.write(b"".join(map(b"%b%d\n".__mod__, zip(chunk, range(base + lo, base + lo + len(chunk))))))
-                if extend is not None:
-                    extend(hashes)
+            _copy(conn, base, [(rows, hashes)], leaves)
+        if large is not None:
+            self._append_large(conn, base, by_oid, large, leaves)
         if last > stored:
             conn.execute("UPDATE merkle.replication_progress SET end_lsn = %s::pg_lsn, updated_at = now() "
                          "WHERE log_id = %s", (int_to_lsn(last), self.log_id))
         self.end_lsn = last
-        return hashes
+
+    def _append_large(self, conn: psycopg.Connection, base: int, by_oid: dict[int, Source], txn: Transaction,
+                      leaves: TreeAppend) -> None:
+        """Prepare and write `txn` APPEND_CHUNK changes at a time, still in the batch's one
+        transaction: a COPY statement takes COPY_STATEMENT_ROWS rows, after which the tiles
+        they completed are written. Memory holds a chunk's rows and hashes and the tiles of a
+        statement, whatever the transaction's size; its changes may be read from the spill
+        file again (a batch that failed is retried whole)."""
+        pieces = _prepared_chunks(txn, by_oid, self.log_id)
+        exhausted = False
+
+        def statement():
+            nonlocal exhausted
+            rows = 0
+            for piece in pieces:
+                yield piece
+                rows += len(piece[0])
+                if rows >= COPY_STATEMENT_ROWS:
+                    return
+            exhausted = True
+
+        while not exhausted:
+            _copy(conn, base + leaves.count, statement(), leaves)
+            leaves.write_tiles()
 
     def _take_backfills(self, conn: psycopg.Connection) -> tuple[list[tuple], set[int]]:
         """Delete and return the first BACKFILL_ROWS_PER_BATCH rows of the log's ready
@@ -352,6 +399,29 @@ class ReplicationBatch:
             "WHERE st.ready AND s.log_id = %(log)s AND st.source_id NOT IN (SELECT source_id FROM done)",
             {"log": self.log_id})}
         return sorted(rows, key=lambda r: (r[0], r[1])), left
+
+
+def _prepared_chunks(txn: Transaction, by_oid: dict[int, Source], log_id: int):
+    """(rows, hashes) of each APPEND_CHUNK changes of `txn`, prepared when asked for."""
+    first_ord = 1
+    for chunk in txn.chunks(APPEND_CHUNK):
+        prepared = prepare(txn, by_oid, log_id, chunk, first_ord)
+        first_ord += len(prepared.rows)
+        yield prepared.rows, prepared.hashes
+
+
+def _copy(conn: psycopg.Connection, first_seq: int, pieces, leaves: TreeAppend) -> None:
+    """One COPY of the pieces' rows, numbered from first_seq: psycopg's writer thread sends
+    them while leaves.extend hashes each piece into the tree."""
+    cur = conn.cursor()
+    seq = first_seq
+    with cur.copy(f"COPY merkle.processed_log ({COPY_COLUMNS}) FROM STDIN", writer=QueuedLibpqWriter(cur)) as copy:
+        for rows, hashes in pieces:
+            for lo in range(0, len(rows), COPY_CHUNK):
+                chunk = rows[lo:lo + COPY_CHUNK]
+                copy.write(b"".join(map(b"%b%d\n".__mod__, zip(chunk, range(seq + lo, seq + lo + len(chunk))))))
+            seq += len(rows)
+            leaves.extend(hashes)
 
 
 def _same(known: dict[int, bool], sources: dict[int, Source], by_oid: dict[int, Source]) -> bool:

@@ -77,6 +77,7 @@ class ReplicationFeed:
         self._buffer: list[Transaction] = []
         self._buffered_changes = 0
         self._in_flight = False
+        self._batch_txns: list[Transaction] = []  # those of the batch in flight
         self._generation = 0
         self._last_empty_check = 0.0
         self._log_id: int | None = None
@@ -120,24 +121,31 @@ class ReplicationFeed:
             txns, count = [], 0
             for txn in self._buffer:
                 txns.append(txn)
-                count += len(txn.changes)
+                count += txn.count
                 if count >= MAX_CHANGES_PER_BATCH:
                     break
             generation = self._generation
             self._log_id = seq.log.log_id  # the writer loaded seq before the feed started
             batch = ReplicationBatch(self._log_id, txns)
             self._in_flight = True
+            self._batch_txns = txns
             try:
                 result = await anyio.to_thread.run_sync(seq.append_changes, batch)
             finally:
                 self._in_flight = False
+                self._batch_txns = []
+                if generation != self._generation:
+                    for txn in txns:  # a new session dropped them, but not while this batch read them
+                        txn.close()
             if batch.sources is not None:
                 self._sources = batch.sources
             if batch.backfill_left:
                 self._last_empty_check = 0.0  # the next batch takes more of it at once
             # Durable from here: trim and acknowledge (the server may now recycle that WAL).
             if generation == self._generation:
-                self._buffered_changes -= sum(len(t.changes) for t in self._buffer[:batch.consumed])
+                for txn in self._buffer[:batch.consumed]:
+                    self._buffered_changes -= txn.count
+                    txn.close()
                 del self._buffer[:batch.consumed]
                 if batch.end_lsn and self.stream is not None:
                     self.stream.confirm(batch.end_lsn)
@@ -172,13 +180,13 @@ class ReplicationFeed:
         return not self._buffer and not self._in_flight
 
     def _received(self, txn: Transaction) -> None:
-        if self._sources is not None and len(txn.changes) <= PREPARE_ON_ARRIVAL_MAX:
+        if self._sources is not None and txn.spilled is None and len(txn.changes) <= PREPARE_ON_ARRIVAL_MAX:
             try:
                 txn.prepared = prepare(txn, self._sources, self._log_id)
             except Exception:  # noqa: BLE001 - with sources that may be stale: the batch decides
                 pass  # the batch prepares it again and stops the log with any error that remains
         self._buffer.append(txn)
-        self._buffered_changes += len(txn.changes)
+        self._buffered_changes += txn.count  # a spilled one too: that bounds the disk it takes
         self.wake()
 
     def _backlogged(self) -> bool:
@@ -202,6 +210,10 @@ class ReplicationFeed:
                 await anyio.sleep(self.recheck_interval)
                 continue
             self._generation += 1
+            in_flight = {id(t) for t in self._batch_txns}  # closed when their batch ends
+            for txn in self._buffer:
+                if id(txn) not in in_flight:
+                    txn.close()
             self._buffer.clear()
             self._buffered_changes = 0
             stream = ReplicationStream(

@@ -1,0 +1,216 @@
+"""Large replication transactions: past spill.SPILL_BYTES their changes go to a temporary file
+while they arrive, and the batch prepares and writes them a chunk at a time, in its one
+transaction. The leaves, their order and the tiles are those of a transaction held in memory;
+a batch that fails halfway leaves nothing and its retry reads the file again."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import psycopg
+import pytest
+
+from listener import canonical, registry
+from listener.runner import connect
+from listener.sequencer import Sequencer
+from listener.sources import pgoutput as po
+from listener.sources import replication_apply, spill
+from listener.sources.replication_apply import ReplicationBatch, prepare
+from tests.helpers import check_log, start_listener
+from tests.naive_tree import naive_tiles
+from tests.test_replication import _receive, wait_for_size
+from tests.test_replication_transactions import _replication_log
+from tests.test_sql_vs_python import stored_tiles
+
+
+def _relation(oid: int, name: str) -> po.Relation:
+    return po.Relation(oid, "public", name, "f", (po.Column("id", 23, -1, True),))
+
+
+def test_the_spill_file_gives_back_every_change_in_order(monkeypatch):
+    """Records straddle read blocks, one payload is larger than a block, two Relations of one
+    table (an ALTER between changes) stay two, and a Truncate and a change sent before its
+    Relation come back as they went in, in chunks of any size, read any number of times."""
+    monkeypatch.setattr(spill, "READ_BLOCK", 64)
+    first, altered, other = _relation(10, "a"), _relation(10, "a"), _relation(11, "b")
+    changes = [(first, b"I\x00\x00\x00\x0a" + bytes([i]) * (i % 50)) for i in range(40)]
+    changes += [(None, po.Truncate(1, (10, 11))), (altered, b"U" + b"x" * 500), (None, b"I\x00\x00\x00\x0c"),
+                (other, b"D\x00\x00\x00\x0b")]
+    spilled = spill.SpilledChanges()
+    try:
+        spilled.write(changes[:17])
+        spilled.write(changes[17:])
+        assert spilled.count == len(changes)
+        assert spilled.table_oids == {10, 11, 12}
+        for size in (1, 7, 44, 1000):
+            got = [c for chunk in spilled.chunks(size) for c in chunk]
+            assert got == changes
+            assert [len(chunk) for chunk in spilled.chunks(size)][:-1] == [size] * ((len(changes) - 1) // size)
+        got = [c for chunk in spilled.chunks(10) for c in chunk]
+        assert got[41][0] is altered and got[0][0] is first
+    finally:
+        spilled.close()
+
+
+def _two_table_log(conn: psycopg.Connection, log: str) -> None:
+    for table in ("a", "b"):
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+        conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    registry.create_log(conn, log)
+    with connect(conn.info.dsn) as c:
+        for table in ("a", "b"):
+            registry.add_source(c, log, table, mode="replication", events=("insert", "update", "delete"))
+
+
+def _write_transactions(conn: psycopg.Connection) -> None:
+    """A small transaction, a large one touching both tables with every kind of change, a small one."""
+    conn.execute("INSERT INTO a VALUES (0, 'before')")
+    with conn.transaction():
+        conn.execute("INSERT INTO a SELECT i, repeat('x', i % 40) FROM generate_series(1, 2500) i")
+        conn.execute("INSERT INTO b SELECT i, 'b' || i FROM generate_series(1, 1200) i")
+        conn.execute("UPDATE a SET note = 'updated' WHERE id % 100 = 0")
+        conn.execute("DELETE FROM b WHERE id % 3 = 0")
+        conn.execute("TRUNCATE b")
+        conn.execute("INSERT INTO b VALUES (5000, 'after the truncate')")
+        conn.execute("INSERT INTO a SELECT i, NULL FROM generate_series(2501, 3000) i")
+    conn.execute("INSERT INTO a VALUES (9999, 'after')")
+
+
+def test_a_spilled_transaction_is_received_as_it_was_sent(rconn, monkeypatch, caplog):
+    conn = rconn
+    _two_table_log(conn, "sp")
+    _write_transactions(conn)
+    held = _receive(conn.info.dsn, "merkle_sp", 0, 3)
+    assert [t.spilled for t in held] == [None, None, None]
+    monkeypatch.setattr(spill, "SPILL_BYTES", 50_000)
+    with caplog.at_level("INFO", logger="listener.replication"):
+        got = _receive(conn.info.dsn, "merkle_sp", 0, 3)
+    small, large, after = got
+    try:
+        assert small.spilled is None and after.spilled is None
+        assert large.spilled is not None and large.changes, "the test wants changes both in the file and in memory"
+        assert large.count == held[1].count == 2500 + 1200 + 26 + 400 + 1 + 1 + 500  # 26 updates: id 0 too
+        assert [c for chunk in large.chunks(999) for c in chunk] == held[1].changes
+        oids = {r[0] for r in conn.execute("SELECT oid::int FROM pg_class WHERE relname IN ('a', 'b')")}
+        assert large.table_oids() == held[1].table_oids() == oids
+        said = [r for r in caplog.records if r.getMessage().startswith("large transaction")]
+        assert [r.getMessage() for r in said] == [
+            "large transaction: its changes go to a temporary file until its leaves are appended",
+            "large transaction received"]
+        assert said[1].changes == large.count and said[0].commit_lsn == po.int_to_lsn(large.commit_lsn)
+    finally:
+        for txn in got + held:
+            txn.close()
+
+
+def _append_all(seq: Sequencer, log_id: int, txns: list) -> list[int]:
+    """Append the way the feed does, batch after batch; returns each batch's leaf count."""
+    counts = []
+    while txns:
+        batch = ReplicationBatch(log_id, txns)
+        result = seq.append_changes(batch)
+        counts.append(result.count if result is not None else 0)
+        txns = txns[batch.consumed:]
+    return counts
+
+
+@pytest.fixture
+def spilling(monkeypatch):
+    """Spill past 50 kB, prepare 700 changes at a time, write tiles every 1,500 rows."""
+    monkeypatch.setattr(spill, "SPILL_BYTES", 50_000)
+    monkeypatch.setattr(replication_apply, "APPEND_CHUNK", 700)
+    monkeypatch.setattr(replication_apply, "COPY_STATEMENT_ROWS", 1500)
+
+
+def test_a_spilled_transaction_gets_the_leaves_and_tiles_of_one_held_in_memory(rconn, spilling):
+    conn = rconn
+    _two_table_log(conn, "sp")
+    _write_transactions(conn)
+    txns = _receive(conn.info.dsn, "merkle_sp", 0, 3)
+    assert txns[1].spilled is not None
+    log = registry.get_log(conn, "sp")
+    sources = {s.table_oid: s for s in registry.list_sources(conn, log.log_id)}
+    # What the path for transactions held in memory (tests/test_replication_leaves.py) gives.
+    whole = [t.changes if t.spilled is None else [c for chunk in t.chunks(10 ** 6) for c in chunk] for t in txns]
+    expected = [prepare(t, sources, log.log_id, changes) for t, changes in zip(txns, whole)]
+    with connect(conn.info.dsn) as c:
+        # The large one ends its batch: the one after it waits for the next.
+        assert _append_all(Sequencer(c, "sp"), log.log_id, txns) == [1 + len(expected[1].hashes), 1]
+    rows = check_log(conn, "sp")
+    assert [bytes(r[4]) for r in rows] == [h for p in expected for h in p.hashes]
+    assert [(r[5], r[6]) for r in rows] == [(t.end_lsn, i) for t, p in zip(txns, expected)
+                                            for i in range(1, len(p.hashes) + 1)]
+    assert {r[3] for r in rows} == {"insert", "update", "delete", "truncate"}
+    assert stored_tiles(conn, log.log_id) == naive_tiles([bytes(r[4]) for r in rows])
+    assert conn.execute("SELECT end_lsn FROM merkle.replication_progress").fetchone()[0] == po.int_to_lsn(
+        txns[2].end_lsn)
+    entry = canonical.entry_v1("insert", "public.b", {"id": "5000", "note": "after the truncate"})
+    assert canonical.leaf_hash_of_entry(entry) in {bytes(r[4]) for r in rows}
+    for txn in txns:
+        txn.close()
+
+
+def test_a_spilled_transaction_that_fails_halfway_leaves_nothing_and_is_appended_whole_again(rconn, spilling):
+    """The server refuses a row of the transaction's second COPY statement, after the first
+    one's rows and tiles were written: all of it is rolled back, and the retry reads the file
+    again from its start."""
+    conn = rconn
+    _two_table_log(conn, "sp")
+    _write_transactions(conn)
+    txns = _receive(conn.info.dsn, "merkle_sp", 0, 3)[:2]
+    log = registry.get_log(conn, "sp")
+    conn.execute("ALTER TABLE merkle.processed_log ADD CONSTRAINT refuse_seq_3000 CHECK (seq <> 3000) NOT VALID")
+    stored = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress").fetchone()[0]
+    with connect(conn.info.dsn) as c:
+        seq = Sequencer(c, "sp")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            seq.append_changes(ReplicationBatch(log.log_id, txns))
+        assert conn.execute("SELECT (SELECT count(*) FROM merkle.processed_log), (SELECT count(*) FROM merkle.tiles), "
+                            "(SELECT end_lsn::text FROM merkle.replication_progress)").fetchone() == (0, 0, stored)
+        conn.execute("ALTER TABLE merkle.processed_log DROP CONSTRAINT refuse_seq_3000")
+        assert _append_all(seq, log.log_id, txns) == [1 + txns[1].count]  # every change is a leaf
+    rows = check_log(conn, "sp")
+    assert [r[6] for r in rows[1:]] == list(range(1, len(rows)))
+    assert stored_tiles(conn, log.log_id) == naive_tiles([bytes(r[4]) for r in rows])
+    for txn in txns:
+        txn.close()
+
+
+def _spill_files(pid: int) -> int:
+    """The listener's open spill files (unlinked temporary files keep their name in /proc)."""
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            count += bool(re.search(r"merkle-listener-txn-", os.readlink(f"{fd_dir}/{fd}")))
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def test_the_listener_spills_a_large_transaction_and_gives_the_file_back(rconn):
+    """With the listener's own sizes: 30,000 rows of 1.3 kB are past SPILL_BYTES."""
+    conn = rconn
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, body text)")
+    _replication_log(conn, "big", "big")
+    listener = start_listener(conn.info.dsn)
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO big SELECT i, repeat(md5(i::text), 40) FROM generate_series(1, 30000) i")
+        conn.execute("INSERT INTO big VALUES (30001, 'after')")
+        wait_for_size(conn, "big", 30001, timeout=120, listener=listener)
+        listener.wait_for("large transaction received")
+        deadline = time.monotonic() + 10
+        while _spill_files(listener.proc.pid):  # closed once its batch has returned
+            assert time.monotonic() < deadline, "the spill file was never closed"
+            time.sleep(0.05)
+    finally:
+        said = listener.stop()
+    assert "its changes go to a temporary file" in said
+    rows = check_log(conn, "big")
+    assert [r[6] for r in rows] == list(range(1, 30001)) + [1]
+    body = conn.execute("SELECT body FROM big WHERE id = 12345").fetchone()[0]
+    entry = canonical.entry_v1("insert", "public.big", {"id": "12345", "body": body})
+    assert bytes(rows[12344][4]) == canonical.leaf_hash_of_entry(entry)
