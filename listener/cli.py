@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import warnings
+from base64 import b64encode
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"merkle-listener {__version__}")
-    p.add_argument("--dsn", help="PostgreSQL connection string (default: $DATABASE_URL, PG* variables, else embedded)")
-    p.add_argument("--data-dir", type=Path, help="embedded PostgreSQL home (default: $MERKLE_LISTENER_HOME or the user data dir)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                   help="structured (JSON) log level on stderr (default: warning; `run` uses info)")
+    _global_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = sub.add_parser("db", help="manage the embedded PostgreSQL").add_subparsers(dest="db_command", required=True)
@@ -73,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--yes", action="store_true", help="confirm: the log and its proofs are gone for good")
 
     src = sub.add_parser("source", help="register tables as sources of a log").add_subparsers(dest="source_command", required=True)
-    sa = src.add_parser("add", help="capture every row inserted into TABLE as a leaf of LOG")
+    sa = src.add_parser("add", help="capture TABLE's committed changes as leaves of LOG (trigger mode: inserts; "
+                                    "replication mode: the --events chosen, and TRUNCATE)")
     sa.add_argument("log", help="the log's name")
     sa.add_argument("table", help="table name, optionally schema-qualified")
     sa.add_argument("--key", help="comma-separated unique key columns (default: the primary key)")
@@ -84,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--append-only", action="store_true", help="refuse UPDATE, DELETE and TRUNCATE on the table")
     sa.add_argument("--mode", choices=["trigger", "replication"], default="trigger",
                     help="capture with a statement trigger (default) or the log's logical replication slot")
-    sa.add_argument("--events", help="replication mode: comma-separated insert,update,delete to log (default insert)")
+    sa.add_argument("--events", help="replication mode: comma-separated insert,update,delete to log (default insert; "
+                                     "TRUNCATE is logged too unless --truncate refuse or --append-only)")
     sa.add_argument("--truncate", choices=["log", "refuse"],
                     help="replication mode: log TRUNCATE as a leaf (default) or refuse it")
     sa.add_argument("--no-doorbell", dest="doorbell", action="store_false",
@@ -101,10 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr = src.add_parser("remove", help="stop capturing TABLE")
     sr.add_argument("log", help="the log's name")
     sr.add_argument("table", help="a source table of the log")
+    sr.add_argument("--wait", type=float, default=10.0, metavar="S",
+                    help="replication mode: wait up to S seconds (default 10) for a running listener to log what "
+                         "was committed before the table left the publication; exit 3 if it has not yet")
 
     rp = sub.add_parser("run", help="sequence captured changes into the logs until stopped (Ctrl-C)")
     rp.add_argument("--log", action="append", dest="logs", metavar="NAME", help="only this log (repeatable)")
-    rp.add_argument("--poll", type=float, default=1.0, help="safety poll interval in seconds (default 1)")
+    rp.add_argument("--poll", type=float, default=1.0,
+                    help="safety poll interval in seconds, > 0 (default 1): a drain even without a doorbell")
     rp.add_argument("--max-batch", type=int, default=50_000,
                     help="trigger mode: at most this many rows per batch transaction; a larger statement is spread "
                          "over several (default 50000)")
@@ -152,9 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     vf = sub.add_parser("verify", help="check a proof JSON offline (no database)")
     vf.add_argument("file", help="a file written by `prove`, or - for standard input")
-    vf.add_argument("--root", help="base64 root you trust; the proof must lead to it")
-    vf.add_argument("--checkpoint", type=Path, help="a signed checkpoint file: verify it (with --vkey) and use its root")
-    vf.add_argument("--vkey", help="verifier key text, or @FILE (needed with --checkpoint or a checkpoint FILE)")
+    vf.add_argument("--root", help="base64 root you trust at the proof's size (an inclusion proof's tree_size, a "
+                                   "consistency proof's SECOND); the proof must lead to it")
+    vf.add_argument("--checkpoint", type=Path, help="a signed checkpoint file: verify it (with --vkey) and use its root "
+                                                    "as --root")
+    vf.add_argument("--old-root", help="consistency proofs: base64 root you trusted at size FIRST; the proof must "
+                                       "start from it (this is what shows that the log only grew since)")
+    vf.add_argument("--old-checkpoint", type=Path, help="consistency proofs: a signed checkpoint at size FIRST; verify "
+                                                        "it (with --vkey) and use its root as --old-root")
+    vf.add_argument("--vkey", help="verifier key text, or @FILE (needed with a checkpoint)")
 
     dm = sub.add_parser("demo", help="a guided run: two tables, concurrent writers, proofs verified")
     dm.add_argument("--rows", type=int, default=200, help="rows per writer (default 200)")
@@ -165,7 +175,31 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--leaves", type=int, help="log size for `tree`/`sql` (default per benchmark)")
     bp.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     _describe(p)
+    _global_options_after_the_command(p)
     return p
+
+
+def _global_options(p: argparse.ArgumentParser, after_command: bool = False) -> None:
+    def option(name: str, help: str, default=None, **kw) -> None:
+        if after_command:  # listed in the main --help only; when absent, the main parser's value stands
+            help, default = argparse.SUPPRESS, argparse.SUPPRESS
+        p.add_argument(name, help=help, default=default, **kw)
+
+    option("--dsn", "PostgreSQL connection string (default: $DATABASE_URL, PG* variables, else embedded)")
+    option("--data-dir", "embedded PostgreSQL home (default: $MERKLE_LISTENER_HOME or the user data dir)", type=Path)
+    option("--log-level", "structured (JSON) log level on stderr (default: warning; `run` uses info)",
+           default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def _global_options_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """Let every command take --dsn, --data-dir and --log-level after its name too (as users
+    type them); given there, they win over the ones before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _global_options_after_the_command(command)
+                if not any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                    _global_options(command, after_command=True)
 
 
 def _describe(parser: argparse.ArgumentParser) -> None:
@@ -296,7 +330,7 @@ def cmd_log(args) -> int:
         else:
             for log in registry.list_logs(conn):
                 state = "\tpaused" if log.paused else ""
-                print(f"{log.name}\tsize {log.tree_size}\troot {log.root.hex()}\torigin {log.origin}{state}")
+                print(f"{log.name}\tsize {log.tree_size}\troot {b64encode(log.root).decode()}\torigin {log.origin}{state}")
     return 0
 
 
@@ -361,11 +395,13 @@ def cmd_source(args) -> int:
                 # From their next statement on, open transactions that insert can no longer prepare.
                 _warn_if_two_phase_commit(conn, source.qualified, args.log)
         else:
-            queued = registry.remove_source(conn, args.log, args.table, dsn=dsn)
+            if args.wait < 0:
+                raise ConfigurationError("--wait must be >= 0 seconds")
+            queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
             if queued < 0:
-                print(f"{args.table} left the log's publication; changes committed before (or its backfill) may "
-                      "still be on their way: "
-                      "run `merkle-listener run` until it caught up, then `source remove` again to finish")
+                from listener.sources.replication_setup import pending_message
+
+                print(pending_message(conn, args.log, args.table))
                 return 3
             if queued:
                 print(f"capture of {args.table} stopped; {queued} queued changes will still be logged by "
@@ -388,6 +424,8 @@ def cmd_run(args) -> int:
             raise ConfigurationError("--checkpoint-interval must be >= 0 milliseconds")
         if args.max_batch < 1:
             raise ConfigurationError("--max-batch must be at least 1")
+        if not args.poll > 0:
+            raise ConfigurationError("--poll must be more than 0 seconds")
         if args.http:
             from listener.api.server import parse_address
 
@@ -505,8 +543,10 @@ async def _until_signal(fn, *args) -> None:
             tg.start_soon(stop_on_signal)
             await tg.start(fn, *args)
     except BaseExceptionGroup as group:
-        # fn's own error (a port in use, a schema to upgrade) is said as one message, not as
-        # a traceback of the task group.
+        # fn's own error (a port in use, a schema to upgrade, a log that does not exist) is
+        # said as one message, not as a traceback of the task groups it went through.
+        while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+            group = group.exceptions[0]
         if len(group.exceptions) == 1 and isinstance(group.exceptions[0], MerkleListenerError):
             raise group.exceptions[0] from None
         raise
@@ -555,20 +595,37 @@ def cmd_verify(args) -> int:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ProofVerificationError(f"{args.file} is not JSON: {exc}") from None
-    trusted = proofs.unb64(args.root, "--root") if args.root else None
-    if args.checkpoint is not None:
-        cp, _ = open_checkpoint(_read_file(args.checkpoint), [_read_vkey(args.vkey)])
-        if trusted is not None and trusted != cp.root:
-            raise ProofVerificationError("--root and the checkpoint's root differ")
-        size_key = "tree_size" if isinstance(doc, dict) and doc.get("type") == "inclusion" else "second"
-        if isinstance(doc, dict) and doc.get(size_key) != cp.size:
-            raise ProofVerificationError(
-                f"the proof is for tree size {doc.get(size_key)!r} but the checkpoint is at size {cp.size}; "
-                f"ask for a proof at size {cp.size}")
-        trusted = cp.root
-        print(f"OK: checkpoint of {cp.origin} at size {cp.size} signed by a known key")
-    print(proofs.verify_document(doc, trusted))
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    if kind == "inclusion" and (args.old_root or args.old_checkpoint):
+        raise ConfigurationError("--old-root and --old-checkpoint are for consistency proofs; an inclusion proof "
+                                 "has one root: give it with --root or --checkpoint")
+    trusted = _trusted_root(args.root, args.checkpoint, args.vkey, doc, "tree_size" if kind == "inclusion" else "second",
+                            "--root", "--checkpoint")
+    trusted_first = _trusted_root(args.old_root, args.old_checkpoint, args.vkey, doc, "first",
+                                  "--old-root", "--old-checkpoint")
+    print(proofs.verify_document(doc, trusted, trusted_first))
     return 0
+
+
+def _trusted_root(root: str | None, checkpoint: Path | None, vkey: str | None, doc, size_key: str,
+                  root_flag: str, checkpoint_flag: str) -> bytes | None:
+    """The root given by `root_flag` (base64) or `checkpoint_flag` (a signed checkpoint at the
+    document's `size_key`), or None."""
+    from listener import proofs
+    from listener.checkpoint import open_checkpoint
+
+    trusted = proofs.unb64(root, root_flag) if root else None
+    if checkpoint is None:
+        return trusted
+    cp, _ = open_checkpoint(_read_file(checkpoint), [_read_vkey(vkey)])
+    if trusted is not None and trusted != cp.root:
+        raise ProofVerificationError(f"{root_flag} and the root of {checkpoint_flag} differ")
+    if isinstance(doc, dict) and doc.get(size_key) != cp.size:
+        raise ProofVerificationError(
+            f"the proof's {size_key} is {doc.get(size_key)!r} but the checkpoint of {checkpoint_flag} is at size "
+            f"{cp.size}; ask for a proof at size {cp.size}")
+    print(f"OK: checkpoint of {cp.origin} at size {cp.size} signed by a known key")
+    return cp.root
 
 
 def _read_file(path: Path) -> bytes:

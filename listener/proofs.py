@@ -5,8 +5,10 @@
     {"type": "consistency", "log", "origin", "first", "second", "first_root", "second_root",
      "proof": [...]}
 
-A document checks itself (the proof leads to the root it names); it is worth something once
-that root is one you trust, e.g. from a signed checkpoint (`verify --root`).
+A document checks itself (the proof leads to the roots it names); it is worth something once
+those roots are ones you trust, e.g. from signed checkpoints: `verify --root/--checkpoint`
+for the root a proof leads to, and for a consistency proof `verify --old-root/--old-checkpoint`
+for the root its checker held before.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def _size(conn: psycopg.Connection, log, size: int | None) -> int:
 def inclusion(conn: psycopg.Connection, log_name: str, index: int, size: int | None = None) -> dict:
     with conn.transaction():
         log = get_log(conn, log_name)
-        size = _size(conn, log, size)
+        asked, size = size, _size(conn, log, size)
+        if size == 0:
+            raise ConfigurationError(f"log {log.name!r} has no leaves yet" if asked is None else
+                                     "the tree of size 0 has no leaves: give a --size larger than the leaf index")
         if not 0 <= index < size:
             raise ConfigurationError(f"leaf index {index} is outside 0..{size - 1} (tree size {size})")
         row = conn.execute(
@@ -75,8 +80,13 @@ def _int(doc: dict, key: str) -> int:
     return v
 
 
-def verify_document(doc: Any, trusted_root: bytes | None = None) -> str:
-    """Check a proof document; returns a one-line description, raises ProofVerificationError."""
+def verify_document(doc: Any, trusted_root: bytes | None = None, trusted_first_root: bytes | None = None) -> str:
+    """Check a proof document; returns a one-line description, raises ProofVerificationError.
+
+    `trusted_root` is the root the proof must lead to (an inclusion proof's, or a consistency
+    proof's second); `trusted_first_root` the root a consistency proof must start from (the
+    one its checker held before). A root not given is taken from the document, which the line
+    returned then says: the proof holds for those roots, whoever wrote them."""
     if not isinstance(doc, dict) or doc.get("type") not in ("inclusion", "consistency"):
         raise ProofVerificationError('not a proof document: expected a JSON object with "type" inclusion or consistency')
     proof = doc.get("proof")
@@ -84,15 +94,29 @@ def verify_document(doc: Any, trusted_root: bytes | None = None) -> str:
         raise ProofVerificationError('field "proof" must be a list of base64 hashes')
     path = [unb64(h, f"proof[{i}]") for i, h in enumerate(proof)]
     if doc["type"] == "inclusion":
+        if trusted_first_root is not None:
+            raise ProofVerificationError("an inclusion proof has one root: give it as the trusted root, not the old one")
         index, size = _int(doc, "leaf_index"), _int(doc, "tree_size")
         root = unb64(doc.get("root"), "root")
         merkle.verify_inclusion(unb64(doc.get("leaf_hash"), "leaf_hash"), index, size, path, root)
-        what = f"leaf {index} is in the tree of size {size}"
+        _check_trusted(root, trusted_root, "")
+        what = f"leaf {index} is in the tree of size {size} (root {b64(root)})"
+        untrusted = [] if trusted_root is not None else ["root"]
     else:
         first, second = _int(doc, "first"), _int(doc, "second")
-        root = unb64(doc.get("second_root"), "second_root")
-        merkle.verify_consistency(first, second, path, unb64(doc.get("first_root"), "first_root"), root)
-        what = f"the tree of size {second} extends the tree of size {first}"
-    if trusted_root is not None and trusted_root != root:
-        raise ProofVerificationError(f"the proof is valid but for root {b64(root)}, not the trusted root {b64(trusted_root)}")
-    return f"OK: {what} (root {b64(root)})"
+        first_root, root = unb64(doc.get("first_root"), "first_root"), unb64(doc.get("second_root"), "second_root")
+        merkle.verify_consistency(first, second, path, first_root, root)
+        _check_trusted(first_root, trusted_first_root, f" at size {first}")
+        _check_trusted(root, trusted_root, f" at size {second}")
+        what = f"the tree of size {second} (root {b64(root)}) extends the tree of size {first} (root {b64(first_root)})"
+        untrusted = [name for name, given in (("first_root", trusted_first_root), ("second_root", trusted_root))
+                     if given is None]
+    if untrusted:
+        what += f"; {' and '.join(untrusted)} taken from the proof itself: compare with roots you trust"
+    return f"OK: {what}"
+
+
+def _check_trusted(root: bytes, trusted: bytes | None, where: str) -> None:
+    if trusted is not None and trusted != root:
+        raise ProofVerificationError(
+            f"the proof is valid but for root {b64(root)}{where}, not the trusted root {b64(trusted)}")

@@ -61,7 +61,7 @@ _SOURCE_COLUMNS = (
 
 def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -> Log:
     check_log_name(name)
-    origin = origin or f"merkle-listener/{name}"
+    origin = f"merkle-listener/{name}" if origin is None else origin
     if not origin.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in origin):
         raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
     with conn.transaction():

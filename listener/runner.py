@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import random
 import sys
+from base64 import b64encode
 from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
 import psycopg
 
-from listener.errors import MerkleListenerError, ProcessingError
+from listener.errors import ConfigurationError, MerkleListenerError, ProcessingError
 from listener.sequencer import DEFAULT_MAX_BATCH, QUIET_POLL_INTERVAL, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
@@ -159,7 +160,7 @@ async def _supervise(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, tg,
         if opts.logs is not None:
             missing = set(opts.logs) - set(names)
             if missing and first:
-                raise ProcessingError(f"no such log(s): {', '.join(sorted(missing))} (see `merkle-listener status`)")
+                raise ConfigurationError(f"no such log(s): {', '.join(sorted(missing))} (see `merkle-listener log list`)")
             names = [n for n in names if n in opts.logs]
         for name in names:
             if name not in running:
@@ -201,7 +202,8 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             await _become_writer(conn, name, opts)
             seq = Sequencer(conn, name, max_batch=opts.max_batch)
             await anyio.to_thread.run_sync(seq.load)
-            log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size, "root": seq.tree.root.hex()})
+            log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size,
+                                              "root": b64encode(seq.tree.root).decode()})
             cps = _Checkpoints(opts, conn, name, seq.log.origin)
             # Replication-mode sources of the log stream through this feed (idle without them).
             async with ReplicationFeed(opts.dsn, name, lambda: wakeups.ring(name),
@@ -369,7 +371,8 @@ class _Checkpoints:
         cp = await anyio.to_thread.run_sync(publish, self.conn, self.name, self.origin, self.opts.signer, self.opts.state_dir)
         self.last, self.pending = anyio.current_time(), False
         if cp is not None:
-            log.info("checkpoint signed", extra={"log": self.name, "tree_size": cp.size, "root": cp.root.hex()})
+            log.info("checkpoint signed", extra={"log": self.name, "tree_size": cp.size,
+                                                 "root": b64encode(cp.root).decode()})
 
 
 class _Backoff:

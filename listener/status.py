@@ -45,7 +45,7 @@ def collect(conn: psycopg.Connection) -> dict:
             })
         ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
         logs.append({
-            "name": log.name, "origin": log.origin, "tree_size": log.tree_size,
+            "name": log.name, "origin": log.origin, "tree_size": log.tree_size, "paused": log.paused,
             "root": base64.b64encode(log.root).decode(), "root_hex": log.root.hex(),
             "queued": sum(s["queued"] for s in sources),
             "oldest_queued_seconds": max(ages) if ages else None,
@@ -62,6 +62,8 @@ def render(report: dict) -> str:
     for log in report["logs"]:
         age = "" if log["oldest_queued_seconds"] is None else f", oldest {log['oldest_queued_seconds']:.3f} s ago"
         lines.append(f"log {log['name']}  size {log['tree_size']}  root {log['root']}")
+        if log["paused"]:
+            lines.append(f"  PAUSED: nothing is appended until `merkle-listener log resume {log['name']}`")
         lines.append(f"  origin {log['origin']}; queued {log['queued']}{age}")
         for s in log["sources"]:
             flags = [s["mode"], "capturing" if s["capturing"] else "capture stopped"]
@@ -69,7 +71,13 @@ def render(report: dict) -> str:
                 flags.append("append-only")
             if s.get("doorbell") is False:
                 flags.append("no doorbell: polled every 0.1 s")
-            lines.append(f"  source {s['table']} ({', '.join(flags)}): queued {s['queued']}")
+            if s["mode"] == "replication":
+                flags.append(f"events {', '.join(s['events'])}")
+                waiting = (f"backfill rows to append {s['queued']}; " if s["queued"] else "") + (
+                    "its changes come through the slot (its lag below)")
+            else:
+                waiting = f"queued {s['queued']}"
+            lines.append(f"  source {s['table']} ({', '.join(flags)}): {waiting}")
             if s.get("warning"):
                 lines.append(f"  warning: {s['warning']}")
         if log.get("slot"):

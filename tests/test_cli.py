@@ -54,6 +54,33 @@ def test_unknown_log_and_bad_log_name(conn, dsn):
     assert out.returncode == 2 and "error:" in out.stderr
 
 
+def test_run_with_an_unknown_log_says_so_in_one_line(conn, dsn):
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    out = cli("run", "--log", "audti", dsn=dsn)
+    assert out.returncode == 2, out.stderr
+    assert "no such log(s): audti" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_global_options_may_follow_the_command(conn, dsn):
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    out = cli("status", "--dsn", dsn, "--log-level", "error", check=True)
+    assert out.stdout.startswith("log audit  size 0")
+    out = cli("--dsn", "host=/nonexistent", "log", "list", "--dsn", dsn, check=True)  # the later one wins
+    assert "audit" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--poll", "0"], "--poll must be more than 0 seconds"),
+    (["log", "create", "x", "--origin", ""], "the origin must be a non-empty line"),
+    (["prove", "inclusion", "audit", "0"], "log 'audit' has no leaves yet"),
+    (["prove", "inclusion", "audit", "5", "--size", "0"], "the tree of size 0 has no leaves"),
+])
+def test_more_bad_input_is_refused_with_a_message(conn, dsn, args, message):
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    out = cli(*args, dsn=dsn)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_run_refuses_a_batch_of_no_rows(conn, dsn, value):
     """Found by review: `--max-batch 0` appended nothing, silently, and a negative value made
@@ -91,11 +118,27 @@ def test_prove_and_verify_round_trip_and_tampering_is_caught(conn, dsn, tmp_path
     assert out.returncode == 1 and out.stderr.startswith("FAILED")
 
     cons = cli("prove", "consistency", "audit", "17", "300", dsn=dsn, check=True).stdout
-    assert cli("verify", "-", input=cons, check=True).stdout.startswith("OK: the tree of size 300 extends")
-    root = json.loads(cons)["second_root"]
-    assert cli("verify", "-", "--root", root, input=cons).returncode == 0
-    other = json.loads(cons)["first_root"]
-    assert cli("verify", "-", "--root", other, input=cons).returncode == 1
+    first_root, second_root = json.loads(cons)["first_root"], json.loads(cons)["second_root"]
+    said = cli("verify", "-", input=cons, check=True).stdout
+    assert said.startswith(f"OK: the tree of size 300 (root {second_root}) extends the tree of size 17 "
+                           f"(root {first_root}); first_root and second_root taken from the proof itself")
+    assert cli("verify", "-", "--root", second_root, input=cons).returncode == 0
+    assert cli("verify", "-", "--root", first_root, input=cons).returncode == 1
+    # The auditor's question: does the log now extend the root I trusted at size 17?
+    said = cli("verify", "-", "--old-root", first_root, "--root", second_root, input=cons, check=True).stdout
+    assert "taken from the proof" not in said
+    earlier = json.loads(cli("prove", "inclusion", "audit", "3", "--size", "17", dsn=dsn, check=True).stdout)["root"]
+    assert earlier == first_root
+    # A proof from a forked history: valid in itself, but not from the root the auditor held.
+    forked = json.loads(cli("prove", "consistency", "audit", "18", "300", dsn=dsn, check=True).stdout)
+    forked["first"] = 17
+    out = cli("verify", "-", "--old-root", first_root, input=json.dumps(forked))
+    assert out.returncode == 1 and out.stderr.startswith("FAILED"), out.stdout + out.stderr
+    cons18 = cli("prove", "consistency", "audit", "18", "300", dsn=dsn, check=True).stdout
+    out = cli("verify", "-", "--old-root", first_root, input=cons18)
+    assert out.returncode == 1 and f"not the trusted root {first_root}" in out.stderr, out.stderr
+    out = cli("verify", str(inc), "--old-root", first_root)
+    assert out.returncode == 2 and "for consistency proofs" in out.stderr
 
     out = cli("prove", "inclusion", "audit", "300", dsn=dsn)
     assert out.returncode == 2 and "outside" in out.stderr

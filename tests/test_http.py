@@ -165,6 +165,21 @@ def test_monitor_and_verify_cli(http_log, tmp_path):
     r = cli("verify", str(tmp_path / "proof.json"), "--checkpoint", str(tmp_path / "cp"), "--vkey", vkey)
     assert r.returncode == 0 and "leaf 9 is in the tree" in r.stdout, r.stderr
 
+    # An auditor who kept the checkpoint at size 10 checks that today's one extends it.
+    cons = cli("prove", "consistency", "audit", "10", str(cp.size), dsn=http_log.dsn, check=True).stdout
+    root10 = base64.b64decode(json.loads(cons)["first_root"])
+    (tmp_path / "cp10").write_text(http_log.signer.sign(Checkpoint("example.com/audit", 10, root10).body()))
+    both = ("--old-checkpoint", str(tmp_path / "cp10"), "--checkpoint", str(tmp_path / "cp"), "--vkey", vkey)
+    r = cli("verify", "-", *both, input=cons)
+    assert r.returncode == 0 and "extends the tree of size 10" in r.stdout and "taken from" not in r.stdout, r.stderr
+    # ... and one holding a signed checkpoint of another history at size 10 is told so.
+    fork = http_log.signer.sign(Checkpoint("example.com/audit", 10, hashlib.sha256(b"fork").digest()).body())
+    (tmp_path / "cp10").write_text(fork)
+    r = cli("verify", "-", *both, input=cons)
+    assert r.returncode == 1 and "not the trusted root" in r.stderr and "at size 10" in r.stderr, r.stderr
+    r = cli("verify", "-", "--old-checkpoint", str(tmp_path / "cp"), "--vkey", vkey, input=cons)
+    assert r.returncode == 1 and "ask for a proof at size" in r.stderr, r.stderr
+
 
 # -- fuzzing: whatever is sent, the answer is JSON or the resource, never a 5xx -------------------
 

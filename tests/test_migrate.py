@@ -26,11 +26,23 @@ def test_fresh_database_is_migrated(pg_server):
         admin.execute("CREATE DATABASE fresh_m")
     with psycopg.connect(pg_server.dsn("fresh_m"), options=options_string()) as c:
         assert migrate.current_version(c) == 0
-        with pytest.raises(ConfigurationError, match="merkle-listener init"):
+        with pytest.raises(ConfigurationError, match="database fresh_m has no merkle schema: run `merkle-listener init`"):
             migrate.check_version(c)
         applied = migrate.apply(c)
         assert [m.version for m in applied] == [m.version for m in migrate.migrations()]
         assert c.execute("SELECT root FROM merkle.logs LIMIT 0").fetchall() == []
+
+
+def test_a_role_that_may_not_read_the_schema_is_told_whose_it_is(conn, dsn):
+    conn.execute("DROP ROLE IF EXISTS stranger")
+    conn.execute("CREATE ROLE stranger LOGIN")
+    try:
+        with psycopg.connect(dsn, user="stranger", options=options_string()) as c:
+            with pytest.raises(ConfigurationError, match=f"role stranger may not read schema merkle in database "
+                                                         f"{conn.info.dbname}: connect as the role that ran"):
+                migrate.check_version(c)
+    finally:
+        conn.execute("DROP ROLE stranger")
 
 
 def test_a_migration_missing_from_the_database_is_reported(conn):

@@ -69,8 +69,11 @@ def test_both_modes_on_one_log(rconn):
         # While the listener streams, `source remove` waits for it to log what was committed.
         out = cli("source", "remove", "audit", "orders", dsn=conn.info.dsn)
         assert out.returncode == 0, out.stderr + out.stdout + listener.stop()
+        # The last replication source took the slot with it: the listener says so, calmly.
+        listener.wait_for("replication stream closed: the log has no replication source left")
     finally:
-        listener.stop()
+        said = listener.stop()
+    assert "replication stream interrupted" not in said
     assert conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 61
     assert slots(conn) == []
     assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
@@ -341,6 +344,9 @@ def test_a_source_is_not_removed_while_its_backfill_is_being_appended(rconn, mon
             assert c.execute("SELECT confirmed_flush_lsn >= (SELECT until_lsn FROM merkle.replication_retired) "
                              "FROM pg_replication_slots WHERE slot_name = 'merkle_rmbf'").fetchone()[0]
             assert registry.remove_source(c, "rmbf", "a", wait=0) == -1
+        out = cli("source", "remove", "rmbf", "a", "--wait", "0", dsn=conn.info.dsn)
+        assert out.returncode == 3 and ("150 rows of its backfill may still be on their way, and no listener "
+                                        "streams log 'rmbf' now: run `merkle-listener run`") in out.stdout, out.stdout
         assert conn.execute("SELECT count(*) FROM merkle.replication_backfill").fetchone()[0] == 150
         while seq.append_changes(ReplicationBatch(log.log_id, [])) is not None:
             pass
@@ -404,10 +410,25 @@ def test_status_reports_slot_health(rconn):
                 break
             assert time.monotonic() < deadline, slot
             time.sleep(0.2)
+        assert slot["lag_seconds"] < 1
+        # A paused log falls behind: status says it is paused, and the lag in seconds grows
+        # from the last progress the log stored.
+        cli("log", "pause", "st", dsn=conn.info.dsn, check=True)
+        conn.execute("INSERT INTO t SELECT generate_series(11, 3000)")
+        time.sleep(2)
+        report = orjson.loads(cli("status", "--json", dsn=conn.info.dsn, check=True).stdout)["logs"][0]
+        assert report["paused"] and report["slot"]["lag_seconds"] >= 1.5, report
+        text = cli("status", dsn=conn.info.dsn, check=True).stdout
+        assert "PAUSED: nothing is appended until `merkle-listener log resume st`" in text
+        cli("log", "resume", "st", dsn=conn.info.dsn, check=True)
+        wait_for_size(conn, "st", 3000, listener=listener)
     finally:
         listener.stop()
     text = cli("status", dsn=conn.info.dsn, check=True).stdout
     assert "slot merkle_st: wal_status reserved" in text
+    assert "source public.t (replication, capturing, events insert, truncate): its changes come through the slot" \
+        in text, text
+    assert "PAUSED" not in text
 
 
 def _receive(dsn: str, slot: str, start_lsn: int, count: int) -> list:
@@ -728,6 +749,48 @@ def test_log_drop_that_cannot_drop_the_slot_drops_nothing(rconn):
         conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_source_remove_says_what_it_waits_for(rconn):
+    """`source remove` of a replication source exits 3 while what was committed before it
+    took the table out of the publication is not logged yet, and says why: a running
+    listener still at work, or a paused log."""
+    conn = rconn
+    dsn = conn.info.dsn
+    for name in ("busy", "held"):
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, body text)")
+        registry.create_log(conn, name)
+        with connect(dsn) as c:
+            registry.add_source(c, name, name, mode="replication")
+    listener = start_listener(dsn)
+    try:
+        listener.wait_for("replication stream open")
+        # A transaction the listener needs a while for (it spills to a file, then is appended).
+        conn.execute("INSERT INTO busy SELECT i, repeat(md5(i::text), 40) FROM generate_series(1, 30000) i")
+        out = cli("source", "remove", "busy", "busy", "--wait", "0", dsn=dsn)
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert "the running listener is still logging the changes committed before that (" in out.stdout, out.stdout
+        assert "MB of WAL to go" in out.stdout
+        out = cli("source", "remove", "busy", "busy", "--wait", "60", dsn=dsn)
+        assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
+
+        cli("log", "pause", "held", dsn=dsn, check=True)
+        conn.execute("INSERT INTO held VALUES (1, 'paused')")
+        out = cli("source", "remove", "held", "held", "--wait", "0.5", dsn=dsn)
+        assert out.returncode == 3 and "log 'held' is paused" in out.stdout and "log resume held" in out.stdout, \
+            out.stdout
+        cli("log", "resume", "held", dsn=dsn, check=True)
+        out = cli("source", "remove", "held", "held", "--wait", "60", dsn=dsn)
+        assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
+    finally:
+        listener.stop()
+    assert [r[6] for r in check_log(conn, "busy")] == list(range(1, 30001))
+    assert [r[2] for r in check_log(conn, "held")] == ['{"id":"1"}']
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    with connect(dsn) as c:
+        registry.add_source(c, "held", "t", mode="replication")
+    out = cli("source", "remove", "held", "t", "--wait", "-1", dsn=dsn)
+    assert out.returncode == 2 and "--wait must be >= 0" in out.stderr
 
 
 def test_a_paused_log_keeps_its_stream(rconn):

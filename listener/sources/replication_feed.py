@@ -220,6 +220,7 @@ class ReplicationFeed:
                 self.dsn, publication.slot_name(self.log_name), publication.publication_name(self.log_name), start,
                 on_transaction=self._received, may_confirm_idle=self._idle, on_idle=self.wake,
                 backlogged=self._backlogged)
+            interrupted = "the stream ended"
             try:
                 await stream.open()
                 self.stream = stream
@@ -230,14 +231,31 @@ class ReplicationFeed:
                 delay = 0.2
                 await stream.run()
             except (psycopg.OperationalError, MerkleListenerError) as exc:
-                log.warning("replication stream interrupted; reopening from the stored position",
-                            extra={"log": self.log_name, "error": str(exc)})
+                interrupted = str(exc)
                 announced = False
             finally:
                 self.stream = None
                 stream.close()
             await anyio.sleep(delay)
+            # Looked at after the pause: a `source remove` of the log's last replication source
+            # drops the slot (which ends the stream) just before it commits.
+            if await anyio.to_thread.run_sync(self._has_replication_sources):
+                log.warning("replication stream interrupted; reopening from the stored position",
+                            extra={"log": self.log_name, "error": interrupted})
+            else:
+                log.info("replication stream closed: the log has no replication source left",
+                         extra={"log": self.log_name})
             delay = min(5.0, delay * 2)
+
+    def _has_replication_sources(self) -> bool:
+        """True also when that cannot be told (the server is down, say)."""
+        try:
+            conn = self._probe.get()
+            return conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM merkle.replication_progress p JOIN merkle.logs l USING (log_id) "
+                "WHERE l.name = %s)", (self.log_name,)).fetchone()[0]
+        except psycopg.Error:
+            return True
 
     def _report_slot_problem(self) -> None:
         """Say it in the listener's log, not only in `status`: nothing is captured meanwhile."""

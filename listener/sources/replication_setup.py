@@ -252,6 +252,33 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
     return 0
 
 
+def pending_message(conn: psycopg.Connection, log_name: str, table: str) -> str:
+    """What a `source remove` that returned -1 waits for, and what to do about it."""
+    log = registry.get_log(conn, log_name)
+    source = registry.find_source(conn, log, table)
+    behind, streaming, backfill = conn.execute(
+        "SELECT greatest(r.until_lsn - s.confirmed_flush_lsn, 0)::bigint, s.active_pid IS NOT NULL, "
+        "(SELECT count(*) FROM merkle.replication_backfill b WHERE b.source_id = r.source_id) "
+        "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s "
+        "ON s.slot_name = %s AND s.database = current_database() WHERE r.source_id = %s",
+        (publication.slot_name(log_name), source.source_id)).fetchone() or (None, False, 0)
+    conn.commit()
+    start = f"{source.qualified} left the log's publication; "
+    if log.paused:
+        return (start + f"log {log_name!r} is paused, so what was committed before is not logged yet: "
+                f"`merkle-listener log resume {log_name}`, then `source remove` again to finish")
+    if streaming and backfill:
+        return (start + f"the running listener is still appending its backfill ({backfill} rows to go): "
+                "run `source remove` again once it is in to finish")
+    if streaming:
+        to_go = f" ({behind / 1e6:.1f} MB of WAL to go)" if behind else ""
+        return (start + f"the running listener is still logging the changes committed before that{to_go}: "
+                "run `source remove` again in a moment to finish (`status` shows the slot's lag)")
+    waiting = f"{backfill} rows of its backfill" if backfill else "changes committed before that"
+    return (start + f"{waiting} may still be on their way, and no listener streams log {log_name!r} now: run "
+            "`merkle-listener run` until it has caught up, then `source remove` again to finish")
+
+
 def _drop_slot_if_unused(conn: psycopg.Connection, dsn: str, log_id: int, log_name: str, state: str) -> None:
     """In the caller's transaction, which holds the log's row lock: when the log has no
     replication source left, drop its publication and its slot (a forgotten slot pins WAL

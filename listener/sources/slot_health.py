@@ -3,9 +3,11 @@
 The slot pins WAL from its restart_lsn on; if the listener falls too far behind (or is not
 running) PostgreSQL may mark it `extended` or `unreserved` (WAL beyond max_wal_size is kept
 only while it can) and finally `lost`: WAL it needed is gone and the changes in it can no
-longer be streamed. Lag in bytes is measured from the slot's confirmed position; lag in
-seconds is the walsender's flush_lag while a listener streams, else the age of the last
-stored progress when the slot is behind.
+longer be streamed. Lag in bytes is measured from the slot's confirmed position (it counts
+all the server's WAL, the listener's own writes included). Lag in seconds is the age of the
+last stored progress while the slot is more than IDLE_LAG_BYTES behind (a listener at work
+stores it at every batch, so it grows while a large transaction is appended, or while nobody
+streams), else the walsender's flush_lag.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import psycopg
 from listener.registry import Source
 from listener.sources.pgoutput import lsn_to_int
 from listener.sources.publication import publication_name, slot_name
+
+# Within this much of the server's WAL, a slot counts as caught up: an idle listener confirms
+# the stream's position only once it is this far past (replication_feed.IDLE_CONFIRM_MIN_BYTES).
+IDLE_LAG_BYTES = 64 * 1024
 
 
 def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None:
@@ -41,12 +47,10 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
         return report
     wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
     ahead = end_lsn != "0/0" and confirmed is not None and lsn_to_int(confirmed) > lsn_to_int(end_lsn)
-    if flush_lag is not None:
-        lag_seconds = flush_lag
-    elif lag_bytes and lag_bytes > 0 and not active:
+    if lag_bytes is not None and lag_bytes > IDLE_LAG_BYTES:
         lag_seconds = progress_age
     else:
-        lag_seconds = 0.0
+        lag_seconds = flush_lag if flush_lag is not None and active else 0.0
     report.update(wal_status=wal_status, active=active, confirmed_flush_lsn=confirmed, lag_bytes=lag_bytes,
                   retained_bytes=retained, lag_seconds=round(lag_seconds, 3))
     if wal_status == "lost":
@@ -104,6 +108,8 @@ def source_status(conn: psycopg.Connection, log_name: str, s: Source) -> dict:
         (publication_name(log_name), s.table_schema, s.table_name)).fetchone()[0]
     backfill = conn.execute("SELECT count(*) FROM merkle.replication_backfill WHERE source_id = %s",
                             (s.source_id,)).fetchone()[0]
+    # Changes on their way through the slot are not counted (that would mean decoding them):
+    # the slot's lag says how far behind the log is. `queued` is the backfill left to append.
     return {"table": s.qualified, "mode": s.mode, "capturing": published, "append_only": s.append_only,
             "events": s.events, "queued": backfill, "oldest_queued_seconds": None}
 

@@ -93,7 +93,18 @@ def unsupported_server_message(number: int) -> str:
 def check_version(conn: psycopg.Connection) -> None:
     """Raise unless the database holds exactly the migrations this program has."""
     check_server(conn)
-    applied = applied_versions(conn)
+    database, role = conn.info.dbname, conn.info.user
+    try:
+        applied = applied_versions(conn)
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigurationError(
+            f"role {role} may not read schema merkle in database {database}: connect as the role that ran "
+            "`merkle-listener init` there (it owns the schema), or see docs/replication.md, \"Running as a "
+            "non-superuser role\"") from None
+    if not applied:
+        raise ConfigurationError(
+            f"database {database} has no merkle schema: run `merkle-listener init` to create it, or point --dsn "
+            "(or DATABASE_URL) at the database that has your logs")
     if unknown := _unknown(applied):
         raise ConfigurationError(
             f"the database's merkle schema has migration(s) {sorted(unknown)} that this merkle-listener "
@@ -101,7 +112,7 @@ def check_version(conn: psycopg.Connection) -> None:
         )
     if missing := sorted(m.version for m in migrations() if m.version not in applied):
         raise ConfigurationError(
-            f"the database's merkle schema lacks migration(s) {missing}: run `merkle-listener init`"
+            f"the merkle schema of database {database} lacks migration(s) {missing}: run `merkle-listener init`"
         )
 
 
