@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psycopg
 import pytest
 
 from listener import registry
@@ -148,6 +149,16 @@ def test_demo_runs_and_every_check_holds(pg_server):
     out = cli("demo", "--rows", "60", dsn=pg_server.dsn(), timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "every check held" in out.stdout and "FAILED" not in out.stdout
+    assert "public.payments feeds log 'demo' through logical replication" in out.stdout
+    assert "OK: the update's leaf hash recomputed from the row equals the logged one" in out.stdout
+    assert "taken from the proof itself" not in out.stdout  # checked against roots the demo saw
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM pg_replication_slots WHERE database = 'merkle_demo'").fetchone()[0] == 0
+        # A demo killed midway leaves its slot, which would keep its database from being dropped.
+        with psycopg.connect(pg_server.dsn("merkle_demo"), autocommit=True) as demo:
+            demo.execute("SELECT pg_create_logical_replication_slot('merkle_demo', 'pgoutput')")
+    out = cli("demo", "--rows", "20", dsn=pg_server.dsn(), timeout=180)
+    assert out.returncode == 0 and "every check held" in out.stdout, out.stdout + out.stderr
 
 
 def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):

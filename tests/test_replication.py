@@ -43,6 +43,8 @@ def test_both_modes_on_one_log(rconn):
         registry.add_source(c, "audit", "payments")
     assert slots(conn) == ["merkle_audit"]
     assert conn.execute("SELECT pubname FROM pg_publication").fetchall() == [("merkle_audit",)]
+    listed = cli("source", "list", "audit", dsn=conn.info.dsn, check=True).stdout
+    assert "public.orders\t" in listed and "mode replication" in listed and "events insert,truncate" in listed
     listener = start_listener(conn.info.dsn)
     try:
         for i in range(1, 21):
