@@ -224,6 +224,9 @@ def test_kill_while_a_spilled_transaction_is_appended(crash_server):
                 time.sleep(random.uniform(0, 0.2))
                 said = listener.stop(signal.SIGKILL)
                 assert "its changes go to a temporary file" in said
+                # Its sessions outlive it until the server notices; one still copying would
+                # pass for the next listener's.
+                _wait_for_no_listener_sessions(conn)
                 # The large transaction's batch is rolled back with the process's session.
                 left = conn.execute(size).fetchone()[0]
                 assert left in (1, total + 1, total + 2)
@@ -236,6 +239,14 @@ def test_kill_while_a_spilled_transaction_is_appended(crash_server):
     assert [int(orjson.loads(r[2])["id"]) for r in rows] == list(range(total + 2))
     assert [r[6] for r in rows] == [1] + list(range(1, total + 1)) + [1]
     assert len({r[5] for r in rows[1:total + 1]}) == 1
+
+
+def _wait_for_no_listener_sessions(conn: psycopg.Connection, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'merkle-listener' "
+                       "AND pid <> pg_backend_pid()").fetchone()[0]:
+        assert time.monotonic() < deadline, "a killed listener's sessions did not end"
+        time.sleep(0.05)
 
 
 class _Counter:

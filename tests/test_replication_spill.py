@@ -9,6 +9,7 @@ import os
 import re
 import time
 
+import orjson
 import psycopg
 import pytest
 
@@ -50,6 +51,11 @@ def test_the_spill_file_gives_back_every_change_in_order(monkeypatch):
             assert [len(chunk) for chunk in spilled.chunks(size)][:-1] == [size] * ((len(changes) - 1) // size)
         got = [c for chunk in spilled.chunks(10) for c in chunk]
         assert got[41][0] is altered and got[0][0] is first
+        # A chunk also ends once its records reach max_bytes: the 501-byte Update ends one.
+        by_bytes = list(spilled.chunks(1000, max_bytes=300))
+        assert [c for chunk in by_bytes for c in chunk] == changes
+        assert by_bytes[-2][-1] == changes[41] and by_bytes[-1] == changes[42:]
+        assert all(sum(len(p) + 8 if type(p) is bytes else 12 for _, p in chunk[:-1]) < 300 for chunk in by_bytes)
     finally:
         spilled.close()
 
@@ -214,3 +220,81 @@ def test_the_listener_spills_a_large_transaction_and_gives_the_file_back(rconn):
     body = conn.execute("SELECT body FROM big WHERE id = 12345").fetchone()[0]
     entry = canonical.entry_v1("insert", "public.big", {"id": "12345", "body": body})
     assert bytes(rows[12344][4]) == canonical.leaf_hash_of_entry(entry)
+
+
+def test_a_spilled_transaction_of_few_changes_is_still_appended_from_its_file(rconn, spilling, monkeypatch):
+    """Wide rows spill long before APPEND_CHUNK changes: such a transaction takes the chunked
+    path all the same (the path for one held in memory cannot read a file)."""
+    monkeypatch.setattr(replication_apply, "APPEND_CHUNK", 100_000)
+    conn = rconn
+    _two_table_log(conn, "sp")
+    _write_transactions(conn)
+    txns = _receive(conn.info.dsn, "merkle_sp", 0, 3)
+    assert txns[1].spilled is not None and txns[1].count < replication_apply.APPEND_CHUNK
+    log = registry.get_log(conn, "sp")
+    sources = {s.table_oid: s for s in registry.list_sources(conn, log.log_id)}
+    whole = [t.changes if t.spilled is None else [c for chunk in t.chunks(10 ** 6) for c in chunk] for t in txns]
+    expected = [h for t, changes in zip(txns, whole) for h in prepare(t, sources, log.log_id, changes).hashes]
+    with connect(conn.info.dsn) as c:
+        assert _append_all(Sequencer(c, "sp"), log.log_id, txns) == [1 + txns[1].count, 1]
+    rows = check_log(conn, "sp")
+    assert [bytes(r[4]) for r in rows] == expected
+    assert stored_tiles(conn, log.log_id) == naive_tiles(expected)
+    for txn in txns:
+        txn.close()
+
+
+def test_wide_rows_are_weighed_by_their_bytes_and_read_back_a_few_at_a_time(rconn, monkeypatch):
+    """60 rows of 40 kB are far fewer messages than YIELD_EVERY: the stream weighs them every
+    WEIGH_BYTES all the same and spills them, and the batch reads them back in chunks of about
+    SPILL_BYTES, not APPEND_CHUNK rows."""
+    from listener.sources import replication
+
+    monkeypatch.setattr(spill, "SPILL_BYTES", 100_000)
+    monkeypatch.setattr(replication, "WEIGH_BYTES", 200_000)
+    conn = rconn
+    conn.execute("CREATE TABLE wide (id int PRIMARY KEY, body text)")
+    _replication_log(conn, "wide", "wide")
+    with conn.transaction():
+        conn.execute("INSERT INTO wide SELECT i, string_agg(md5(i::text || j::text), '') "
+                     "FROM generate_series(1, 60) i, generate_series(1, 1250) j GROUP BY i")
+    txns = _receive(conn.info.dsn, "merkle_wide", 0, 1)
+    large = txns[0]
+    assert large.spilled is not None and large.count == 60
+    chunk_sizes = [len(chunk) for chunk in large.spilled.chunks(replication_apply.APPEND_CHUNK, spill.SPILL_BYTES)]
+    assert sum(chunk_sizes) == large.spilled.count > 50 and max(chunk_sizes) <= 3, chunk_sizes
+    log = registry.get_log(conn, "wide")
+    with connect(conn.info.dsn) as c:
+        assert _append_all(Sequencer(c, "wide"), log.log_id, txns) == [60]
+    rows = check_log(conn, "wide")
+    body = conn.execute("SELECT body FROM wide WHERE id = 37").fetchone()[0]
+    assert len(body) == 40_000
+    entry = canonical.entry_v1("insert", "public.wide", {"id": "37", "body": body})
+    assert [bytes(r[4]) for r in rows if orjson.loads(r[2]) == {"id": "37"}] == [canonical.leaf_hash_of_entry(entry)]
+    large.close()
+
+
+def test_a_spill_file_that_cannot_be_written_stops_the_stream_with_what_to_do(rconn, monkeypatch):
+    """A full disk (ENOSPC from the file's write) ends the session with a message naming the
+    directory and TMPDIR; nothing was acknowledged, so the next session receives it all again."""
+    import errno
+
+    from listener.errors import ProcessingError
+
+    conn = rconn
+    _two_table_log(conn, "sp")
+    _write_transactions(conn)
+    monkeypatch.setattr(spill, "SPILL_BYTES", 50_000)
+
+    def full(self, changes):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(spill.SpilledChanges, "write", full)
+        with pytest.raises(ExceptionGroup) as raised:  # from _receive's task group
+            _receive(conn.info.dsn, "merkle_sp", 0, 3)
+    assert raised.group_contains(ProcessingError, match=r"temporary file in /.*No space left on device.*TMPDIR")
+    got = _receive(conn.info.dsn, "merkle_sp", 0, 3)
+    assert got[1].spilled is not None and got[1].count == 2500 + 1200 + 26 + 400 + 1 + 1 + 500
+    for txn in got:
+        txn.close()

@@ -17,6 +17,7 @@ the owner may store that position and then confirm it, so that an idle slot does
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ BACKLOG_STATUS_INTERVAL = 1.0
 # Messages decoded between two yields to the event loop; also how often a transaction being
 # received is weighed, and spilled to a file once it holds spill.SPILL_BYTES.
 YIELD_EVERY = 500
+# ... or every this many bytes of messages, whichever comes first: 500 wide rows could
+# otherwise pass SPILL_BYTES many times over before they are weighed.
+WEIGH_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -68,10 +72,11 @@ class Transaction:
     def count(self) -> int:
         return len(self.changes) + (self.spilled.count if self.spilled is not None else 0)
 
-    def chunks(self, size: int) -> Iterator[list[spill.Change]]:
-        """All the changes in order, `size` at a time (the last chunk may be shorter)."""
+    def chunks(self, size: int, max_bytes: int | None = None) -> Iterator[list[spill.Change]]:
+        """All the changes in order, `size` at a time, or fewer where those read back from
+        the file reach `max_bytes` (see SpilledChanges.chunks)."""
         if self.spilled is not None:
-            yield from self.spilled.chunks(size)
+            yield from self.spilled.chunks(size, max_bytes)
         for lo in range(0, len(self.changes), size):
             yield self.changes[lo:lo + size]
 
@@ -172,21 +177,22 @@ class ReplicationStream:
     async def run(self) -> None:
         """Read until cancelled or the connection fails (raises psycopg.OperationalError).
 
-        Yields to the event loop every YIELD_EVERY messages (the writer appends while this
-        decodes) and pauses reading while `backlogged()` (the buffer waiting to be appended is
-        full: the server keeps the rest)."""
+        Yields to the event loop every YIELD_EVERY messages or WEIGH_BYTES (the writer
+        appends while this decodes) and pauses reading while `backlogged()` (the buffer
+        waiting to be appended is full: the server keeps the rest)."""
         pgconn = self.pgconn
         handle = self._handle
-        handled = 0
+        handled = taken = 0  # messages and bytes since the last yield
         drained = False  # the last get_copy_data found libpq's buffer empty
         while True:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes > 0:
                 handle(data)
                 handled += 1
+                taken += nbytes
                 drained = False
-                if handled >= YIELD_EVERY:
-                    handled = 0
+                if handled >= YIELD_EVERY or taken >= WEIGH_BYTES:
+                    handled = taken = 0
                     if self._current is not None:
                         self._weigh()
                     await anyio.lowlevel.checkpoint()
@@ -246,7 +252,14 @@ class ReplicationStream:
             log.info("large transaction: its changes go to a temporary file until its leaves are appended",
                      extra={"slot": self.slot, "commit_lsn": po.int_to_lsn(txn.commit_lsn),
                             "changes_so_far": txn.count})
-        txn.spill()
+        try:
+            txn.spill()
+        except OSError as exc:
+            # The stream is reopened and the transaction received again from the slot.
+            raise ProcessingError(
+                f"cannot hold a large transaction's changes in a temporary file in {tempfile.gettempdir()} "
+                f"({exc}): free space there, or point TMPDIR at a disk with room for it, and the "
+                "listener, which retries, takes it") from exc
         self._weighed = self._held = 0
 
     def _message(self, msg: po.PgoutputMessage) -> None:

@@ -39,9 +39,9 @@ from listener import canonical
 from listener.errors import ProcessingError
 from listener.registry import Source
 from listener.sources import pgoutput as po
+from listener.sources import spill
 from listener.sources.pgoutput import UNCHANGED, int_to_lsn, lsn_to_int
 from listener.sources.replication import Transaction
-from listener.sources.spill import Change
 
 if TYPE_CHECKING:
     from listener.sequencer import TreeAppend
@@ -127,7 +127,7 @@ def _plan_for(s: Source, relation: po.Relation) -> _Plan:
     return plan
 
 
-def prepare(txn: Transaction, sources: dict[int, Source], log_id: int, changes: list[Change] | None = None,
+def prepare(txn: Transaction, sources: dict[int, Source], log_id: int, changes: list[spill.Change] | None = None,
             first_ord: int = 1) -> Prepared:
     """The leaves of one committed transaction, in its order. `sources` maps table OID to the
     replication source; changes of other tables and of events a source does not log are
@@ -278,8 +278,8 @@ class ReplicationBatch:
         """Step 2 of the sequencer's batch, in its transaction (the log row is locked);
         `by_oid` maps table OID to the log's replication sources as of that lock. The rows go
         out through psycopg's queued writer thread while `leaves` hashes them into the tree.
-        A transaction of more than APPEND_CHUNK changes that was not prepared ahead ends the
-        batch and is prepared and written a chunk at a time (see _append_large)."""
+        A transaction of more than APPEND_CHUNK changes that was not prepared ahead, or one
+        spilled to a file (however few its changes), ends the batch and is prepared and written a chunk at a time (see _append_large)."""
         self.consumed = 0
         stored_text, has_backfill = conn.execute(
             "SELECT end_lsn::text, EXISTS (SELECT 1 FROM merkle.replication_backfill_state b JOIN merkle.sources s "
@@ -311,7 +311,7 @@ class ReplicationBatch:
                 self.consumed += 1  # already in the log (a replay after a restart)
                 continue
             prepared = txn.prepared
-            if prepared is None and txn.count > APPEND_CHUNK:
+            if prepared is None and (txn.count > APPEND_CHUNK or txn.spilled is not None):
                 if waiting and not waiting.isdisjoint(
                         by_oid[oid].source_id for oid in txn.table_oids() if oid in by_oid):
                     break
@@ -404,7 +404,7 @@ class ReplicationBatch:
 def _prepared_chunks(txn: Transaction, by_oid: dict[int, Source], log_id: int):
     """(rows, hashes) of each APPEND_CHUNK changes of `txn`, prepared when asked for."""
     first_ord = 1
-    for chunk in txn.chunks(APPEND_CHUNK):
+    for chunk in txn.chunks(APPEND_CHUNK, spill.SPILL_BYTES):
         prepared = prepare(txn, by_oid, log_id, chunk, first_ord)
         first_ord += len(prepared.rows)
         yield prepared.rows, prepared.hashes

@@ -100,6 +100,7 @@ class ReplicationFeed:
         # any) propagates as is, not wrapped in an exception group.
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)
+        self._drop_buffer()  # gives back the temporary files of spilled transactions
         await anyio.to_thread.run_sync(self._probe.close)
         return False
 
@@ -189,6 +190,16 @@ class ReplicationFeed:
         self._buffered_changes += txn.count  # a spilled one too: that bounds the disk it takes
         self.wake()
 
+    def _drop_buffer(self) -> None:
+        """Forget what was received and not appended (a new session receives it again)."""
+        self._generation += 1
+        in_flight = {id(t) for t in self._batch_txns}  # closed when their batch ends
+        for txn in self._buffer:
+            if id(txn) not in in_flight:
+                txn.close()
+        self._buffer.clear()
+        self._buffered_changes = 0
+
     def _backlogged(self) -> bool:
         return self._buffered_changes >= MAX_BUFFERED_CHANGES
 
@@ -209,13 +220,7 @@ class ReplicationFeed:
                 self._report_slot_problem()
                 await anyio.sleep(self.recheck_interval)
                 continue
-            self._generation += 1
-            in_flight = {id(t) for t in self._batch_txns}  # closed when their batch ends
-            for txn in self._buffer:
-                if id(txn) not in in_flight:
-                    txn.close()
-            self._buffer.clear()
-            self._buffered_changes = 0
+            self._drop_buffer()
             stream = ReplicationStream(
                 self.dsn, publication.slot_name(self.log_name), publication.publication_name(self.log_name), start,
                 on_transaction=self._received, may_confirm_idle=self._idle, on_idle=self.wake,

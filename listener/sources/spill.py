@@ -81,14 +81,17 @@ class SpilledChanges:
         self.count += len(changes)
         self.size += len(data)
 
-    def chunks(self, size: int) -> Iterator[list[Change]]:
-        """The changes in order, `size` at a time (the last chunk may be shorter)."""
+    def chunks(self, size: int, max_bytes: int | None = None) -> Iterator[list[Change]]:
+        """The changes in order, `size` at a time, or fewer where their records reach
+        `max_bytes` (wide rows: a chunk read back then stays about that large)."""
         f = self._file
         f.flush()
         f.seek(0)
         relations, truncates, unpack = self._relations, self._truncates, _HEADER.unpack_from
         data, pos, left = b"", 0, self.size
         out: list[Change] = []
+        taken = 0  # bytes of records in out
+        limit = max_bytes if max_bytes is not None else float("inf")
         while left or pos < len(data):
             if len(data) - pos < _HEADER.size:
                 data, pos, left = _refill(f, data, pos, _HEADER.size, left)
@@ -98,6 +101,7 @@ class SpilledChanges:
                 data, pos, left = _refill(f, data, pos, end - pos, left)
                 end = pos + _HEADER.size + length
             payload = data[pos + _HEADER.size:end]
+            taken += end - pos
             pos = end
             if i >= 0:
                 out.append((relations[i], payload))
@@ -105,9 +109,9 @@ class SpilledChanges:
                 out.append((None, truncates[_INDEX.unpack(payload)[0]]))
             else:
                 out.append((None, payload))
-            if len(out) == size:
+            if len(out) == size or taken >= limit:
                 yield out
-                out = []
+                out, taken = [], 0
         if out:
             yield out
 
