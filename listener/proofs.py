@@ -43,7 +43,7 @@ def inclusion(conn: psycopg.Connection, log_name: str, index: int, size: int | N
             raise ConfigurationError(f"leaf index {index} is outside 0..{size - 1} (tree size {size})")
         row = conn.execute(
             "SELECT p.leaf_hash, s.table_schema || '.' || s.table_name, p.source_key, p.op "
-            "FROM merkle.processed_log p LEFT JOIN merkle.sources s USING (source_id) "
+            "FROM merkle.processed_log p LEFT JOIN merkle.source_names s USING (source_id) "
             "WHERE p.log_id = %s AND p.seq = %s",
             (log.log_id, index),
         ).fetchone()

@@ -301,5 +301,16 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: s
         ).fetchone()[0]
         if queued == 0:
             trigger.drop_outbox(conn, source.source_id)
-            conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
+            delete_source(conn, source.source_id)
     return queued
+
+
+def delete_source(conn: psycopg.Connection, source_id: int) -> None:
+    """Unregister a source. One with leaves in its log leaves its name behind in
+    merkle.retired_sources (sql/019), for the proofs and lookups of those leaves."""
+    conn.execute(
+        "WITH gone AS (DELETE FROM merkle.sources WHERE source_id = %s "
+        "RETURNING source_id, log_id, table_schema, table_name, mode) "
+        "INSERT INTO merkle.retired_sources (source_id, log_id, table_schema, table_name, mode) "
+        "SELECT * FROM gone g WHERE EXISTS (SELECT 1 FROM merkle.processed_log p "
+        "WHERE p.log_id = g.log_id AND p.source_id = g.source_id)", (source_id,))

@@ -281,3 +281,46 @@ def test_the_upgrade_to_017_indexes_a_log_written_before_it(rconn):
     for r in rows[::37]:
         found, _ = by_key(conn, log_id, names[r[1]], r[2])
         assert found == [(r[0], r[3])]
+
+
+def test_a_removed_sources_leaves_keep_its_name(conn, dsn):
+    """After `source remove` (sql/019) a proof still names the table a leaf came from, a lookup
+    by key still finds the leaf, and once the table is added again it finds the leaves of
+    both registrations."""
+    import anyio
+
+    from listener import proofs
+    from listener.api import entries
+
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY, note text)")
+    log_id = registry.create_log(conn, "audit").log_id
+    registry.add_source(conn, "audit", "kept")
+    conn.execute("INSERT INTO kept VALUES (1, 'one'), (2, 'two')")
+    with connect(dsn) as c:
+        Sequencer(c, "audit").drain_all()
+    assert registry.remove_source(conn, "audit", "kept") == 0
+    assert conn.execute("SELECT count(*) FROM merkle.sources").fetchone()[0] == 0
+    doc = proofs.inclusion(conn, "audit", 0)
+    assert (doc["source"], doc["source_key"], doc["op"]) == ("public.kept", '{"id":"1"}', "insert")
+    assert by_key(conn, log_id, "public.kept", '{"id":"2"}')[0] == [(1, "insert")]
+
+    async def read_entries():
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+            return await entries.leaves(aconn, log_id, 0, 2)
+
+    got = anyio.run(read_entries)
+    assert [(g.source, g.source_key, g.entry) for g in got] == [
+        ("public.kept", '{"id":"1"}', None), ("public.kept", '{"id":"2"}', None)]  # nothing to rebuild from
+
+    conn.execute("DELETE FROM kept WHERE id = 2")
+    registry.add_source(conn, "audit", "kept")
+    conn.execute("INSERT INTO kept VALUES (2, 'two again')")
+    with connect(dsn) as c:
+        Sequencer(c, "audit").drain_all()
+    assert by_key(conn, log_id, "public.kept", '{"id":"2"}')[0] == [(1, "insert"), (2, "insert")]
+    assert len({r[1] for r in check_log(conn, "audit")}) == 2  # two source ids, one name
+    # A source removed before it had any leaf leaves nothing behind.
+    conn.execute("CREATE TABLE unused (id int PRIMARY KEY)")
+    registry.add_source(conn, "audit", "unused")
+    registry.remove_source(conn, "audit", "unused")
+    assert conn.execute("SELECT table_name FROM merkle.retired_sources").fetchall() == [("kept",)]

@@ -41,7 +41,7 @@ class Leaf:
 _LEAVES = (
     "SELECT p.seq, p.source_id, s.table_schema || '.' || s.table_name, p.source_key, p.op, p.leaf_hash,"
     " to_char(p.sequenced_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-    " FROM merkle.processed_log p LEFT JOIN merkle.sources s USING (source_id)"
+    " FROM merkle.processed_log p LEFT JOIN merkle.source_names s USING (source_id)"
     " WHERE p.log_id = %s AND p.seq >= %s AND p.seq < %s ORDER BY p.seq"
 )
 

@@ -194,7 +194,7 @@ def _forget(conn: psycopg.Connection, dsn: str, log_name: str, source_id: int, t
     with conn.transaction():
         log = registry.get_log(conn, log_name, for_update=True)
         trigger.drop_triggers(conn, source_id, table)
-        conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source_id,))
+        registry.delete_source(conn, source_id)
         publication.sync_publication(conn, log.name, log.log_id)
         _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source stays registered")
 
@@ -247,7 +247,7 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         if conn.execute("SELECT EXISTS (SELECT 1 FROM merkle.replication_backfill WHERE source_id = %s)",
                         (source.source_id,)).fetchone()[0]:
             return -1
-        conn.execute("DELETE FROM merkle.sources WHERE source_id = %s", (source.source_id,))
+        registry.delete_source(conn, source.source_id)
         _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source is still registered; run this again")
     return 0
 
