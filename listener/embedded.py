@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +34,9 @@ SERVER_OS_USER = "merkle_pg"
 PORT = 5432
 
 # Settings the project relies on; written into the cluster's own configuration file.
+# Those in COMMAND_LINE_SETTINGS are also given on the server's command line, which wins
+# over an ALTER SYSTEM (postgresql.auto.conf) that would break replication or the socket.
+COMMAND_LINE_SETTINGS = ("wal_level", "listen_addresses", "port", "unix_socket_directories")
 BASE_SETTINGS = {
     "wal_level": "logical",
     "max_replication_slots": "20",
@@ -172,7 +176,8 @@ class EmbeddedPostgres:
         else:
             self.owner_file.unlink(missing_ok=True)
         try:
-            self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.logfile), "-w", "-t", "60", "start")
+            self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.logfile), "-w", "-t", "60",
+                      "-o", self._command_line_options(), "start")
         except DatabaseError as exc:
             self.owner_file.unlink(missing_ok=True)
             tail = self._log_tail()
@@ -212,8 +217,17 @@ class EmbeddedPostgres:
     def _claim(self) -> None:
         self.owner_file.write_text(f"{os.getpid()}\n")
 
+    def _all_settings(self) -> dict[str, str]:
+        return {**self.settings, "unix_socket_directories": f"'{self.socket_dir}'"}
+
+    def _command_line_options(self) -> str:
+        """`-c name=value` of COMMAND_LINE_SETTINGS, for pg_ctl -o (a shell reads it)."""
+        settings = self._all_settings()
+        return " ".join(f"-c {shlex.quote(f'{k}={settings[k].strip(chr(39))}')}"
+                        for k in COMMAND_LINE_SETTINGS if k in settings)
+
     def _write_settings(self) -> None:
-        settings = {**self.settings, "unix_socket_directories": f"'{self.socket_dir}'"}
+        settings = self._all_settings()
         text = "".join(f"{k} = {v}\n" for k, v in sorted(settings.items()))
         conf = self.pgdata / "merkle-listener.conf"
         conf.write_text("# written by merkle-listener; edits are overwritten\n" + text)

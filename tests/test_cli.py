@@ -189,5 +189,15 @@ def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
     assert url.startswith("postgresql://") and str(server.socket_dir) in url
     cli("log", "list", env=env, check=True)
     assert server.state().running, "`db start` leaves the server running"
+    # An ALTER SYSTEM cannot take away what the project relies on: its command line wins.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET wal_level = 'replica'")
+        conn.execute("ALTER SYSTEM SET listen_addresses = '*'")
+    assert cli("db", "stop", env=env, check=True).stdout.strip() == "stopped"
+    cli("db", "start", env=env, check=True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT current_setting('wal_level'), current_setting('listen_addresses')").fetchone() == (
+            "logical", "")
+        conn.execute("ALTER SYSTEM RESET ALL")
     assert cli("db", "stop", env=env, check=True).stdout.strip() == "stopped"
     assert cli("db", "status", env=env).returncode == 3

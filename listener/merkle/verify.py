@@ -15,6 +15,7 @@ RFC's in-loop "sn == 0" checks), so no trailing or missing hash is accepted.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
 from listener.errors import ProofVerificationError
@@ -33,7 +34,8 @@ class RootMismatchError(ProofError):
     def __init__(self, what: str, got: bytes, want: bytes) -> None:
         self.got = got
         self.want = want
-        super().__init__(f"{what}: got {got.hex()}, want {want.hex()}")
+        # Base64, as roots appear in checkpoints and proof documents.
+        super().__init__(f"{what}: got {base64.b64encode(got).decode()}, want {base64.b64encode(want).decode()}")
 
 
 def _check_hash(what: str, value: bytes) -> None:
