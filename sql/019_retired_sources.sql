@@ -18,6 +18,17 @@ CREATE VIEW merkle.source_names AS
     UNION ALL
     SELECT source_id, log_id, table_schema, table_name FROM merkle.retired_sources;
 
+-- Both belong to the schema's owner, the role the listener, `source remove` and the HTTP API
+-- run as, also when a superuser applies this to a schema of that role (`init` as a superuser).
+DO $$
+DECLARE
+    owner text := (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'merkle');
+BEGIN
+    EXECUTE format('ALTER TABLE merkle.retired_sources OWNER TO %s', owner);
+    EXECUTE format('ALTER VIEW merkle.source_names OWNER TO %s', owner);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION merkle.leaves_by_key(log_id integer, source text, source_key text, size bigint)
 RETURNS TABLE (seq bigint, op text)
 LANGUAGE sql STABLE

@@ -150,3 +150,33 @@ def test_init_refuses_to_upgrade_a_schema_of_another_role(plain):
     su.execute(f"GRANT USAGE ON SCHEMA merkle TO {role}")
     su.execute(f"GRANT SELECT ON merkle.schema_version TO {role}")
     _refused(cli("init", dsn=dsn), "schema merkle belongs to role postgres", "run init as postgres or as a superuser")
+
+
+def test_a_superuser_upgrade_of_a_roles_schema_leaves_it_usable_by_that_role(plain, monkeypatch):
+    """`init` as a superuser upgrades a schema merkle of another role (docs/replication.md):
+    what a migration creates must stay usable by the schema's owner, the role the listener,
+    `source remove`, proofs and the HTTP API run as (sql/019's merkle.retired_sources and
+    merkle.source_names)."""
+    from listener import proofs, registry
+    from listener.sequencer import Sequencer
+    from listener.store import migrate
+
+    su, dsn, role, _ = plain
+    su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {role}")
+    su.execute(f"ALTER TABLE orders OWNER TO {role}")
+    known = migrate.migrations()
+    with psycopg.connect(dsn, autocommit=True, options=options_string()) as app:
+        with monkeypatch.context() as m:  # the role's schema, as an earlier version left it
+            m.setattr(migrate, "migrations", lambda: [x for x in known if x.version < 19])
+            migrate.apply(app)
+        registry.create_log(app, "audit")
+        registry.add_source(app, "audit", "orders")
+        app.execute("INSERT INTO orders VALUES (1, '2024-01-01', 5)")
+    with psycopg.connect(dsn, options=options_string()) as writer:
+        Sequencer(writer, "audit").drain_all()
+    with psycopg.connect(su.info.dsn, autocommit=True, options=options_string()) as upgrade:
+        assert [x.version for x in migrate.apply(upgrade)] == [19]  # init as a superuser
+    with psycopg.connect(dsn, autocommit=True, options=options_string()) as app:
+        assert proofs.inclusion(app, "audit", 0)["source"] == "public.orders"
+        assert registry.remove_source(app, "audit", "orders") == 0
+        assert proofs.inclusion(app, "audit", 0)["source"] == "public.orders"
