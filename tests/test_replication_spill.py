@@ -298,3 +298,36 @@ def test_a_spill_file_that_cannot_be_written_stops_the_stream_with_what_to_do(rc
     assert got[1].spilled is not None and got[1].count == 2500 + 1200 + 26 + 400 + 1 + 1 + 500
     for txn in got:
         txn.close()
+
+
+def test_a_spill_write_that_fails_at_its_end_fails_at_once():
+    """A file that takes all but the last bytes of a write (a disk, here a file size limit,
+    full a few kB before the records' end) must fail the write itself, where the stream turns
+    it into a session error naming TMPDIR: Python's buffered file would otherwise keep those
+    bytes and fail only the batch's read-back."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import resource, signal
+        from listener.sources import spill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead
+        spilled = spill.SpilledChanges()
+        changes = [(None, b"I\\x00\\x00\\x00\\x0a" + b"x" * 10_000) for _ in range(10)]
+        size = sum(8 + len(p) for _, p in changes)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size - 100, resource.RLIM_INFINITY))
+        try:
+            spilled.write(changes)
+        except OSError as exc:
+            print("write failed:", exc.errno)
+        else:
+            print("write passed")
+            try:
+                list(spilled.chunks(100))
+            except OSError as exc:
+                print("read-back failed:", exc.errno)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.startswith("write failed:"), out.stdout + out.stderr

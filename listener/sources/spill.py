@@ -78,6 +78,9 @@ class SpilledChanges:
             parts.append(payload)
         data = b"".join(parts)
         self._file.write(data)
+        # Now, not at the read-back: a buffered file keeps the last bytes of a write that the
+        # disk took all but those of, and a full disk must fail the stream, not the batch.
+        self._file.flush()
         self.count += len(changes)
         self.size += len(data)
 
