@@ -279,7 +279,8 @@ class ReplicationBatch:
         `by_oid` maps table OID to the log's replication sources as of that lock. The rows go
         out through psycopg's queued writer thread while `leaves` hashes them into the tree.
         A transaction of more than APPEND_CHUNK changes that was not prepared ahead, or one
-        spilled to a file (however few its changes), ends the batch and is prepared and written a chunk at a time (see _append_large)."""
+        spilled to a file (however few its changes), ends the batch and is prepared and
+        written a chunk at a time (see _append_large)."""
         self.consumed = 0
         stored_text, has_backfill = conn.execute(
             "SELECT end_lsn::text, EXISTS (SELECT 1 FROM merkle.replication_backfill_state b JOIN merkle.sources s "

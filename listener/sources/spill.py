@@ -88,8 +88,7 @@ class SpilledChanges:
         """The changes in order, `size` at a time, or fewer where their records reach
         `max_bytes` (wide rows: a chunk read back then stays about that large)."""
         f = self._file
-        f.flush()
-        f.seek(0)
+        f.seek(0)  # write() flushed every record
         relations, truncates, unpack = self._relations, self._truncates, _HEADER.unpack_from
         data, pos, left = b"", 0, self.size
         out: list[Change] = []
