@@ -1,4 +1,5 @@
-"""Fixtures: one throwaway PostgreSQL cluster per installation, a fresh database per test.
+"""Fixtures: one throwaway PostgreSQL cluster per installation (and pytest-xdist worker), a
+fresh database per test.
 
 The cluster is run the way the product runs its embedded server (listener.embedded), in a
 temporary directory with wal_level=logical, and stopped when its tests are done. Every

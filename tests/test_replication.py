@@ -767,12 +767,16 @@ def test_source_remove_says_what_it_waits_for(rconn):
     listener = start_listener(dsn)
     try:
         listener.wait_for("replication stream open")
-        # A transaction the listener needs a while for (it spills to a file, then is appended).
+        # The listener is held (its stream stays open) while a large transaction commits, so
+        # that `source remove` surely finds it behind; once let go, it spills the transaction
+        # to a file and appends it.
+        listener.proc.send_signal(signal.SIGSTOP)
         conn.execute("INSERT INTO busy SELECT i, repeat(md5(i::text), 40) FROM generate_series(1, 30000) i")
         out = cli("source", "remove", "busy", "busy", "--wait", "0", dsn=dsn)
         assert out.returncode == 3, out.stdout + out.stderr
         assert "the running listener is still logging the changes committed before that (" in out.stdout, out.stdout
         assert "MB of WAL to go" in out.stdout
+        listener.proc.send_signal(signal.SIGCONT)
         out = cli("source", "remove", "busy", "busy", "--wait", "60", dsn=dsn)
         assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
 
@@ -785,6 +789,7 @@ def test_source_remove_says_what_it_waits_for(rconn):
         out = cli("source", "remove", "held", "held", "--wait", "60", dsn=dsn)
         assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
     finally:
+        listener.proc.send_signal(signal.SIGCONT)
         listener.stop()
     assert [r[6] for r in check_log(conn, "busy")] == list(range(1, 30001))
     assert [r[2] for r in check_log(conn, "held")] == ['{"id":"1"}']

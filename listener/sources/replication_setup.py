@@ -270,10 +270,14 @@ def pending_message(conn: psycopg.Connection, log_name: str, table: str) -> str:
     if streaming and backfill:
         return (start + f"the running listener is still appending its backfill ({backfill} rows to go): "
                 "run `source remove` again once it is in to finish")
+    if streaming and not behind:
+        # It confirmed the last of them between remove_source's check and this one.
+        return (start + "the running listener has just logged what was committed before that: "
+                "run `source remove` again to finish")
     if streaming:
-        to_go = f" ({behind / 1e6:.1f} MB of WAL to go)" if behind else ""
-        return (start + f"the running listener is still logging the changes committed before that{to_go}: "
-                "run `source remove` again in a moment to finish (`status` shows the slot's lag)")
+        return (start + "the running listener is still logging the changes committed before that "
+                f"({behind / 1e6:.1f} MB of WAL to go): run `source remove` again in a moment to finish "
+                "(`status` shows the slot's lag)")
     waiting = f"{backfill} rows of its backfill" if backfill else "changes committed before that"
     return (start + f"{waiting} may still be on their way, and no listener streams log {log_name!r} now: run "
             "`merkle-listener run` until it has caught up, then `source remove` again to finish")
