@@ -152,31 +152,84 @@ def test_init_refuses_to_upgrade_a_schema_of_another_role(plain):
     _refused(cli("init", dsn=dsn), "schema merkle belongs to role postgres", "run init as postgres or as a superuser")
 
 
-def test_a_superuser_upgrade_of_a_roles_schema_leaves_it_usable_by_that_role(plain, monkeypatch):
+def _not_the_owners(su) -> list[str]:
+    """What in schema merkle belongs to another role than the schema's owner."""
+    return [r[0] for r in su.execute(
+        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'merkle' AND c.relowner <> n.nspowner "
+        "UNION ALL SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'merkle' AND p.proowner <> n.nspowner ORDER BY 1")]
+
+
+# The role's schema stopped before: the replication tables and the column types (005, 008),
+# the guard's own-DDL marks (014, read by the guard during 015's DDL), the removed sources' names (019).
+@pytest.mark.parametrize("role_applied_before", [5, 14, 19])
+def test_a_superuser_upgrade_of_a_roles_schema_leaves_it_usable_by_that_role(plain, monkeypatch, role_applied_before):
     """`init` as a superuser upgrades a schema merkle of another role (docs/replication.md):
-    what a migration creates must stay usable by the schema's owner, the role the listener,
-    `source remove`, proofs and the HTTP API run as (sql/019's merkle.retired_sources and
-    merkle.source_names)."""
-    from listener import proofs, registry
-    from listener.sequencer import Sequencer
+    what each migration creates is handed to the schema's owner, the role the listener,
+    `source add`/`remove`, proofs and the HTTP API run as, and the guard the superuser
+    installed, as the role's `init` told, keeps running through the upgrade. Then the role's
+    whole flow works in both modes; a superuser's later `init` repairs a schema that an
+    upgrade of an earlier version left partly the superuser's."""
+    from listener import proofs
     from listener.store import migrate
 
-    su, dsn, role, _ = plain
-    su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {role}")
-    su.execute(f"ALTER TABLE orders OWNER TO {role}")
+    su, dsn, role, writer = plain
+    db = su.info.dbname
+    su.execute(f"GRANT CREATE ON DATABASE {db} TO {role}")
+    su.execute(f"ALTER ROLE {role} REPLICATION")
+    for table in ("orders", "payments"):
+        su.execute(f"ALTER TABLE {table} OWNER TO {role}")
     known = migrate.migrations()
+    hints = []
     with psycopg.connect(dsn, autocommit=True, options=options_string()) as app:
+        app.add_notice_handler(lambda d: hints.append(d.message_hint))
         with monkeypatch.context() as m:  # the role's schema, as an earlier version left it
-            m.setattr(migrate, "migrations", lambda: [x for x in known if x.version < 19])
+            m.setattr(migrate, "migrations", lambda: [x for x in known if x.version < role_applied_before])
             migrate.apply(app)
-        registry.create_log(app, "audit")
-        registry.add_source(app, "audit", "orders")
-        app.execute("INSERT INTO orders VALUES (1, '2024-01-01', 5)")
-    with psycopg.connect(dsn, options=options_string()) as writer:
-        Sequencer(writer, "audit").drain_all()
-    with psycopg.connect(su.info.dsn, autocommit=True, options=options_string()) as upgrade:
-        assert [x.version for x in migrate.apply(upgrade)] == [19]  # init as a superuser
+        app.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+    for hint in hints:  # the superuser installs the guard as the warnings say
+        if hint and hint.startswith("As a superuser: "):
+            su.execute(hint.removeprefix("As a superuser: "))
+    if role_applied_before > 7:  # sql/007 brought the first
+        assert su.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'merkle%'").fetchone()[0] > 0
+    su.execute("INSERT INTO orders VALUES (1, '2024-01-01', 5)")
+
+    with psycopg.connect(su.info.dsn, autocommit=True, options=options_string()) as upgrade:  # init as a superuser
+        applied = migrate.apply(upgrade)
+    assert [x.version for x in applied] == [x.version for x in known if x.version >= role_applied_before]
+    assert _not_the_owners(su) == []
+
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "orders", "--mode", "replication", "--events", "insert,update",
+        "--backfill", dsn=dsn, check=True)
+    cli("source", "add", "audit", "payments", "--append-only", dsn=dsn, check=True)
+    with psycopg.connect(su.info.dsn, user=writer, autocommit=True) as w:
+        w.execute("INSERT INTO orders VALUES (2, '2024-01-02', 7)")
+        w.execute("UPDATE orders SET amount = 8 WHERE id = 2")
+        w.execute("INSERT INTO payments VALUES (1, 7), (2, 9)")
+    listener = start_listener(dsn)
+    try:
+        deadline = time.monotonic() + 60
+        while su.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 5:
+            assert time.monotonic() < deadline, listener.stop()[-3000:]
+            time.sleep(0.05)
+        rows = check_log(su, "audit")
+        assert sorted(r[3] for r in rows) == ["backfill", "insert", "insert", "insert", "update"]
+        cli("source", "remove", "audit", "orders", dsn=dsn, check=True)
+    finally:
+        listener.stop()
+    backfilled = next(r[0] for r in rows if r[3] == "backfill")
     with psycopg.connect(dsn, autocommit=True, options=options_string()) as app:
-        assert proofs.inclusion(app, "audit", 0)["source"] == "public.orders"
-        assert registry.remove_source(app, "audit", "orders") == 0
-        assert proofs.inclusion(app, "audit", 0)["source"] == "public.orders"
+        assert proofs.inclusion(app, "audit", backfilled)["source"] == "public.orders"  # named after its removal
+    proof = cli("prove", "inclusion", "audit", str(backfilled), dsn=dsn, check=True).stdout
+    assert cli("verify", "-", input=proof, check=True).stdout.startswith("OK")
+
+    # A table an earlier superuser upgrade left the superuser's: `init` hands it over.
+    su.execute("ALTER TABLE merkle.source_columns OWNER TO postgres")
+    assert _not_the_owners(su) == ["merkle.source_columns", "merkle.source_columns_pkey"]
+    with psycopg.connect(su.info.dsn, autocommit=True, options=options_string()) as upgrade:
+        assert migrate.apply(upgrade) == []
+    assert _not_the_owners(su) == []
+    cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
+    assert slots(su) == []

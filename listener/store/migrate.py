@@ -140,8 +140,46 @@ def apply(conn: psycopg.Connection) -> list[Migration]:
             conn.execute(
                 "INSERT INTO merkle.schema_version (version, name) VALUES (%s, %s)", (m.version, m.name)
             )
+            # After each one: the next migration's DDL may fire a guard that runs as the owner
+            # and reads what this one created.
+            give_to_schema_owner(conn)
             applied.append(m)
+        if not pending and done:
+            give_to_schema_owner(conn)  # repairs what an earlier upgrade by another role left
     return applied
+
+
+# What the caller owns in schema merkle, with the statement that hands it to the schema's owner.
+# A table takes its indexes and its identity columns' sequences along, so those are left out.
+_OWNED_BY_CALLER = """
+WITH me AS (SELECT oid FROM pg_roles WHERE rolname = current_user),
+     merkle AS (SELECT oid, nspowner FROM pg_namespace WHERE nspname = 'merkle')
+SELECT format('ALTER %s %s OWNER TO %I',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+              c.oid::regclass, merkle.nspowner::regrole)
+  FROM pg_class c, me, merkle
+ WHERE c.relnamespace = merkle.oid AND c.relowner = me.oid AND c.relkind IN ('r', 'p', 'v', 'S')
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                      AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'))
+UNION ALL
+SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, merkle.nspowner::regrole)
+  FROM pg_proc p, me, merkle
+ WHERE p.pronamespace = merkle.oid AND p.proowner = me.oid
+"""
+
+
+def give_to_schema_owner(conn: psycopg.Connection) -> None:
+    """Hand what the caller owns in schema merkle to the schema's owner, when the caller is
+    not that owner but acts for it (a superuser, or a member of its role, upgrading a role's
+    schema): the listener, `source add` and the HTTP API run as the owner and must be able to
+    use every table a migration creates, and the guard functions run as the owner, as when the
+    role applied the migrations itself (the event triggers stay the superuser's)."""
+    acts_for_owner = conn.execute(
+        "SELECT n.nspowner <> r.oid AND pg_has_role(n.nspowner, 'USAGE') "
+        "FROM pg_namespace n, pg_roles r WHERE n.nspname = 'merkle' AND r.rolname = current_user").fetchone()
+    if acts_for_owner and acts_for_owner[0]:
+        for (statement,) in conn.execute(_OWNED_BY_CALLER).fetchall():
+            conn.execute(statement)
 
 
 def check_privileges(conn: psycopg.Connection) -> None:
