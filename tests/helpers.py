@@ -39,11 +39,11 @@ class Listener:
     """`merkle-listener run` in a subprocess; its JSON log goes to a file (a pipe could fill up
     and stall it)."""
 
-    def __init__(self, dsn: str, *extra: str):
+    def __init__(self, dsn: str, *extra: str, preexec_fn=None):
         self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "listener", "--dsn", dsn, "run", "--poll", "0.2", *extra],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, text=True,
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, text=True, preexec_fn=preexec_fn,
         )
 
     def wait_for(self, text: str, timeout: float = 60) -> None:

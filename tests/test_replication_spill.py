@@ -19,7 +19,7 @@ from listener.sequencer import Sequencer
 from listener.sources import pgoutput as po
 from listener.sources import replication_apply, spill
 from listener.sources.replication_apply import ReplicationBatch, prepare
-from tests.helpers import check_log, start_listener
+from tests.helpers import Listener, check_log, start_listener
 from tests.naive_tree import naive_tiles
 from tests.test_replication import _receive, wait_for_size
 from tests.test_replication_transactions import _replication_log
@@ -298,6 +298,38 @@ def test_a_spill_file_that_cannot_be_written_stops_the_stream_with_what_to_do(rc
     assert got[1].spilled is not None and got[1].count == 2500 + 1200 + 26 + 400 + 1 + 1 + 500
     for txn in got:
         txn.close()
+
+
+def test_a_listener_whose_spill_file_cannot_grow_says_so_and_retries_less_and_less_often(rconn):
+    """The running listener with a file size limit (as a full disk would): its log names
+    TMPDIR, and each new try, which makes the server decode the transaction again, waits
+    longer than the one before (0.2 s, 0.4 s, ... up to 5 s), not 0.2 s each time. Once
+    the limit is gone (a new listener), the transaction is logged whole."""
+    import resource
+
+    conn = rconn
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, body text)")
+    _replication_log(conn, "big", "big")
+    listener = Listener(conn.info.dsn, preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY)))
+    try:
+        listener.wait_for("replication stream open")
+        conn.execute("INSERT INTO big SELECT i, repeat(md5(i::text), 40) FROM generate_series(1, 30000) i")
+        listener.wait_for("TMPDIR")
+        time.sleep(8)
+    finally:
+        said = listener.stop()
+    tries = said.count("replication stream interrupted")
+    # 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of pauses alone fill 6.2 s: at most 5 tries in 8 s (a
+    # pause of 0.2 s each time made 12 or more).
+    assert 2 <= tries <= 5, said[-3000:]
+    assert "File too large" in said and conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 0
+    listener = start_listener(conn.info.dsn)
+    try:
+        wait_for_size(conn, "big", 30000, timeout=120, listener=listener)
+    finally:
+        listener.stop()
+    assert [r[6] for r in check_log(conn, "big")] == list(range(1, 30001))
 
 
 def test_a_spill_write_that_fails_at_its_end_fails_at_once():

@@ -88,6 +88,7 @@ class ReplicationFeed:
         self._slot_problem: tuple[str, float, float] | None = None
         self._last_idle_store = 0.0
         self._idle_tried = 0  # the last idle position considered (a new keepalive brings the next)
+        self._received_count = 0  # transactions received, in all sessions
 
     async def __aenter__(self) -> ReplicationFeed:
         self._tg = anyio.create_task_group()
@@ -187,6 +188,7 @@ class ReplicationFeed:
             except Exception:  # noqa: BLE001 - with sources that may be stale: the batch decides
                 pass  # the batch prepares it again and stops the log with any error that remains
         self._buffer.append(txn)
+        self._received_count += 1
         self._buffered_changes += txn.count  # a spilled one too: that bounds the disk it takes
         self.wake()
 
@@ -226,14 +228,15 @@ class ReplicationFeed:
                 on_transaction=self._received, may_confirm_idle=self._idle, on_idle=self.wake,
                 backlogged=self._backlogged)
             interrupted = "the stream ended"
+            received, opened = self._received_count, None
             try:
                 await stream.open()
+                opened = time.monotonic()
                 self.stream = stream
                 if not announced:
                     log.info("replication stream open", extra={"log": self.log_name, "slot": stream.slot,
                                                                "start_lsn": f"{start >> 32:X}/{start & 0xFFFFFFFF:X}"})
                     announced = True
-                delay = 0.2
                 await stream.run()
             except (psycopg.OperationalError, MerkleListenerError) as exc:
                 interrupted = str(exc)
@@ -241,6 +244,12 @@ class ReplicationFeed:
             finally:
                 self.stream = None
                 stream.close()
+            # A session that got somewhere (a transaction, or a long quiet stream) reopens at
+            # once, as after a server restart; one that fails again on the same transaction
+            # (a full disk under its spill file, say) backs off: each try makes the server
+            # decode it again.
+            if self._received_count > received or (opened is not None and time.monotonic() - opened > 10.0):
+                delay = 0.2
             await anyio.sleep(delay)
             # Looked at after the pause: a `source remove` of the log's last replication source
             # drops the slot (which ends the stream) just before it commits.
