@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,11 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path | str, *, settings: dict[str, str] | None = None,
                  bin_dir: Path | None = None):
         self.data_dir = Path(data_dir).expanduser().resolve()
+        # pg_ctl starts the server through a shell, inside double quotes, where these still act.
+        if unsafe := sorted(set(str(self.data_dir)) & set('"$`\\\n')):
+            raise ConfigurationError(
+                f"the embedded PostgreSQL's directory {str(self.data_dir)!r} holds {' '.join(map(repr, unsafe))}, "
+                "which pg_ctl's shell would read: give --data-dir (or MERKLE_LISTENER_HOME) a path without them")
         self.bin_dir = bin_dir
         self.pgdata = self.data_dir / "pgdata"
         self.logfile = self.data_dir / "postgres.log"
@@ -117,7 +123,9 @@ class EmbeddedPostgres:
         return Path(tempfile.gettempdir()) / f"merkle-listener-{digest}"
 
     def dsn(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@/{dbname}?host={self.socket_dir}&port={PORT}"
+        # Percent-encoded: a path with a space (macOS's "Application Support") or a & is one value.
+        host = urllib.parse.quote(str(self.socket_dir), safe="/")
+        return f"postgresql://postgres@/{urllib.parse.quote(dbname, safe='')}?host={host}&port={PORT}"
 
     # -- state ---------------------------------------------------------------------------
 
@@ -218,11 +226,12 @@ class EmbeddedPostgres:
         self.owner_file.write_text(f"{os.getpid()}\n")
 
     def _all_settings(self) -> dict[str, str]:
-        return {**self.settings, "unix_socket_directories": f"'{self.socket_dir}'"}
+        quoted = str(self.socket_dir).replace("'", "''")  # a quote is doubled in postgresql.conf
+        return {**self.settings, "unix_socket_directories": f"'{quoted}'"}
 
     def _command_line_options(self) -> str:
         """`-c name=value` of COMMAND_LINE_SETTINGS, for pg_ctl -o (a shell reads it)."""
-        settings = self._all_settings()
+        settings = {**self._all_settings(), "unix_socket_directories": str(self.socket_dir)}
         return " ".join(f"-c {shlex.quote(f'{k}={settings[k].strip(chr(39))}')}"
                         for k in COMMAND_LINE_SETTINGS if k in settings)
 

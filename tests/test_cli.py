@@ -4,10 +4,13 @@ verify offline, the demo, and the embedded server's lifecycle."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -159,6 +162,36 @@ def test_demo_runs_and_every_check_holds(pg_server):
             demo.execute("SELECT pg_create_logical_replication_slot('merkle_demo', 'pgoutput')")
     out = cli("demo", "--rows", "20", dsn=pg_server.dsn(), timeout=180)
     assert out.returncode == 0 and "every check held" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_embedded_server_lives_in_a_path_with_spaces_quotes_and_url_characters():
+    """A home like macOS's ".../Application Support/merkle-listener": the server starts, its
+    URL (percent-encoded) connects and the commands work. A path that pg_ctl's shell would
+    read ($, `, ", backslash) is refused before anything is made."""
+    base = Path(tempfile.mkdtemp(prefix="ml-"))  # short: the socket stays in the home
+    home = base / "App Support" / "o'brien #1 & 50%"
+    env = {"MERKLE_LISTENER_HOME": str(home)}
+    for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
+        env[var] = None
+    try:
+        cli("db", "start", env=env, check=True)
+        try:
+            url = cli("db", "url", env=env, check=True).stdout.strip()
+            assert "App%20Support/o%27brien%20%231%20%26%2050%25/run" in url, url
+            with psycopg.connect(url) as conn:
+                assert conn.execute("SELECT current_setting('unix_socket_directories')").fetchone()[0] == str(
+                    home / "run")
+            cli("init", env=env, check=True)
+            cli("log", "create", "audit", env=env, check=True)
+            assert cli("log", "list", env=env, check=True).stdout.startswith("audit")
+        finally:
+            cli("db", "stop", env=env, check=True)
+        for bad in ("a$HOME", "a`id`", 'a"b', "a\\b"):
+            out = cli("init", env={**env, "MERKLE_LISTENER_HOME": str(base / bad)})
+            assert out.returncode == 2 and "which pg_ctl's shell would read" in out.stderr, out.stderr
+            assert not (base / bad).exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
