@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -297,13 +298,24 @@ class EmbeddedPostgres:
 
 
 def _ensure_os_user(name: str) -> None:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True, capture_output=True,
-        )
+    """Create the system user the server runs as (when run as root), once. Processes that
+    start at the same moment (test workers, two commands) race: useradd then fails for all
+    but one ("already exists", or /etc/passwd locked), so each looks again before it gives up."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            pwd.getpwnam(name)
+            return
+        except KeyError:
+            pass
+        proc = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigurationError(f"cannot create the system user {name} the embedded PostgreSQL runs as "
+                                     f"(useradd exited {proc.returncode}: {proc.stderr.strip()})")
+        time.sleep(0.05)
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:

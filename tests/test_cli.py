@@ -4,6 +4,8 @@ verify offline, the demo, and the embedded server's lifecycle."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -192,6 +194,23 @@ def test_the_embedded_server_lives_in_a_path_with_spaces_quotes_and_url_characte
             assert not (base / bad).exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a system user: root only")
+def test_processes_that_start_at_once_as_root_all_get_the_servers_system_user():
+    """On a fresh machine, test workers (or two commands) create the server's system user at
+    the same moment: useradd fails for all but one, and none of them may fail for it."""
+    name = f"ml_race_{os.getpid()}"
+    code = f"from listener.embedded import _ensure_os_user; _ensure_os_user({name!r})"
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+        said = [p.communicate(timeout=60)[1] for p in procs]
+        failures = [text for p, text in zip(procs, said) if p.returncode != 0]
+        assert failures == []
+        assert pwd.getpwnam(name).pw_shell == "/usr/sbin/nologin"
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
