@@ -233,3 +233,49 @@ def test_a_superuser_upgrade_of_a_roles_schema_leaves_it_usable_by_that_role(pla
     assert _not_the_owners(su) == []
     cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
     assert slots(su) == []
+
+
+def _superuser_upgrades(su, dsn, role_applied_before, monkeypatch, *, user=None, before_upgrade=None) -> list[str]:
+    """The role's schema at an earlier version, the guard installed as init's warnings say,
+    `before_upgrade(app)` run as the role, then `init` as a superuser: its warnings."""
+    from listener.store import migrate
+
+    known = migrate.migrations()
+    hints, warnings = [], []
+    with psycopg.connect(dsn, user=user, autocommit=True, options=options_string()) as app:
+        app.add_notice_handler(lambda d: hints.append(d.message_hint))
+        with monkeypatch.context() as m:
+            m.setattr(migrate, "migrations", lambda: [x for x in known if x.version < role_applied_before])
+            migrate.apply(app)
+        if before_upgrade:
+            before_upgrade(app)
+    for hint in hints:
+        if hint and hint.startswith("As a superuser: "):
+            su.execute(hint.removeprefix("As a superuser: "))
+    with psycopg.connect(su.info.dsn, autocommit=True, options=options_string()) as upgrade:
+        upgrade.add_notice_handler(lambda d: warnings.append(d.message_primary))
+        applied = migrate.apply(upgrade)
+    assert [x.version for x in applied] == [x.version for x in known if x.version >= role_applied_before]
+    return warnings
+
+
+def test_a_superuser_upgrade_hands_all_over_to_a_role_whose_name_needs_quoting(plain, monkeypatch):
+    """The schema's owner is named as PostgreSQL quotes it ("Merkle ..." once, not twice); a
+    partitioned table is handed over with its partitions and its serial column's sequence."""
+    su, dsn, _, _ = plain
+    role = f"Merkle {su.info.dbname}"
+    quoted = psycopg.sql.Identifier(role).as_string(su)
+    su.execute(f"CREATE ROLE {quoted} LOGIN")
+    try:
+        su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {quoted}")
+        su_made = ("CREATE TABLE merkle.parts (id int, n serial) PARTITION BY RANGE (id)",
+                   "CREATE TABLE merkle.parts_1 PARTITION OF merkle.parts FOR VALUES FROM (0) TO (10)")
+        _superuser_upgrades(su, dsn, 5, monkeypatch, user=role,
+                            before_upgrade=lambda app: [su.execute(s) for s in su_made])
+        assert su.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'merkle'").fetchone()[0] \
+            == quoted
+        assert _not_the_owners(su) == []
+    finally:
+        su.execute(f"REASSIGN OWNED BY {quoted} TO CURRENT_USER")
+        su.execute(f"DROP OWNED BY {quoted}")
+        su.execute(f"DROP ROLE {quoted}")

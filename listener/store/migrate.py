@@ -150,19 +150,22 @@ def apply(conn: psycopg.Connection) -> list[Migration]:
 
 
 # What the caller owns in schema merkle, with the statement that hands it to the schema's owner.
-# A table takes its indexes and its identity columns' sequences along, so those are left out.
+# A table takes its indexes and the sequences of its identity and serial columns along, so
+# those are left out; a partitioned table does not take its partitions, handed each on its own.
+# A regrole's text is quoted already: %s, not %I.
 _OWNED_BY_CALLER = """
 WITH me AS (SELECT oid FROM pg_roles WHERE rolname = current_user),
      merkle AS (SELECT oid, nspowner FROM pg_namespace WHERE nspname = 'merkle')
-SELECT format('ALTER %s %s OWNER TO %I',
+SELECT format('ALTER %s %s OWNER TO %s',
               CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
               c.oid::regclass, merkle.nspowner::regrole)
   FROM pg_class c, me, merkle
  WHERE c.relnamespace = merkle.oid AND c.relowner = me.oid AND c.relkind IN ('r', 'p', 'v', 'S')
-   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                      AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'))
+   AND NOT (c.relkind = 'S' AND EXISTS (
+           SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+              AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')))
 UNION ALL
-SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, merkle.nspowner::regrole)
+SELECT format('ALTER ROUTINE %s OWNER TO %s', p.oid::regprocedure, merkle.nspowner::regrole)
   FROM pg_proc p, me, merkle
  WHERE p.pronamespace = merkle.oid AND p.proowner = me.oid
 """
