@@ -35,6 +35,15 @@ CREATE TABLE merkle.own_ddl (
 );
 CREATE INDEX own_ddl_xid ON merkle.own_ddl (xid);
 
+-- The guard reads it as the schema's owner, already while this migration drops triggers below:
+-- a superuser applying this to a role's schema hands it to that role now, not after it.
+DO $$
+BEGIN
+    EXECUTE format('ALTER TABLE merkle.own_ddl OWNER TO %s',
+                   (SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'merkle'));
+END
+$$;
+
 CREATE FUNCTION merkle.mark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO merkle.own_ddl (xid, purpose, source_id) VALUES (pg_current_xact_id(), p_purpose, p_source_id)

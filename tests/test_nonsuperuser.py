@@ -259,6 +259,23 @@ def _superuser_upgrades(su, dsn, role_applied_before, monkeypatch, *, user=None,
     return warnings
 
 
+@pytest.mark.parametrize("role_applied_before", [5, 14])
+def test_a_superuser_upgrade_across_014_may_drop_triggers_the_role_s_guard_checks(plain, monkeypatch,
+                                                                                  role_applied_before):
+    """sql/014 drops the triggers on merkle-listener's trigger functions that it did not make;
+    each DROP TRIGGER runs the guard, as the schema's owner, which reads merkle.own_ddl, made by
+    014 itself: the table is the role's from its creation, not from the end of 014."""
+    su, dsn, role, _ = plain
+    su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {role}")
+    su.execute(f"ALTER TABLE orders OWNER TO {role}")
+    warnings = _superuser_upgrades(su, dsn, role_applied_before, monkeypatch, before_upgrade=lambda app: app.execute(
+        "CREATE TRIGGER planted BEFORE DELETE ON orders FOR EACH STATEMENT EXECUTE FUNCTION merkle.refuse_change('x')"))
+    assert any(w.startswith("merkle-listener: dropping trigger planted on public.orders") for w in warnings), warnings
+    assert su.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'planted'").fetchone()[0] == 0
+    assert su.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'merkle%'").fetchone()[0] == 8
+    assert _not_the_owners(su) == []
+
+
 def test_a_superuser_upgrade_hands_all_over_to_a_role_whose_name_needs_quoting(plain, monkeypatch):
     """The schema's owner is named as PostgreSQL quotes it ("Merkle ..." once, not twice); a
     partitioned table is handed over with its partitions and its serial column's sequence."""
