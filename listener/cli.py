@@ -15,6 +15,7 @@ import sys
 import warnings
 from base64 import b64encode
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -293,18 +294,31 @@ def cmd_init(args) -> int:
 
     with database(args) as dsn, connect(dsn, autocommit=False) as conn:
         # A migration warns when it cannot do all it would (the DDL guard needs a superuser).
-        conn.add_notice_handler(_print_warning)
-        applied = migrate.apply(conn)
+        guard_hints: list[str] = []
+        conn.add_notice_handler(partial(_print_warning, guard_hints))
+        handed_over: list[str] = []
+        applied = migrate.apply(conn, handed_over)
         conn.commit()
         version = migrate.current_version(conn)
+        owner = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'merkle'").fetchone()[0]
+        conn.commit()
     print(f"schema merkle at version {version}" + (f" (applied {', '.join(f'{m.version:03d}_{m.name}' for m in applied)})" if applied else " (up to date)"))
+    if handed_over:
+        print(f"handed {len(handed_over)} object(s) in schema merkle to its owner, role {owner}, which the "
+              "listener runs as (what a superuser's upgrade or `source add` made was the superuser's)")
+    if guard_hints:
+        print(f"warning: the guard's functions belong to role {owner}, which can replace them: install the guard "
+              f"only if {owner} may be as powerful as a superuser (docs/replication.md, \"The DDL guard on a "
+              "role's schema\")", file=sys.stderr)
     return 0
 
 
-def _print_warning(diag: psycopg.errors.Diagnostic) -> None:
+def _print_warning(guard_hints: list[str], diag: psycopg.errors.Diagnostic) -> None:
     if diag.severity_nonlocalized == "WARNING":
         hint = f" ({diag.message_hint})" if diag.message_hint else ""
         print(f"warning: {diag.message_primary}{hint}", file=sys.stderr)
+        if "CREATE EVENT TRIGGER" in (diag.message_hint or ""):
+            guard_hints.append(diag.message_hint)
 
 
 def cmd_log(args) -> int:

@@ -116,10 +116,12 @@ def check_version(conn: psycopg.Connection) -> None:
         )
 
 
-def apply(conn: psycopg.Connection) -> list[Migration]:
-    """Apply pending migrations; returns those applied. Idempotent and safe to run concurrently."""
+def apply(conn: psycopg.Connection, handed_over: list[str] | None = None) -> list[Migration]:
+    """Apply pending migrations; returns those applied. Idempotent and safe to run concurrently.
+    `handed_over` gets the ALTER ... OWNER statements of give_to_schema_owner, if any."""
     check_server(conn)
     applied = []
+    handed_over = [] if handed_over is None else handed_over
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         # Run as whoever may alter schema merkle (often a superuser): the migrations name their
@@ -142,10 +144,10 @@ def apply(conn: psycopg.Connection) -> list[Migration]:
             )
             # After each one: the next migration's DDL may fire a guard that runs as the owner
             # and reads what this one created.
-            give_to_schema_owner(conn)
+            handed_over += give_to_schema_owner(conn)
             applied.append(m)
         if not pending and done:
-            give_to_schema_owner(conn)  # repairs what an earlier upgrade by another role left
+            handed_over += give_to_schema_owner(conn)  # repairs what an earlier upgrade by another role left
     return applied
 
 
@@ -171,18 +173,22 @@ SELECT format('ALTER ROUTINE %s OWNER TO %s', p.oid::regprocedure, merkle.nspown
 """
 
 
-def give_to_schema_owner(conn: psycopg.Connection) -> None:
+def give_to_schema_owner(conn: psycopg.Connection) -> list[str]:
     """Hand what the caller owns in schema merkle to the schema's owner, when the caller is
     not that owner but acts for it (a superuser, or a member of its role, upgrading a role's
     schema): the listener, `source add` and the HTTP API run as the owner and must be able to
     use every table a migration creates, and the guard functions run as the owner, as when the
-    role applied the migrations itself (the event triggers stay the superuser's)."""
+    role applied the migrations itself. That owner can replace them, so a guard installed on
+    its schema trusts it like a superuser (docs/replication.md). Returns the statements run."""
     acts_for_owner = conn.execute(
         "SELECT n.nspowner <> r.oid AND pg_has_role(n.nspowner, 'USAGE') "
         "FROM pg_namespace n, pg_roles r WHERE n.nspname = 'merkle' AND r.rolname = current_user").fetchone()
-    if acts_for_owner and acts_for_owner[0]:
-        for (statement,) in conn.execute(_OWNED_BY_CALLER).fetchall():
-            conn.execute(statement)
+    if not acts_for_owner or not acts_for_owner[0]:
+        return []
+    statements = [statement for (statement,) in conn.execute(_OWNED_BY_CALLER).fetchall()]
+    for statement in statements:
+        conn.execute(statement)
+    return statements
 
 
 def check_privileges(conn: psycopg.Connection) -> None:
