@@ -541,6 +541,8 @@ def _workers(args, dsn: str) -> Iterator[None]:
 def cmd_monitor(args) -> int:
     from listener.monitor import monitor
 
+    if not args.interval > 0:  # time.sleep refuses a negative one; 0 would poll the server in a busy loop
+        raise ConfigurationError("--interval must be more than 0 seconds")
     return monitor(args.url, args.log, _read_vkey(args.vkey), once=args.once, state=args.state, interval=args.interval)
 
 

@@ -253,3 +253,10 @@ def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
         conn.execute("ALTER SYSTEM RESET ALL")
     assert cli("db", "stop", env=env, check=True).stdout.strip() == "stopped"
     assert cli("db", "status", env=env).returncode == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_monitor_refuses_an_interval_that_is_not_positive(value):
+    """A negative --interval ended in a traceback from time.sleep after the first poll."""
+    out = cli("monitor", "audit", "--url", "http://127.0.0.1:1", "--vkey", "a+b+c", "--interval", value)
+    assert out.returncode == 2 and out.stderr == "error: --interval must be more than 0 seconds\n", out.stderr
