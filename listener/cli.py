@@ -514,6 +514,11 @@ def cmd_serve(args) -> int:
         options = {}
     if args.workers < 1:
         raise ConfigurationError("--workers must be >= 1")
+    # The same bounds the API puts on /readyz?max_age=; a negative cache size silently cached nothing.
+    if args.cache_mb < 0:
+        raise ConfigurationError("--cache-mb must be >= 0")
+    if not 0 <= args.ready_max_age < 1e9:
+        raise ConfigurationError("--ready-max-age must be between 0 and 1e9 seconds")
     with database(args) as dsn, _workers(args, dsn):
         anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age, args.preload,
                   backend_options=options)

@@ -260,3 +260,14 @@ def test_monitor_refuses_an_interval_that_is_not_positive(value):
     """A negative --interval ended in a traceback from time.sleep after the first poll."""
     out = cli("monitor", "audit", "--url", "http://127.0.0.1:1", "--vkey", "a+b+c", "--interval", value)
     assert out.returncode == 2 and out.stderr == "error: --interval must be more than 0 seconds\n", out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache-mb", "-1"], "--cache-mb must be >= 0"),
+    (["--ready-max-age", "-1"], "--ready-max-age must be between 0 and 1e9 seconds"),
+    (["--ready-max-age", "nan"], "--ready-max-age must be between 0 and 1e9 seconds"),
+])
+def test_serve_refuses_negative_sizes_and_ages(args, message):
+    """Both were accepted: the server started, caching nothing or never ready."""
+    out = cli("serve", "--http", "127.0.0.1:1", *args, dsn="host=/nonexistent")
+    assert out.returncode == 2 and out.stderr == f"error: {message}\n", out.stderr
