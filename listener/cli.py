@@ -214,10 +214,25 @@ def _describe(parser: argparse.ArgumentParser) -> None:
                 _describe(sub)
 
 
+def _target(args: argparse.Namespace):
+    """Where to connect, with a malformed connection string refused up front: psycopg's own
+    message names neither where the string came from nor that it is the string's fault, and
+    `serve` would retry it forever."""
+    target = resolve(args.dsn)
+    if target.dsn:
+        try:
+            psycopg.conninfo.conninfo_to_dict(target.dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(
+                f"the connection string from {target.described_as} is not valid: {str(exc).strip()}; give a URL "
+                "(postgresql://user@host:port/dbname) or key=value pairs (host=... dbname=...)") from None
+    return target
+
+
 @contextlib.contextmanager
 def database(args: argparse.Namespace) -> Iterator[str]:
     """Yield a DSN; for the embedded server, run it for the duration if it was not running."""
-    target = resolve(args.dsn)
+    target = _target(args)
     if not target.embedded:
         yield target.dsn
         return
@@ -660,7 +675,7 @@ def _read_file(path: Path) -> bytes:
 def cmd_demo(args) -> int:
     from listener.demo import run_demo
 
-    target = resolve(args.dsn)
+    target = _target(args)
     if target.embedded:
         server = EmbeddedPostgres(args.data_dir or default_data_dir())
         with server.running():

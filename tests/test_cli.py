@@ -271,3 +271,16 @@ def test_serve_refuses_negative_sizes_and_ages(args, message):
     """Both were accepted: the server started, caching nothing or never ready."""
     out = cli("serve", "--http", "127.0.0.1:1", *args, dsn="host=/nonexistent")
     assert out.returncode == 2 and out.stderr == f"error: {message}\n", out.stderr
+
+
+@pytest.mark.parametrize("args, env, source", [
+    (["--dsn", "garbage", "log", "list"], {}, "--dsn"),
+    (["serve"], {"DATABASE_URL": "dbname"}, "DATABASE_URL"),
+    (["--dsn", "nosuch=1", "demo"], {}, "--dsn"),
+])
+def test_a_malformed_connection_string_is_refused_naming_its_source(args, env, source):
+    """It was reported as a bare "database error" (and `serve` retried it forever)."""
+    out = cli(*args, env=env, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: the connection string from {source} is not valid: "), out.stderr
+    assert out.stdout == ""
