@@ -143,7 +143,15 @@ class EmbeddedPostgres:
 
     def init(self) -> None:
         """Create the cluster if it does not exist yet (idempotent)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # A mistyped --data-dir or MERKLE_LISTENER_HOME: say which path, not a traceback.
+            why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            raise ConfigurationError(
+                f"cannot use {self.data_dir} as the embedded PostgreSQL's directory: {why}; give --data-dir "
+                "(or MERKLE_LISTENER_HOME) a directory that may be created there, or --dsn for your own PostgreSQL"
+            ) from None
         self._prepare_permissions()
         if self.initialized():
             self._write_settings()

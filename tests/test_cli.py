@@ -284,3 +284,16 @@ def test_a_malformed_connection_string_is_refused_naming_its_source(args, env, s
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith(f"error: the connection string from {source} is not valid: "), out.stderr
     assert out.stdout == ""
+
+
+def test_a_data_dir_that_cannot_be_a_directory_is_refused_in_one_line(tmp_path):
+    """A --data-dir naming a file ended in a FileExistsError traceback."""
+    (tmp_path / "a-file").write_text("")
+    env = {"DATABASE_URL": None, "PGHOST": None, "PGPORT": None, "PGDATABASE": None, "PGUSER": None,
+           "PGSERVICE": None, "PGHOSTADDR": None}
+    for data_dir in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        out = cli("--data-dir", str(data_dir), "status", env=env)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == (f"error: cannot use {data_dir} as the embedded PostgreSQL's directory: a file is in "
+                              "the way; give --data-dir (or MERKLE_LISTENER_HOME) a directory that may be created "
+                              "there, or --dsn for your own PostgreSQL\n"), out.stderr
