@@ -675,6 +675,8 @@ def _read_file(path: Path) -> bytes:
 def cmd_demo(args) -> int:
     from listener.demo import run_demo
 
+    if args.rows < 1 or args.writers < 1:
+        raise ConfigurationError("--rows and --writers must be at least 1")
     target = _target(args)
     if target.embedded:
         server = EmbeddedPostgres(args.data_dir or default_data_dir())

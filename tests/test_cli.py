@@ -297,3 +297,14 @@ def test_a_data_dir_that_cannot_be_a_directory_is_refused_in_one_line(tmp_path):
         assert out.stderr == (f"error: cannot use {data_dir} as the embedded PostgreSQL's directory: a file is in "
                               "the way; give --data-dir (or MERKLE_LISTENER_HOME) a directory that may be created "
                               "there, or --dsn for your own PostgreSQL\n"), out.stderr
+
+
+def test_demo_with_few_rows_still_holds_and_refuses_none(pg_server):
+    """Fewer than 42 committed orders ended in a TypeError traceback (the demo proves the
+    42nd); --rows 0 or --writers 0 ran, then failed without saying why."""
+    out = cli("demo", "--rows", "3", "--writers", "1", dsn=pg_server.dsn(), timeout=180)
+    assert out.returncode == 0 and "every check held" in out.stdout, out.stdout + out.stderr
+    for args in (["--rows", "0"], ["--writers", "0"], ["--rows", "-5"]):
+        out = cli("demo", *args, dsn=pg_server.dsn())
+        assert out.returncode == 2 and out.stderr == "error: --rows and --writers must be at least 1\n", out.stderr
+        assert out.stdout == ""
