@@ -221,6 +221,20 @@ def test_a_source_with_a_generated_column_is_refused_or_logged(rconn):
     assert bytes(rows[0][4]) == canonical.leaf_hash_of_entry(entry)
 
 
+def test_an_unlogged_table_is_refused_in_replication_mode_with_the_fix(rconn):
+    """PostgreSQL's own "cannot add relation to publication ... not supported for unlogged
+    tables" came through as a bare database error."""
+    conn = rconn
+    conn.execute("CREATE UNLOGGED TABLE u (id int PRIMARY KEY)")
+    registry.create_log(conn, "unl")
+    with connect(conn.info.dsn) as c:
+        with pytest.raises(SourceTableError, match=r'public.u is UNLOGGED: .* ALTER TABLE "public"."u" SET LOGGED; '
+                                                   r"first, or use --mode trigger"):
+            registry.add_source(c, "unl", "u", mode="replication")
+    assert conn.execute("SELECT count(*) FROM merkle.sources").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+
+
 def test_a_partition_registered_as_a_source_keeps_its_changes_when_its_parent_is_added(rconn):
     """Registration checks only that the same table is not a source twice. A partition that is
     a replication source of a log stops receiving anything once its partitioned parent becomes

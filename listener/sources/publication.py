@@ -56,6 +56,12 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
             f"wal_level is {wal_level!r}; replication mode needs 'logical': run "
             "ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (or use --mode trigger)"
         )
+    if conn.execute("SELECT relpersistence = 'u' FROM pg_class WHERE oid = %s", (spec.oid,)).fetchone()[0]:
+        # PostgreSQL refuses it in a publication; say why and what to do instead of its bare error.
+        raise SourceTableError(
+            f"{spec.qualified} is UNLOGGED: its rows write no WAL, so logical replication never sends them; run "
+            f"ALTER TABLE {spec.ident().as_string(conn)} SET LOGGED; first, or use --mode trigger"
+        )
     slots_max, senders_max = conn.execute(
         "SELECT current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int"
     ).fetchone()
