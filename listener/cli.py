@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("table", help="table name, optionally schema-qualified")
     sa.add_argument("--key", help="comma-separated unique key columns (default: the primary key)")
     sa.add_argument("--columns", help="comma-separated columns to hash (default: all but generated ones)")
-    sa.add_argument("--where", help="row filter: column references, constants and operators only")
+    sa.add_argument("--where", help="row filter: column references, constants, casts and operators only")
     sa.add_argument("--entry-column", help="a NOT NULL bytea column holding the entry bytes to log as is")
     sa.add_argument("--backfill", action="store_true", help="also log the rows already in the table, in key order")
     sa.add_argument("--append-only", action="store_true", help="refuse UPDATE, DELETE and TRUNCATE on the table")

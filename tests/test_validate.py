@@ -423,6 +423,14 @@ def test_check_filter_returns_normalized_text_and_columns():
     assert check_filter("flag IS NOT TRUE") == ("flag IS NOT TRUE", {"flag"})
 
 
+def test_a_refused_filter_names_casts_among_what_is_allowed():
+    """The hint left casts out, though they are allowed (and the docs suggest one)."""
+    with pytest.raises(SourceTableError, match=r"casts to built-in types \(x::date\)") as refused:
+        check_filter("lower(name) = 'x'")
+    assert "bare column names" in str(refused.value)
+    check_filter("x::date > '2024-01-01'")
+
+
 def test_check_log_name():
     assert check_log_name("orders_log") == "orders_log"
     assert check_log_name("a" * 63) == "a" * 63

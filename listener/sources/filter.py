@@ -78,7 +78,7 @@ _AEXPR_NAMES = {
 }
 
 _ALLOWED_HINT = (
-    "a filter may use only bare column names, constants, AND/OR/NOT, "
+    "a filter may use only bare column names, constants, casts to built-in types (x::date), AND/OR/NOT, "
     "= <> != < > <= >= + - * / %, LIKE/ILIKE, IN (constants), BETWEEN, "
     "IS [NOT] NULL and IS [NOT] TRUE/FALSE"
 )
