@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("init", help="create or upgrade schema merkle (idempotent)")
 
-    lg = sub.add_parser("log", help="create and list logs").add_subparsers(dest="log_command", required=True)
+    lg = sub.add_parser("log", help="create, list, pause, resume and drop logs").add_subparsers(dest="log_command", required=True)
     lc = lg.add_parser("create", help="create a log")
     lc.add_argument("name", help="[a-z][a-z0-9_]*")
     lc.add_argument("--origin", help="checkpoint origin line (default: merkle-listener/NAME)")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trigger mode: send no NOTIFY after captured statements, so writers may use two-phase "
                          "commit (PREPARE TRANSACTION); the listener polls the outbox every 0.1 s instead")
     sl = src.add_parser("list", help="list sources")
-    sl.add_argument("log", nargs="?")
+    sl.add_argument("log", nargs="?", help="only this log's sources (default: every log's)")
     sd = src.add_parser("doorbell", help="trigger mode: turn the NOTIFY after captured statements on or off "
                                          "(off lets writers use two-phase commit)")
     sd.add_argument("log", help="the log's name")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="/readyz fails when the latest checkpoint is older (default 60)")
 
     mo = sub.add_parser("monitor", help="follow a log's checkpoints over HTTP; verify signatures and consistency")
-    mo.add_argument("log")
+    mo.add_argument("log", help="the log's name on that server")
     mo.add_argument("--url", required=True, help="base URL of the HTTP API, e.g. http://127.0.0.1:8080")
     mo.add_argument("--vkey", required=True, help="verifier key text, or @FILE")
     mo.add_argument("--once", action="store_true", help="check the current checkpoint against the last seen, then exit")
@@ -147,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prove", help="print a proof as JSON").add_subparsers(dest="proof_type", required=True)
     pi = pr.add_parser("inclusion", help="leaf INDEX is in the tree of size N")
-    pi.add_argument("log")
-    pi.add_argument("index", type=int)
+    pi.add_argument("log", help="the log's name")
+    pi.add_argument("index", type=int, help="the leaf's index, from 0")
     pi.add_argument("--size", type=int, help="tree size (default: current)")
     pc = pr.add_parser("consistency", help="the tree of size SECOND extends the one of size FIRST")
-    pc.add_argument("log")
-    pc.add_argument("first", type=int)
-    pc.add_argument("second", type=int)
+    pc.add_argument("log", help="the log's name")
+    pc.add_argument("first", type=int, help="the older tree size (one whose root you trust)")
+    pc.add_argument("second", type=int, help="the newer tree size, at most the log's")
 
     vf = sub.add_parser("verify", help="check a proof JSON offline (no database)")
     vf.add_argument("file", help="a file written by `prove`, or - for standard input")
@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
 
     bp = sub.add_parser("bench", help="benchmarks printing ratios against limits measured in the same run")
-    bp.add_argument("what", choices=["tree", "sql", "capture", "http", "replication"])
-    bp.add_argument("--leaves", type=int, help="log size for `tree`/`sql` (default per benchmark)")
+    bp.add_argument("what", choices=["tree", "sql", "capture", "http", "replication"],
+                    help="tree: Merkle append vs hashlib; sql: proofs from SQL; capture: trigger-mode writers and "
+                         "latency; http: proofs/s over HTTP; replication: the pgoutput stream (docs/benchmarks.md)")
+    bp.add_argument("--leaves", type=int, help="log size for `tree`, `sql` and `http` (default per benchmark)")
     bp.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     _describe(p)
     _global_options_after_the_command(p)

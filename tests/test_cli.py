@@ -308,3 +308,20 @@ def test_demo_with_few_rows_still_holds_and_refuses_none(pg_server):
         out = cli("demo", *args, dsn=pg_server.dsn())
         assert out.returncode == 2 and out.stderr == "error: --rows and --writers must be at least 1\n", out.stderr
         assert out.stdout == ""
+
+
+def test_every_positional_argument_has_help():
+    """`prove inclusion --help` and others listed bare `log`, `index`, `first`, `second`."""
+    import argparse
+
+    from listener.cli import build_parser
+
+    def bare(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from bare(sub, [*path, name])
+            elif not action.option_strings and not action.help:
+                yield " ".join([*path, action.dest])
+
+    assert list(bare(build_parser(), [])) == []
