@@ -26,15 +26,22 @@ def _load(state: Path | None, verifier: Verifier) -> tuple[Checkpoint | None, st
         text = state.read_text()
     except OSError as exc:
         raise ConfigurationError(f"cannot read monitor state {state}: {exc.strerror}") from None
-    cp, _ = open_checkpoint(text, [verifier])
+    try:
+        cp, _ = open_checkpoint(text, [verifier])
+    except ProofVerificationError as exc:
+        # Name the file: the message alone reads as if the server's checkpoint were bad.
+        raise ProofVerificationError(f"monitor state {state}: {exc}") from None
     return cp, text
 
 
 def _save(state: Path | None, note: str) -> None:
     if state is not None:
         tmp = state.with_name(state.name + ".tmp")
-        tmp.write_text(note)
-        tmp.replace(state)
+        try:
+            tmp.write_text(note)
+            tmp.replace(state)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write monitor state {state}: {exc.strerror}") from None
 
 
 def check_once(client: Client, last: Checkpoint | None) -> Checkpoint:
@@ -53,6 +60,9 @@ def check_once(client: Client, last: Checkpoint | None) -> Checkpoint:
 def monitor(url: str, log: str, verifier: Verifier, *, once: bool = False, state: Path | None = None,
             interval: float = 5.0, out=sys.stdout, err=sys.stderr) -> int:
     last, note = _load(state, verifier)
+    if state is not None and not state.absolute().parent.is_dir():
+        # Found out before the first poll, not after the first checkpoint was verified.
+        raise ConfigurationError(f"cannot write monitor state {state}: {state.parent} is not a directory")
     with Client(url, log, verifier) as client:
         while True:
             try:

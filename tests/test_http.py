@@ -181,6 +181,20 @@ def test_monitor_and_verify_cli(http_log, tmp_path):
     assert r.returncode == 1 and "ask for a proof at size" in r.stderr, r.stderr
 
 
+def test_monitor_names_a_bad_state_file(http_log, tmp_path):
+    """A --state in a missing directory ended in a traceback after the checkpoint was verified;
+    an unreadable state file was reported as if the server's note were malformed."""
+    vkey = str(http_log.signer.verifier)
+    missing = tmp_path / "nodir" / "seen"
+    out = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(missing))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == f"error: cannot write monitor state {missing}: {missing.parent} is not a directory\n"
+    garbage = tmp_path / "garbage"
+    garbage.write_text("not a note\n")
+    out = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(garbage))
+    assert out.returncode == 1 and out.stderr.startswith(f"FAILED: monitor state {garbage}: "), out.stderr
+
+
 # -- fuzzing: whatever is sent, the answer is JSON or the resource, never a 5xx -------------------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
