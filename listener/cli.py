@@ -480,7 +480,17 @@ def _load_signer(key: Path | None, state_dir: Path | None):
         text = key.read_text()
     except OSError as exc:
         raise ConfigurationError(f"cannot read signer key {key}: {exc.strerror}") from None
-    return Signer.parse(text), state_dir or key.with_name(key.name + ".published")
+    signer = Signer.parse(text)
+    state_dir = state_dir or key.with_name(key.name + ".published")
+    # Made now, as StateFile.write would: a path that cannot be a directory is refused here,
+    # not retried forever by every writer with a message about restoring a state file.
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise ConfigurationError(f"cannot use {state_dir} as the signer's state directory: {why}; give --state-dir "
+                                 "a directory (kept with the key)") from None
+    return signer, state_dir
 
 
 def _read_vkey(value: str | None):

@@ -325,3 +325,16 @@ def test_every_positional_argument_has_help():
                 yield " ".join([*path, action.dest])
 
     assert list(bare(build_parser(), [])) == []
+
+
+def test_run_refuses_a_state_dir_that_cannot_be_a_directory(conn, dsn, tmp_path):
+    """Every writer retried forever, saying to restore or delete a state file."""
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    key = tmp_path / "audit.key"
+    cli("keygen", "example.com/audit", "--out", str(key), check=True)
+    (tmp_path / "a-file").write_text("")
+    for state_dir in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        out = cli("run", "--key", str(key), "--state-dir", str(state_dir), dsn=dsn, timeout=30)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == (f"error: cannot use {state_dir} as the signer's state directory: a file is in the way; "
+                              "give --state-dir a directory (kept with the key)\n"), out.stderr
