@@ -168,6 +168,9 @@ async def _supervise(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, tg,
                 tg.start_soon(_serve_log, opts, wakeups, drained, name, running)
         if first:
             first = False
+            if not names:  # else a newcomer's first `run` sits silent
+                log.info("no logs yet: create one with `merkle-listener log create NAME`; it is picked up "
+                         "within seconds", extra={"rescan_interval": opts.rescan_interval})
             task_status.started()
         await anyio.sleep(opts.rescan_interval)
 

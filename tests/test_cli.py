@@ -19,7 +19,7 @@ import pytest
 
 from listener import registry
 from listener.embedded import EmbeddedPostgres
-from tests.helpers import ROOT, cli, environment
+from tests.helpers import ROOT, cli, environment, start_listener
 
 
 def _footprint(conn) -> tuple:
@@ -338,3 +338,12 @@ def test_run_refuses_a_state_dir_that_cannot_be_a_directory(conn, dsn, tmp_path)
         assert out.returncode == 2, out.stderr
         assert out.stderr == (f"error: cannot use {state_dir} as the signer's state directory: a file is in the way; "
                               "give --state-dir a directory (kept with the key)\n"), out.stderr
+
+
+def test_run_without_logs_says_how_to_create_one(conn, dsn):
+    """A first `run` before any `log create` printed nothing at all."""
+    listener = start_listener(dsn)
+    try:
+        listener.wait_for("no logs yet: create one with `merkle-listener log create NAME`", timeout=30)
+    finally:
+        listener.stop()
