@@ -411,10 +411,11 @@ def cmd_source(args) -> int:
                       file=sys.stderr)
         elif args.source_command == "list":
             log_id = registry.get_log(conn, args.log).log_id if args.log else None
+            names = {lg.log_id: lg.name for lg in registry.list_logs(conn)}  # users know logs by name
             for s in registry.list_sources(conn, log_id):
                 doorbell = (f"\tdoorbell {'on' if s.doorbell else 'off'}" if s.mode == "trigger"
                             else f"\tevents {','.join(s.events)}")
-                print(f"{s.qualified}\tlog_id {s.log_id}\tmode {s.mode}\tkey {','.join(s.key_columns)}\t"
+                print(f"{s.qualified}\tlog {names[s.log_id]}\tmode {s.mode}\tkey {','.join(s.key_columns)}\t"
                       f"columns {','.join(s.columns)}\tfilter {s.row_filter or '-'}\tappend-only {s.append_only}"
                       f"{doorbell}")
             conn.commit()

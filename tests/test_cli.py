@@ -347,3 +347,13 @@ def test_run_without_logs_says_how_to_create_one(conn, dsn):
         listener.wait_for("no logs yet: create one with `merkle-listener log create NAME`", timeout=30)
     finally:
         listener.stop()
+
+
+def test_source_list_names_each_source_s_log(conn, dsn):
+    """It printed the log's internal id, which no other command takes."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    for log, table in (("first", "a"), ("second", "b")):
+        cli("log", "create", log, dsn=dsn, check=True)
+        cli("source", "add", log, table, "--append-only", dsn=dsn, check=True)
+    lines = cli("source", "list", dsn=dsn, check=True).stdout.splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["public.a", "log first"], ["public.b", "log second"]]
