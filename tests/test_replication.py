@@ -186,6 +186,40 @@ def test_guard_keeps_the_replica_identity_the_log_publication_needs(rconn):
     conn.execute("UPDATE pay SET amount = 7")
 
 
+def test_source_add_refuses_a_table_whose_updates_postgresql_would_then_refuse(rconn):
+    """On a log whose publication publishes updates, each table added needs a replica
+    identity PostgreSQL accepts for its UPDATEs; the refusal says which table lacks what,
+    registers nothing, and the application's UPDATEs keep working."""
+    conn = rconn
+    conn.execute("CREATE TABLE acct (id int PRIMARY KEY, owner text)")
+    conn.execute("ALTER TABLE acct REPLICA IDENTITY FULL")
+    conn.execute("CREATE TABLE pay (id int PRIMARY KEY, amount int NOT NULL)")
+    conn.execute("CREATE TABLE nokey (id int NOT NULL UNIQUE, amount int)")  # a key, not the identity
+    conn.execute("CREATE TABLE nothing (id int PRIMARY KEY, amount int)")
+    conn.execute("ALTER TABLE nothing REPLICA IDENTITY NOTHING")
+    conn.execute("CREATE TABLE plain (id int PRIMARY KEY, amount int)")
+    registry.create_log(conn, "ri")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "ri", "acct", mode="replication", events=["insert", "update"])
+    before = _replication_footprint(conn)
+    for table, where, key, why in [
+            ("pay", "id > 0", None, "it has a row filter, which needs REPLICA IDENTITY FULL here"),
+            ("nokey", None, "id", "it has no primary key or replica identity index"),
+            ("nothing", None, None, "its replica identity is NOTHING")]:
+        with connect(conn.info.dsn) as c, pytest.raises(SourceTableError) as refused:
+            registry.add_source(c, "ri", table, mode="replication", where=where,
+                                key=[key] if key else None)
+        assert f'"public"."{table}": {why}: run ALTER TABLE "public"."{table}" REPLICA IDENTITY FULL;' in str(
+            refused.value), refused.value
+        assert _replication_footprint(conn) == before
+        conn.execute(f"INSERT INTO {table} VALUES (1, 5)")
+        conn.execute(f"UPDATE {table} SET amount = 6")  # not in the publication: still allowed
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "ri", "plain", mode="replication")  # its primary key is its identity
+    conn.execute("INSERT INTO plain VALUES (1, 5)")
+    conn.execute("UPDATE plain SET amount = 6")
+
+
 def _replication_footprint(conn) -> tuple:
     return conn.execute(
         "SELECT (SELECT count(*) FROM merkle.sources), (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal), "
