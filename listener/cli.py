@@ -635,6 +635,8 @@ def cmd_verify(args) -> int:
     from listener import proofs
     from listener.checkpoint import open_checkpoint
 
+    if not args.file:  # Path("") is ".": "cannot read .: Is a directory" would puzzle
+        raise ConfigurationError("no proof file given: name a file written by `prove`, or - for standard input")
     raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(Path(args.file))
     if "\n\n\u2014 ".encode() in raw:  # a signed note: text, blank line, "— " signature lines
         cp, note = open_checkpoint(raw, [_read_vkey(args.vkey)])
@@ -701,6 +703,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from listener.bench import main as bench_main
 
+    if args.leaves is not None and args.leaves < 1:  # 0 would silently run the default size
+        raise ConfigurationError("--leaves must be at least 1")
     return bench_main(args)
 
 

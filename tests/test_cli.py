@@ -286,6 +286,16 @@ def test_a_malformed_connection_string_is_refused_naming_its_source(args, env, s
     assert out.stdout == ""
 
 
+@pytest.mark.parametrize("args, message", [
+    (["verify", ""], "error: no proof file given: name a file written by `prove`, or - for standard input\n"),
+    (["bench", "tree", "--leaves", "0"], "error: --leaves must be at least 1\n"),
+])
+def test_empty_or_zero_arguments_are_refused_in_one_line(args, message):
+    """`verify ''` said "cannot read .: Is a directory"; `bench --leaves 0` ran the default size."""
+    out = cli(*args, timeout=30)
+    assert (out.returncode, out.stderr, out.stdout) == (2, message, "")
+
+
 def test_a_data_dir_that_cannot_be_a_directory_is_refused_in_one_line(tmp_path):
     """A --data-dir naming a file ended in a FileExistsError traceback."""
     (tmp_path / "a-file").write_text("")
