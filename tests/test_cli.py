@@ -367,3 +367,13 @@ def test_source_list_names_each_source_s_log(conn, dsn):
         cli("source", "add", log, table, "--append-only", dsn=dsn, check=True)
     lines = cli("source", "list", dsn=dsn, check=True).stdout.splitlines()
     assert [line.split("\t")[:2] for line in lines] == [["public.a", "log first"], ["public.b", "log second"]]
+
+
+def test_demo_commits_an_order_whatever_the_rows_and_the_wal_level(conn, dsn):
+    """Without logical replication, writer 0's first transaction is drawn to roll back: with
+    --rows 1 --writers 1 no order was committed, and the report failed on OFFSET -1."""
+    from listener import demo
+
+    conn.execute(demo.SCHEMA)
+    totals = demo._write_concurrently(dsn, 1, 1, False)
+    assert totals["rows"] == 2 and conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 1, totals
