@@ -449,20 +449,22 @@ def cmd_run(args) -> int:
 
     from listener.runner import RunOptions, run
 
+    # Checked first: _load_signer makes the signer's state directory, which a refusal should
+    # not leave behind (nor start the embedded server for nothing).
+    if args.checkpoint_interval < 0:
+        raise ConfigurationError("--checkpoint-interval must be >= 0 milliseconds")
+    if args.max_batch < 1:
+        raise ConfigurationError("--max-batch must be at least 1")
+    if not args.poll > 0:
+        raise ConfigurationError("--poll must be more than 0 seconds")
+    if args.http:
+        from listener.api.server import parse_address
+
+        parse_address(args.http)
     with database(args) as dsn:
         with connect(dsn) as conn:
             _checked(conn)
         signer, state_dir = _load_signer(args.key, args.state_dir)
-        if args.checkpoint_interval < 0:
-            raise ConfigurationError("--checkpoint-interval must be >= 0 milliseconds")
-        if args.max_batch < 1:
-            raise ConfigurationError("--max-batch must be at least 1")
-        if not args.poll > 0:
-            raise ConfigurationError("--poll must be more than 0 seconds")
-        if args.http:
-            from listener.api.server import parse_address
-
-            parse_address(args.http)
         opts = RunOptions(dsn=dsn, logs=args.logs, poll_interval=args.poll, max_batch=args.max_batch,
                           signer=signer, state_dir=state_dir, checkpoint_interval=args.checkpoint_interval / 1000,
                           http=args.http)

@@ -377,3 +377,15 @@ def test_demo_commits_an_order_whatever_the_rows_and_the_wal_level(conn, dsn):
     conn.execute(demo.SCHEMA)
     totals = demo._write_concurrently(dsn, 1, 1, False)
     assert totals["rows"] == 2 and conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 1, totals
+
+
+def test_run_refuses_bad_options_before_making_the_signer_s_state_directory(conn, dsn, tmp_path):
+    """The state directory was made before --max-batch, --poll, --checkpoint-interval and
+    --http were checked: a refused command left it behind."""
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    key = tmp_path / "audit.key"
+    cli("keygen", "example.com/audit", "--out", str(key), check=True)
+    for bad in (["--max-batch", "0"], ["--poll", "0"], ["--checkpoint-interval", "-1"], ["--http", "nohost"]):
+        out = cli("run", "--key", str(key), "--state-dir", str(tmp_path / "new" / "state"), *bad, dsn=dsn, timeout=30)
+        assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
+        assert not (tmp_path / "new").exists(), bad
