@@ -154,13 +154,16 @@ def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[st
             continue
         # A filter on identity columns only would do for PostgreSQL; FULL is asked for any filter
         # because the DDL guard (sql/010) keeps exactly this rule, without parsing filters.
-        why = ("it has a row filter, which needs REPLICA IDENTITY FULL here" if has_filter
-               else "its replica identity is NOTHING" if identity == "n"
-               else "it has no primary key or replica identity index")
+        # The rule named is the one that applies: a table without a filter has none to cover.
+        if has_filter:
+            rule, why = ("whose replica identity does not cover its row filter's columns",
+                         "it has a row filter, which needs REPLICA IDENTITY FULL here")
+        else:
+            rule, why = ("without a replica identity", "its replica identity is NOTHING" if identity == "n"
+                         else "it has no primary key or replica identity index")
         raise SourceTableError(
             f"the log's publication would publish updates/deletes, and then PostgreSQL refuses UPDATE and "
-            f"DELETE on a table whose replica identity does not cover its row filter's columns; {name}: {why}: "
-            f"run ALTER TABLE {name} REPLICA IDENTITY FULL; first"
+            f"DELETE on a table {rule}; {name}: {why}: run ALTER TABLE {name} REPLICA IDENTITY FULL; first"
         )
 
 
