@@ -116,9 +116,10 @@ class EmbeddedPostgres:
 
     @property
     def socket_dir(self) -> Path:
-        # A Unix socket path is limited to ~107 bytes; fall back to a short name in /tmp.
+        # A Unix socket path is limited to ~107 bytes, and libpq's host and the server's
+        # unix_socket_directories are comma-separated lists: fall back to a short name in /tmp.
         candidate = self.data_dir / "run"
-        if len(str(candidate / f".s.PGSQL.{PORT}")) < 100:
+        if len(str(candidate / f".s.PGSQL.{PORT}")) < 100 and "," not in str(candidate):
             return candidate
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"merkle-listener-{digest}"

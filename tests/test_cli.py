@@ -196,6 +196,28 @@ def test_the_embedded_server_lives_in_a_path_with_spaces_quotes_and_url_characte
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_the_embedded_server_lives_in_a_path_with_a_comma():
+    """libpq's host and the server's unix_socket_directories are comma-separated lists: the
+    socket went to the part before the comma, so the server did not start (after initdb)."""
+    base = Path(tempfile.mkdtemp(prefix="ml-"))
+    home = base / "Smith, J"
+    env = {"MERKLE_LISTENER_HOME": str(home)}
+    for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
+        env[var] = None
+    try:
+        cli("db", "start", env=env, check=True)
+        try:
+            url = cli("db", "url", env=env, check=True).stdout.strip()
+            with psycopg.connect(url) as conn:
+                assert "," not in conn.execute("SELECT current_setting('unix_socket_directories')").fetchone()[0]
+            cli("init", env=env, check=True)
+        finally:
+            cli("db", "stop", env=env, check=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(EmbeddedPostgres(home).socket_dir, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="creates a system user: root only")
 def test_processes_that_start_at_once_as_root_all_get_the_servers_system_user():
     """On a fresh machine, test workers (or two commands) create the server's system user at
