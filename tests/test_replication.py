@@ -803,6 +803,11 @@ def test_source_remove_says_what_it_waits_for(rconn):
     listener = start_listener(dsn)
     try:
         listener.wait_for("replication stream open")
+        # That line may be held's: busy's stream must be open too before the listener is held.
+        deadline = time.monotonic() + 30
+        while not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'merkle_busy'").fetchone()[0]:
+            assert time.monotonic() < deadline, "busy's stream did not open"
+            time.sleep(0.05)
         # The listener is held (its stream stays open) while a large transaction commits, so
         # that `source remove` surely finds it behind; once let go, it spills the transaction
         # to a file and appends it.
