@@ -455,8 +455,8 @@ def cmd_run(args) -> int:
         raise ConfigurationError("--checkpoint-interval must be >= 0 milliseconds")
     if args.max_batch < 1:
         raise ConfigurationError("--max-batch must be at least 1")
-    if not args.poll > 0:
-        raise ConfigurationError("--poll must be more than 0 seconds")
+    if not 0 < args.poll < 1e6:  # inf (or nan) would fail in the first sleep
+        raise ConfigurationError("--poll must be more than 0 and less than 1e6 seconds")
     if args.http:
         from listener.api.server import parse_address
 
@@ -576,8 +576,9 @@ def _workers(args, dsn: str) -> Iterator[None]:
 def cmd_monitor(args) -> int:
     from listener.monitor import monitor
 
-    if not args.interval > 0:  # time.sleep refuses a negative one; 0 would poll the server in a busy loop
-        raise ConfigurationError("--interval must be more than 0 seconds")
+    # time.sleep refuses a negative one and inf; 0 would poll the server in a busy loop.
+    if not 0 < args.interval < 1e6:
+        raise ConfigurationError("--interval must be more than 0 and less than 1e6 seconds")
     return monitor(args.url, args.log, _read_vkey(args.vkey), once=args.once, state=args.state, interval=args.interval)
 
 

@@ -76,7 +76,8 @@ def test_global_options_may_follow_the_command(conn, dsn):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--poll", "0"], "--poll must be more than 0 seconds"),
+    (["run", "--poll", "0"], "--poll must be more than 0 and less than 1e6 seconds"),
+    (["run", "--poll", "inf"], "--poll must be more than 0 and less than 1e6 seconds"),
     (["log", "create", "x", "--origin", ""], "the origin must be a non-empty line"),
     (["prove", "inclusion", "audit", "0"], "log 'audit' has no leaves yet"),
     (["prove", "inclusion", "audit", "5", "--size", "0"], "the tree of size 0 has no leaves"),
@@ -277,11 +278,12 @@ def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
     assert cli("db", "status", env=env).returncode == 3
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan"])
-def test_monitor_refuses_an_interval_that_is_not_positive(value):
-    """A negative --interval ended in a traceback from time.sleep after the first poll."""
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_monitor_refuses_an_interval_that_is_not_positive_and_finite(value):
+    """A negative or infinite --interval ended in a traceback from time.sleep after the first poll."""
     out = cli("monitor", "audit", "--url", "http://127.0.0.1:1", "--vkey", "a+b+c", "--interval", value)
-    assert out.returncode == 2 and out.stderr == "error: --interval must be more than 0 seconds\n", out.stderr
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == "error: --interval must be more than 0 and less than 1e6 seconds\n", out.stderr
 
 
 @pytest.mark.parametrize("args, message", [
