@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fill the tile cache before listening (upper levels first, up to --cache-mb)")
     sv.add_argument("--workers", type=int, default=1,
                     help="server processes sharing the port (SO_REUSEPORT), each with its own cache (default 1)")
+    sv.add_argument("--worker-of-serve", action="store_true", help=argparse.SUPPRESS)  # one of --workers' processes
     sv.add_argument("--ready-max-age", type=float, default=60.0, metavar="SECONDS",
                     help="/readyz fails when the latest checkpoint is older (default 60)")
 
@@ -533,9 +534,9 @@ def cmd_keygen(args) -> int:
 def cmd_serve(args) -> int:
     import anyio
 
-    from listener.api.server import parse_address, serve_http
+    from listener.api.server import parse_address, refuse_a_port_in_use, serve_http
 
-    parse_address(args.http)
+    host, port = parse_address(args.http)
     try:
         import uvloop  # noqa: F401  (a faster event loop: measured in docs/benchmarks.md)
 
@@ -549,9 +550,11 @@ def cmd_serve(args) -> int:
         raise ConfigurationError("--cache-mb must be >= 0")
     if not 0 <= args.ready_max_age < 1e9:
         raise ConfigurationError("--ready-max-age must be between 0 and 1e9 seconds")
+    if not args.worker_of_serve:
+        refuse_a_port_in_use(host, port)  # before the workers take it
     with database(args) as dsn, _workers(args, dsn):
-        anyio.run(_until_signal, serve_http, dsn, args.http, args.cache_mb, args.ready_max_age, args.preload,
-                  backend_options=options)
+        anyio.run(_until_signal, partial(serve_http, shares_port=True), dsn, args.http, args.cache_mb,
+                  args.ready_max_age, args.preload, backend_options=options)
     return 0
 
 
@@ -561,7 +564,7 @@ def _workers(args, dsn: str) -> Iterator[None]:
     import subprocess
 
     cmd = [sys.executable, "-m", "listener", "--dsn", dsn, "--log-level", args.log_level, "serve", "--http", args.http,
-           "--cache-mb", str(args.cache_mb), "--ready-max-age", str(args.ready_max_age)]
+           "--cache-mb", str(args.cache_mb), "--ready-max-age", str(args.ready_max_age), "--worker-of-serve"]
     cmd += ["--preload"] if args.preload else []
     procs = [subprocess.Popen(cmd) for _ in range(args.workers - 1)]
     try:

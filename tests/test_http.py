@@ -318,6 +318,21 @@ def test_serve_read_only_with_two_workers(http_log):
         assert proc.returncode in (0, -15), err
 
 
+def test_a_second_server_on_a_port_in_use_is_refused(http_log):
+    """The port of `run --http` (SO_REUSEPORT, for `serve --workers`) is not shared with a
+    second server, which would have answered half of the connections silently."""
+    from tests.helpers import cli
+
+    port = http_log.url.rsplit(":", 1)[1]
+    for extra in ([], ["--workers", "2"]):
+        out = cli("serve", "--http", f"127.0.0.1:{port}", *extra, dsn=http_log.dsn, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
+                              "merkle-listener serve or run --http?)\n"), out.stderr
+    with http_log.client() as c:
+        assert c.checkpoint().size >= ORDERS + 2
+
+
 def test_serve_refuses_a_schema_that_lacks_a_migration(conn, dsn):
     """A `serve` upgraded before `init` ran would answer some requests with errors (a lookup
     calls merkle.leaves_by_key, from sql/017): it refuses to start and says what to run."""

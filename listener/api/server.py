@@ -40,6 +40,21 @@ class _Server(uvicorn.Server):
         yield  # the caller handles SIGINT/SIGTERM by cancelling our task group
 
 
+def refuse_a_port_in_use(host: str, port: int) -> None:
+    """Raise ConfigurationError when something listens on host:port already. A bind without
+    SO_REUSEPORT fails there even when the other listener set it: without this check a
+    second server of the same user (another database's, say) would silently share the
+    port, the kernel spreading connections over both."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror} (another merkle-listener "
+                                     "serve or run --http?)") from None
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket with SO_REUSEPORT, so `serve --workers N` processes share the port
     (the kernel spreads connections over them). Raises ConfigurationError if it cannot bind."""
@@ -74,9 +89,13 @@ def _check_schema(dsn: str) -> None:
 
 
 async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age: float = 60.0, preload: bool = False, *,
-                     pool_size: int = 4, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; task_status.started() once the socket listens."""
+                     pool_size: int = 4, shares_port: bool = False, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; task_status.started() once the socket listens. `shares_port`:
+    the port is taken by this server's other processes (`serve --workers`), which checked
+    that it was free."""
     host, port = parse_address(address)
+    if not shares_port:
+        refuse_a_port_in_use(host, port)
     sock = listen_socket(host, port)
     pool = AsyncConnectionPool(
         dsn, min_size=pool_size, max_size=pool_size, open=False,
