@@ -167,15 +167,23 @@ def test_demo_runs_and_every_check_holds(pg_server):
     assert out.returncode == 0 and "every check held" in out.stdout, out.stdout + out.stderr
 
 
+def _embedded_env(home: Path | None) -> dict:
+    """The environment of a command that must use the embedded server (in `home`), whatever
+    the caller's environment points at."""
+    env: dict = {var: None for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE",
+                                       "PGHOSTADDR")}
+    if home is not None:
+        env["MERKLE_LISTENER_HOME"] = str(home)
+    return env
+
+
 def test_the_embedded_server_lives_in_a_path_with_spaces_quotes_and_url_characters():
     """A home like macOS's ".../Application Support/merkle-listener": the server starts, its
     URL (percent-encoded) connects and the commands work. A path that pg_ctl's shell would
     read ($, `, ", backslash) is refused before anything is made."""
     base = Path(tempfile.mkdtemp(prefix="ml-"))  # short: the socket stays in the home
     home = base / "App Support" / "o'brien #1 & 50%"
-    env = {"MERKLE_LISTENER_HOME": str(home)}
-    for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
-        env[var] = None
+    env = _embedded_env(home)
     try:
         cli("db", "start", env=env, check=True)
         try:
@@ -202,9 +210,7 @@ def test_the_embedded_server_lives_in_a_path_with_a_comma():
     socket went to the part before the comma, so the server did not start (after initdb)."""
     base = Path(tempfile.mkdtemp(prefix="ml-"))
     home = base / "Smith, J"
-    env = {"MERKLE_LISTENER_HOME": str(home)}
-    for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
-        env[var] = None
+    env = _embedded_env(home)
     try:
         cli("db", "start", env=env, check=True)
         try:
@@ -238,9 +244,7 @@ def test_processes_that_start_at_once_as_root_all_get_the_servers_system_user():
 
 def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
     home = tmp_path / "home"
-    env = {"MERKLE_LISTENER_HOME": str(home)}
-    for var in ("DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
-        env[var] = None
+    env = _embedded_env(home)
     assert cli("init", env=env, check=True).stdout.startswith("schema merkle at version")
     server = EmbeddedPostgres(home)
     assert not server.state().running, "a command that started the server on demand must stop it"
@@ -323,8 +327,7 @@ def test_empty_or_zero_arguments_are_refused_in_one_line(args, message):
 def test_a_data_dir_that_cannot_be_a_directory_is_refused_in_one_line(tmp_path):
     """A --data-dir naming a file ended in a FileExistsError traceback."""
     (tmp_path / "a-file").write_text("")
-    env = {"DATABASE_URL": None, "PGHOST": None, "PGPORT": None, "PGDATABASE": None, "PGUSER": None,
-           "PGSERVICE": None, "PGHOSTADDR": None}
+    env = _embedded_env(None)
     for data_dir in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
         out = cli("--data-dir", str(data_dir), "status", env=env)
         assert out.returncode == 2, out.stderr

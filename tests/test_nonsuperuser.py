@@ -66,6 +66,17 @@ def _refused(out, *needles: str) -> None:
         assert needle in out.stderr, out.stderr
 
 
+def _five_leaves(su, listener) -> list[tuple]:
+    """Wait for the flow's five leaves (the backfilled order, three inserts, an update); their rows."""
+    deadline = time.monotonic() + 60
+    while su.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 5:
+        assert time.monotonic() < deadline, listener.stop()[-3000:]
+        time.sleep(0.05)
+    rows = check_log(su, "audit")
+    assert sorted(r[3] for r in rows) == ["backfill", "insert", "insert", "insert", "update"]
+    return rows
+
+
 def test_a_plain_role_is_told_each_privilege_then_runs_both_modes(plain):
     su, dsn, role, writer = plain
     db = su.info.dbname
@@ -122,12 +133,7 @@ def test_a_plain_role_is_told_each_privilege_then_runs_both_modes(plain):
 
     listener = start_listener(dsn)
     try:
-        deadline = time.monotonic() + 60
-        while su.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 5:
-            assert time.monotonic() < deadline, listener.stop()[-3000:]
-            time.sleep(0.05)
-        rows = check_log(su, "audit")
-        assert sorted(r[3] for r in rows) == ["backfill", "insert", "insert", "insert", "update"]
+        rows = _five_leaves(su, listener)
         proof = cli("prove", "inclusion", "audit", "4", dsn=dsn, check=True).stdout
         assert cli("verify", "-", input=proof, check=True).stdout.startswith("OK")
         cli("status", dsn=dsn, check=True)
@@ -211,12 +217,7 @@ def test_a_superuser_upgrade_of_a_roles_schema_leaves_it_usable_by_that_role(pla
         w.execute("INSERT INTO payments VALUES (1, 7), (2, 9)")
     listener = start_listener(dsn)
     try:
-        deadline = time.monotonic() + 60
-        while su.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 5:
-            assert time.monotonic() < deadline, listener.stop()[-3000:]
-            time.sleep(0.05)
-        rows = check_log(su, "audit")
-        assert sorted(r[3] for r in rows) == ["backfill", "insert", "insert", "insert", "update"]
+        rows = _five_leaves(su, listener)
         cli("source", "remove", "audit", "orders", dsn=dsn, check=True)
     finally:
         listener.stop()
