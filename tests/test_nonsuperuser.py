@@ -237,6 +237,38 @@ def test_a_superuser_upgrade_of_a_roles_schema_leaves_it_usable_by_that_role(pla
     assert slots(su) == []
 
 
+def test_a_member_of_the_owners_role_without_set_is_told_before_the_upgrade(plain, monkeypatch):
+    """PostgreSQL 16 lets only a role that may SET ROLE to the owner hand objects to it: a
+    member without that option is refused up front, with the GRANT that fixes it; with it,
+    the member's upgrade leaves everything the owner's."""
+    from listener.store import migrate
+
+    su, dsn, role, _ = plain
+    if su.info.server_version < 160000:
+        pytest.skip("GRANT ... WITH SET exists from PostgreSQL 16")
+    member = f"m_{role}"
+    su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {role}")
+    known = migrate.migrations()
+    with psycopg.connect(dsn, autocommit=True, options=options_string()) as app:
+        with monkeypatch.context() as m:  # the role's schema, as an earlier version left it
+            m.setattr(migrate, "migrations", lambda: known[:-1])
+            migrate.apply(app)
+    su.execute(f"CREATE ROLE {member} LOGIN")
+    try:
+        su.execute(f"GRANT {role} TO {member} WITH INHERIT TRUE, SET FALSE")
+        member_dsn = psycopg.conninfo.make_conninfo(dsn, user=member)
+        out = cli("init", dsn=member_dsn)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert (f"role '{member}' is a member of role {role}, which owns schema merkle, without the SET option"
+                in out.stderr and f'GRANT {role} TO "{member}" WITH SET TRUE;' in out.stderr), out.stderr
+        assert migrate.current_version(su) == known[-2].version  # nothing changed
+        su.execute(f"GRANT {role} TO {member} WITH SET TRUE")
+        cli("init", dsn=member_dsn, check=True)
+        assert migrate.current_version(su) == known[-1].version and _not_the_owners(su) == []
+    finally:
+        su.execute(f"DROP ROLE {member}")
+
+
 def _superuser_upgrades(su, dsn, role_applied_before, monkeypatch, *, user=None, before_upgrade=None) -> list[str]:
     """The role's schema at an earlier version, the guard installed as init's warnings say,
     `before_upgrade(app)` run as the role, then `init` as a superuser: its warnings."""

@@ -181,7 +181,7 @@ def give_to_schema_owner(conn: psycopg.Connection) -> list[str]:
     role applied the migrations itself. That owner can replace them, so a guard installed on
     its schema trusts it like a superuser (docs/replication.md). Returns the statements run."""
     acts_for_owner = conn.execute(
-        "SELECT n.nspowner <> r.oid AND pg_has_role(n.nspowner, 'USAGE') "
+        f"SELECT n.nspowner <> r.oid AND pg_has_role(n.nspowner, '{_hand_over_privilege(conn)}') "
         "FROM pg_namespace n, pg_roles r WHERE n.nspname = 'merkle' AND r.rolname = current_user").fetchone()
     if not acts_for_owner or not acts_for_owner[0]:
         return []
@@ -194,9 +194,10 @@ def give_to_schema_owner(conn: psycopg.Connection) -> list[str]:
 def check_privileges(conn: psycopg.Connection) -> None:
     """Refuse, with the GRANT that fixes it, a role that cannot apply the migrations: they
     create schema merkle (CREATE on the database) and then alter what is in it (ownership)."""
-    role, database, owner, may_create, owns = conn.execute(
+    role, database, owner, may_create, owns, may_hand_over = conn.execute(
         "SELECT current_user, current_database(), n.nspowner::regrole::text, "
-        "has_database_privilege(current_database(), 'CREATE'), pg_has_role(n.nspowner, 'USAGE') "
+        "has_database_privilege(current_database(), 'CREATE'), pg_has_role(n.nspowner, 'USAGE'), "
+        f"pg_has_role(n.nspowner, '{_hand_over_privilege(conn)}') "
         "FROM (SELECT) one LEFT JOIN pg_namespace n ON n.nspname = 'merkle'").fetchone()
     quoted = lambda name: sql.Identifier(name).as_string(conn)  # noqa: E731
     if owner is None and not may_create:
@@ -208,3 +209,15 @@ def check_privileges(conn: psycopg.Connection) -> None:
         raise ConfigurationError(
             f"schema merkle belongs to role {owner}, and role {role!r} may not upgrade it: run init as {owner} "
             "or as a superuser. Nothing was changed")
+    if owner is not None and not may_hand_over:
+        # What the migrations create is handed to the owner (give_to_schema_owner), which
+        # PostgreSQL 16 allows only to a role that may SET ROLE to it.
+        raise ConfigurationError(
+            f"role {role!r} is a member of role {owner}, which owns schema merkle, without the SET option, so it "
+            f"cannot hand what an upgrade creates to {owner}: run init as {owner} or as a superuser, or as "
+            f"{owner}: GRANT {owner} TO {quoted(role)} WITH SET TRUE; Nothing was changed")
+
+
+def _hand_over_privilege(conn: psycopg.Connection) -> str:
+    """The pg_has_role privilege ALTER ... OWNER TO a role asks of the caller."""
+    return "SET" if conn.info.server_version >= 160000 else "USAGE"
