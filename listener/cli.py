@@ -23,7 +23,8 @@ import psycopg
 
 from listener import __version__, jsonlog
 from listener.embedded import EmbeddedPostgres, default_data_dir
-from listener.errors import CaptureGapWarning, ConfigurationError, MerkleListenerError, ProofVerificationError
+from listener.errors import (CaptureGapWarning, ConfigurationError, MerkleListenerError, ProofVerificationError,
+                             why_no_directory)
 from listener.store.connect import options_string, resolve
 
 EMBEDDED_DATABASE = "merkle"
@@ -491,7 +492,7 @@ def _load_signer(key: Path | None, state_dir: Path | None):
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
-        why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        why = why_no_directory(exc)
         raise ConfigurationError(f"cannot use {state_dir} as the signer's state directory: {why}; give --state-dir "
                                  "a directory (kept with the key)") from None
     return signer, state_dir

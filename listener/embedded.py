@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from listener.errors import ConfigurationError, DatabaseError
+from listener.errors import ConfigurationError, DatabaseError, why_no_directory
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class EmbeddedPostgres:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             # A mistyped --data-dir or MERKLE_LISTENER_HOME: say which path, not a traceback.
-            why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            why = why_no_directory(exc)
             raise ConfigurationError(
                 f"cannot use {self.data_dir} as the embedded PostgreSQL's directory: {why}; give --data-dir "
                 "(or MERKLE_LISTENER_HOME) a directory that may be created there, or --dsn for your own PostgreSQL"

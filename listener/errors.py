@@ -32,3 +32,9 @@ class ProofVerificationError(MerkleListenerError):
 class CaptureGapWarning(UserWarning):
     """Done as asked, but committed changes are missing from a log; the message says which and
     how to log the rows as they are now."""
+
+
+def why_no_directory(exc: OSError) -> str:
+    """Why mkdir(parents=True, exist_ok=True) failed, in the words of a message: a file where
+    the directory (or one above it) should be, else the system's reason."""
+    return "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
