@@ -205,12 +205,14 @@ class EmbeddedPostgres:
 
     def stop(self, mode: str = "fast") -> bool:
         """Stop the server if it runs; returns True if it was running."""
-        if not self.state().running:
-            self.owner_file.unlink(missing_ok=True)
-            return False
-        self._run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "-t", "60", "stop")
+        running = self.state().running
+        if running:
+            self._run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "-t", "60", "stop")
         self.owner_file.unlink(missing_ok=True)
-        return True
+        if self.data_dir not in self.socket_dir.parents:  # the /tmp fallback: left empty by the server
+            with contextlib.suppress(OSError):
+                self.socket_dir.rmdir()
+        return running
 
     def stop_if_owned(self) -> None:
         """Stop the server if this process owns it (started or adopted it on demand)."""

@@ -220,6 +220,7 @@ def test_the_embedded_server_lives_in_a_path_with_a_comma():
             cli("init", env=env, check=True)
         finally:
             cli("db", "stop", env=env, check=True)
+        assert not EmbeddedPostgres(home).socket_dir.exists()  # the socket's directory in /tmp goes too
     finally:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(EmbeddedPostgres(home).socket_dir, ignore_errors=True)
