@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--out", type=Path, help="private key file (default: NAME.key, '/' as '_'); never overwritten")
 
     sv = sub.add_parser("serve", help="serve the HTTP API read-only (may point at a replica)")
-    sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", help="listen address (default 127.0.0.1:8080)")
+    sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", help="listen address (default 127.0.0.1:8080; port 0: one the system chooses, logged at info level)")
     sv.add_argument("--cache-mb", type=int, default=256, help="memory for cached tiles in MB (default 256)")
     sv.add_argument("--preload", action="store_true",
                     help="fill the tile cache before listening (upper levels first, up to --cache-mb)")
@@ -546,12 +546,14 @@ def cmd_serve(args) -> int:
         options = {}
     if args.workers < 1:
         raise ConfigurationError("--workers must be >= 1")
+    if args.workers > 1 and port == 0:
+        raise ConfigurationError("--workers shares one port between the processes: give --http a port other than 0")
     # The same bounds the API puts on /readyz?max_age=; a negative cache size silently cached nothing.
     if args.cache_mb < 0:
         raise ConfigurationError("--cache-mb must be >= 0")
     if not 0 <= args.ready_max_age < 1e9:
         raise ConfigurationError("--ready-max-age must be between 0 and 1e9 seconds")
-    if not args.worker_of_serve:
+    if not args.worker_of_serve and port != 0:
         refuse_a_port_in_use(host, port)  # before the workers take it
     with database(args) as dsn, _workers(args, dsn):
         anyio.run(_until_signal, partial(serve_http, shares_port=True), dsn, args.http, args.cache_mb,

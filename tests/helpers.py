@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,16 @@ class Listener:
             assert self.proc.poll() is None, f"the listener exited ({self.proc.returncode}) before logging {text!r}"
             assert time.monotonic() < deadline, f"the listener did not log {text!r} within {timeout} s"
             time.sleep(0.05)
+
+    def http_url(self, timeout: float = 60) -> str:
+        """The URL of the HTTP API it serves, from its "HTTP API listening" log line (for
+        `--http 127.0.0.1:0`: a port no other test can take between choosing and binding it)."""
+        self.wait_for('"HTTP API listening"', timeout)
+        self._log.seek(0)
+        for line in self._log:
+            if '"HTTP API listening"' in line:
+                return f"http://{json.loads(line)['address']}"
+        raise AssertionError("unreachable: the line was there")
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         """Send `sig`, wait for the exit, return what the listener logged."""

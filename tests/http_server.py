@@ -72,9 +72,10 @@ def http_log(pg_server, tmp_path_factory):
     signer = Signer.generate("example.com/audit")
     key_file = tmp_path_factory.mktemp("key") / "audit.key"
     key_file.write_text(str(signer) + "\n")
-    url = f"http://127.0.0.1:{free_port()}"
-    listener = start_listener(dsn, "--key", str(key_file), "--checkpoint-interval", "50", "--http", url[7:])
-    log = HttpLog(dsn, url, signer, str(key_file), listener)
+    # Port 0: the system's choice, read from the log; a port chosen here could be taken by
+    # another test worker before the listener binds it.
+    listener = start_listener(dsn, "--key", str(key_file), "--checkpoint-interval", "50", "--http", "127.0.0.1:0")
+    log = HttpLog(dsn, listener.http_url(), signer, str(key_file), listener)
     try:
         log.wait_for_size(ORDERS + 2)
         yield log

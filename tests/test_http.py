@@ -292,10 +292,17 @@ def test_serve_read_only_with_two_workers(http_log):
     from tests.helpers import ROOT
     from tests.http_server import free_port
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "listener", "--dsn", http_log.dsn, "serve", "--http",
-                             f"127.0.0.1:{port}", "--workers", "2", "--preload"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(3):  # the workers share a port chosen here, which another test may take first
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "listener", "--dsn", http_log.dsn, "serve", "--http",
+                                 f"127.0.0.1:{port}", "--workers", "2", "--preload"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            if proc.wait(timeout=2) == 2 and "Address already in use" in proc.stderr.read():
+                continue
+        except subprocess.TimeoutExpired:
+            pass
+        break
     try:
         from listener.client import Client
 
@@ -333,15 +340,22 @@ def test_a_second_server_on_a_port_in_use_is_refused(http_log):
         assert c.checkpoint().size >= ORDERS + 2
 
 
+def test_workers_refuse_port_0():
+    """Each worker would get a port of its own from the system: one port is what --workers shares."""
+    from tests.helpers import cli
+
+    out = cli("serve", "--http", "127.0.0.1:0", "--workers", "2", dsn="postgresql:///nowhere")
+    assert out.returncode == 2 and "give --http a port other than 0" in out.stderr, out.stderr
+
+
 def test_serve_refuses_a_schema_that_lacks_a_migration(conn, dsn):
     """A `serve` upgraded before `init` ran would answer some requests with errors (a lookup
     calls merkle.leaves_by_key, from sql/017): it refuses to start and says what to run."""
     from listener.store import migrate
     from tests.helpers import cli
-    from tests.http_server import free_port
 
     last = migrate.migrations()[-1].version
     conn.execute("DELETE FROM merkle.schema_version WHERE version = %s", (last,))
-    out = cli("serve", "--http", f"127.0.0.1:{free_port()}", dsn=dsn, timeout=60)
+    out = cli("serve", "--http", "127.0.0.1:0", dsn=dsn, timeout=60)
     assert out.returncode == 2, out.stderr
     assert f"lacks migration(s) [{last}]: run `merkle-listener init`" in out.stderr

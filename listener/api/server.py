@@ -94,9 +94,10 @@ async def serve_http(dsn: str, address: str, cache_mb: int = 256, ready_max_age:
     the port is taken by this server's other processes (`serve --workers`), which checked
     that it was free."""
     host, port = parse_address(address)
-    if not shares_port:
+    if not shares_port and port != 0:
         refuse_a_port_in_use(host, port)
     sock = listen_socket(host, port)
+    port = sock.getsockname()[1]  # port 0: the one the system chose, which the log line below names
     pool = AsyncConnectionPool(
         dsn, min_size=pool_size, max_size=pool_size, open=False,
         kwargs={"autocommit": True, "options": options_string(search_path=RUN_SEARCH_PATH),
