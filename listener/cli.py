@@ -58,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     du = db.add_parser("url", help="print a DSN for psql and psycopg (starts nothing)")
     du.add_argument("--database", default=EMBEDDED_DATABASE, help=f"database name (default {EMBEDDED_DATABASE})")
 
-    sub.add_parser("init", help="create or upgrade schema merkle (idempotent)")
+    sub.add_parser("init", help="create or upgrade schema merkle (idempotent; as a superuser it also installs the "
+                   "DDL guard)")
+
+    gd = sub.add_parser("guard", help="the DDL guard's event triggers, which refuse DDL that would let changes "
+                        "to a source escape its log").add_subparsers(dest="guard_command", required=True)
+    gd.add_parser("install", help="as a superuser: install or repair the guard, in schema merkle_guard, out of the "
+                  "reach of schema merkle's owner")
+    gd.add_parser("status", help="say whether the guard is complete and out of the schema owner's reach "
+                  "(exit 3 if not)")
 
     lg = sub.add_parser("log", help="create, list, pause, resume and drop logs").add_subparsers(dest="log_command", required=True)
     lc = lg.add_parser("create", help="create a log")
@@ -309,35 +317,89 @@ def cmd_db(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from listener.store import migrate
+    from listener.store import guard, migrate
 
     with database(args) as dsn, connect(dsn, autocommit=False) as conn:
         # A migration warns when it cannot do all it would (the DDL guard needs a superuser).
-        guard_hints: list[str] = []
-        conn.add_notice_handler(partial(_print_warning, guard_hints))
+        guard_missing: list[str] = []
+        conn.add_notice_handler(partial(_print_warning, guard_missing))
         handed_over: list[str] = []
-        applied = migrate.apply(conn, handed_over)
+        guard_installed: list[str] = []
+        applied = migrate.apply(conn, handed_over, guard_installed)
         conn.commit()
         version = migrate.current_version(conn)
-        owner = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'merkle'").fetchone()[0]
+        guard_state = guard.state(conn)
         conn.commit()
     print(f"schema merkle at version {version}" + (f" (applied {', '.join(f'{m.version:03d}_{m.name}' for m in applied)})" if applied else " (up to date)"))
+    owner = guard_state.schema_owner
     if handed_over:
         print(f"handed {len(handed_over)} object(s) in schema merkle to its owner, role {owner}, which the "
               "listener runs as (what a superuser's upgrade or `source add` made was the superuser's)")
-    if guard_hints:
-        print(f"warning: the guard's functions belong to role {owner}, which can replace them: install the guard "
-              f"only if {owner} may be as powerful as a superuser (docs/replication.md, \"The DDL guard on a "
+    for line in guard_installed:
+        print(f"DDL guard: {line}")
+    if guard_state.replaceable_by:
+        print(f"warning: the DDL guard's event triggers call functions of role {', '.join(guard_state.replaceable_by)}, "
+              "which can replace them with code that runs in the session of whoever runs DDL, superusers included: "
+              "as a superuser, run `merkle-listener guard install` now (docs/replication.md, \"The DDL guard on a "
               "role's schema\")", file=sys.stderr)
+    elif guard_missing and not guard_state.complete:
+        print("warning: the DDL guard is not installed: it needs a superuser, who installs it with "
+              "`merkle-listener guard install` on this database (docs/replication.md, \"The DDL guard on a role's "
+              "schema\")", file=sys.stderr)
     return 0
 
 
-def _print_warning(guard_hints: list[str], diag: psycopg.errors.Diagnostic) -> None:
-    if diag.severity_nonlocalized == "WARNING":
-        hint = f" ({diag.message_hint})" if diag.message_hint else ""
-        print(f"warning: {diag.message_primary}{hint}", file=sys.stderr)
-        if "CREATE EVENT TRIGGER" in (diag.message_hint or ""):
-            guard_hints.append(diag.message_hint)
+def _print_warning(guard_missing: list[str], diag: psycopg.errors.Diagnostic) -> None:
+    """Print a migration's warning; those of the guard's event triggers are summed up by init
+    (their hints' statements would run the owner's functions in everyone's DDL)."""
+    if diag.severity_nonlocalized != "WARNING":
+        return
+    if "CREATE EVENT TRIGGER" in (diag.message_hint or ""):
+        guard_missing.append(diag.message_primary)
+        return
+    hint = f" ({diag.message_hint})" if diag.message_hint else ""
+    print(f"warning: {diag.message_primary}{hint}", file=sys.stderr)
+
+
+def cmd_guard(args) -> int:
+    from listener.store import guard, migrate
+
+    with database(args) as dsn, connect(dsn, autocommit=False) as conn:
+        if args.guard_command == "install":
+            # Not _checked(): it reads merkle.schema_version, and guard.install reads no table of
+            # the schema's owner that it has not checked first.
+            migrate.check_server(conn)
+            done = guard.install(conn)
+            conn.commit()
+            for line in done:
+                print(f"DDL guard: {line}")
+        state = guard.state(conn)
+        conn.commit()
+    if state is None:
+        raise ConfigurationError("there is no schema merkle in this database: run `merkle-listener init` first")
+    return _print_guard_state(state) if args.guard_command == "status" else 0
+
+
+def _print_guard_state(state) -> int:
+    for t in state.triggers:
+        if t.function is None:
+            line = "missing"
+        else:
+            line = ("enabled" if t.enabled else "DISABLED") + f", calls {t.function} of role {t.function_owner}"
+            if not t.present:
+                line += ", not this version's guard"
+            elif not t.as_shipped:
+                line += ", CHANGED from this version's"
+        print(f"{t.trigger.name:<28} {line}")
+    if state.replaceable_by:
+        print(f"guard UNSAFE: role {', '.join(state.replaceable_by)} owns functions the event triggers call and can run "
+              "code through them in the session of whoever runs DDL: as a superuser, run `merkle-listener guard install`")
+        return 3
+    if not state.complete:
+        print("guard incomplete or changed: as a superuser, run `merkle-listener guard install`")
+        return 3
+    print(f"guard complete: schema merkle_guard, out of the reach of role {state.schema_owner}, which owns schema merkle")
+    return 0
 
 
 def cmd_log(args) -> int:
@@ -718,7 +780,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {
-    "db": cmd_db, "init": cmd_init, "log": cmd_log, "source": cmd_source, "run": cmd_run, "status": cmd_status,
+    "db": cmd_db, "init": cmd_init, "guard": cmd_guard, "log": cmd_log, "source": cmd_source, "run": cmd_run, "status": cmd_status,
     "prove": cmd_prove, "verify": cmd_verify, "demo": cmd_demo, "bench": cmd_bench,
     "keygen": cmd_keygen, "serve": cmd_serve, "monitor": cmd_monitor,
 }

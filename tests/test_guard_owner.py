@@ -343,7 +343,7 @@ def test_a_rewrite_cannot_change_hashed_values_whatever_the_owners_code_does(app
     owner.execute("""CREATE FUNCTION public.launder(b text) RETURNS text LANGUAGE plpgsql AS $$
         BEGIN
           BEGIN
-            DELETE FROM merkle.rewrite_checks;
+            DELETE FROM merkle_guard.rewrite_checks;
           EXCEPTION WHEN insufficient_privilege THEN NULL;
           END;
           PERFORM set_config('TimeZone', 'Asia/Tokyo', false);
@@ -354,7 +354,7 @@ def test_a_rewrite_cannot_change_hashed_values_whatever_the_owners_code_does(app
         END $$""")
     _refused(owner, rewrite.format("public.launder(body)"), "hashed column body")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        owner.execute("INSERT INTO merkle.rewrite_checks VALUES (pg_current_xact_id(), 'notes'::regclass, 0, "
+        owner.execute("INSERT INTO merkle_guard.rewrite_checks VALUES (pg_current_xact_id(), 'notes'::regclass, 0, "
                       "'{}', '{}', '')")
     # A column before the hashed one retyped in the same statement: refused, not read at its
     # new width (which can crash the server).
@@ -404,7 +404,8 @@ def test_what_held(partitioned, dsn):
             owner.execute(f"SET {setting}")
     _refused(owner, f"SELECT merkle.drop_partition_guards({sid})")
     for call in (f"merkle.install_partition_guards({sid})", "merkle.mark_own_ddl('truncate')",
-                 "merkle.unmark_own_ddl('truncate')"):
+                 "merkle.unmark_own_ddl('truncate')", "merkle_guard.mark_own_ddl('drop_triggers')",
+                 f"merkle_guard.install_partition_guards({sid})", f"merkle_guard.forget_source({sid})"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             owner.execute(f"SELECT {call}")
     assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 1

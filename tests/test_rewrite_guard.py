@@ -82,7 +82,7 @@ def test_a_trigger_source_refuses_rewriting_committed_hashed_values(ledger, dsn,
     assert _state(ledger, "ledger", "audit") == before
     with connect(dsn) as w:
         assert Sequencer(w, "audit").drain_all() == 0
-    assert ledger.execute("SELECT count(*) FROM merkle.rewrite_checks").fetchone()[0] == 0
+    assert ledger.execute("SELECT count(*) FROM merkle_guard.rewrite_checks").fetchone()[0] == 0
 
 
 def test_a_rewrite_that_builds_an_index_anew_is_refused(ledger, dsn):
@@ -119,7 +119,7 @@ def test_rewrites_that_keep_the_hashed_values_are_allowed(ledger, dsn):
         ledger.execute("ALTER TABLE ledger ADD COLUMN more float DEFAULT random()")
     assert ledger.execute("SELECT id, memo, amount, doubled FROM ledger ORDER BY id").fetchall() == [
         (1, "memo 10000", 1.5, 2), (2, "memo 20000", 2.5, 4), (3, None, None, None)]
-    assert ledger.execute("SELECT count(*) FROM merkle.rewrite_checks").fetchone()[0] == 0
+    assert ledger.execute("SELECT count(*) FROM merkle_guard.rewrite_checks").fetchone()[0] == 0
     ledger.execute("INSERT INTO ledger (id, memo, amount) VALUES (4, 'x', 4)")  # capture goes on
     with connect(dsn) as w:
         assert Sequencer(w, "audit").drain_all() == 1
@@ -244,7 +244,7 @@ def test_a_partitioned_source_refuses_rewriting_committed_hashed_values(partitio
     conn.execute("ALTER TABLE m ADD COLUMN noise float DEFAULT random()")
     assert conn.execute("SELECT id, at::text, v, memo FROM m ORDER BY id").fetchall() == [
         (1, "2025-02-01", 1, 2), (2, "2026-02-01", 2, 4)]
-    assert conn.execute("SELECT count(*) FROM merkle.rewrite_checks").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM merkle_guard.rewrite_checks").fetchone()[0] == 0
 
 
 def test_the_upgrade_from_014_installs_the_rewrite_guard(ledger, dsn):

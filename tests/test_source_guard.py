@@ -384,10 +384,12 @@ def test_the_guards_own_marks_cannot_be_set_by_a_table_owner(rconn, dsn):
             owner.execute("SET merkle.installing_partition_guards = on")
             _refused(owner, "ALTER TABLE m_2025 DISABLE TRIGGER ALL", "ML101", "may not be disabled")
             _refused(owner, "SELECT merkle.mark_own_ddl('drop_triggers')", "42501", "permission denied")
+            _refused(owner, "SELECT merkle_guard.mark_own_ddl('drop_triggers')", "42501", "permission denied")
             owner.execute("INSERT INTO notes VALUES (1, 'still captured')")
         assert conn.execute(f"SELECT count(*) FROM merkle.outbox_{notes.source_id}").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM merkle.own_ddl").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM merkle_guard.own_ddl").fetchone()[0] == 0
     finally:
         conn.execute("DROP TABLE IF EXISTS notes, m")
         conn.execute("REVOKE USAGE ON SCHEMA merkle FROM table_owner")

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from listener.errors import ConfigurationError
+from listener.store import guard
 
 MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # Any constant works; it only serialises concurrent `init` runs on one database.
@@ -116,12 +117,15 @@ def check_version(conn: psycopg.Connection) -> None:
         )
 
 
-def apply(conn: psycopg.Connection, handed_over: list[str] | None = None) -> list[Migration]:
+def apply(conn: psycopg.Connection, handed_over: list[str] | None = None,
+          guard_installed: list[str] | None = None) -> list[Migration]:
     """Apply pending migrations; returns those applied. Idempotent and safe to run concurrently.
-    `handed_over` gets the ALTER ... OWNER statements of give_to_schema_owner, if any."""
+    `handed_over` gets the ALTER ... OWNER statements of give_to_schema_owner, if any;
+    `guard_installed` what guard.install did (a superuser installs the DDL guard too)."""
     check_server(conn)
     applied = []
     handed_over = [] if handed_over is None else handed_over
+    guard_installed = [] if guard_installed is None else guard_installed
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         # Run as whoever may alter schema merkle (often a superuser): the migrations name their
@@ -148,6 +152,8 @@ def apply(conn: psycopg.Connection, handed_over: list[str] | None = None) -> lis
             applied.append(m)
         if not pending and done:
             handed_over += give_to_schema_owner(conn)  # repairs what an earlier upgrade by another role left
+        if conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            guard_installed += guard.install(conn)
     return applied
 
 

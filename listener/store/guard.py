@@ -1,0 +1,210 @@
+"""The DDL guard: installed by a superuser in schema merkle_guard, out of the reach of schema
+merkle's owner, and a report of whether it is in place (docs/replication.md, "The DDL guard
+on a role's schema").
+
+Event triggers fire on every role's DDL, a superuser's too, in that role's session. The guard
+(sql/guard/merkle_guard.sql) therefore runs no code and reads no object of schema merkle's
+owner: its functions belong to the superuser who installed them, and it reads a copy of the
+sources that the owner's triggers keep (sql/020) through functions that accept only the
+owner's tables. `install` itself reads the owner's tables once, to make that copy, and only
+after checking that they are plain tables with the column types it expects: a plain table's
+SELECT of built-in types runs nobody's code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+
+import pglast
+import psycopg
+from psycopg import sql
+
+from listener.errors import ConfigurationError
+
+SCHEMA = "merkle_guard"
+
+
+@dataclass(frozen=True)
+class EventTrigger:
+    name: str
+    event: str
+    tags: tuple[str, ...] | None  # None: every command of the event
+    function: str  # merkle_guard.<function>(), RETURNS event_trigger
+
+
+EVENT_TRIGGERS = (
+    EventTrigger("merkle_source_ddl", "ddl_command_end", ("ALTER TABLE", "ALTER TRIGGER"), "check_source_ddl"),
+    EventTrigger("merkle_source_drop", "sql_drop", ("DROP TRIGGER",), "check_source_drop"),
+    EventTrigger("merkle_source_partitions", "ddl_command_end",
+                 ("CREATE TABLE", "ALTER TABLE", "ALTER TRIGGER", "CREATE SCHEMA"), "check_source_partitions"),
+    EventTrigger("merkle_partition_guard_drop", "sql_drop",
+                 ("DROP TRIGGER", "DROP TABLE", "DROP SCHEMA", "DROP OWNED"), "check_partition_guard_drop"),
+    EventTrigger("merkle_detach_concurrently", "ddl_command_start", ("ALTER TABLE",), "check_detach_concurrently"),
+    EventTrigger("merkle_source_column_drop", "sql_drop", None, "check_source_column_drop"),
+    EventTrigger("merkle_source_rewrite", "table_rewrite", ("ALTER TABLE", "ALTER TYPE"), "check_source_rewrite"),
+    EventTrigger("merkle_source_rewritten", "ddl_command_end", ("ALTER TABLE", "ALTER TYPE"), "check_source_rewritten"),
+)
+
+# The functions through which the owner of schema merkle keeps the guard's copy (sql/020).
+_OWNER_CALLS = ("put_source(integer, integer, text, oid, text, text, text, text[], text[], text[], text, boolean, "
+                "text, boolean)", "forget_source(integer)", "set_retired(integer, boolean)",
+                "put_source_column(integer, text, oid, integer)", "forget_source_column(integer, text)",
+                "mark_own_ddl(text, integer)", "unmark_own_ddl(text, integer)")
+
+# What `install` reads of the owner's tables, with the type each column must have.
+_OWNER_COLUMNS = {
+    "sources": {"source_id": "integer", "log_id": "integer", "table_oid": "oid", "table_schema": "text",
+                "table_name": "text", "mode": "text", "events": "text[]", "columns": "text[]",
+                "key_columns": "text[]", "entry_column": "text", "append_only": "boolean", "row_filter": "text"},
+    "logs": {"log_id": "integer", "name": "text"},
+    "source_columns": {"source_id": "integer", "name": "text", "type_oid": "oid", "typmod": "integer"},
+    "replication_retired": {"source_id": "integer"},
+}
+
+_COPY = """
+TRUNCATE merkle_guard.sources, merkle_guard.source_columns;
+INSERT INTO merkle_guard.sources
+SELECT s.source_id, s.log_id, l.name, s.table_oid, s.table_schema, s.table_name, s.mode, s.events, s.columns,
+       s.key_columns, s.entry_column, s.append_only, s.row_filter,
+       EXISTS (SELECT FROM ONLY merkle.replication_retired r WHERE r.source_id = s.source_id)
+  FROM ONLY merkle.sources s JOIN ONLY merkle.logs l ON l.log_id = s.log_id;
+INSERT INTO merkle_guard.source_columns SELECT c.source_id, c.name, c.type_oid, c.typmod FROM ONLY merkle.source_columns c
+"""
+
+
+def guard_sql() -> str:
+    from listener.store.migrate import sql_dir
+
+    return (sql_dir() / "guard" / "merkle_guard.sql").read_text()
+
+
+@cache
+def bodies() -> dict[str, str]:
+    """The body of each event-trigger function as this version ships it (pg_proc.prosrc)."""
+    found = {}
+    for statement in pglast.split(guard_sql()):
+        m = re.match(r"CREATE OR REPLACE FUNCTION merkle_guard\.(\w+)\(\) RETURNS event_trigger", statement)
+        if m:
+            stmt = pglast.parse_sql(statement)[0].stmt
+            found[m.group(1)] = next(o.arg[0].sval for o in stmt.options if o.defname == "as")
+    return found
+
+
+@dataclass(frozen=True)
+class TriggerState:
+    trigger: EventTrigger
+    present: bool  # with the event, tags and this version's function
+    enabled: bool
+    function: str | None  # what it calls
+    function_owner: str | None
+    owner_may_replace_it: bool  # no superuser: it could run its code in a superuser's session
+    as_shipped: bool  # this version's body, SECURITY DEFINER, search_path pinned
+
+
+@dataclass(frozen=True)
+class GuardState:
+    schema_owner: str
+    triggers: tuple[TriggerState, ...]
+
+    @property
+    def complete(self) -> bool:
+        return all(t.present and t.enabled and t.as_shipped and not t.owner_may_replace_it for t in self.triggers)
+
+    @property
+    def replaceable_by(self) -> list[str]:
+        """Roles that own a function an event trigger calls and are no superuser."""
+        return sorted({t.function_owner for t in self.triggers if t.function and t.owner_may_replace_it})
+
+
+def state(conn: psycopg.Connection) -> GuardState | None:
+    """The guard as the catalogs describe it, or None without schema merkle. Reads catalogs only."""
+    with conn.transaction():
+        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+        row = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'merkle'").fetchone()
+        if row is None:
+            return None
+        states = []
+        for t in EVENT_TRIGGERS:
+            evt = conn.execute(
+                "SELECT e.evtevent::text, e.evttags::text[], e.evtenabled <> 'D', p.oid::regprocedure::text, "
+                "       r.rolname::text, NOT r.rolsuper, p.prosrc, "
+                "       p.prosecdef AND p.proconfig = '{\"search_path=pg_catalog, pg_temp\"}'::text[] "
+                "  FROM pg_event_trigger e JOIN pg_proc p ON p.oid = e.evtfoid JOIN pg_roles r ON r.oid = p.proowner "
+                " WHERE e.evtname = %s", (t.name,)).fetchone()
+            if evt is None:
+                states.append(TriggerState(t, False, False, None, None, False, False))
+                continue
+            event, tags, enabled, function, owner, plain_role, src, pinned = evt
+            present = (function == f"{SCHEMA}.{t.function}()" and event == t.event
+                       and (tuple(tags) if tags else None) == t.tags)
+            states.append(TriggerState(t, present, enabled, function, owner, plain_role,
+                                       present and pinned and src == bodies()[t.function]))
+    return GuardState(row[0], tuple(states))
+
+
+def install(conn: psycopg.Connection) -> list[str]:
+    """Install (or repair) the guard, as a superuser, in the caller's transaction; returns what
+    was done. Runs no code of schema merkle's owner (module docstring)."""
+    conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+    me, superuser = conn.execute("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    if not superuser:
+        raise ConfigurationError(f"role {me!r} is no superuser, and only a superuser may create event triggers: "
+                                 "run `guard install` as one. Nothing was changed")
+    owner = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'merkle'").fetchone()
+    if owner is None:
+        raise ConfigurationError("there is no schema merkle in this database: run `merkle-listener init` first. "
+                                 "Nothing was changed")
+    owner = owner[0]
+    if conn.execute("SELECT to_regprocedure('merkle.guard_copy_source()') IS NULL").fetchone()[0]:
+        raise ConfigurationError(f"schema merkle predates this version of merkle-listener: run `merkle-listener init` "
+                                 f"as its owner, role {owner}, first. Nothing was changed")
+    # First, before any statement that could fire them: event triggers of an earlier install
+    # may call functions of the owner's (those of schema merkle, before sql/020).
+    for t in EVENT_TRIGGERS:
+        conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(t.name)))
+    done: list[str] = []
+    schema_owner = conn.execute("SELECT r.rolsuper, r.rolname::text FROM pg_namespace n JOIN pg_roles r "
+                                "ON r.oid = n.nspowner WHERE n.nspname = %s", (SCHEMA,)).fetchone()
+    if schema_owner is None:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+        done.append(f"created schema {SCHEMA}, owned by {me}")
+    elif not schema_owner[0]:
+        raise ConfigurationError(f"schema {SCHEMA} belongs to role {schema_owner[1]}, which is no superuser and could "
+                                 f"change the guard: drop it (DROP SCHEMA {SCHEMA} CASCADE) and run `guard install` "
+                                 "again. Nothing was changed")
+    conn.execute(guard_sql())
+    role = sql.Identifier(owner)
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(sql.Identifier(SCHEMA)))
+    conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+        sql.SQL(", ").join(sql.SQL(f"{SCHEMA}.{f}") for f in _OWNER_CALLS), role))
+    _copy_sources(conn, owner)
+    for t in EVENT_TRIGGERS:
+        when = sql.SQL(" WHEN TAG IN ({})").format(sql.SQL(", ").join(map(sql.Literal, t.tags))) if t.tags else sql.SQL("")
+        conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {}{} EXECUTE FUNCTION {}.{}()").format(
+            sql.Identifier(t.name), sql.Identifier(t.event), when, sql.Identifier(SCHEMA), sql.Identifier(t.function)))
+    done.append(f"{len(EVENT_TRIGGERS)} event triggers call the functions of schema {SCHEMA}, which role {owner} "
+                "cannot change")
+    return done
+
+
+def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
+    """The guard's copy of the sources, read from the owner's tables once they are checked to be
+    plain tables (locked first, so they stay so) with exactly the column types expected."""
+    tables = sql.SQL(", ").join(sql.Identifier("merkle", t) for t in _OWNER_COLUMNS)
+    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(tables))
+    for table, columns in _OWNER_COLUMNS.items():
+        rows = conn.execute(
+            "SELECT c.relkind::text, a.attname::text, a.atttypid::regtype::text FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'merkle' "
+            "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+            "WHERE c.relname = %s", (table,)).fetchall()
+        kinds = {kind for kind, _, _ in rows}
+        types = {name: type_ for _, name, type_ in rows}
+        if kinds != {"r"} or any(types.get(name) != type_ for name, type_ in columns.items()):
+            raise ConfigurationError(
+                f"merkle.{table} is not the table this version of merkle-listener made (a view, another type of a "
+                f"column?): the guard reads it as a superuser only as made. Run `merkle-listener init` as role "
+                f"{owner}, or repair the table. Nothing was changed")
+    conn.execute(_COPY)

@@ -1,0 +1,714 @@
+-- The DDL guard, installed by a superuser with `merkle-listener guard install` (not a
+-- migration: its objects belong to that superuser, in schema merkle_guard, which the owner of
+-- schema merkle cannot alter). Written again by every install; listener/store/guard.py.
+--
+-- Event triggers fire on every role's DDL, a superuser's too, in that role's session. So the
+-- guard runs no code and reads no object that the owner of schema merkle controls: only the
+-- catalogs, this schema, and the rows of the table a statement alters (plain tables, read with
+-- built-in functions only). Its functions are SECURITY DEFINER, owned by the superuser who
+-- installed them, with search_path pinned. Before this, the guard's functions, tables and
+-- helpers were in schema merkle: on a plain role's schema, that role could replace any of
+-- them and have its code run in the session of the next superuser to run DDL, and even code
+-- run as a powerless role there can leave settings behind that the superuser's next query uses
+-- (docs/replication.md, "The DDL guard on a role's schema").
+--
+-- What the guard knows of the sources is a copy kept here: the owner's triggers on its tables
+-- (sql/020_guard_mirror.sql) send every change through the functions below, which accept only
+-- tables that the owner of schema merkle owns (or is a member of the owning role of), and
+-- `guard install` copies it all once. Marks of merkle-listener's own DDL go through them too.
+
+CREATE TABLE IF NOT EXISTS merkle_guard.sources (
+    source_id     integer PRIMARY KEY,
+    log_id        integer NOT NULL,
+    log_name      text NOT NULL,
+    table_oid     oid NOT NULL,
+    table_schema  text NOT NULL,
+    table_name    text NOT NULL,
+    mode          text NOT NULL,
+    events        text[] NOT NULL,
+    columns       text[] NOT NULL,
+    key_columns   text[] NOT NULL,
+    entry_column  text,
+    append_only   boolean NOT NULL,
+    row_filter    text,
+    retired       boolean NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merkle_guard.source_columns (
+    source_id  integer NOT NULL,
+    name       text NOT NULL,
+    type_oid   oid NOT NULL,
+    typmod     integer NOT NULL,
+    PRIMARY KEY (source_id, name)
+);
+CREATE TABLE IF NOT EXISTS merkle_guard.own_ddl (
+    xid        xid8 NOT NULL,
+    purpose    text NOT NULL CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate')),
+    source_id  integer
+);
+CREATE INDEX IF NOT EXISTS own_ddl_xid ON merkle_guard.own_ddl (xid);
+CREATE TABLE IF NOT EXISTS merkle_guard.rewrite_checks (
+    xid       xid8 NOT NULL,
+    relid     oid NOT NULL,
+    filenode  oid NOT NULL,
+    columns   text[] NOT NULL,
+    altered   text[] NOT NULL,
+    digest    bytea NOT NULL,
+    PRIMARY KEY (xid, relid)
+);
+
+-- What the owner of schema merkle may tell the guard (EXECUTE is its alone: guard.install).
+-- A source's table must be the owner's, or its role's: otherwise the guard would put
+-- partition guards, which run the owner's merkle.partition_guard(), on another role's tables.
+CREATE OR REPLACE FUNCTION merkle_guard.put_source(
+    p_source_id integer, p_log_id integer, p_log_name text, p_table_oid oid, p_table_schema text,
+    p_table_name text, p_mode text, p_events text[], p_columns text[], p_key_columns text[],
+    p_entry_column text, p_append_only boolean, p_row_filter text, p_retired boolean) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_class c, pg_namespace n
+                    WHERE c.oid = p_table_oid AND n.nspname = 'merkle' AND pg_has_role(n.nspowner, c.relowner, 'USAGE')) THEN
+        RAISE EXCEPTION 'merkle-listener: table % does not belong to the owner of schema merkle', p_table_oid::regclass;
+    END IF;
+    INSERT INTO merkle_guard.sources VALUES (p_source_id, p_log_id, p_log_name, p_table_oid, p_table_schema,
+        p_table_name, p_mode, p_events, p_columns, p_key_columns, p_entry_column, p_append_only, p_row_filter, p_retired)
+    ON CONFLICT (source_id) DO UPDATE SET log_id = excluded.log_id, log_name = excluded.log_name,
+        table_oid = excluded.table_oid, table_schema = excluded.table_schema, table_name = excluded.table_name,
+        mode = excluded.mode, events = excluded.events, columns = excluded.columns, key_columns = excluded.key_columns,
+        entry_column = excluded.entry_column, append_only = excluded.append_only, row_filter = excluded.row_filter,
+        retired = excluded.retired;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.forget_source(p_source_id integer) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM merkle_guard.source_columns WHERE source_id = p_source_id;
+    DELETE FROM merkle_guard.sources WHERE source_id = p_source_id;
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.set_retired(p_source_id integer, p_retired boolean) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE merkle_guard.sources SET retired = p_retired WHERE source_id = p_source_id;
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.put_source_column(p_source_id integer, p_name text, p_type_oid oid, p_typmod integer)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO merkle_guard.source_columns
+    SELECT p_source_id, p_name, p_type_oid, p_typmod FROM merkle_guard.sources WHERE source_id = p_source_id
+    ON CONFLICT (source_id, name) DO UPDATE SET type_oid = excluded.type_oid, typmod = excluded.typmod;
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.forget_source_column(p_source_id integer, p_name text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM merkle_guard.source_columns WHERE source_id = p_source_id AND name = p_name;
+$$;
+
+-- A mark lasts for the transaction that wrote it (pg_current_xact_id(), the top-level one):
+-- merkle-listener's own change of its triggers, which the guard then lets through.
+CREATE OR REPLACE FUNCTION merkle_guard.mark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO merkle_guard.own_ddl (xid, purpose, source_id) VALUES (pg_current_xact_id(), p_purpose, p_source_id)
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.unmark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM merkle_guard.own_ddl WHERE ctid = (
+        SELECT ctid FROM merkle_guard.own_ddl
+         WHERE xid = pg_current_xact_id() AND purpose = p_purpose AND source_id IS NOT DISTINCT FROM p_source_id
+         LIMIT 1)
+$$;
+
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA merkle_guard FROM PUBLIC;
+
+-- The guard itself: as in sql/010, 014 and 015, reading the copy above instead of schema
+-- merkle's tables (a source's log name and whether it is being removed are columns of it).
+CREATE OR REPLACE FUNCTION merkle_guard.own_ddl_running(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM merkle_guard.own_ddl
+                    WHERE xid = pg_current_xact_id_if_assigned() AND purpose = p_purpose
+                      AND (p_source_id IS NULL OR source_id = p_source_id))
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.has_rows(rel regclass) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    part regclass;
+    found boolean;
+BEGIN
+    -- pg_partition_tree lists a table that is in no partition tree not even itself.
+    FOR part IN SELECT c.oid FROM pg_class c
+                 WHERE c.relkind = 'r' AND (c.oid = rel OR c.oid IN (SELECT t.relid FROM pg_partition_tree(rel) t)) LOOP
+        CONTINUE WHEN pg_relation_size(part) = 0;
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'merkle-listener must see whether % holds rows, and this transaction''s snapshot may '
+                            'predate rows committed since (isolation level %)', part,
+                            current_setting('transaction_isolation')
+                USING ERRCODE = 'ML101',
+                      HINT = 'Run the ALTER TABLE in a READ COMMITTED transaction.';
+        END IF;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', part) INTO found;
+        IF found THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.rewrite_digest(rel regclass, cols text[]) RETURNS bytea
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET "TimeZone" = 'UTC' SET "DateStyle" = 'ISO, YMD' SET "IntervalStyle" = 'postgres'
+SET extra_float_digits = 1 SET bytea_output = 'hex' SET lc_monetary = 'C'
+SET row_security = off SET enable_indexscan = off SET enable_indexonlyscan = off
+SET enable_bitmapscan = off SET max_parallel_workers_per_gather = 0 AS $$
+DECLARE
+    obj text;
+    result bytea;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' AND pg_relation_size(rel) > 0 THEN
+        RAISE EXCEPTION 'merkle-listener must compare the hashed values of % before and after this rewrite, and this '
+                        'transaction''s snapshot may predate rows committed since (isolation level %)',
+                        rel, current_setting('transaction_isolation')
+            USING ERRCODE = 'ML101',
+                  HINT = 'Run the ALTER in a READ COMMITTED transaction.';
+    END IF;
+    SELECT pg_catalog.string_agg(
+               pg_catalog.format('%L || CASE WHEN pg_catalog.num_nulls(%I) = 1 THEN ''null'' '
+                                 'ELSE pg_catalog.to_json(pg_catalog.concat(%I))::text END',
+                                 pg_catalog.to_json(c)::text || ':', c, c),
+               ' || '','' || ' ORDER BY pg_catalog.convert_to(c, 'UTF8'))
+      INTO obj
+      FROM pg_catalog.unnest(cols) AS c;
+    EXECUTE pg_catalog.format(
+        'SELECT pg_catalog.sha256(coalesce(pg_catalog.string_agg(h, ''''::bytea ORDER BY h), ''''::bytea)) '
+        'FROM (SELECT pg_catalog.sha256(pg_catalog.convert_to(''{'' || %s || ''}'', ''UTF8'')) AS h FROM ONLY %s) r',
+        obj, rel)
+      INTO result;
+    RETURN result;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.install_partition_guards(p_source_id integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    src record;
+    part record;
+    trg text := format('merkle_partition_%s', p_source_id);
+    mark record;
+BEGIN
+    SELECT s.* INTO src FROM merkle_guard.sources s
+     WHERE s.source_id = p_source_id AND s.mode = 'replication'
+       AND NOT s.retired;
+    IF NOT FOUND OR (SELECT relkind FROM pg_class WHERE oid = src.table_oid) IS DISTINCT FROM 'p' THEN
+        RETURN;
+    END IF;
+    -- Its own ALTER TABLE ... ENABLE ALWAYS would run the event trigger below again, once per
+    -- partition, each run looping over the partitions.
+    PERFORM merkle_guard.mark_own_ddl('install_partition_guards', p_source_id);
+    IF 'truncate' = ANY (src.events) THEN
+        FOR mark IN SELECT * FROM (VALUES ('begin', 'BEFORE'), ('end', 'AFTER')) v(name, tg_when) LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = src.table_oid
+                              AND tgname = format('merkle_truncate_%s_%s', mark.name, p_source_id)) THEN
+                EXECUTE format('CREATE TRIGGER %I %s TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION merkle.partition_guard(%L)',
+                               format('merkle_truncate_%s_%s', mark.name, p_source_id), mark.tg_when,
+                               src.table_oid::regclass, p_source_id);
+                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I',
+                               src.table_oid::regclass, format('merkle_truncate_%s_%s', mark.name, p_source_id));
+            END IF;
+        END LOOP;
+    END IF;
+    -- An update or delete carries the old row as the partition holding it is set, and a new
+    -- partition starts at REPLICA IDENTITY DEFAULT: without FULL, an update that leaves a
+    -- TOASTed value alone would stop the log (`source add` checks the partitions it finds).
+    IF src.events && '{update,delete}' THEN
+        FOR part IN SELECT t.relid FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
+                     WHERE t.level > 0 AND c.relkind = 'r' AND c.relreplident <> 'f' LOOP
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part.relid::regclass);
+        END LOOP;
+    END IF;
+    -- Foreign partitions are left out: their rows are on another server, never streamed.
+    FOR part IN SELECT t.relid FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
+                 WHERE t.level > 0 AND c.relkind IN ('r', 'p')
+                   AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relid AND g.tgname = trg) LOOP
+        EXECUTE format('CREATE TRIGGER %I BEFORE %s ON %s FOR EACH STATEMENT EXECUTE FUNCTION merkle.partition_guard(%L)',
+                       trg, CASE WHEN src.append_only THEN 'UPDATE OR DELETE OR TRUNCATE' ELSE 'TRUNCATE' END,
+                       part.relid::regclass, p_source_id);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', part.relid::regclass, trg);
+    END LOOP;
+    PERFORM merkle_guard.unmark_own_ddl('install_partition_guards', p_source_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+    src record;
+    problem text;
+    hint text;
+BEGIN
+    FOR cmd IN SELECT DISTINCT CASE WHEN c.object_type = 'trigger'
+                                    THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)
+                                    ELSE c.objid END AS relid,
+                               c.object_type, c.objid
+               FROM pg_event_trigger_ddl_commands() c
+               WHERE c.object_type IN ('table', 'table column', 'trigger') LOOP
+        FOR src IN SELECT s.* FROM merkle_guard.sources s
+                   WHERE s.table_oid = cmd.relid LOOP
+            problem := NULL;
+            hint := 'Remove the source (merkle-listener source remove), alter the table, then add it again.';
+            IF cmd.object_type = 'trigger' AND EXISTS (
+                    SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                    WHERE t.oid = cmd.objid AND p.pronamespace = 'merkle'::regnamespace) THEN
+                problem := 'its merkle-listener triggers may not be altered or renamed';
+            END IF;
+            IF problem IS NULL AND NOT EXISTS (
+                    SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE c.oid = src.table_oid AND c.relname = src.table_name AND n.nspname = src.table_schema) THEN
+                problem := 'the table may not be renamed or moved to another schema';
+            END IF;
+            IF problem IS NULL THEN
+                SELECT format('column %I is hashed by the log and may not be dropped, renamed or retyped', col)
+                  INTO problem
+                  FROM unnest(src.columns || src.key_columns || array_remove(ARRAY[src.entry_column], NULL)) AS col
+                  LEFT JOIN pg_attribute a
+                         ON a.attrelid = src.table_oid AND a.attname = col AND NOT a.attisdropped AND a.attnum > 0
+                  LEFT JOIN merkle_guard.source_columns r
+                         ON r.source_id = src.source_id AND r.name = col
+                 WHERE a.attnum IS NULL
+                    OR (r.name IS NOT NULL AND (a.atttypid <> r.type_oid OR a.atttypmod <> r.typmod))
+                 LIMIT 1;
+            END IF;
+            IF problem IS NULL THEN
+                SELECT format('trigger %I may not be disabled (merkle-listener triggers are ENABLE ALWAYS)', t.tgname)
+                  INTO problem
+                  FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                 WHERE t.tgrelid = src.table_oid AND p.pronamespace = 'merkle'::regnamespace AND t.tgenabled <> 'A'
+                 LIMIT 1;
+            END IF;
+            IF problem IS NULL AND src.mode = 'replication' AND src.events && '{update,delete}'
+               AND (SELECT relreplident FROM pg_class WHERE oid = src.table_oid) <> 'f' THEN
+                problem := 'REPLICA IDENTITY must stay FULL while updates or deletes are logged';
+            END IF;
+            -- The log's publication publishes updates/deletes for all its tables when any of its
+            -- sources logs them; PostgreSQL then refuses UPDATE and DELETE on a table whose
+            -- replica identity does not cover its key and row filter. The rule of
+            -- listener.sources.publication.check_publication_identities, kept after registration.
+            IF problem IS NULL AND src.mode = 'replication'
+               AND NOT src.retired
+               AND EXISTS (
+                    SELECT 1 FROM merkle_guard.sources o
+                     WHERE o.log_id = src.log_id AND o.mode = 'replication' AND o.events && '{update,delete}'
+                       AND NOT o.retired)
+               AND NOT (SELECT c.relreplident = 'f'
+                               OR (c.relreplident = 'd' AND src.row_filter IS NULL
+                                   AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                               OR (c.relreplident = 'i' AND src.row_filter IS NULL)
+                          FROM pg_class c WHERE c.oid = src.table_oid) THEN
+                problem := 'its replica identity must cover its key and row filter (REPLICA IDENTITY FULL) while '
+                           'the log publishes updates or deletes, or PostgreSQL refuses UPDATE and DELETE on it';
+                hint := format('ALTER TABLE %I.%I REPLICA IDENTITY FULL is allowed (and repairs a table whose '
+                               'identity was lowered before this check existed).', src.table_schema, src.table_name);
+            END IF;
+            IF problem IS NOT NULL THEN
+                RAISE EXCEPTION 'ALTER refused on %.%: % (it feeds merkle-listener log "%")',
+                    src.table_schema, src.table_name, problem, src.log_name
+                    USING ERRCODE = 'ML101', HINT = hint;
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    obj record;
+BEGIN
+    IF merkle_guard.own_ddl_running('drop_triggers') THEN
+        RETURN;  -- merkle-listener removing its own triggers
+    END IF;
+    FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects()
+               WHERE object_type = 'trigger' AND original LOOP
+        -- A merkle-listener trigger cannot have been renamed (check_source_ddl refuses it).
+        IF obj.object_identity ~ '^merkle_(capture|guard|guard_truncate)_[0-9]+ on ' THEN
+            RAISE EXCEPTION 'DROP TRIGGER refused: % is a merkle-listener trigger', obj.object_identity
+                USING ERRCODE = 'ML101',
+                      HINT = 'Use merkle-listener source remove to stop capturing a table.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_partitions() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+    src record;
+    problem text;
+    left_tree record;
+    joined record;
+BEGIN
+    IF merkle_guard.own_ddl_running('install_partition_guards') THEN
+        RETURN;  -- merkle_guard.install_partition_guards creating them
+    END IF;
+    -- A trigger-mode source may not become a partition (ATTACH PARTITION): its statement
+    -- trigger would not fire for rows inserted through the partitioned table.
+    SELECT format('%I.%I feeds merkle-listener log "%s" in trigger mode and may not be a partition: rows '
+                  'inserted through %s would not be captured', s.table_schema, s.table_name, s.log_name, t.parentrelid::regclass)
+      INTO problem
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_partition_tree(c.objid) t ON t.level > 0
+      JOIN merkle_guard.sources s ON s.table_oid = t.relid AND s.mode = 'trigger'
+     WHERE c.object_type = 'table'
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'refused: %', problem
+            USING ERRCODE = 'ML101',
+                  HINT = 'Remove the source (merkle-listener source remove) first; to log a partitioned table, add it with --mode replication.';
+    END IF;
+    -- An inheritance child of a source: its rows read as the source's, and no capture sees
+    -- them (the capture trigger fires for statements naming the source; the publication holds
+    -- the source alone).
+    SELECT format('%s may not inherit from %I.%I, which feeds merkle-listener log "%s": its rows would read as '
+                  'the source''s and no capture would see them', i.inhrelid::regclass, s.table_schema, s.table_name, s.log_name)
+      INTO problem
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_inherits i ON i.inhrelid = c.objid
+      JOIN pg_class k ON k.oid = i.inhrelid AND NOT k.relispartition
+      JOIN merkle_guard.sources s ON s.table_oid = i.inhparent
+     WHERE c.object_type = 'table'
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'refused: %', problem
+            USING ERRCODE = 'ML101',
+                  HINT = 'Keep the rows in a table of their own, or insert them into the source (each is logged).';
+    END IF;
+    FOR cmd IN SELECT DISTINCT CASE WHEN c.object_type = 'trigger'
+                                    THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)
+                                    ELSE c.objid END AS relid,
+                               c.object_type, c.objid, c.command_tag
+               FROM pg_event_trigger_ddl_commands() c
+               WHERE c.object_type IN ('table', 'trigger') LOOP
+        -- The replication sources whose partition tree holds the table (pg_partition_ancestors
+        -- lists the table itself too, when it is partitioned or a partition).
+        FOR src IN SELECT s.* FROM merkle_guard.sources s
+                   WHERE s.mode = 'replication'
+                     AND s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(cmd.relid) a)
+                     AND NOT s.retired LOOP
+            problem := NULL;
+            SELECT format('%I.%I, a replication source of the same log, would be a partition of it: pgoutput would '
+                          'send its changes as %I.%I''s only', o.table_schema, o.table_name, src.table_schema, src.table_name)
+              INTO problem
+              FROM merkle_guard.sources o JOIN pg_partition_tree(src.table_oid) t ON t.relid = o.table_oid
+             WHERE o.log_id = src.log_id AND o.mode = 'replication' AND o.source_id <> src.source_id AND t.level > 0
+             LIMIT 1;
+            IF problem IS NULL AND cmd.object_type = 'trigger' AND cmd.relid <> src.table_oid AND EXISTS (
+                    SELECT 1 FROM pg_trigger t WHERE t.oid = cmd.objid AND t.tgfoid = to_regprocedure('merkle.partition_guard()')) THEN
+                problem := 'the merkle-listener triggers of its partitions may not be altered or renamed';
+            END IF;
+            -- A partition of its own ALTER TABLE: lowering its identity is refused, where one
+            -- created or attached is set to FULL below.
+            IF problem IS NULL AND cmd.object_type = 'table' AND cmd.command_tag = 'ALTER TABLE'
+               AND cmd.relid <> src.table_oid AND src.events && '{update,delete}'
+               AND (SELECT relkind = 'r' AND relreplident <> 'f' FROM pg_class WHERE oid = cmd.relid) THEN
+                problem := format('partition %s must keep REPLICA IDENTITY FULL while updates or deletes are logged',
+                                  cmd.relid::regclass);
+            END IF;
+            IF problem IS NULL THEN
+                SELECT format('trigger %I on partition %s may not be disabled (merkle-listener triggers are ENABLE ALWAYS)',
+                              g.tgname, g.tgrelid::regclass)
+                  INTO problem
+                  FROM pg_partition_tree(src.table_oid) t JOIN pg_trigger g ON g.tgrelid = t.relid
+                 WHERE t.level > 0 AND g.tgfoid = to_regprocedure('merkle.partition_guard()') AND g.tgenabled <> 'A'
+                 LIMIT 1;
+            END IF;
+            -- A trigger of another function under a merkle-listener name would pass for the
+            -- guard (install_partition_guards skips a table that has one).
+            IF problem IS NULL THEN
+                SELECT format('trigger %I on %s was not created by merkle-listener, whose triggers alone may be '
+                              'named so', g.tgname, g.tgrelid::regclass)
+                  INTO problem
+                  FROM pg_partition_tree(src.table_oid) t JOIN pg_trigger g ON g.tgrelid = t.relid
+                 WHERE g.tgname ~ '^merkle_(partition|truncate_begin|truncate_end)_[0-9]+$'
+                   AND g.tgfoid <> to_regprocedure('merkle.partition_guard()')
+                 LIMIT 1;
+            END IF;
+            -- An unlogged partition's rows write no WAL: the slot would never send them.
+            IF problem IS NULL THEN
+                SELECT format('partition %s is UNLOGGED: its rows write no WAL, so the log''s slot would never '
+                              'send them', t.relid::regclass)
+                  INTO problem
+                  FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
+                 WHERE t.level > 0 AND c.relpersistence <> 'p'
+                 LIMIT 1;
+            END IF;
+            IF problem IS NOT NULL THEN
+                RAISE EXCEPTION 'refused on %.%: % (it feeds merkle-listener log "%")',
+                    src.table_schema, src.table_name, problem, src.log_name
+                    USING ERRCODE = 'ML101',
+                          HINT = 'Remove the source (merkle-listener source remove), change the tables, then add it again.';
+            END IF;
+            -- A partition without its guard yet was attached by this command (one created
+            -- as a partition is empty): rows it holds would join the source without a leaf.
+            SELECT t.relid::regclass AS rel INTO joined
+              FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
+             WHERE t.level > 0 AND c.relkind = 'r'
+               AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relid
+                                  AND g.tgname = format('merkle_partition_%s', src.source_id)
+                                  AND g.tgfoid = to_regprocedure('merkle.partition_guard()'))
+               AND merkle_guard.has_rows(t.relid)
+             LIMIT 1;
+            IF FOUND THEN
+                RAISE EXCEPTION 'ATTACH PARTITION of % refused: it holds rows, which would join %.% (it feeds '
+                                'merkle-listener log "%") without a leaf', joined.rel, src.table_schema,
+                                src.table_name, src.log_name
+                    USING ERRCODE = 'ML101',
+                          HINT = format('Attach it empty and INSERT its rows through %I.%I (each is logged).',
+                                        src.table_schema, src.table_name);
+            END IF;
+            PERFORM merkle_guard.install_partition_guards(src.source_id);
+        END LOOP;
+    END LOOP;
+    -- A table still carrying the guard of a source it is no longer under was detached from it
+    -- by this command (ALTER TABLE ... DETACH PARTITION): its rows left the source without a
+    -- leaf. Refused unless it is empty; an empty one is let go, its guard dropped.
+    FOR left_tree IN SELECT g.tgrelid::regclass AS rel, g.tgname, s.table_schema, s.table_name, s.events, s.log_name
+                       FROM pg_trigger g
+                       JOIN pg_class c ON c.oid = g.tgrelid AND c.relkind IN ('r', 'p')
+                       JOIN merkle_guard.sources s ON g.tgname = format('merkle_partition_%s', s.source_id)
+                      WHERE g.tgfoid = to_regprocedure('merkle.partition_guard()') AND s.mode = 'replication'
+                        AND g.tgrelid <> s.table_oid
+                        AND NOT s.retired
+                        AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(g.tgrelid) a WHERE a.relid = s.table_oid) LOOP
+        IF merkle_guard.has_rows(left_tree.rel) THEN
+            RAISE EXCEPTION 'DETACH PARTITION of % refused: it holds rows of %.%, which feeds merkle-listener log "%", '
+                            'and they would leave the source without a leaf', left_tree.rel, left_tree.table_schema,
+                            left_tree.table_name, left_tree.log_name
+                USING ERRCODE = 'ML101',
+                      HINT = CASE WHEN 'delete' = ANY (left_tree.events)
+                                  THEN format('DELETE FROM %s first (each row is logged as deleted), then detach it.', left_tree.rel)
+                                  ELSE 'Detach it once it is empty, or remove the source (merkle-listener source remove) first.' END;
+        END IF;
+        PERFORM merkle_guard.mark_own_ddl('drop_triggers');
+        EXECUTE format('DROP TRIGGER %I ON %s', left_tree.tgname, left_tree.rel);
+        PERFORM merkle_guard.unmark_own_ddl('drop_triggers');
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_partition_guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    obj record;
+    sid integer;
+    rel regclass;
+    src record;
+BEGIN
+    IF merkle_guard.own_ddl_running('drop_triggers') THEN
+        RETURN;  -- merkle-listener removing its own triggers
+    END IF;
+    FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects() WHERE object_type = 'trigger' LOOP
+        sid := substring(obj.address_names[3] FROM '^merkle_(?:partition|truncate_begin|truncate_end)_([0-9]+)$')::integer;
+        CONTINUE WHEN sid IS NULL;
+        IF obj.original THEN
+            rel := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
+            IF EXISTS (SELECT 1 FROM merkle_guard.sources s
+                        WHERE s.source_id = sid
+                          AND s.table_oid IN (SELECT rel UNION ALL SELECT a.relid FROM pg_partition_ancestors(rel) a)) THEN
+                RAISE EXCEPTION 'DROP TRIGGER refused: % is a merkle-listener trigger', obj.object_identity
+                    USING ERRCODE = 'ML101',
+                          HINT = 'Use merkle-listener source remove to stop capturing a table.';
+            END IF;
+        ELSIF obj.address_names[3] = format('merkle_partition_%s', sid) THEN
+            -- Dropped with its table (DROP TABLE, DROP SCHEMA ... CASCADE, DROP OWNED): a
+            -- partition of a source, unless the source's own table goes too.
+            SELECT s.table_schema, s.table_name, s.events, s.log_name INTO src
+              FROM merkle_guard.sources s
+             WHERE s.source_id = sid
+               AND NOT s.retired
+               AND NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
+                                WHERE d.classid = 'pg_class'::regclass AND d.objid = s.table_oid);
+            IF FOUND THEN
+                RAISE EXCEPTION 'DROP of partition %.% refused: it is a partition of %.%, which feeds merkle-listener log "%", '
+                                'and its rows would leave the source without a leaf',
+                    obj.address_names[1], obj.address_names[2], src.table_schema, src.table_name, src.log_name
+                    USING ERRCODE = 'ML101',
+                          HINT = CASE WHEN 'delete' = ANY (src.events)
+                                      THEN 'DELETE its rows first (each is logged as deleted), DETACH PARTITION it (allowed once it is empty), then drop it.'
+                                      ELSE 'DETACH PARTITION it once it is empty, then drop it; or remove the source (merkle-listener source remove) first.' END;
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_detach_concurrently() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_query() ~* 'detach' AND current_query() ~* 'concurrently' AND EXISTS (
+            SELECT 1 FROM merkle_guard.sources s JOIN pg_class c ON c.oid = s.table_oid
+             WHERE s.mode = 'replication' AND c.relkind = 'p') THEN
+        RAISE EXCEPTION 'DETACH PARTITION ... CONCURRENTLY is refused in this database: it commits the detach before '
+                        'merkle-listener''s guard can check the partition, whose rows would leave a partitioned source '
+                        'without a leaf'
+            USING ERRCODE = 'ML101',
+                  HINT = 'Use DETACH PARTITION without CONCURRENTLY: the guard lets an empty partition go.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_column_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hit record;
+BEGIN
+    IF merkle_guard.own_ddl_running('drop_triggers') OR TG_TAG = 'ALTER TABLE' THEN
+        RETURN;  -- an ALTER TABLE ... DROP COLUMN is check_source_ddl's, at its end
+    END IF;
+    SELECT d.address_names[3] AS col, s.table_schema, s.table_name, s.log_name INTO hit
+      FROM pg_event_trigger_dropped_objects() d
+      JOIN merkle_guard.sources s ON s.table_oid = d.objid
+     WHERE d.object_type = 'table column'
+       AND d.address_names[3] = ANY (s.columns || s.key_columns || coalesce(s.entry_column, ''))
+       AND NOT s.retired
+       AND NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() t
+                        WHERE t.object_type = 'table' AND t.objid = s.table_oid)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'DROP refused: column % is hashed by the log and may not be dropped (%.% feeds merkle-listener log "%")',
+            hit.col, hit.table_schema, hit.table_name, hit.log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Remove the source (merkle-listener source remove) first, or drop what the column depends on without CASCADE.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel oid := pg_event_trigger_table_rewrite_oid();
+    src record;
+    shown text;     -- the first source, for the messages
+    log_name text;
+    hashed text[] := '{}';
+    problem text;
+    mine xid[];
+    altered text[];
+    early record;
+    unbuilt regclass;
+BEGIN
+    -- The sources whose table is rel or a partitioned ancestor of it.
+    FOR src IN SELECT s.* FROM merkle_guard.sources s
+                WHERE (s.table_oid = rel OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(rel) a))
+                  AND NOT s.retired
+                ORDER BY s.source_id LOOP
+        shown := coalesce(shown, src.table_schema || '.' || src.table_name);
+        log_name := coalesce(log_name, src.log_name);
+        hashed := hashed || src.columns || src.key_columns || array_remove(ARRAY[src.entry_column], NULL);
+        -- Retyped or gone: refused at the end by check_source_ddl, and unreadable here.
+        SELECT format('column %I is hashed by the log and may not be dropped, renamed or retyped', col)
+          INTO problem
+          FROM unnest(src.columns || src.key_columns || array_remove(ARRAY[src.entry_column], NULL)) AS col
+          LEFT JOIN pg_attribute a ON a.attrelid = rel AND a.attname = col AND NOT a.attisdropped AND a.attnum > 0
+          LEFT JOIN merkle_guard.source_columns r ON r.source_id = src.source_id AND r.name = col
+         WHERE a.attnum IS NULL
+            OR (r.name IS NOT NULL AND (a.atttypid <> r.type_oid OR a.atttypmod <> r.typmod))
+         LIMIT 1;
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'ALTER refused on %.%: % (it feeds merkle-listener log "%")',
+                src.table_schema, src.table_name, problem, src.log_name
+                USING ERRCODE = 'ML101',
+                      HINT = 'Remove the source (merkle-listener source remove), alter the table, then add it again.';
+        END IF;
+    END LOOP;
+    IF shown IS NULL THEN
+        RETURN;
+    END IF;
+    hashed := ARRAY(SELECT DISTINCT unnest(hashed));
+    -- The transaction's ids, its subtransactions' included: each holds a lock on its own.
+    mine := ARRAY(SELECT l.transactionid FROM pg_locks l
+                   WHERE l.locktype = 'transactionid' AND l.pid = pg_backend_pid()
+                     AND l.mode = 'ExclusiveLock' AND l.granted);
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO altered
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = ANY (hashed)
+       AND (a.xmin = ANY (mine)
+            OR EXISTS (SELECT 1 FROM pg_attrdef d
+                        WHERE d.adrelid = rel AND d.adnum = a.attnum AND d.xmin = ANY (mine)));
+    IF altered IS NULL THEN
+        RETURN;  -- the rewrite copies the hashed values as they are
+    END IF;
+    SELECT a.attname, h.attname AS hashed_name INTO early
+      FROM pg_attribute a
+      JOIN LATERAL (SELECT max(x.attnum) AS last FROM pg_attribute x
+                     WHERE x.attrelid = rel AND x.attname = ANY (hashed)) m ON true
+      JOIN pg_attribute h ON h.attrelid = rel AND h.attnum = m.last
+     WHERE a.attrelid = rel AND a.attnum > 0 AND a.attnum < m.last AND NOT a.attisdropped
+       AND a.attname <> ALL (hashed) AND a.xmin = ANY (mine)
+     ORDER BY a.attnum
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'ALTER refused on %: merkle-listener cannot check that this rewrite of % keeps the hashed '
+                        'values, since this transaction altered hashed column % and also column %, which comes before '
+                        'hashed column %: the rows as they were cannot be read (it feeds merkle-listener log "%")',
+            shown, rel::regclass, array_to_string(altered, ', '), early.attname, early.hashed_name, log_name
+            USING ERRCODE = 'ML101',
+                  HINT = format('Alter column %I in a transaction of its own, and the hashed columns in another.',
+                                early.attname);
+    END IF;
+    -- An index on a retyped (or recomputed) column is created empty, to be built after the
+    -- rewrite; planning any query on the table reads a B-tree's first page, which it lacks yet.
+    SELECT i.indexrelid::regclass INTO unbuilt
+      FROM pg_index i
+     WHERE i.indrelid = rel AND i.indisvalid AND pg_relation_size(i.indexrelid) = 0
+     ORDER BY i.indexrelid
+     LIMIT 1;
+    IF unbuilt IS NOT NULL THEN
+        RAISE EXCEPTION 'ALTER refused on %: merkle-listener cannot check that this rewrite of % keeps the values '
+                        'of hashed column %, since the statement builds index % anew and the rows cannot be read '
+                        'before it is built (it feeds merkle-listener log "%")',
+            shown, rel::regclass, array_to_string(altered, ', '), unbuilt, log_name
+            USING ERRCODE = 'ML101',
+                  HINT = format('To change no hashed value, drop index %s (or its constraint) first and create it '
+                                'again afterwards; to change values, UPDATE the rows (each change is logged).',
+                                unbuilt);
+    END IF;
+    INSERT INTO merkle_guard.rewrite_checks (xid, relid, filenode, columns, altered, digest)
+    VALUES (pg_current_xact_id(), rel, pg_relation_filenode(rel), hashed, altered, merkle_guard.rewrite_digest(rel, hashed))
+    -- A check not yet made (its rewrite was under way when a statement ended inside it) keeps
+    -- the digest of the older rows, the ones the log knows.
+    ON CONFLICT (xid, relid) DO UPDATE SET filenode = excluded.filenode;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_rewritten() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    chk record;
+    src record;
+BEGIN
+    FOR chk IN SELECT * FROM merkle_guard.rewrite_checks WHERE xid = pg_current_xact_id_if_assigned() ORDER BY relid LOOP
+        CONTINUE WHEN pg_relation_filenode(chk.relid) IS NOT DISTINCT FROM chk.filenode;
+        IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = chk.relid)
+           AND merkle_guard.rewrite_digest(chk.relid, chk.columns) IS DISTINCT FROM chk.digest THEN
+            SELECT s.table_schema, s.table_name, s.table_oid, s.log_name INTO src
+              FROM merkle_guard.sources s
+             WHERE s.table_oid = chk.relid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(chk.relid) a)
+             LIMIT 1;
+            RAISE EXCEPTION 'ALTER refused on %.%: it would rewrite committed values of hashed column % without a leaf '
+                            '(it feeds merkle-listener log "%")',
+                src.table_schema, src.table_name, array_to_string(chk.altered, ', ')
+                || CASE WHEN chk.relid <> src.table_oid THEN format(' in partition %s', chk.relid::regclass) ELSE '' END,
+                src.log_name
+                USING ERRCODE = 'ML101',
+                      HINT = 'UPDATE the rows instead, so that each change is logged (an append-only source refuses '
+                             'that), or remove the source (merkle-listener source remove), alter the table, then add it again.';
+        END IF;
+        DELETE FROM merkle_guard.rewrite_checks WHERE xid = chk.xid AND relid = chk.relid;
+    END LOOP;
+END
+$$;
+
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA merkle_guard FROM PUBLIC;
