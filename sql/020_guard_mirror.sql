@@ -2,8 +2,8 @@
 -- superuser with `merkle-listener guard install`): it keeps its own copy of what it needs to
 -- know of the sources, and its own marks of merkle-listener's DDL. These triggers send every
 -- change of merkle.sources, merkle.source_columns and merkle.replication_retired to it, and
--- the marks go to both places (the owner's own trigger functions read merkle.own_ddl), once
--- the guard is installed; until then they do nothing.
+-- the marks it reads go to both places (the owner's own trigger functions read merkle.own_ddl;
+-- the TRUNCATE marks are theirs alone), once the guard is installed; until then they do nothing.
 
 CREATE FUNCTION merkle.guard_installed() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -65,7 +65,7 @@ CREATE OR REPLACE FUNCTION merkle.mark_own_ddl(p_purpose text, p_source_id integ
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO merkle.own_ddl (xid, purpose, source_id) VALUES (pg_current_xact_id(), p_purpose, p_source_id);
-    IF merkle.guard_installed() THEN
+    IF p_purpose <> 'truncate' AND merkle.guard_installed() THEN
         PERFORM merkle_guard.mark_own_ddl(p_purpose, p_source_id);
     END IF;
 END
@@ -78,7 +78,7 @@ BEGIN
         SELECT ctid FROM merkle.own_ddl
          WHERE xid = pg_current_xact_id() AND purpose = p_purpose AND source_id IS NOT DISTINCT FROM p_source_id
          LIMIT 1);
-    IF merkle.guard_installed() THEN
+    IF p_purpose <> 'truncate' AND merkle.guard_installed() THEN
         PERFORM merkle_guard.unmark_own_ddl(p_purpose, p_source_id);
     END IF;
 END

@@ -267,3 +267,68 @@ def test_guard_status_resolves_nothing_in_the_roles_schemas(plain):
     assert su.execute("SELECT count(*) FROM public.ran_in").fetchone()[0] == 0
     assert not _is_superuser(su, role)
     app.close()
+
+
+def _folded_spy(app) -> None:
+    """public.folded(): an IMMUTABLE function that calls the spy; the planner calls it when it
+    folds an index or statistics expression, as whoever plans the query."""
+    app.execute("CREATE FUNCTION public.spy_value() RETURNS int LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM public.escalate(); RETURN 0; END $$")
+    app.execute("CREATE FUNCTION public.folded() RETURNS int LANGUAGE plpgsql IMMUTABLE AS "
+                "$$ BEGIN RETURN public.spy_value(); END $$")
+    app.execute("GRANT EXECUTE ON FUNCTION public.spy_value(), public.folded() TO PUBLIC")
+
+
+@pytest.mark.parametrize("plant", ["CREATE INDEX ON {t} (({c} + public.folded()))",
+                                   "CREATE INDEX ON {t} ({c}) WHERE {c} > public.folded()",
+                                   "CREATE STATISTICS ON ({c} + public.folded()), {c} FROM {t}"])
+def test_the_guard_reads_no_table_whose_planning_would_run_the_owners_code(plain, plant):
+    """Found by review: planning a query on a table folds the function calls in its index
+    expressions and predicates and its statistics expressions, so reading a table ran its
+    owner's function as the guard, a superuser, when the guard (or `guard install`) looked for
+    rows or digested a rewrite. Each is refused now, before the read, and nothing ran."""
+    su, app, role = _roles_schema(plain)
+    _, dsn, _, _ = plain
+    _spy(app, role)
+    _folded_spy(app)
+    # `guard install` reads the owner's tables to copy the sources: refused.
+    app.execute(plant.format(t="merkle.sources", c="source_id"))
+    out = _guard_cli(su, "install")
+    assert out.returncode == 2 and "merkle.sources is not the table" in out.stderr, out.stderr
+    app.execute("SELECT 1")  # the planted object stays; a copy of the schema without it installs
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for (name,) in c.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'merkle.sources'::regclass "
+                                 "AND (indexprs IS NOT NULL OR indpred IS NOT NULL) UNION ALL SELECT 'STAT ' || "
+                                 "stxnamespace::regnamespace || '.' || stxname FROM pg_statistic_ext "
+                                 "WHERE stxrelid = 'merkle.sources'::regclass").fetchall():
+            c.execute(f"DROP STATISTICS {name[5:]}" if name.startswith("STAT ") else f"DROP INDEX {name}")
+    assert _guard_cli(su, "install").returncode == 0
+
+    app.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    app.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "m", "--mode", "replication", dsn=dsn, check=True)
+    cli("source", "add", "audit", "orders", dsn=dsn, check=True)
+    app.execute("INSERT INTO m VALUES (1, '2025-02-01', 1)")
+    app.execute("INSERT INTO orders VALUES (1, '2024-01-01', 5)")
+    app.execute(plant.format(t="m_2025", c="v"))
+    app.execute(plant.format(t="orders", c="id"))
+    for who in (app, su):
+        for statement, what in (("ALTER TABLE m DETACH PARTITION m_2025", "m_2025"),  # the guard looks for rows
+                                ("ALTER TABLE orders ALTER amount TYPE numeric USING amount + 0", "orders")):  # digests
+            with pytest.raises(psycopg.Error, match=f"guard must read the rows of public.{what} and will not") as exc:
+                who.execute(statement)
+            assert exc.value.sqlstate == "ML101"
+    # A table the guard once guarded, planted where any DDL of any role would have read it.
+    app.execute("CREATE TABLE public.x (a int)")
+    app.execute("INSERT INTO public.x VALUES (1)")
+    app.execute(plant.format(t="public.x", c="a"))
+    m_id = su.execute("SELECT source_id FROM merkle.sources WHERE table_name = 'm'").fetchone()[0]
+    app.execute(f"CREATE TRIGGER merkle_partition_{m_id} BEFORE TRUNCATE ON public.x FOR EACH STATEMENT "
+                f"EXECUTE FUNCTION merkle.partition_guard('{m_id}')")
+    su.execute("CREATE TABLE su_table (a int)")  # no longer refused, nor reads x
+    app.execute("CREATE TABLE public.anything (a int)")
+    # The role's own statements ran its function in its own sessions (index upkeep); no other did.
+    assert su.execute("SELECT count(*) FROM public.ran_in WHERE who <> %s", (role,)).fetchone()[0] == 0
+    assert not _is_superuser(su, role)
+    app.close()

@@ -7,8 +7,8 @@ Event triggers fire on every role's DDL, a superuser's too, in that role's sessi
 owner: its functions belong to the superuser who installed them, and it reads a copy of the
 sources that the owner's triggers keep (sql/020) through functions that accept only the
 owner's tables. `install` itself reads the owner's tables once, to make that copy, and only
-after checking that they are plain tables with the column types it expects: a plain table's
-SELECT of built-in types runs nobody's code.
+after checking that they are plain tables with the column types it expects and no index or
+statistics expression, which planning the query would fold, running any function they call.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ EVENT_TRIGGERS = (
 # The functions through which the owner of schema merkle keeps the guard's copy (sql/020).
 _OWNER_CALLS = ("put_source(integer, integer, text, oid, text, text, text, text[], text[], text[], text, boolean, "
                 "text, boolean)", "forget_source(integer)", "set_retired(integer, boolean)",
-                "put_source_column(integer, text, oid, integer)", "forget_source_column(integer, text)",
-                "mark_own_ddl(text, integer)", "unmark_own_ddl(text, integer)")
+                "put_source_column(integer, text, oid, integer)", "forget_source_column(integer, text)")
 
 # What `install` reads of the owner's tables, with the type each column must have.
 _OWNER_COLUMNS = {
@@ -191,9 +190,12 @@ def install(conn: psycopg.Connection) -> list[str]:
 
 def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
     """The guard's copy of the sources, read from the owner's tables once they are checked to be
-    plain tables (locked first, so they stay so) with exactly the column types expected."""
+    plain tables with exactly the column types expected and no index or statistics expression
+    (planning a query folds the function calls in those: merkle_guard.refuse_planner_code),
+    locked first so that they stay so."""
     tables = sql.SQL(", ").join(sql.Identifier("merkle", t) for t in _OWNER_COLUMNS)
-    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(tables))
+    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(tables))
+    conn.execute("SET LOCAL constraint_exclusion = partition")
     for table, columns in _OWNER_COLUMNS.items():
         rows = conn.execute(
             "SELECT c.relkind::text, a.attname::text, a.atttypid::regtype::text FROM pg_class c "
@@ -202,9 +204,14 @@ def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
             "WHERE c.relname = %s", (table,)).fetchall()
         kinds = {kind for kind, _, _ in rows}
         types = {name: type_ for _, name, type_ in rows}
-        if kinds != {"r"} or any(types.get(name) != type_ for name, type_ in columns.items()):
+        expressions = conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = %(t)s::regclass "
+            "               AND (indexprs IS NOT NULL OR indpred IS NOT NULL)) "
+            "    OR EXISTS (SELECT FROM pg_statistic_ext WHERE stxrelid = %(t)s::regclass AND stxexprs IS NOT NULL)",
+            {"t": f"merkle.{table}"}).fetchone()[0] if kinds == {"r"} else False
+        if kinds != {"r"} or expressions or any(types.get(name) != type_ for name, type_ in columns.items()):
             raise ConfigurationError(
                 f"merkle.{table} is not the table this version of merkle-listener made (a view, another type of a "
-                f"column?): the guard reads it as a superuser only as made. Run `merkle-listener init` as role "
+                f"column, an index or statistics on an expression?): the guard reads it as a superuser only as made. Run `merkle-listener init` as role "
                 f"{owner}, or repair the table. Nothing was changed")
     conn.execute(_COPY)

@@ -104,18 +104,47 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- A mark lasts for the transaction that wrote it (pg_current_xact_id(), the top-level one):
--- merkle-listener's own change of its triggers, which the guard then lets through.
-CREATE OR REPLACE FUNCTION merkle_guard.mark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- merkle-listener's own change of its triggers, which the guard then lets through. Whoever
+-- may write merkle.own_ddl may mark (as before the guard moved here): `source remove` and
+-- `log drop` run as the schema's owner or a role it granted its tables to.
+CREATE OR REPLACE FUNCTION merkle_guard.may_mark() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT coalesce(has_table_privilege(session_user, to_regclass('merkle.own_ddl'), 'INSERT'), false) THEN
+        RAISE EXCEPTION 'permission denied for function mark_own_ddl'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.mark(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO merkle_guard.own_ddl (xid, purpose, source_id) VALUES (pg_current_xact_id(), p_purpose, p_source_id)
 $$;
 
-CREATE OR REPLACE FUNCTION merkle_guard.unmark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- One mark: an inner mark of the same purpose leaves the outer one standing.
+CREATE OR REPLACE FUNCTION merkle_guard.unmark(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     DELETE FROM merkle_guard.own_ddl WHERE ctid = (
         SELECT ctid FROM merkle_guard.own_ddl
          WHERE xid = pg_current_xact_id() AND purpose = p_purpose AND source_id IS NOT DISTINCT FROM p_source_id
          LIMIT 1)
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.mark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM merkle_guard.may_mark();
+    PERFORM merkle_guard.mark(p_purpose, p_source_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.unmark_own_ddl(p_purpose text, p_source_id integer DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM merkle_guard.may_mark();
+    PERFORM merkle_guard.unmark(p_purpose, p_source_id);
+END
 $$;
 
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA merkle_guard FROM PUBLIC;
@@ -129,8 +158,41 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                       AND (p_source_id IS NULL OR source_id = p_source_id))
 $$;
 
-CREATE OR REPLACE FUNCTION merkle_guard.has_rows(rel regclass) RETURNS boolean
+-- Planning a query on a table folds the immutable function calls with constant arguments in
+-- its index expressions, index predicates and statistics expressions, so that reading a table
+-- would run its owner's functions as the guard, a superuser (found by review). The guard reads
+-- a table's rows only once none of those names a function, operator or type that is not built
+-- in, under a lock that keeps new ones out (CREATE INDEX and CREATE STATISTICS wait for it);
+-- and with constraint_exclusion at its default, so that CHECK constraints are not folded.
+CREATE OR REPLACE FUNCTION merkle_guard.refuse_planner_code(rel regclass) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found text;
+BEGIN
+    EXECUTE format('LOCK TABLE ONLY %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    SELECT CASE WHEN d.classid = 'pg_class'::regclass THEN format('index %s', d.objid::regclass)
+                ELSE format('statistics object %I', x.stxname) END
+      INTO found
+      FROM pg_depend d
+      LEFT JOIN pg_index i ON d.classid = 'pg_class'::regclass AND i.indexrelid = d.objid
+      LEFT JOIN pg_statistic_ext x ON d.classid = 'pg_statistic_ext'::regclass AND x.oid = d.objid
+     WHERE ((i.indrelid = rel AND (i.indexprs IS NOT NULL OR i.indpred IS NOT NULL))
+            OR (x.stxrelid = rel AND x.stxexprs IS NOT NULL))
+       AND d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_type'::regclass)
+       AND d.refobjid >= 16384  -- FirstNormalObjectId: below it, built in
+     LIMIT 1;
+    IF found IS NOT NULL THEN
+        RAISE EXCEPTION 'merkle-listener''s guard must read the rows of % and will not: its % uses a function, '
+                        'operator or type that is not built in, which reading the table would run as a superuser',
+                        rel, found
+            USING ERRCODE = 'ML101',
+                  HINT = 'Drop that index or statistics object for this change, and create it again afterwards.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.has_rows(rel regclass) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET constraint_exclusion = partition AS $$
 DECLARE
     part regclass;
     found boolean;
@@ -146,6 +208,7 @@ BEGIN
                 USING ERRCODE = 'ML101',
                       HINT = 'Run the ALTER TABLE in a READ COMMITTED transaction.';
         END IF;
+        PERFORM merkle_guard.refuse_planner_code(part);
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', part) INTO found;
         IF found THEN
             RETURN true;
@@ -161,11 +224,12 @@ SET search_path = pg_catalog, pg_temp
 SET "TimeZone" = 'UTC' SET "DateStyle" = 'ISO, YMD' SET "IntervalStyle" = 'postgres'
 SET extra_float_digits = 1 SET bytea_output = 'hex' SET lc_monetary = 'C'
 SET row_security = off SET enable_indexscan = off SET enable_indexonlyscan = off
-SET enable_bitmapscan = off SET max_parallel_workers_per_gather = 0 AS $$
+SET enable_bitmapscan = off SET max_parallel_workers_per_gather = 0 SET constraint_exclusion = partition AS $$
 DECLARE
     obj text;
     result bytea;
 BEGIN
+    PERFORM merkle_guard.refuse_planner_code(rel);
     IF current_setting('transaction_isolation') <> 'read committed' AND pg_relation_size(rel) > 0 THEN
         RAISE EXCEPTION 'merkle-listener must compare the hashed values of % before and after this rewrite, and this '
                         'transaction''s snapshot may predate rows committed since (isolation level %)',
@@ -205,7 +269,7 @@ BEGIN
     END IF;
     -- Its own ALTER TABLE ... ENABLE ALWAYS would run the event trigger below again, once per
     -- partition, each run looping over the partitions.
-    PERFORM merkle_guard.mark_own_ddl('install_partition_guards', p_source_id);
+    PERFORM merkle_guard.mark('install_partition_guards', p_source_id);
     IF 'truncate' = ANY (src.events) THEN
         FOR mark IN SELECT * FROM (VALUES ('begin', 'BEFORE'), ('end', 'AFTER')) v(name, tg_when) LOOP
             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = src.table_oid
@@ -236,7 +300,7 @@ BEGIN
                        part.relid::regclass, p_source_id);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', part.relid::regclass, trg);
     END LOOP;
-    PERFORM merkle_guard.unmark_own_ddl('install_partition_guards', p_source_id);
+    PERFORM merkle_guard.unmark('install_partition_guards', p_source_id);
 END
 $$;
 
@@ -481,7 +545,13 @@ BEGIN
                       WHERE g.tgfoid = to_regprocedure('merkle.partition_guard()') AND s.mode = 'replication'
                         AND g.tgrelid <> s.table_oid
                         AND NOT s.retired
-                        AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(g.tgrelid) a WHERE a.relid = s.table_oid) LOOP
+                        AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(g.tgrelid) a WHERE a.relid = s.table_oid)
+                        -- only where this command touched the table or its source's tree (found
+                        -- by review: every DDL in the database read every such table)
+                        AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() k
+                                     WHERE k.object_type = 'table'
+                                       AND (k.objid = g.tgrelid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(k.objid) a)))
+                      LOOP
         IF merkle_guard.has_rows(left_tree.rel) THEN
             RAISE EXCEPTION 'DETACH PARTITION of % refused: it holds rows of %.%, which feeds merkle-listener log "%", '
                             'and they would leave the source without a leaf', left_tree.rel, left_tree.table_schema,
@@ -491,9 +561,9 @@ BEGIN
                                   THEN format('DELETE FROM %s first (each row is logged as deleted), then detach it.', left_tree.rel)
                                   ELSE 'Detach it once it is empty, or remove the source (merkle-listener source remove) first.' END;
         END IF;
-        PERFORM merkle_guard.mark_own_ddl('drop_triggers');
+        PERFORM merkle_guard.mark('drop_triggers');
         EXECUTE format('DROP TRIGGER %I ON %s', left_tree.tgname, left_tree.rel);
-        PERFORM merkle_guard.unmark_own_ddl('drop_triggers');
+        PERFORM merkle_guard.unmark('drop_triggers');
     END LOOP;
 END
 $$;
@@ -712,3 +782,4 @@ END
 $$;
 
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA merkle_guard FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION merkle_guard.mark_own_ddl(text, integer), merkle_guard.unmark_own_ddl(text, integer) TO PUBLIC;
