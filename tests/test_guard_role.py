@@ -27,9 +27,15 @@ def _is_superuser(su, role: str) -> bool:
     return su.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]
 
 
-def _roles_schema(plain) -> tuple:
+@pytest.fixture
+def owned(plain):
     """(superuser connection, the role's connection, role): schema merkle made by the role, which
     owns tables orders and payments and may create its own in schema public; no guard yet."""
+    with _roles_schema(plain) as app:
+        yield plain[0], app, plain[2]
+
+
+def _roles_schema(plain) -> psycopg.Connection:
     su, dsn, role, _ = plain
     su.execute(f"GRANT CREATE ON DATABASE {su.info.dbname} TO {role}")
     su.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
@@ -38,8 +44,7 @@ def _roles_schema(plain) -> tuple:
         su.execute(f"ALTER TABLE {table} OWNER TO {role}")
     out = cli("init", dsn=dsn, check=True)
     assert "the DDL guard is not installed" in out.stderr and "CREATE EVENT TRIGGER" not in out.stderr, out.stderr
-    app = psycopg.connect(dsn, autocommit=True, options=options_string())
-    return su, app, role
+    return psycopg.connect(dsn, autocommit=True, options=options_string())
 
 
 def _guard_cli(su, *args: str) -> subprocess.CompletedProcess:
@@ -73,8 +78,8 @@ def _old_style_install(su) -> None:
         su.execute(f"CREATE EVENT TRIGGER {t.name} ON {t.event}{when} EXECUTE FUNCTION merkle.{t.function}()")
 
 
-def test_after_guard_install_no_code_of_the_owner_runs_in_a_superusers_ddl(plain):
-    su, app, role = _roles_schema(plain)
+def test_after_guard_install_no_code_of_the_owner_runs_in_a_superusers_ddl(plain, owned):
+    su, app, role = owned
     _, dsn, _, _ = plain
     _spy(app, role)
     app.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
@@ -143,14 +148,13 @@ def test_after_guard_install_no_code_of_the_owner_runs_in_a_superusers_ddl(plain
                       "DELETE FROM merkle_guard.sources"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             app.execute(statement)
-    app.close()
 
 
-def test_the_guard_refuses_the_owners_ddl_as_before_and_keeps_its_copy(plain):
+def test_the_guard_refuses_the_owners_ddl_as_before_and_keeps_its_copy(plain, owned):
     """The role's own DDL on its sources, under the guard of schema merkle_guard: refused as
     before, with its own changes (source add, partition guards, source remove) let through; the
     guard's copy of the sources follows every change of merkle.sources."""
-    su, app, role = _roles_schema(plain)
+    su, app, role = owned
     _, dsn, _, _ = plain
     assert _guard_cli(su, "install").returncode == 0  # before any source: the copy starts empty
     app.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
@@ -203,7 +207,6 @@ def test_the_guard_refuses_the_owners_ddl_as_before_and_keeps_its_copy(plain):
     cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
     assert copied() == [] and columns() == []
     assert _guard_cli(su, "status").returncode == 0
-    app.close()
 
 
 def test_guard_install_refuses_what_it_cannot_do_safely(plain, monkeypatch):
@@ -249,10 +252,10 @@ def test_guard_install_refuses_what_it_cannot_do_safely(plain, monkeypatch):
     assert _guard_cli(su, "install").returncode == 0
 
 
-def test_guard_status_resolves_nothing_in_the_roles_schemas(plain):
+def test_guard_status_resolves_nothing_in_the_roles_schemas(plain, owned):
     """A superuser's `guard status` reads catalogs with search_path pinned: an operator the role
     puts in a schema named like the superuser (first on the default search_path) is not used."""
-    su, app, role = _roles_schema(plain)
+    su, app, role = owned
     _spy(app, role)
     superuser = su.execute("SELECT current_user").fetchone()[0]
     app.execute(f'CREATE SCHEMA "{superuser}"')
@@ -266,7 +269,6 @@ def test_guard_status_resolves_nothing_in_the_roles_schemas(plain):
     assert _guard_cli(su, "status").returncode == 0
     assert su.execute("SELECT count(*) FROM public.ran_in").fetchone()[0] == 0
     assert not _is_superuser(su, role)
-    app.close()
 
 
 def _folded_spy(app) -> None:
@@ -281,18 +283,18 @@ def _folded_spy(app) -> None:
 
 @pytest.mark.parametrize("plant", ["CREATE INDEX ON {t} (({c} + public.folded()))",
                                    "CREATE INDEX ON {t} ({c}) WHERE {c} > public.folded()",
-                                   "CREATE STATISTICS ON ({c} + public.folded()), {c} FROM {t}"])
-def test_the_guard_reads_no_table_whose_planning_would_run_the_owners_code(plain, plant):
+                                   "CREATE STATISTICS public.{c}_{n} ON ({c} + public.folded()), {c} FROM {t}"])
+def test_the_guard_reads_no_table_whose_planning_would_run_the_owners_code(plain, owned, plant):
     """Found by review: planning a query on a table folds the function calls in its index
     expressions and predicates and its statistics expressions, so reading a table ran its
     owner's function as the guard, a superuser, when the guard (or `guard install`) looked for
     rows or digested a rewrite. Each is refused now, before the read, and nothing ran."""
-    su, app, role = _roles_schema(plain)
+    su, app, role = owned
     _, dsn, _, _ = plain
     _spy(app, role)
     _folded_spy(app)
     # `guard install` reads the owner's tables to copy the sources: refused.
-    app.execute(plant.format(t="merkle.sources", c="source_id"))
+    app.execute(plant.format(t="merkle.sources", c="source_id", n=1))
     out = _guard_cli(su, "install")
     assert out.returncode == 2 and "merkle.sources is not the table" in out.stderr, out.stderr
     app.execute("SELECT 1")  # the planted object stays; a copy of the schema without it installs
@@ -311,8 +313,8 @@ def test_the_guard_reads_no_table_whose_planning_would_run_the_owners_code(plain
     cli("source", "add", "audit", "orders", dsn=dsn, check=True)
     app.execute("INSERT INTO m VALUES (1, '2025-02-01', 1)")
     app.execute("INSERT INTO orders VALUES (1, '2024-01-01', 5)")
-    app.execute(plant.format(t="m_2025", c="v"))
-    app.execute(plant.format(t="orders", c="id"))
+    app.execute(plant.format(t="m_2025", c="v", n=2))
+    app.execute(plant.format(t="orders", c="id", n=3))
     for who in (app, su):
         for statement, what in (("ALTER TABLE m DETACH PARTITION m_2025", "m_2025"),  # the guard looks for rows
                                 ("ALTER TABLE orders ALTER amount TYPE numeric USING amount + 0", "orders")):  # digests
@@ -322,7 +324,7 @@ def test_the_guard_reads_no_table_whose_planning_would_run_the_owners_code(plain
     # A table the guard once guarded, planted where any DDL of any role would have read it.
     app.execute("CREATE TABLE public.x (a int)")
     app.execute("INSERT INTO public.x VALUES (1)")
-    app.execute(plant.format(t="public.x", c="a"))
+    app.execute(plant.format(t="public.x", c="a", n=4))
     m_id = su.execute("SELECT source_id FROM merkle.sources WHERE table_name = 'm'").fetchone()[0]
     app.execute(f"CREATE TRIGGER merkle_partition_{m_id} BEFORE TRUNCATE ON public.x FOR EACH STATEMENT "
                 f"EXECUTE FUNCTION merkle.partition_guard('{m_id}')")
@@ -331,4 +333,3 @@ def test_the_guard_reads_no_table_whose_planning_would_run_the_owners_code(plain
     # The role's own statements ran its function in its own sessions (index upkeep); no other did.
     assert su.execute("SELECT count(*) FROM public.ran_in WHERE who <> %s", (role,)).fetchone()[0] == 0
     assert not _is_superuser(su, role)
-    app.close()
