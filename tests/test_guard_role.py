@@ -125,7 +125,14 @@ def test_after_guard_install_no_code_of_the_owner_runs_in_a_superusers_ddl(plain
     su.execute("CREATE TRIGGER t BEFORE UPDATE ON su_table FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()")
     su.execute("DROP TRIGGER t ON su_table")
     su.execute("ALTER TABLE su_table ALTER COLUMN a TYPE bigint")
-    su.execute("CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    # A partition the superuser would own: the guard does not put the role's trigger function on it.
+    partition = "CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')"
+    with pytest.raises(psycopg.Error, match="it belongs to role") as refused:
+        su.execute(partition)
+    assert refused.value.sqlstate == "ML101"
+    su.execute(f"SET ROLE {role}")  # as the hint says
+    su.execute(partition)
+    su.execute("RESET ROLE")
     assert su.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'm_2026'::regclass").fetchone()[0] == 1
     su.execute("ALTER TABLE m DETACH PARTITION m_2026")  # empty: its guard trigger is dropped
     assert su.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'm_2026'::regclass").fetchone()[0] == 0

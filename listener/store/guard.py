@@ -196,6 +196,19 @@ def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
     tables = sql.SQL(", ").join(sql.Identifier("merkle", t) for t in _OWNER_COLUMNS)
     conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(tables))
     conn.execute("SET LOCAL constraint_exclusion = partition")
+    # The names could have led elsewhere while LOCK waited (the owner may rename the schema and
+    # put other tables in its place): each must lead to a table locked now, and the schema's
+    # name is held from here on (ALTER SCHEMA ... RENAME waits for its row).
+    conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'merkle' FOR SHARE")
+    unlocked = conn.execute(
+        "SELECT t FROM unnest(%s::text[]) t WHERE NOT EXISTS ("
+        "  SELECT FROM pg_locks l WHERE l.locktype = 'relation' AND l.pid = pg_backend_pid() AND l.granted"
+        "     AND l.mode = 'ShareRowExclusiveLock' AND l.relation = to_regclass('merkle.' || quote_ident(t))"
+        "     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+        (list(_OWNER_COLUMNS),)).fetchall()
+    if unlocked:
+        raise ConfigurationError(f"merkle.{unlocked[0][0]} was replaced while `guard install` waited for it: run it "
+                                 "again. Nothing was changed")
     for table, columns in _OWNER_COLUMNS.items():
         rows = conn.execute(
             "SELECT c.relkind::text, a.attname::text, a.atttypid::regtype::text FROM pg_class c "

@@ -158,6 +158,40 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                       AND (p_source_id IS NULL OR source_id = p_source_id))
 $$;
 
+-- A statement names a table, and by the time its lock is granted the name can lead to another
+-- one: the owner may rename tables and schemas while the guard waits (found by review: the
+-- guard then checked one table and read, or put its trigger on, another). Before the guard
+-- reads a table or alters it by name, pin() locks it by name, makes sure that this table is
+-- the one locked now (a locked table cannot be renamed or moved), and holds its schema's row,
+-- which ALTER SCHEMA ... RENAME waits for. It also refuses a table that is not the schema
+-- owner's (or its roles'): the guard must not put the owner's trigger function on, or read
+-- for rows, another role's table.
+CREATE OR REPLACE FUNCTION merkle_guard.pin(rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owner text;
+BEGIN
+    EXECUTE format('LOCK TABLE ONLY %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    IF NOT EXISTS (SELECT 1 FROM pg_locks l
+                    WHERE l.locktype = 'relation' AND l.relation = rel AND l.pid = pg_backend_pid() AND l.granted
+                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                      AND l.mode IN ('ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')) THEN
+        RAISE EXCEPTION 'merkle-listener: % was renamed while the guard waited for it; run the statement again', rel
+            USING ERRCODE = 'ML101';
+    END IF;
+    PERFORM 1 FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = rel FOR SHARE OF n;
+    SELECT pg_get_userbyid(c.relowner) INTO owner FROM pg_class c, pg_namespace m
+     WHERE c.oid = rel AND m.nspname = 'merkle' AND NOT pg_has_role(m.nspowner, c.relowner, 'USAGE');
+    IF FOUND THEN
+        RAISE EXCEPTION 'merkle-listener''s guard will not read or alter %: it belongs to role %, not to the owner of '
+                        'schema merkle or a role of it', rel, owner
+            USING ERRCODE = 'ML101',
+                  HINT = 'Tables that join a source (partitions) must belong to the owner of schema merkle: create them '
+                         'as that role (SET ROLE), or give them to it first.';
+    END IF;
+END
+$$;
+
 -- Planning a query on a table folds the immutable function calls with constant arguments in
 -- its index expressions, index predicates and statistics expressions, so that reading a table
 -- would run its owner's functions as the guard, a superuser (found by review). The guard reads
@@ -169,7 +203,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     found text;
 BEGIN
-    EXECUTE format('LOCK TABLE ONLY %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    PERFORM merkle_guard.pin(rel);
     SELECT CASE WHEN d.classid = 'pg_class'::regclass THEN format('index %s', d.objid::regclass)
                 ELSE format('statistics object %I', x.stxname) END
       INTO found
@@ -181,6 +215,15 @@ BEGIN
        AND d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_type'::regclass)
        AND d.refobjid >= 16384  -- FirstNormalObjectId: below it, built in
      LIMIT 1;
+    -- A JSON_VALUE/JSON_QUERY ... RETURNING a domain records no dependency on the domain.
+    IF found IS NULL THEN
+        SELECT format('index %s', i.indexrelid::regclass) INTO found FROM pg_index i
+         WHERE i.indrelid = rel AND concat(i.indexprs::text, i.indpred::text) LIKE '%{JSONEXPR %' LIMIT 1;
+    END IF;
+    IF found IS NULL THEN
+        SELECT format('statistics object %I', x.stxname) INTO found FROM pg_statistic_ext x
+         WHERE x.stxrelid = rel AND x.stxexprs::text LIKE '%{JSONEXPR %' LIMIT 1;
+    END IF;
     IF found IS NOT NULL THEN
         RAISE EXCEPTION 'merkle-listener''s guard must read the rows of % and will not: its % uses a function, '
                         'operator or type that is not built in, which reading the table would run as a superuser',
@@ -274,6 +317,7 @@ BEGIN
         FOR mark IN SELECT * FROM (VALUES ('begin', 'BEFORE'), ('end', 'AFTER')) v(name, tg_when) LOOP
             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = src.table_oid
                               AND tgname = format('merkle_truncate_%s_%s', mark.name, p_source_id)) THEN
+                PERFORM merkle_guard.pin(src.table_oid);
                 EXECUTE format('CREATE TRIGGER %I %s TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION merkle.partition_guard(%L)',
                                format('merkle_truncate_%s_%s', mark.name, p_source_id), mark.tg_when,
                                src.table_oid::regclass, p_source_id);
@@ -288,6 +332,7 @@ BEGIN
     IF src.events && '{update,delete}' THEN
         FOR part IN SELECT t.relid FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
                      WHERE t.level > 0 AND c.relkind = 'r' AND c.relreplident <> 'f' LOOP
+            PERFORM merkle_guard.pin(part.relid);
             EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part.relid::regclass);
         END LOOP;
     END IF;
@@ -295,6 +340,7 @@ BEGIN
     FOR part IN SELECT t.relid FROM pg_partition_tree(src.table_oid) t JOIN pg_class c ON c.oid = t.relid
                  WHERE t.level > 0 AND c.relkind IN ('r', 'p')
                    AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relid AND g.tgname = trg) LOOP
+        PERFORM merkle_guard.pin(part.relid);
         EXECUTE format('CREATE TRIGGER %I BEFORE %s ON %s FOR EACH STATEMENT EXECUTE FUNCTION merkle.partition_guard(%L)',
                        trg, CASE WHEN src.append_only THEN 'UPDATE OR DELETE OR TRUNCATE' ELSE 'TRUNCATE' END,
                        part.relid::regclass, p_source_id);
@@ -561,6 +607,7 @@ BEGIN
                                   THEN format('DELETE FROM %s first (each row is logged as deleted), then detach it.', left_tree.rel)
                                   ELSE 'Detach it once it is empty, or remove the source (merkle-listener source remove) first.' END;
         END IF;
+        PERFORM merkle_guard.pin(left_tree.rel);
         PERFORM merkle_guard.mark('drop_triggers');
         EXECUTE format('DROP TRIGGER %I ON %s', left_tree.tgname, left_tree.rel);
         PERFORM merkle_guard.unmark('drop_triggers');
