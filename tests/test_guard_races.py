@@ -12,6 +12,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from listener.store.connect import options_string
 from tests.helpers import ROOT, cli, environment
@@ -169,17 +170,47 @@ def test_guard_install_reads_no_table_swapped_in_while_it_waits(plain, owned):
             capture_output=True, text=True, timeout=120, env=environment(None)))
         _wait(su, "SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted AND mode = 'ShareRowExclusiveLock' "
                   "AND relation = 'merkle.replication_retired'::regclass)")
-        s1.execute("ALTER SCHEMA merkle RENAME TO merkle_old")
-        s1.execute("ALTER SCHEMA merkle_new RENAME TO merkle")
-        s1.commit()
+        # install holds schema merkle's name once it has pinned its first table: the rename
+        # waits for it, and one of the two is chosen to fail as a deadlock.
+        try:
+            s1.execute("ALTER SCHEMA merkle RENAME TO merkle_old")
+            s1.execute("ALTER SCHEMA merkle_new RENAME TO merkle")
+            s1.commit()
+        except psycopg.errors.DeadlockDetected:
+            s1.rollback()
         thread.join(120)
         out = result["value"]
-        assert out.returncode == 2 and "was replaced while `guard install` waited" in out.stderr, out.stderr
+        assert out.returncode == 0 or (out.returncode == 2 and (
+            "deadlock detected" in out.stderr or "while the guard waited for it" in out.stderr)), out.stderr
         s2.execute("CREATE INDEX ON merkle.sources ((source_id + public.folded()))")
         s2.commit()
         assert su.execute("SELECT count(*) FROM public.ran_as WHERE superuser").fetchone()[0] == 0
         assert not _is_superuser(su, role)
-        assert su.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0] == 0
     finally:
         s1.close()
         s2.close()
+
+
+def test_a_retyped_column_that_is_not_hashed_is_not_read_in_a_rewrite(plain, owned):
+    """Found by review: the rewrite check read every column a source lists, as the type the
+    catalog gives it while the rows still hold the old bytes. A column of an entry-column source
+    that the leaves are not computed from, retyped, was read so: the server crashed. It reads
+    only what the leaves are computed from, each checked to keep its recorded type."""
+    su, app, role = owned
+    _, dsn, _, _ = plain
+    assert _guard_cli(su, "install").returncode == 0
+    app.execute("CREATE TABLE public.t (id int8 PRIMARY KEY, v int8, e bytea NOT NULL)")
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "public.t", "--entry-column", "e", dsn=dsn, check=True)
+    app.execute("INSERT INTO public.t VALUES (1, 2147483632, 'x')")  # v's bytes read as a text header: 0x7FFFFFF0
+    app.execute("ALTER TABLE public.t ALTER COLUMN v TYPE text USING v::text")
+    assert app.execute("SELECT v FROM public.t").fetchone()[0] == "2147483632"
+    with pytest.raises(psycopg.Error, match="hashed column e") as refused:
+        app.execute("ALTER TABLE public.t ALTER COLUMN e TYPE bytea USING e || 'y'")
+    assert refused.value.sqlstate == "ML101"
+    # What the role tells the guard of its own columns weakens its own guard only: forgotten,
+    # the entry column is not read either, and nothing is misread.
+    source = su.execute("SELECT source_id FROM merkle.sources").fetchone()[0]
+    app.execute("SELECT merkle_guard.forget_source_column(%s, 'id')", (source,))
+    app.execute("ALTER TABLE public.t ALTER COLUMN id TYPE text USING id::text || ''")
+    assert su.execute("SELECT 1").fetchone()[0] == 1  # the server is up

@@ -189,26 +189,30 @@ def install(conn: psycopg.Connection) -> list[str]:
 
 
 def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
-    """The guard's copy of the sources, read from the owner's tables once they are checked to be
-    plain tables with exactly the column types expected and no index or statistics expression
-    (planning a query folds the function calls in those: merkle_guard.refuse_planner_code),
-    locked first so that they stay so."""
-    tables = sql.SQL(", ").join(sql.Identifier("merkle", t) for t in _OWNER_COLUMNS)
-    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(tables))
+    """The guard's copy of the sources, read from the owner's tables once they are pinned and
+    checked to be plain tables with exactly the column types expected and no index or
+    statistics expression (planning a query folds the function calls in those:
+    merkle_guard.refuse_planner_code)."""
+    # Each by OID through merkle_guard.pin() (locked, the one locked, its schema's name held),
+    # then each name must still lead to it, in schema merkle (found by review: names locked and
+    # checked could lead elsewhere by the time the copy read them).
+    pinned = {}
+    for table in _OWNER_COLUMNS:
+        oid = conn.execute("SELECT to_regclass(%s)::oid", (f"merkle.{table}",)).fetchone()[0]
+        if oid is None:
+            raise ConfigurationError(f"there is no table merkle.{table}: run `merkle-listener init` as role {owner}. "
+                                     "Nothing was changed")
+        conn.execute("SELECT merkle_guard.pin(%s::oid::regclass)", (oid,))
+        pinned[table] = oid
+    moved = conn.execute(
+        "SELECT t FROM unnest(%s::text[], %s::oid[]) AS p(t, oid) JOIN pg_class c ON c.oid = p.oid "
+        "WHERE to_regclass('merkle.' || quote_ident(t)) IS DISTINCT FROM p.oid::regclass "
+        "   OR c.relnamespace IS DISTINCT FROM to_regnamespace('merkle')::oid",
+        (list(pinned), list(pinned.values()))).fetchall()
+    if moved:
+        raise ConfigurationError(f"merkle.{moved[0][0]} was replaced while the guard waited for it: run "
+                                 "`guard install` again. Nothing was changed")
     conn.execute("SET LOCAL constraint_exclusion = partition")
-    # The names could have led elsewhere while LOCK waited (the owner may rename the schema and
-    # put other tables in its place): each must lead to a table locked now, and the schema's
-    # name is held from here on (ALTER SCHEMA ... RENAME waits for its row).
-    conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'merkle' FOR SHARE")
-    unlocked = conn.execute(
-        "SELECT t FROM unnest(%s::text[]) t WHERE NOT EXISTS ("
-        "  SELECT FROM pg_locks l WHERE l.locktype = 'relation' AND l.pid = pg_backend_pid() AND l.granted"
-        "     AND l.mode = 'ShareRowExclusiveLock' AND l.relation = to_regclass('merkle.' || quote_ident(t))"
-        "     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
-        (list(_OWNER_COLUMNS),)).fetchall()
-    if unlocked:
-        raise ConfigurationError(f"merkle.{unlocked[0][0]} was replaced while `guard install` waited for it: run it "
-                                 "again. Nothing was changed")
     for table, columns in _OWNER_COLUMNS.items():
         rows = conn.execute(
             "SELECT c.relkind::text, a.attname::text, a.atttypid::regtype::text FROM pg_class c "
@@ -225,6 +229,6 @@ def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
         if kinds != {"r"} or expressions or any(types.get(name) != type_ for name, type_ in columns.items()):
             raise ConfigurationError(
                 f"merkle.{table} is not the table this version of merkle-listener made (a view, another type of a "
-                f"column, an index or statistics on an expression?): the guard reads it as a superuser only as made. Run `merkle-listener init` as role "
-                f"{owner}, or repair the table. Nothing was changed")
+                "column, an index or statistics on an expression?): the guard reads it as a superuser only as made. "
+                f"Run `merkle-listener init` as role {owner}, or repair the table. Nothing was changed")
     conn.execute(_COPY)

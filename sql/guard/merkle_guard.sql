@@ -66,7 +66,8 @@ CREATE OR REPLACE FUNCTION merkle_guard.put_source(
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_class c, pg_namespace n
-                    WHERE c.oid = p_table_oid AND n.nspname = 'merkle' AND pg_has_role(n.nspowner, c.relowner, 'USAGE')) THEN
+                    WHERE c.oid = p_table_oid AND c.relkind IN ('r', 'p') AND n.nspname = 'merkle'
+                      AND pg_has_role(n.nspowner, c.relowner, 'USAGE')) THEN
         RAISE EXCEPTION 'merkle-listener: table % does not belong to the owner of schema merkle', p_table_oid::regclass;
     END IF;
     INSERT INTO merkle_guard.sources VALUES (p_source_id, p_log_id, p_log_name, p_table_oid, p_table_schema,
@@ -180,6 +181,10 @@ BEGIN
             USING ERRCODE = 'ML101';
     END IF;
     PERFORM 1 FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid WHERE c.oid = rel FOR SHARE OF n;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'merkle-listener: the schema of % changed while the guard waited for it; run the statement again', rel
+            USING ERRCODE = 'ML101';
+    END IF;
     SELECT pg_get_userbyid(c.relowner) INTO owner FROM pg_class c, pg_namespace m
      WHERE c.oid = rel AND m.nspname = 'merkle' AND NOT pg_has_role(m.nspowner, c.relowner, 'USAGE');
     IF FOUND THEN
@@ -723,7 +728,11 @@ BEGIN
                 ORDER BY s.source_id LOOP
         shown := coalesce(shown, src.table_schema || '.' || src.table_name);
         log_name := coalesce(log_name, src.log_name);
-        hashed := hashed || src.columns || src.key_columns || array_remove(ARRAY[src.entry_column], NULL);
+        -- What the leaves are computed from, each with its recorded type, which the check below
+        -- makes sure it still has: a column retyped by this statement would be read as its new
+        -- type from the old rows (found by review: that crashed the server). A column whose type
+        -- is not recorded is not hashed (an entry-column source's other columns) and not read.
+        hashed := hashed || ARRAY(SELECT r.name FROM merkle_guard.source_columns r WHERE r.source_id = src.source_id);
         -- Retyped or gone: refused at the end by check_source_ddl, and unreadable here.
         SELECT format('column %I is hashed by the log and may not be dropped, renamed or retyped', col)
           INTO problem
