@@ -214,3 +214,45 @@ def test_a_retyped_column_that_is_not_hashed_is_not_read_in_a_rewrite(plain, own
     app.execute("SELECT merkle_guard.forget_source_column(%s, 'id')", (source,))
     app.execute("ALTER TABLE public.t ALTER COLUMN id TYPE text USING id::text || ''")
     assert su.execute("SELECT 1").fetchone()[0] == 1  # the server is up
+
+
+def _refused_alive(su, app, statement: str, match: str) -> None:
+    with pytest.raises(psycopg.Error, match=match) as refused:
+        app.execute(statement)
+    assert refused.value.sqlstate == "ML101", refused.value
+    assert su.execute("SELECT 1").fetchone()[0] == 1  # the server is up
+
+
+def test_what_the_owner_records_cannot_make_the_rewrite_check_misread_a_column(plain, owned):
+    """Found by review: the owner chose which columns the rewrite check read and as which type
+    (merkle_guard.put_source_column, or merkle.source_columns through its trigger, also from
+    inside the statement), and a column read as a type its bytes are not crashed the server.
+    Only listed columns with a record are read, as their own type, and a record written by the
+    statement's transaction is refused."""
+    su, app, role = owned
+    _, dsn, _, _ = plain
+    assert _guard_cli(su, "install").returncode == 0
+    app.execute("CREATE TABLE public.base (v int8)")
+    app.execute("CREATE TABLE public.t (id int8 PRIMARY KEY, w int8) INHERITS (public.base)")
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "public.t", "--columns", "id,v", dsn=dsn, check=True)
+    source = su.execute("SELECT source_id FROM merkle.sources").fetchone()[0]
+    app.execute("INSERT INTO public.t VALUES (2147483632, 1, 2147483632)")
+    app.execute("INSERT INTO public.base VALUES (5)")
+    # A record for a column that is not hashed: not read.
+    app.execute("SELECT merkle_guard.put_source_column(%s, 'w', 'int8'::regtype, -1)", (source,))
+    app.execute("ALTER TABLE public.t ALTER COLUMN w TYPE text USING w::text")
+    # A record of the type a hashed column is about to get: the column's own type is recorded.
+    app.execute("SELECT merkle_guard.put_source_column(%s, 'v', 'text'::regtype, -1)", (source,))
+    assert su.execute("SELECT type_oid::regtype::text FROM merkle_guard.source_columns WHERE name = 'v'").fetchone()[0] \
+        == "bigint"
+    _refused_alive(su, app, "ALTER TABLE public.base ALTER COLUMN v TYPE text USING v::text",
+                   "column v is hashed by the log")
+    # The record changed by the owner's code inside the statement (the parent is rewritten first).
+    app.execute(f"""CREATE FUNCTION public.f(x int8) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE merkle.source_columns SET typmod = typmod WHERE source_id = {source} AND name = 'v';
+            RETURN x::text;
+        END $$""")
+    _refused_alive(su, app, "ALTER TABLE public.base ALTER COLUMN v TYPE text USING public.f(v)",
+                   "registered or changed in this transaction")

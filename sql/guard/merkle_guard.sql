@@ -91,11 +91,16 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     UPDATE merkle_guard.sources SET retired = p_retired WHERE source_id = p_source_id;
 $$;
 
+-- The type recorded is the column's own now, whatever the caller says: the rewrite check reads
+-- a column as this type (found by review: a type the owner chose crashed the server).
 CREATE OR REPLACE FUNCTION merkle_guard.put_source_column(p_source_id integer, p_name text, p_type_oid oid, p_typmod integer)
 RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO merkle_guard.source_columns
-    SELECT p_source_id, p_name, p_type_oid, p_typmod FROM merkle_guard.sources WHERE source_id = p_source_id
+    SELECT p_source_id, p_name, a.atttypid, a.atttypmod
+      FROM merkle_guard.sources s
+      JOIN pg_attribute a ON a.attrelid = s.table_oid AND a.attname = p_name AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE s.source_id = p_source_id
     ON CONFLICT (source_id, name) DO UPDATE SET type_oid = excluded.type_oid, typmod = excluded.typmod;
 $$;
 
@@ -732,7 +737,9 @@ BEGIN
         -- makes sure it still has: a column retyped by this statement would be read as its new
         -- type from the old rows (found by review: that crashed the server). A column whose type
         -- is not recorded is not hashed (an entry-column source's other columns) and not read.
-        hashed := hashed || ARRAY(SELECT r.name FROM merkle_guard.source_columns r WHERE r.source_id = src.source_id);
+        hashed := hashed || ARRAY(SELECT r.name FROM merkle_guard.source_columns r
+                                   WHERE r.source_id = src.source_id AND r.name = ANY (
+                                         src.columns || src.key_columns || array_remove(ARRAY[src.entry_column], NULL)));
         -- Retyped or gone: refused at the end by check_source_ddl, and unreadable here.
         SELECT format('column %I is hashed by the log and may not be dropped, renamed or retyped', col)
           INTO problem
@@ -757,6 +764,18 @@ BEGIN
     mine := ARRAY(SELECT l.transactionid FROM pg_locks l
                    WHERE l.locktype = 'transactionid' AND l.pid = pg_backend_pid()
                      AND l.mode = 'ExclusiveLock' AND l.granted);
+    -- The record of what is read and as which type must predate the statement: the owner's
+    -- code can run inside it (a USING expression) and change the record, and a column read as a
+    -- type that its bytes are not crashes the server (found by review).
+    IF EXISTS (SELECT 1 FROM merkle_guard.sources s LEFT JOIN merkle_guard.source_columns r USING (source_id)
+                WHERE (s.table_oid = rel OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(rel) a))
+                  AND (s.xmin = ANY (mine) OR r.xmin = ANY (mine))) THEN
+        RAISE EXCEPTION 'ALTER refused on %: its source was registered or changed in this transaction, and '
+                        'merkle-listener checks a rewrite against a record made before it (it feeds merkle-listener '
+                        'log "%")', shown, log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Alter the table in a transaction of its own.';
+    END IF;
     SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO altered
       FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = ANY (hashed)
