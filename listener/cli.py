@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--out", type=Path, help="private key file (default: NAME.key, '/' as '_'); never overwritten")
 
     sv = sub.add_parser("serve", help="serve the HTTP API read-only (may point at a replica)")
-    sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", help="listen address (default 127.0.0.1:8080; port 0: one the system chooses, logged at info level)")
+    sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080",
+                    help="listen address (default 127.0.0.1:8080; port 0: one the system chooses, logged at info level)")
     sv.add_argument("--cache-mb", type=int, default=256, help="memory for cached tiles in MB (default 256)")
     sv.add_argument("--preload", action="store_true",
                     help="fill the tile cache before listening (upper levels first, up to --cache-mb)")

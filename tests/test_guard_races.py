@@ -227,8 +227,8 @@ def test_what_the_owner_records_cannot_make_the_rewrite_check_misread_a_column(p
     """Found by review: the owner chose which columns the rewrite check read and as which type
     (merkle_guard.put_source_column, or merkle.source_columns through its trigger, also from
     inside the statement), and a column read as a type its bytes are not crashed the server.
-    Only listed columns with a record are read, as their own type, and a record written by the
-    statement's transaction is refused."""
+    Only listed columns with a record are read, only as the type the guard saw them have, and a
+    record written by the statement's transaction is refused."""
     su, app, role = owned
     _, dsn, _, _ = plain
     assert _guard_cli(su, "install").returncode == 0
@@ -242,16 +242,17 @@ def test_what_the_owner_records_cannot_make_the_rewrite_check_misread_a_column(p
     # A record for a column that is not hashed: not read.
     app.execute("SELECT merkle_guard.put_source_column(%s, 'w', 'int8'::regtype, -1)", (source,))
     app.execute("ALTER TABLE public.t ALTER COLUMN w TYPE text USING w::text")
-    # A record of the type a hashed column is about to get: the column's own type is recorded.
+    # A record of the type a hashed column is about to get: the values are still read as theirs.
     app.execute("SELECT merkle_guard.put_source_column(%s, 'v', 'text'::regtype, -1)", (source,))
-    assert su.execute("SELECT type_oid::regtype::text FROM merkle_guard.source_columns WHERE name = 'v'").fetchone()[0] \
+    assert su.execute("SELECT heap_type::regtype::text FROM merkle_guard.source_columns WHERE name = 'v'").fetchone()[0] \
         == "bigint"
     _refused_alive(su, app, "ALTER TABLE public.base ALTER COLUMN v TYPE text USING v::text",
-                   "column v is hashed by the log")
+                   "column v does not have the type of its stored values")
     # The record changed by the owner's code inside the statement (the parent is rewritten first).
     app.execute(f"""CREATE FUNCTION public.f(x int8) RETURNS text LANGUAGE plpgsql AS $$
         BEGIN
-            UPDATE merkle.source_columns SET typmod = typmod WHERE source_id = {source} AND name = 'v';
+            UPDATE merkle.source_columns SET type_oid = 'text'::regtype, typmod = -1  -- what the catalog says now
+             WHERE source_id = {source} AND name = 'v';
             RETURN x::text;
         END $$""")
     _refused_alive(su, app, "ALTER TABLE public.base ALTER COLUMN v TYPE text USING public.f(v)",

@@ -69,8 +69,8 @@ SELECT s.source_id, s.log_id, l.name, s.table_oid, s.table_schema, s.table_name,
        s.key_columns, s.entry_column, s.append_only, s.row_filter,
        EXISTS (SELECT FROM ONLY merkle.replication_retired r WHERE r.source_id = s.source_id)
   FROM ONLY merkle.sources s JOIN ONLY merkle.logs l ON l.log_id = s.log_id;
-INSERT INTO merkle_guard.source_columns  -- the types are the columns' own (merkle_guard.put_source_column)
-SELECT c.source_id, c.name, a.atttypid, a.atttypmod
+INSERT INTO merkle_guard.source_columns  -- the stored values' type is the column's own (sql/guard)
+SELECT c.source_id, c.name, c.type_oid, c.typmod, a.atttypid, a.atttypmod
   FROM ONLY merkle.source_columns c JOIN merkle_guard.sources s ON s.source_id = c.source_id
   JOIN pg_attribute a ON a.attrelid = s.table_oid AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
 """

@@ -33,11 +33,18 @@ CREATE TABLE IF NOT EXISTS merkle_guard.sources (
     row_filter    text,
     retired       boolean NOT NULL
 );
+-- type_oid/typmod: the type the owner recorded when the source was added, which a retype is
+-- checked against; heap_type/heap_typmod: the column's type when the guard learnt of it, which
+-- its stored values have (a retype of a hashed column is refused), and which the rewrite check
+-- reads them as: never the owner's word (found by review: a type the owner chose crashed the
+-- server when the check read a column's values as it).
 CREATE TABLE IF NOT EXISTS merkle_guard.source_columns (
-    source_id  integer NOT NULL,
-    name       text NOT NULL,
-    type_oid   oid NOT NULL,
-    typmod     integer NOT NULL,
+    source_id    integer NOT NULL,
+    name         text NOT NULL,
+    type_oid     oid NOT NULL,
+    typmod       integer NOT NULL,
+    heap_type    oid NOT NULL,
+    heap_typmod  integer NOT NULL,
     PRIMARY KEY (source_id, name)
 );
 CREATE TABLE IF NOT EXISTS merkle_guard.own_ddl (
@@ -91,17 +98,16 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     UPDATE merkle_guard.sources SET retired = p_retired WHERE source_id = p_source_id;
 $$;
 
--- The type recorded is the column's own now, whatever the caller says: the rewrite check reads
--- a column as this type (found by review: a type the owner chose crashed the server).
 CREATE OR REPLACE FUNCTION merkle_guard.put_source_column(p_source_id integer, p_name text, p_type_oid oid, p_typmod integer)
 RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO merkle_guard.source_columns
-    SELECT p_source_id, p_name, a.atttypid, a.atttypmod
+    SELECT p_source_id, p_name, p_type_oid, p_typmod, a.atttypid, a.atttypmod
       FROM merkle_guard.sources s
       JOIN pg_attribute a ON a.attrelid = s.table_oid AND a.attname = p_name AND a.attnum > 0 AND NOT a.attisdropped
      WHERE s.source_id = p_source_id
-    ON CONFLICT (source_id, name) DO UPDATE SET type_oid = excluded.type_oid, typmod = excluded.typmod;
+    ON CONFLICT (source_id, name) DO UPDATE SET type_oid = excluded.type_oid, typmod = excluded.typmod,
+        heap_type = excluded.heap_type, heap_typmod = excluded.heap_typmod;
 $$;
 
 CREATE OR REPLACE FUNCTION merkle_guard.forget_source_column(p_source_id integer, p_name text) RETURNS void
@@ -760,6 +766,20 @@ BEGIN
         RETURN;
     END IF;
     hashed := ARRAY(SELECT DISTINCT unnest(hashed));
+    -- Each column read, as the type the catalog gives it now, must have the type its stored
+    -- values have: otherwise it would be misread (that can crash the server).
+    SELECT format('column %I does not have the type of its stored values any more', a.attname) INTO problem
+      FROM merkle_guard.sources s JOIN merkle_guard.source_columns r USING (source_id)
+      JOIN pg_attribute a ON a.attrelid = rel AND a.attname = r.name AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE (s.table_oid = rel OR s.table_oid IN (SELECT a2.relid FROM pg_partition_ancestors(rel) a2))
+       AND NOT s.retired AND r.name = ANY (hashed)
+       AND (a.atttypid <> r.heap_type OR a.atttypmod <> r.heap_typmod)
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'ALTER refused on %: % (it feeds merkle-listener log "%")', shown, problem, log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Remove the source (merkle-listener source remove), alter the table, then add it again.';
+    END IF;
     -- The transaction's ids, its subtransactions' included: each holds a lock on its own.
     mine := ARRAY(SELECT l.transactionid FROM pg_locks l
                    WHERE l.locktype = 'transactionid' AND l.pid = pg_backend_pid()
