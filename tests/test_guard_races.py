@@ -257,3 +257,61 @@ def test_what_the_owner_records_cannot_make_the_rewrite_check_misread_a_column(p
         END $$""")
     _refused_alive(su, app, "ALTER TABLE public.base ALTER COLUMN v TYPE text USING public.f(v)",
                    "registered or changed in this transaction")
+
+
+def test_the_type_of_stored_values_is_read_after_a_retype_under_way_commits(plain, owned):
+    """Found by review: put_source_column read the column's type under the caller's snapshot,
+    while another session's retype was under way, and recorded a type the stored values no
+    longer had. It now waits for the table and reads the type afterwards."""
+    su, app, role = owned
+    _, dsn, _, _ = plain
+    assert _guard_cli(su, "install").returncode == 0
+    app.execute("CREATE TABLE public.t (id int8 PRIMARY KEY, v text)")
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "public.t", "--columns", "id,v", dsn=dsn, check=True)
+    source = su.execute("SELECT source_id FROM merkle.sources").fetchone()[0]
+    app.execute("INSERT INTO public.t VALUES (1, '2147483632')")
+    app.execute("SELECT merkle_guard.forget_source_column(%s, 'v')", (source,))  # v may be retyped now
+    retype = psycopg.connect(dsn, options=options_string())
+    put = psycopg.connect(dsn, autocommit=True, options=options_string())
+    try:
+        retype.execute("ALTER TABLE public.t ALTER v TYPE int8 USING v::int8")  # not committed yet
+        thread, result = _in_thread(lambda: put.execute(
+            "SELECT merkle_guard.put_source_column(%s, 'v', 'text'::regtype, -1)", (source,)))
+        _waits_for(su, put.info.backend_pid, "public.t")
+        retype.commit()
+        thread.join(30)
+        assert "error" not in result, result
+        assert su.execute("SELECT heap_type::regtype::text FROM merkle_guard.source_columns "
+                          "WHERE name = 'v'").fetchone()[0] == "bigint"
+        _refused_alive(su, app, "ALTER TABLE public.t ALTER v TYPE text USING v::text",
+                       "column v does not have the type of its stored values")
+    finally:
+        retype.close()
+        put.close()
+
+
+def test_the_records_a_rewrite_is_checked_against_are_held_until_its_transaction_ends(plain, owned):
+    """Found by review: another session could forget a column between the statements of the
+    rewrite check, which then read it unchecked. The check locks the records it reads."""
+    su, app, role = owned
+    _, dsn, _, _ = plain
+    assert _guard_cli(su, "install").returncode == 0
+    app.execute("CREATE TABLE public.t (id int8 PRIMARY KEY, v int8)")
+    cli("log", "create", "audit", dsn=dsn, check=True)
+    cli("source", "add", "audit", "public.t", dsn=dsn, check=True)
+    source = su.execute("SELECT source_id FROM merkle.sources").fetchone()[0]
+    app.execute("INSERT INTO public.t VALUES (1, 2147483632)")
+    rewrite = psycopg.connect(dsn, options=options_string())
+    forget = psycopg.connect(dsn, autocommit=True, options=options_string())
+    try:
+        rewrite.execute("ALTER TABLE public.t ALTER v TYPE int8 USING v + 0")  # checked, values kept; still open
+        thread, result = _in_thread(lambda: forget.execute(
+            "SELECT merkle_guard.forget_source_column(%s, 'v')", (source,)))
+        _wait(su, "SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s AND NOT granted)", (forget.info.backend_pid,))
+        rewrite.rollback()
+        thread.join(30)
+        assert "error" not in result, result
+    finally:
+        rewrite.close()
+        forget.close()

@@ -216,6 +216,8 @@ def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
         raise ConfigurationError(f"merkle.{moved[0][0]} was replaced while the guard waited for it: run "
                                  "`guard install` again. Nothing was changed")
     conn.execute("SET LOCAL constraint_exclusion = partition")
+    if conn.execute("SELECT current_setting('transaction_isolation')").fetchone()[0] != "read committed":
+        raise ConfigurationError("`guard install` must run in a READ COMMITTED transaction. Nothing was changed")
     for table, columns in _OWNER_COLUMNS.items():
         rows = conn.execute(
             "SELECT c.relkind::text, a.attname::text, a.atttypid::regtype::text FROM pg_class c "
@@ -234,4 +236,9 @@ def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
                 f"merkle.{table} is not the table this version of merkle-listener made (a view, another type of a "
                 "column, an index or statistics on an expression?): the guard reads it as a superuser only as made. "
                 f"Run `merkle-listener init` as role {owner}, or repair the table. Nothing was changed")
+    # The source tables too, before their columns' types are read (in the copy's own statement,
+    # a fresh snapshot): a retype under way holds its table until it commits.
+    for (oid,) in conn.execute("SELECT DISTINCT s.table_oid FROM ONLY merkle.sources s "
+                               "JOIN pg_class c ON c.oid = s.table_oid").fetchall():
+        conn.execute("SELECT merkle_guard.pin(%s::oid::regclass)", (oid,))
     conn.execute(_COPY)

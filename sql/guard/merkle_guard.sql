@@ -98,16 +98,29 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     UPDATE merkle_guard.sources SET retired = p_retired WHERE source_id = p_source_id;
 $$;
 
+-- The table is pinned (an ALTER under way holds it until it commits) and read in a statement of
+-- its own, read committed: the type taken is the one its stored values have now (found by
+-- review: a type read under an older snapshot, or before a retype committed, was wrong).
 CREATE OR REPLACE FUNCTION merkle_guard.put_source_column(p_source_id integer, p_name text, p_type_oid oid, p_typmod integer)
 RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := (SELECT s.table_oid FROM merkle_guard.sources s WHERE s.source_id = p_source_id);
+BEGIN
+    IF rel IS NULL THEN
+        RETURN;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'merkle-listener records the type of %.% in a READ COMMITTED transaction only', rel, p_name
+            USING ERRCODE = 'ML101';
+    END IF;
+    PERFORM merkle_guard.pin(rel);
     INSERT INTO merkle_guard.source_columns
     SELECT p_source_id, p_name, p_type_oid, p_typmod, a.atttypid, a.atttypmod
-      FROM merkle_guard.sources s
-      JOIN pg_attribute a ON a.attrelid = s.table_oid AND a.attname = p_name AND a.attnum > 0 AND NOT a.attisdropped
-     WHERE s.source_id = p_source_id
+      FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = p_name AND a.attnum > 0 AND NOT a.attisdropped
     ON CONFLICT (source_id, name) DO UPDATE SET type_oid = excluded.type_oid, typmod = excluded.typmod,
         heap_type = excluded.heap_type, heap_typmod = excluded.heap_typmod;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION merkle_guard.forget_source_column(p_source_id integer, p_name text) RETURNS void
@@ -732,6 +745,15 @@ DECLARE
     early record;
     unbuilt regclass;
 BEGIN
+    -- The records read below may not change before the transaction ends (found by review:
+    -- another session forgot a column between the statements of this check, which then read
+    -- it unchecked): their rows are locked, and a new record waits for the table (put_source_column).
+    PERFORM 1 FROM merkle_guard.sources s
+     WHERE s.table_oid = rel OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(rel) a) FOR SHARE;
+    PERFORM 1 FROM merkle_guard.source_columns r
+     WHERE r.source_id IN (SELECT s.source_id FROM merkle_guard.sources s
+                            WHERE s.table_oid = rel OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(rel) a))
+       FOR SHARE;
     -- The sources whose table is rel or a partitioned ancestor of it.
     FOR src IN SELECT s.* FROM merkle_guard.sources s
                 WHERE (s.table_oid = rel OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(rel) a))
