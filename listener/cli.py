@@ -399,7 +399,7 @@ def _print_guard_state(state) -> int:
     if not state.complete:
         print("guard incomplete or changed: as a superuser, run `merkle-listener guard install`")
         return 3
-    print(f"guard complete: schema merkle_guard, out of the reach of role {state.schema_owner}, which owns schema merkle")
+    print(f"guard complete: its functions are in schema merkle_guard; schema merkle belongs to role {state.schema_owner}")
     return 0
 
 

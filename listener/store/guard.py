@@ -186,9 +186,13 @@ def install(conn: psycopg.Connection) -> list[str]:
         when = sql.SQL(" WHEN TAG IN ({})").format(sql.SQL(", ").join(map(sql.Literal, t.tags))) if t.tags else sql.SQL("")
         conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {}{} EXECUTE FUNCTION {}.{}()").format(
             sql.Identifier(t.name), sql.Identifier(t.event), when, sql.Identifier(SCHEMA), sql.Identifier(t.function)))
-    done.append(f"{len(EVENT_TRIGGERS)} event triggers call the functions of schema {SCHEMA}, which role {owner} "
-                "cannot change")
+    done.append(f"{len(EVENT_TRIGGERS)} event triggers call the functions of schema {SCHEMA}, which are {me}'s"
+                + ("" if _is_superuser(conn, owner) else f": role {owner}, which owns schema merkle, cannot change them"))
     return done
+
+
+def _is_superuser(conn: psycopg.Connection, role: str) -> bool:
+    return conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]
 
 
 def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
