@@ -47,13 +47,16 @@ class Listener:
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, text=True, preexec_fn=preexec_fn,
         )
 
+    def _logged(self) -> str:
+        """What the listener has logged so far. Read with pread: the listener writes through the
+        same open file, and a seek here would move where its next line lands (over older ones)."""
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+
     def wait_for(self, text: str, timeout: float = 60) -> None:
         """Wait until the listener has logged `text`."""
         deadline = time.monotonic() + timeout
-        while True:
-            self._log.seek(0)
-            if text in self._log.read():
-                return
+        while text not in self._logged():
             assert self.proc.poll() is None, f"the listener exited ({self.proc.returncode}) before logging {text!r}"
             assert time.monotonic() < deadline, f"the listener did not log {text!r} within {timeout} s"
             time.sleep(0.05)
@@ -61,12 +64,13 @@ class Listener:
     def http_url(self, timeout: float = 60) -> str:
         """The URL of the HTTP API it serves, from its "HTTP API listening" log line (for
         `--http 127.0.0.1:0`: a port no other test can take between choosing and binding it)."""
-        self.wait_for('"HTTP API listening"', timeout)
-        self._log.seek(0)
-        for line in self._log:
-            if '"HTTP API listening"' in line:
-                return f"http://{json.loads(line)['address']}"
-        raise AssertionError("unreachable: the line was there")
+        deadline = time.monotonic() + timeout
+        while True:
+            self.wait_for('"HTTP API listening"', max(deadline - time.monotonic(), 0.1))
+            lines = [x for x in self._logged().split("\n")[:-1] if '"HTTP API listening"' in x]  # whole lines
+            if lines:
+                return f"http://{json.loads(lines[0])['address']}"
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         """Send `sig`, wait for the exit, return what the listener logged."""

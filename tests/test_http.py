@@ -298,10 +298,11 @@ def test_serve_read_only_with_two_workers(http_log):
                                  f"127.0.0.1:{port}", "--workers", "2", "--preload"], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            if proc.wait(timeout=2) == 2 and "Address already in use" in proc.stderr.read():
-                continue
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            pass
+            break
+        if proc.returncode == 2 and "Address already in use" in proc.communicate()[1]:
+            continue
         break
     try:
         from listener.client import Client
