@@ -78,8 +78,7 @@ class Listener:
             self.proc.send_signal(sig)
         self.proc.wait(timeout=30)
         if not self._log.closed:
-            self._log.seek(0)
-            self.text = self._log.read()
+            self.text = self._logged()
             self._log.close()
         return self.text
 
