@@ -347,6 +347,11 @@ def cmd_init(args) -> int:
         print("warning: the DDL guard is not installed: it needs a superuser, who installs it with "
               "`merkle-listener guard install` on this database (docs/replication.md, \"The DDL guard on a role's "
               "schema\")", file=sys.stderr)
+    elif not guard_state.complete and any(t.function for t in guard_state.triggers):
+        # Installed by a superuser for an earlier version: a role's upgrade cannot bring it up to date.
+        print("warning: the DDL guard installed in this database is incomplete or another version's "
+              "(`merkle-listener guard status` says which part): as a superuser, run `merkle-listener guard "
+              "install` to bring it up to date", file=sys.stderr)
     return 0
 
 

@@ -163,6 +163,7 @@ def add_source(
         _check_entry_column_not_null(conn, spec)
         check_not_a_source(conn, spec)
         _check_not_partitioned(conn, spec)
+        check_append_only_parent(conn, spec, append_only)
         source = _insert_source(conn, log, spec, append_only, doorbell=doorbell)
         queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill,
                                  doorbell=doorbell)
@@ -229,6 +230,23 @@ def check_not_a_source(conn: psycopg.Connection, spec: SourceSpec) -> None:
             f"table {spec.qualified} is already a source of log {other[0]!r}; "
             "a table feeds one log (remove it there first)"
         )
+
+
+def check_append_only_parent(conn: psycopg.Connection, spec: SourceSpec, append_only: bool) -> None:
+    """An append-only source refuses UPDATE and DELETE with a statement trigger, which fires only
+    for statements naming it: one naming its parent (inheritance or partitioning) would reach
+    its rows unrefused (found by review), unless the parent is an append-only source too. The
+    DDL guard keeps this so (merkle_guard.check_source_partitions)."""
+    if not append_only:
+        return
+    parent = conn.execute(
+        "SELECT i.inhparent::regclass::text FROM pg_inherits i WHERE i.inhrelid = %s AND NOT EXISTS "
+        "(SELECT FROM merkle.sources s WHERE s.table_oid = i.inhparent AND s.append_only)", (spec.oid,)).fetchone()
+    if parent:
+        raise SourceTableError(
+            f"{spec.qualified} inherits from (or is a partition of) {parent[0]}: an UPDATE or DELETE naming "
+            f"{parent[0]} would change its rows without firing the append-only guard; add {parent[0]} as an "
+            "append-only source instead, or detach the table (NO INHERIT, DETACH PARTITION) first")
 
 
 def _check_not_partitioned(conn: psycopg.Connection, spec: SourceSpec) -> None:

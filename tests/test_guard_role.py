@@ -74,6 +74,8 @@ def _old_style_install(su) -> None:
     """The guard as the warnings of `init` said to install it before 020: their CREATE EVENT
     TRIGGER statements, run by a superuser, on the functions of schema merkle, the role's."""
     for t in guard.EVENT_TRIGGERS:
+        if su.execute("SELECT to_regprocedure(%s) IS NULL", (f"merkle.{t.function}()",)).fetchone()[0]:
+            continue  # an event trigger added since (its function is merkle_guard's only)
         when = " WHEN TAG IN (" + ", ".join(f"'{tag}'" for tag in t.tags) + ")" if t.tags else ""
         su.execute(f"CREATE EVENT TRIGGER {t.name} ON {t.event}{when} EXECUTE FUNCTION merkle.{t.function}()")
 
@@ -257,6 +259,23 @@ def test_guard_install_refuses_what_it_cannot_do_safely(plain, monkeypatch):
         assert out.returncode == 2 and f"schema merkle_guard belongs to role {role}" in out.stderr, out.stderr
         su.execute("DROP SCHEMA merkle_guard")
     assert _guard_cli(su, "install").returncode == 0
+
+
+def test_the_roles_init_says_when_an_installed_guard_is_out_of_date(plain, owned):
+    """A guard installed for an earlier version (here: one event trigger it did not have yet)
+    cannot be brought up to date by the role's upgrade; its `init` says so, and a superuser's
+    `guard install` completes it."""
+    su, app, role = owned
+    _, dsn, _, _ = plain
+    assert _guard_cli(su, "install").returncode == 0
+    assert "warning" not in cli("init", dsn=dsn, check=True).stderr
+    su.execute(f"DROP EVENT TRIGGER {guard.EVENT_TRIGGERS[-1].name}")
+    out = cli("init", dsn=dsn, check=True)
+    assert "the DDL guard installed in this database is incomplete or another version's" in out.stderr, out.stderr
+    assert _guard_cli(su, "status").returncode == 3
+    assert _guard_cli(su, "install").returncode == 0
+    assert _guard_cli(su, "status").returncode == 0
+    assert "warning" not in cli("init", dsn=dsn, check=True).stderr
 
 
 def test_guard_status_resolves_nothing_in_the_roles_schemas(plain, owned):

@@ -35,7 +35,11 @@ class EventTrigger:
 
 
 EVENT_TRIGGERS = (
-    EventTrigger("merkle_source_ddl", "ddl_command_end", ("ALTER TABLE", "ALTER TRIGGER"), "check_source_ddl"),
+    # ALTER INDEX, VIEW, MATERIALIZED VIEW and FOREIGN TABLE rename tables and their columns too;
+    # ALTER TYPE the columns of typed tables; ALTER SCHEMA its tables (check_source_ddl).
+    EventTrigger("merkle_source_ddl", "ddl_command_end",
+                 ("ALTER TABLE", "ALTER TRIGGER", "ALTER INDEX", "ALTER VIEW", "ALTER MATERIALIZED VIEW",
+                  "ALTER FOREIGN TABLE", "ALTER TYPE", "ALTER SCHEMA"), "check_source_ddl"),
     EventTrigger("merkle_source_drop", "sql_drop", ("DROP TRIGGER",), "check_source_drop"),
     EventTrigger("merkle_source_partitions", "ddl_command_end",
                  ("CREATE TABLE", "ALTER TABLE", "ALTER TRIGGER", "CREATE SCHEMA"), "check_source_partitions"),
@@ -45,6 +49,9 @@ EVENT_TRIGGERS = (
     EventTrigger("merkle_source_column_drop", "sql_drop", None, "check_source_column_drop"),
     EventTrigger("merkle_source_rewrite", "table_rewrite", ("ALTER TABLE", "ALTER TYPE"), "check_source_rewrite"),
     EventTrigger("merkle_source_rewritten", "ddl_command_end", ("ALTER TABLE", "ALTER TYPE"), "check_source_rewritten"),
+    EventTrigger("merkle_source_trigger_create", "ddl_command_end", ("CREATE TRIGGER",), "check_source_trigger_create"),
+    EventTrigger("merkle_enum_labels", "ddl_command_start", ("ALTER TYPE",), "remember_enum_labels"),
+    EventTrigger("merkle_enum_rename", "ddl_command_end", ("ALTER TYPE",), "check_enum_rename"),
 )
 
 # The functions through which the owner of schema merkle keeps the guard's copy (sql/020).
@@ -68,7 +75,11 @@ INSERT INTO merkle_guard.sources
 SELECT s.source_id, s.log_id, l.name, s.table_oid, s.table_schema, s.table_name, s.mode, s.events, s.columns,
        s.key_columns, s.entry_column, s.append_only, s.row_filter,
        EXISTS (SELECT FROM ONLY merkle.replication_retired r WHERE r.source_id = s.source_id)
-  FROM ONLY merkle.sources s JOIN ONLY merkle.logs l ON l.log_id = s.log_id;
+  FROM ONLY merkle.sources s JOIN ONLY merkle.logs l ON l.log_id = s.log_id
+  -- only the tables pinned and checked before, as put_source would take them (found by review:
+  -- a table_oid that named no table yet was copied, and claimed the next table of any role)
+  JOIN pg_class c ON c.oid = s.table_oid AND c.relkind IN ('r', 'p')
+  JOIN pg_namespace n ON n.nspname = 'merkle' AND pg_has_role(n.nspowner, c.relowner, 'USAGE');
 INSERT INTO merkle_guard.source_columns  -- the stored values' type is the column's own (sql/guard)
 SELECT c.source_id, c.name, c.type_oid, c.typmod, a.atttypid, a.atttypmod
   FROM ONLY merkle.source_columns c JOIN merkle_guard.sources s ON s.source_id = c.source_id
@@ -243,6 +254,6 @@ def _copy_sources(conn: psycopg.Connection, owner: str) -> None:
     # The source tables too, before their columns' types are read (in the copy's own statement,
     # a fresh snapshot): a retype under way holds its table until it commits.
     for (oid,) in conn.execute("SELECT DISTINCT s.table_oid FROM ONLY merkle.sources s "
-                               "JOIN pg_class c ON c.oid = s.table_oid").fetchall():
+                               "JOIN pg_class c ON c.oid = s.table_oid AND c.relkind IN ('r', 'p')").fetchall():
         conn.execute("SELECT merkle_guard.pin(%s::oid::regclass)", (oid,))
     conn.execute(_COPY)

@@ -392,9 +392,28 @@ BEGIN
                                     ELSE c.objid END AS relid,
                                c.object_type, c.objid
                FROM pg_event_trigger_ddl_commands() c
-               WHERE c.object_type IN ('table', 'table column', 'trigger') LOOP
+               WHERE c.object_type IN ('table', 'table column', 'trigger')
+               -- Renames under other tags (found by review): ALTER INDEX ... RENAME and ALTER
+               -- VIEW, MATERIALIZED VIEW or FOREIGN TABLE ... RENAME COLUMN work on tables too;
+               -- ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE renames the columns of the type's
+               -- typed tables; ALTER SCHEMA ... RENAME renames every table in it.
+               UNION
+               SELECT k.oid, 'table', k.oid
+                 FROM pg_event_trigger_ddl_commands() c
+                 JOIN pg_class k
+                   ON (c.object_type = 'schema' AND k.relnamespace = c.objid)
+                   OR (c.object_type IN ('type', 'composite type', 'composite type column')
+                       AND k.reloftype IN (SELECT y.oid FROM pg_type y WHERE y.oid = c.objid OR y.typrelid = c.objid))
+                WHERE k.oid IN (SELECT s.table_oid FROM merkle_guard.sources s) LOOP
+        -- The sources whose table is the one named, or inherits from it or is a partition of
+        -- it: ALTER TABLE recurses into them (found by review: a hashed column of a source
+        -- that inherits from another table was dropped or renamed through that table).
         FOR src IN SELECT s.* FROM merkle_guard.sources s
-                   WHERE s.table_oid = cmd.relid LOOP
+                   WHERE s.table_oid IN (WITH RECURSIVE d(relid) AS (
+                                             SELECT cmd.relid
+                                             UNION
+                                             SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.relid)
+                                         SELECT d.relid FROM d) LOOP
             problem := NULL;
             hint := 'Remove the source (merkle-listener source remove), alter the table, then add it again.';
             IF cmd.object_type = 'trigger' AND EXISTS (
@@ -460,6 +479,45 @@ BEGIN
 END
 $$;
 
+-- CREATE OR REPLACE TRIGGER replaces a trigger of the same name with any other, and needs only
+-- the TRIGGER privilege on the table (found by review: a role given TRIGGER on a source swapped
+-- its capture trigger for a no-op; a member of the owning role swapped a partition guard, then
+-- detached the partition with its rows). A trigger of a merkle-listener name on a source's
+-- table, or on a partition of one, is created by merkle-listener alone: in the transaction that
+-- records its source, or in one marked as installing partition guards.
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_trigger_create() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hit record;
+    mine xid[];
+BEGIN
+    IF merkle_guard.own_ddl_running('install_partition_guards') THEN
+        RETURN;  -- merkle_guard.install_partition_guards, or `source add` (replication mode)
+    END IF;
+    mine := ARRAY(SELECT l.transactionid FROM pg_locks l
+                   WHERE l.locktype = 'transactionid' AND l.pid = pg_backend_pid()
+                     AND l.mode = 'ExclusiveLock' AND l.granted);
+    SELECT t.tgname, t.tgrelid::regclass AS rel, s.table_schema, s.table_name, s.log_name INTO hit
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_trigger t ON t.oid = c.objid
+      JOIN merkle_guard.sources s
+        ON s.table_oid = t.tgrelid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(t.tgrelid) a)
+     WHERE c.object_type = 'trigger'
+       AND t.tgname ~ '^merkle_(capture|guard|guard_truncate|partition|truncate_begin|truncate_end)_[0-9]+$'
+       AND NOT EXISTS (SELECT 1 FROM merkle_guard.sources n
+                        WHERE n.source_id = substring(t.tgname FROM '_([0-9]+)$')::integer
+                          AND n.xmin = ANY (mine))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'CREATE TRIGGER refused: % on % is a merkle-listener trigger, which merkle-listener alone '
+                        'creates (%.% feeds merkle-listener log "%")', hit.tgname, hit.rel, hit.table_schema,
+                        hit.table_name, hit.log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Give a trigger of your own another name; merkle-listener''s triggers may not be replaced.';
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION merkle_guard.check_source_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -491,6 +549,26 @@ DECLARE
 BEGIN
     IF merkle_guard.own_ddl_running('install_partition_guards') THEN
         RETURN;  -- merkle_guard.install_partition_guards creating them
+    END IF;
+    -- An append-only source refuses UPDATE and DELETE with a statement trigger, which fires only
+    -- for statements naming it (found by review: an UPDATE or DELETE naming its parent changed
+    -- its rows): it may not inherit from, or be a partition of, a table that is no append-only
+    -- source itself (which refuses them for its whole tree).
+    SELECT format('%I.%I, an append-only source of merkle-listener log "%s", may not inherit from or be a partition '
+                  'of %s: an UPDATE or DELETE naming %s would change its rows unrefused', s.table_schema,
+                  s.table_name, s.log_name, i.inhparent::regclass, i.inhparent::regclass)
+      INTO problem
+      FROM merkle_guard.sources s JOIN pg_inherits i ON i.inhrelid = s.table_oid
+     WHERE s.append_only AND NOT s.retired
+       AND NOT EXISTS (SELECT 1 FROM merkle_guard.sources p
+                        WHERE p.table_oid = i.inhparent AND p.append_only AND NOT p.retired)
+       AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() c
+                    WHERE c.object_type = 'table' AND c.objid IN (s.table_oid, i.inhparent))
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'refused: %', problem
+            USING ERRCODE = 'ML101',
+                  HINT = 'Keep the append-only source out of other tables'' trees, or remove the source first.';
     END IF;
     -- A trigger-mode source may not become a partition (ATTACH PARTITION): its statement
     -- trigger would not fire for rows inserted through the partitioned table.
@@ -867,6 +945,69 @@ BEGIN
     -- A check not yet made (its rewrite was under way when a statement ended inside it) keeps
     -- the digest of the older rows, the ones the log knows.
     ON CONFLICT (xid, relid) DO UPDATE SET filenode = excluded.filenode;
+END
+$$;
+
+-- ALTER TYPE ... RENAME VALUE changes the text of every stored value of an enum at once, with
+-- no rewrite (found by review: the owner of an enum that a source's column has swapped two
+-- labels in every committed row). Before an ALTER TYPE the labels of the enums that hashed
+-- values are made of are remembered; after it, one that changed is refused.
+CREATE TABLE IF NOT EXISTS merkle_guard.enum_labels (
+    xid        xid8 NOT NULL,
+    label_oid  oid NOT NULL,
+    label      name NOT NULL,
+    PRIMARY KEY (xid, label_oid)
+);
+
+-- The enums whose labels are (part of) a hashed column's text: its type, or one that an array,
+-- domain, composite, range or multirange type on the way is made of.
+CREATE OR REPLACE FUNCTION merkle_guard.hashed_enums() RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE t(typid) AS (
+        SELECT a.atttypid
+          FROM merkle_guard.sources s JOIN merkle_guard.source_columns r ON r.source_id = s.source_id
+          JOIN pg_attribute a ON a.attrelid = s.table_oid AND a.attname = r.name AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE NOT s.retired
+        UNION
+        SELECT n.next
+          FROM t JOIN pg_type y ON y.oid = t.typid
+          CROSS JOIN LATERAL (SELECT y.typelem WHERE y.typelem <> 0
+                              UNION ALL SELECT y.typbasetype WHERE y.typbasetype <> 0
+                              UNION ALL SELECT x.atttypid FROM pg_attribute x
+                                         WHERE x.attrelid = y.typrelid AND x.attnum > 0 AND NOT x.attisdropped
+                              UNION ALL SELECT g.rngsubtype FROM pg_range g WHERE g.rngtypid = y.oid
+                              UNION ALL SELECT g.rngtypid FROM pg_range g WHERE g.rngmultitypid = y.oid) n(next))
+    SELECT t.typid FROM t JOIN pg_type y ON y.oid = t.typid WHERE y.typtype = 'e'
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.remember_enum_labels() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO merkle_guard.enum_labels (xid, label_oid, label)
+    SELECT pg_current_xact_id(), e.oid, e.enumlabel FROM pg_enum e
+     WHERE e.enumtypid IN (SELECT merkle_guard.hashed_enums())
+    ON CONFLICT (xid, label_oid) DO UPDATE SET label = excluded.label;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_enum_rename() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    was name;
+    now name;
+    typ regtype;
+BEGIN
+    SELECT l.label, e.enumlabel, e.enumtypid INTO was, now, typ
+      FROM merkle_guard.enum_labels l JOIN pg_enum e ON e.oid = l.label_oid
+     WHERE l.xid = pg_current_xact_id_if_assigned() AND e.enumlabel <> l.label
+     LIMIT 1;
+    DELETE FROM merkle_guard.enum_labels WHERE xid = pg_current_xact_id_if_assigned();
+    IF was IS NOT NULL THEN
+        RAISE EXCEPTION 'ALTER TYPE refused: renaming value % of % to % would change committed values that '
+                        'merkle-listener has hashed (a source''s hashed column is made of this enum)', was, typ, now
+            USING ERRCODE = 'ML101',
+                  HINT = 'Add a new value instead (ALTER TYPE ... ADD VALUE), and UPDATE the rows (each change is logged).';
+    END IF;
 END
 $$;
 
