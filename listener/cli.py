@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--state-dir", type=Path,
                     help="where the signer remembers its last checkpoint per log (default: KEY.published/)")
     rp.add_argument("--http", metavar="HOST:PORT", help="also serve the HTTP API (see docs/http-api.md)")
+    rp.add_argument("--connect-wait", type=float, default=60, metavar="SECONDS",
+                    help="at start, wait up to this long for a server that cannot be reached yet or is starting or "
+                         "recovering (default 60; 0: fail at once); once running, it reconnects whatever the wait")
 
     kg = sub.add_parser("keygen", help="create an Ed25519 signer key for checkpoints; prints the verifier key")
     kg.add_argument("name", help="key name, usually the log's origin (no spaces, no '+')")
@@ -531,15 +534,39 @@ def cmd_run(args) -> int:
         from listener.api.server import parse_address
 
         parse_address(args.http)
+    if not 0 <= args.connect_wait < 1e6:
+        raise ConfigurationError("--connect-wait must be at least 0 and less than 1e6 seconds")
     with database(args) as dsn:
-        with connect(dsn) as conn:
-            _checked(conn)
+        _wait_for_database(dsn, args.connect_wait)
         signer, state_dir = _load_signer(args.key, args.state_dir)
         opts = RunOptions(dsn=dsn, logs=args.logs, poll_interval=args.poll, max_batch=args.max_batch,
                           signer=signer, state_dir=state_dir, checkpoint_interval=args.checkpoint_interval / 1000,
                           http=args.http)
         anyio.run(_until_signal, run, opts)
     return 0
+
+
+def _wait_for_database(dsn: str, wait: float) -> None:
+    """Connect and check the schema; while the server cannot be reached yet, or is starting,
+    stopping or recovering (a supervisor starting the listener with the database, or during a
+    restart), retry for up to `wait` seconds. Anything else is an error at once."""
+    import logging
+
+    from listener.store.connect import wait_for_server
+
+    def attempt() -> None:
+        with psycopg.connect(dsn, autocommit=True, options=options_string(), application_name="merkle-listener") as conn:
+            _checked(conn)
+
+    def on_retry(exc: Exception, delay: float) -> None:
+        logging.getLogger("listener.run").warning(
+            "PostgreSQL cannot be reached yet; retrying", extra={"error": str(exc).strip(), "retry_in_s": delay})
+
+    try:
+        wait_for_server(attempt, wait, on_retry)
+    except psycopg.OperationalError as exc:
+        waited = f" (waited {wait:g} s; --connect-wait sets how long)" if wait else ""
+        raise ConfigurationError(f"cannot connect to PostgreSQL{waited}: {str(exc).strip()}") from None
 
 
 def _load_signer(key: Path | None, state_dir: Path | None):

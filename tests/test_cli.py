@@ -78,6 +78,8 @@ def test_global_options_may_follow_the_command(conn, dsn):
 @pytest.mark.parametrize("args, message", [
     (["run", "--poll", "0"], "--poll must be more than 0 and less than 1e6 seconds"),
     (["run", "--poll", "inf"], "--poll must be more than 0 and less than 1e6 seconds"),
+    (["run", "--connect-wait", "-1"], "--connect-wait must be at least 0 and less than 1e6 seconds"),
+    (["run", "--connect-wait", "nan"], "--connect-wait must be at least 0 and less than 1e6 seconds"),
     (["log", "create", "x", "--origin", ""], "the origin must be a non-empty line"),
     (["prove", "inclusion", "audit", "0"], "log 'audit' has no leaves yet"),
     (["prove", "inclusion", "audit", "5", "--size", "0"], "the tree of size 0 has no leaves"),

@@ -24,7 +24,7 @@ from listener.runner import connect
 from listener.sources import pgoutput as po
 from listener.sources.replication_apply import BACKFILL_ROWS_PER_BATCH
 from listener.store import migrate
-from tests.helpers import check_log, start_listener
+from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import wait_for_size
 
 WRITERS = 8
@@ -342,3 +342,35 @@ def test_keepalives_that_ask_for_a_reply_are_answered(crash_server):
             conn.execute("SELECT pg_reload_conf()")
             conn.execute("SELECT pg_drop_replication_slot('merkle_ka')")
         assert len(got) == 1 and po.decode(got[0].changes[0][1], raw=True).new == (b"1",)
+
+
+def test_run_waits_for_a_server_that_is_not_up_yet(crash_server):
+    """A listener started while PostgreSQL is down (a supervisor starting both, or a restart)
+    waits for it, as it does once running; what cannot end by itself fails at once."""
+    dsn = crash_server.dsn("crash")
+    with connect(dsn) as conn:  # committed at the end of the block
+        conn.execute("CREATE TABLE early (id int PRIMARY KEY)")
+        registry.create_log(conn, "early")
+        registry.add_source(conn, "early", "early")
+        conn.execute("INSERT INTO early SELECT generate_series(1, 3)")
+    crash_server.stop()
+    try:
+        refused = cli("run", "--connect-wait", "0", dsn=dsn, timeout=30)
+        assert refused.returncode == 2 and "error: cannot connect to PostgreSQL" in refused.stderr, refused.stderr
+        listener = start_listener(dsn, "--log", "early")
+        try:
+            listener.wait_for("PostgreSQL cannot be reached yet; retrying")
+        finally:
+            crash_server.start(owned=True)
+        try:
+            with connect(dsn, autocommit=True) as conn:
+                wait_for_size(conn, "early", 3, timeout=60, listener=listener)
+                check_log(conn, "early")
+        finally:
+            listener.stop()
+    finally:
+        crash_server.start(owned=True)  # for the tests after this one, whatever happened
+    # A database that does not exist is no condition that ends by itself: no wait of 600 s.
+    missing = cli("run", "--connect-wait", "600", dsn=crash_server.dsn("no_such_database"), timeout=30)
+    assert missing.returncode == 2 and 'database "no_such_database" does not exist' in missing.stderr, missing.stderr
+    assert "retrying" not in missing.stderr

@@ -173,7 +173,7 @@ def test_a_statement_larger_than_a_batch_is_spread_over_batches(two_sources, dsn
 def test_kill_9_listener_mid_batches_loses_and_duplicates_nothing(two_sources, dsn):
     conn = two_sources
     stop = threading.Event()
-    writer = threading.Thread(target=_writers, args=(dsn, 4, 400, stop))
+    writer = threading.Thread(target=_writers, args=(dsn, 4, 10**6, stop))  # until stopped: every round has batches
     writer.start()
     rnd = random.Random(7)
     size = "SELECT tree_size FROM merkle.logs WHERE name = 'audit'"

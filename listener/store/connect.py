@@ -7,7 +7,11 @@ under (docs/canonical-entry.md); every connection of the listener uses them.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import psycopg
 
 PINNED_SETTINGS = {
     "TimeZone": "UTC",
@@ -79,8 +83,6 @@ class KeptConnection:
         self._conn = None
 
     def get(self):
-        import psycopg
-
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(self.dsn, autocommit=True, options=options_string(search_path=RUN_SEARCH_PATH),
                                          application_name="merkle-listener")
@@ -90,3 +92,37 @@ class KeptConnection:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+# What libpq says when the server is not there yet or is starting, stopping or recovering: a
+# condition that ends by itself. A refused login, a missing database or a bad DSN does not.
+_TRANSIENT = ("connection refused", "no such file or directory", "the database system is",
+              "consistent recovery state", "server closed the connection unexpectedly",
+              "terminating connection", "timeout expired", "could not translate host name")
+
+
+def transient(exc: Exception) -> bool:
+    """Whether a failure to connect (or a lost connection) may end by itself."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    if exc.sqlstate and exc.sqlstate[:2] in ("08", "57"):  # connection exception, operator intervention
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in _TRANSIENT)
+
+
+def wait_for_server(attempt: Callable[[], None], wait: float, on_retry: Callable[[Exception, float], None]) -> None:
+    """Run `attempt` (connect and check) until it succeeds, retrying for up to `wait` seconds
+    while it fails for a transient reason; `on_retry(error, delay)` before each pause. Other
+    failures, and the last transient one, are raised."""
+    deadline = time.monotonic() + wait
+    delay = 0.2
+    while True:
+        try:
+            return attempt()
+        except psycopg.OperationalError as exc:
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            on_retry(exc, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
