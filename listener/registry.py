@@ -164,6 +164,7 @@ def add_source(
         check_not_a_source(conn, spec)
         _check_not_partitioned(conn, spec)
         check_append_only_parent(conn, spec, append_only)
+        check_not_subscribed(conn, spec, trigger_mode=True, append_only=append_only)
         source = _insert_source(conn, log, spec, append_only, doorbell=doorbell)
         queued = trigger.install(conn, source.source_id, log.name, spec, append_only=append_only, backfill=backfill,
                                  doorbell=doorbell)
@@ -247,6 +248,26 @@ def check_append_only_parent(conn: psycopg.Connection, spec: SourceSpec, append_
             f"{spec.qualified} inherits from (or is a partition of) {parent[0]}: an UPDATE or DELETE naming "
             f"{parent[0]} would change its rows without firing the append-only guard; add {parent[0]} as an "
             "append-only source instead, or detach the table (NO INHERIT, DETACH PARTITION) first")
+
+
+def check_not_subscribed(conn: psycopg.Connection, spec: SourceSpec, *, trigger_mode: bool, append_only: bool) -> None:
+    """A subscription's apply worker fires row triggers only, never statement triggers: a
+    trigger-mode source would miss the rows it applies, and an append-only source's guard its
+    updates and deletes (found by review). Replication mode streams them like any change. The
+    DDL guard refuses such a subscription made later (merkle_guard.check_source_subscription)."""
+    if not (trigger_mode or append_only):
+        return
+    sub = conn.execute(
+        "SELECT s.subname::text FROM pg_catalog.pg_subscription_rel r "
+        "JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid "
+        "WHERE r.srrelid = %s OR r.srrelid IN (SELECT relid FROM pg_catalog.pg_partition_tree(%s))",
+        (spec.oid, spec.oid)).fetchone()
+    if sub:
+        what = "a trigger-mode source would miss" if trigger_mode else "an append-only source could not refuse"
+        raise SourceTableError(
+            f"subscription {sub[0]} applies changes to {spec.qualified}, and its apply worker fires no statement "
+            f"trigger: {what} them; add it with --mode replication{'' if not append_only else ' and without --append-only'}, "
+            "or replicate into another table")
 
 
 def _check_not_partitioned(conn: psycopg.Connection, spec: SourceSpec) -> None:

@@ -3,12 +3,16 @@ review): replacing a merkle-listener trigger with CREATE OR REPLACE TRIGGER; ren
 source's table or hashed columns under other command tags (ALTER INDEX, VIEW, MATERIALIZED
 VIEW, FOREIGN TABLE, TYPE ... CASCADE, SCHEMA); dropping or renaming them through a parent
 table; changing an append-only source's rows through a parent; renaming a hashed enum's
-values; and `guard install` copying sources of tables that do not exist. Each test makes the
-attempt as a role the guard protects the sources from, and shows it refused (ML101) with the
-committed rows unchanged; where the attempt is let through, it shows what it changed."""
+values; `guard install` copying sources of tables that do not exist; a trigger of another
+role's function on a source (it runs as whoever writes there); dropping a source through what
+it depends on; changing the attributes of a hashed composite type; hashing OID-alias columns.
+Each test makes the attempt as a role the guard protects the sources from, and shows it
+refused (ML101) with the committed rows unchanged; where the attempt is let through, it shows
+what it changed."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import psycopg
@@ -38,6 +42,10 @@ def guarded(plain, owned) -> Guarded:
     return Guarded(su, app, role, dsn, writer)
 
 
+def _connect_as(dsn: str, role: str) -> psycopg.Connection:
+    return psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=role), autocommit=True, options=options_string())
+
+
 def _let_through(conn: psycopg.Connection, statement: str) -> bool:
     """Run it: False when the guard refuses it (ML101), True when it went through."""
     try:
@@ -57,8 +65,7 @@ def _let_through(conn: psycopg.Connection, statement: str) -> bool:
 def _other(dsn, su, writer) -> psycopg.Connection:
     """The writer role, with a schema of its own for its trigger function."""
     su.execute(f"CREATE SCHEMA w AUTHORIZATION {writer}")
-    conn = psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=writer), autocommit=True,
-                           options=options_string())
+    conn = _connect_as(dsn, writer)
     conn.execute("CREATE FUNCTION w.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
     return conn
 
@@ -274,7 +281,7 @@ def test_an_append_only_sources_rows_cannot_be_changed_through_its_parent(guarde
         return  # not taken as an append-only source: safe
     app.execute(insert)
     app.execute(f"GRANT SELECT, UPDATE, DELETE ON par, src TO {writer}")
-    other = psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=writer), autocommit=True, options=options_string())
+    other = _connect_as(dsn, writer)
     try:
         with pytest.raises(psycopg.Error) as exc:  # naming the source: refused
             other.execute(statement.format(t="src"))
@@ -314,7 +321,7 @@ def test_an_append_only_source_cannot_join_a_parent_later(guarded, join):
 def test_renaming_a_hashed_enums_value_is_refused(guarded, column_type):
     su, app, role, dsn, writer = guarded
     su.execute(f"CREATE SCHEMA types AUTHORIZATION {writer}")
-    other = psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=writer), autocommit=True, options=options_string())
+    other = _connect_as(dsn, writer)
     try:
         other.execute("CREATE TYPE types.status AS ENUM ('paid', 'void')")
         other.execute(f"GRANT USAGE ON SCHEMA types TO {role}")
@@ -381,3 +388,271 @@ def test_guard_install_copies_no_source_of_a_table_that_put_source_would_refuse(
     assert claimed == 0 and refused is None, (
         f"the guard's copy holds {claimed} sources of tables that are not the owner's; the superuser's "
         f"ALTER TABLE of its own new table: {refused}")
+
+
+# --------------------------------------------------------------------------------------------------
+# A trigger's function runs as whichever role writes to the table, the owner's too: a role with
+# the TRIGGER privilege could empty the outbox from the owner's own INSERT. On a source, a new
+# trigger must call the code of a role that may act as the table's owner, or a superuser's.
+
+
+def test_a_role_with_trigger_privilege_cannot_act_as_the_owner(guarded):
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)")
+    cli("source", "add", "audit", "ledger", "--append-only", dsn=dsn, check=True)
+    sid = su.execute("SELECT source_id FROM merkle.sources WHERE table_name = 'ledger'").fetchone()[0]
+    app.execute(f"GRANT TRIGGER ON ledger TO {writer}")
+    su.execute(f"CREATE SCHEMA w AUTHORIZATION {writer}")
+    w = _connect_as(dsn, writer)
+    try:
+        w.execute(f"""CREATE FUNCTION w.audit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                -- runs as the role that wrote to the table
+                IF pg_has_role(current_user, (SELECT relowner FROM pg_class
+                                              WHERE oid = 'merkle.outbox_{sid}'::regclass), 'USAGE') THEN
+                    EXECUTE 'DELETE FROM merkle.outbox_{sid}';
+                END IF;
+                RETURN NULL;
+            END $$""")
+        # Named to fire after merkle_capture_<id> (statement triggers fire in name order).
+        w.execute("CREATE TRIGGER zz_audit AFTER INSERT ON ledger FOR EACH STATEMENT EXECUTE FUNCTION w.audit()")
+    except psycopg.Error as exc:
+        assert exc.sqlstate == "ML101", exc
+        return  # refused
+    finally:
+        w.close()
+    app.execute("INSERT INTO ledger VALUES (1, 10)")  # the owner's own insert
+    rows = su.execute("SELECT count(*) FROM ledger").fetchone()[0]
+    captured = su.execute(f"SELECT count(*) FROM merkle.outbox_{sid}").fetchone()[0]
+    assert captured == rows, (f"role {writer}'s trigger ran as the owner and emptied the outbox: {rows} row in "
+                              f"append-only source ledger, {captured} captured")
+
+
+# --------------------------------------------------------------------------------------------------
+# Another role's object that a source depends on (a typed table's type, a partition's or
+# child's parent, the schema) would take the source's table with it when dropped, rows and all.
+# The table is dropped by naming it (or another source it goes with) only.
+
+
+# (what the other role creates, what the owner creates, `source add` options, the other role's drop);
+# a parent is the owner's first (PostgreSQL lets only its owner add a child), then given away.
+DROP_SETUPS = {
+    "typed table's type": (
+        ["CREATE TYPE ext.pair AS (id int, v numeric)"],
+        ["CREATE TABLE src OF ext.pair (PRIMARY KEY (id))"], (), "DROP TYPE ext.pair CASCADE"),
+    "partition's parent": (
+        [], ["CREATE TABLE ext.par (id int, v numeric) PARTITION BY RANGE (id)",
+             "CREATE TABLE src PARTITION OF ext.par (PRIMARY KEY (id)) FOR VALUES FROM (0) TO (100)"],
+        ("--mode", "replication"), "DROP TABLE ext.par"),
+    "inheritance parent": (
+        [], ["CREATE TABLE ext.par (id int, v numeric)", "CREATE TABLE src (PRIMARY KEY (id)) INHERITS (ext.par)"],
+        (), "DROP TABLE ext.par CASCADE"),
+    "schema": (
+        [], ["CREATE TABLE ext.src (id int PRIMARY KEY, v numeric)"], (), "DROP SCHEMA ext CASCADE"),
+}
+
+
+@pytest.mark.parametrize("setup", list(DROP_SETUPS))
+def test_another_role_cannot_drop_a_source_through_what_it_owns(guarded, setup):
+    su, app, role, dsn, writer = guarded
+    theirs, create, mode, drop = DROP_SETUPS[setup]
+    su.execute(f"CREATE SCHEMA ext AUTHORIZATION {writer}")
+    other = _connect_as(dsn, writer)
+    try:
+        for statement in theirs:
+            other.execute(statement)
+        other.execute(f"GRANT USAGE, CREATE ON SCHEMA ext TO {role}")
+        for statement in create:
+            app.execute(statement)
+        if "par" in " ".join(create):
+            su.execute(f"ALTER TABLE ext.par OWNER TO {writer}")
+        table = "ext.src" if setup == "schema" else "src"
+        cli("source", "add", "audit", table, *mode, dsn=dsn, check=True)
+        app.execute(f"INSERT INTO {table} VALUES (1, 10)")
+        if setup != "schema":  # (a schema's owner may drop any table in it, by name too)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                other.execute(f"DROP TABLE {table}")  # naming it: not its table
+        if not _let_through(other, drop):
+            return  # refused
+        gone = su.execute("SELECT to_regclass(%s) IS NULL", (table,)).fetchone()[0]
+        assert not gone, f"role {writer} dropped source {table} (1 committed row) with {drop!r}"
+    finally:
+        other.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# A composite value prints the attributes its type has now: adding or dropping one (ALTER TYPE,
+# ALTER TABLE on a table whose row type a column uses, CREATE OR REPLACE VIEW) changes the text of
+# every committed value of a hashed column of that type, with no rewrite.
+
+
+@pytest.mark.parametrize("column_type, change", [
+    ("types.pair", "ALTER TYPE types.pair DROP ATTRIBUTE y"),
+    ("types.pair", "ALTER TYPE types.pair ADD ATTRIBUTE z numeric"),
+    ("types.pair[]", "ALTER TYPE types.pair DROP ATTRIBUTE y"),
+    ("types.rowt", "ALTER TABLE types.rowt DROP COLUMN y"),
+    ("types.rowt", "ALTER TABLE types.rowt ADD COLUMN z numeric"),
+    ("types.v", "CREATE OR REPLACE VIEW types.v AS SELECT 1::numeric AS x, 2::numeric AS y, 3::numeric AS z"),
+])
+def test_changing_the_attributes_of_a_hashed_composite_is_refused(guarded, column_type, change):
+    su, app, role, dsn, writer = guarded
+    su.execute(f"CREATE SCHEMA types AUTHORIZATION {writer}")
+    other = _connect_as(dsn, writer)
+    try:
+        other.execute("CREATE TYPE types.pair AS (x numeric, y numeric)")
+        other.execute("CREATE TABLE types.rowt (x numeric, y numeric)")
+        other.execute("CREATE VIEW types.v AS SELECT 1::numeric AS x, 2::numeric AS y")
+        other.execute(f"GRANT USAGE ON SCHEMA types TO {role}")
+        app.execute(f"CREATE TABLE invoices (id int PRIMARY KEY, amounts {column_type})")
+        cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
+        value = "'(1,2)'" if not column_type.endswith("[]") else "'{\"(1,2)\"}'"
+        app.execute(f"INSERT INTO invoices VALUES (1, {value})")
+        before = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
+        if not _let_through(other, change):
+            return  # refused
+        after = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
+        assert after == before, (
+            f"another role's {change!r} changed the text of a committed hashed value without a leaf: "
+            f"{before} -> {after}")
+    finally:
+        other.close()
+
+
+def test_what_changes_no_stored_text_is_let_through(guarded):
+    """Renaming an attribute, altering other tables, and a composite no source hashes: let through."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TYPE public.pair AS (x numeric, y numeric)")
+    app.execute("CREATE TYPE public.free AS (x numeric)")
+    app.execute("CREATE TABLE invoices (id int PRIMARY KEY, amounts public.pair)")
+    cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
+    app.execute("INSERT INTO invoices VALUES (1, '(1,2)')")
+    app.execute("ALTER TYPE public.pair RENAME ATTRIBUTE y TO w")
+    app.execute("ALTER TYPE public.free ADD ATTRIBUTE y numeric")
+    app.execute("ALTER TABLE invoices ADD COLUMN note text")
+    app.execute("CREATE TABLE public.other (a int)")
+    with app.transaction():
+        app.execute("ALTER TABLE public.other ADD COLUMN b int")
+        app.execute("ALTER TYPE public.free DROP ATTRIBUTE y")
+    with pytest.raises(psycopg.Error) as exc:
+        with app.transaction():
+            app.execute("ALTER TABLE public.other ADD COLUMN c int")
+            app.execute("ALTER TYPE public.pair ADD ATTRIBUTE z numeric")
+    assert exc.value.sqlstate == "ML101"
+    assert su.execute("SELECT amounts::text FROM invoices").fetchone()[0] == "(1,2)"
+
+
+def test_the_composite_check_makes_no_ddl_wait_for_another_sessions(guarded):
+    """What the check remembers of finished transactions is cleared by the next DDL; two
+    sessions' DDL on unrelated tables must not wait for each other over it."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TYPE public.pair AS (x numeric, y numeric)")
+    app.execute("CREATE TABLE invoices (id int PRIMARY KEY, amounts public.pair)")
+    cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
+    app.execute("CREATE TABLE public.a (i int)")
+    app.execute("CREATE TABLE public.b (i int)")
+    app.execute("ALTER TABLE public.a ADD COLUMN j int")  # leaves a record of a finished transaction
+    assert su.execute("SELECT count(*) FROM merkle_guard.composite_attrs").fetchone()[0] >= 1
+    other = _connect_as(dsn, role)
+    try:
+        with app.transaction():
+            app.execute("ALTER TABLE public.a ADD COLUMN k int")  # clears it, and holds what it cleared
+            other.execute("SET lock_timeout = '3s'")
+            other.execute("ALTER TABLE public.b ADD COLUMN j int")  # waited before, and timed out
+    finally:
+        other.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# An OID-alias column (regclass, regtype, regprocedure, ...) prints the name of what it names:
+# renaming that object would change every committed value's text. Such columns are not hashed.
+
+
+@pytest.mark.parametrize("column_type, value, rename", [
+    ("regclass", "types.target", "ALTER TABLE types.target RENAME TO renamed"),
+    ("regtype", "types.kind", "ALTER TYPE types.kind RENAME TO renamed"),
+    ("regprocedure", "types.f(integer)", "ALTER FUNCTION types.f(integer) RENAME TO renamed"),
+    ("regnamespace", "types", "ALTER SCHEMA types RENAME TO renamed"),
+])
+def test_renaming_what_a_hashed_oid_alias_names_is_refused_or_the_source_is(guarded, column_type, value, rename):
+    su, app, role, dsn, writer = guarded
+    su.execute(f"CREATE SCHEMA types AUTHORIZATION {writer}")
+    other = _connect_as(dsn, writer)
+    try:
+        other.execute("CREATE TABLE types.target (a int)")
+        other.execute("CREATE TYPE types.kind AS (a int)")
+        other.execute("CREATE FUNCTION types.f(integer) RETURNS integer LANGUAGE sql AS 'SELECT 1'")
+        other.execute(f"GRANT USAGE ON SCHEMA types TO {role}")
+        app.execute(f"CREATE TABLE refs (id int PRIMARY KEY, what {column_type})")
+        added = cli("source", "add", "audit", "refs", dsn=dsn)
+        if added.returncode != 0:
+            return  # such a column is not taken: safe
+        app.execute("INSERT INTO refs VALUES (1, %s)", (value,))
+        before = su.execute("SET search_path = pg_catalog, pg_temp; SELECT what::text FROM refs").fetchone()[0]
+        if not _let_through(other, rename):
+            return  # refused
+        after = su.execute("SELECT what::text FROM refs").fetchone()[0]
+        assert after == before, (
+            f"another role's {rename!r} changed the text of a committed hashed {column_type} value without a "
+            f"leaf: {before} -> {after}")
+    finally:
+        other.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# A subscription's apply worker fires row triggers only, never statement triggers: trigger-mode
+# capture would miss the rows it applies, and an append-only guard its updates and deletes.
+
+
+@contextlib.contextmanager
+def _publisher(su: psycopg.Connection, dsn: str, tables: list[str]):
+    """A database of the same cluster publishing each of `tables` (id int PRIMARY KEY, amount
+    numeric) in a publication of its own; yields subscribe(name, table), which makes a slot
+    beforehand (in one cluster, CREATE SUBSCRIPTION would wait for itself to make it) and
+    returns the CREATE SUBSCRIPTION statement's text."""
+    params = su.info.get_parameters()
+    pubdb = params["dbname"] + "_pub"
+    su.execute(f"CREATE DATABASE {pubdb}")
+    pub_dsn = psycopg.conninfo.make_conninfo(dsn, user=params["user"], dbname=pubdb)
+    made = []
+    try:
+        with psycopg.connect(pub_dsn, autocommit=True) as pub:
+            for table in tables:
+                pub.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, amount numeric)")
+                pub.execute(f"CREATE PUBLICATION p_{table} FOR TABLE {table}")
+
+            def subscribe(name: str, table: str, enabled: bool = True) -> str:
+                pub.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+                made.append(name)
+                return (f"CREATE SUBSCRIPTION {name} CONNECTION '{pub_dsn}' PUBLICATION p_{table} WITH (copy_data = "
+                        f"false, create_slot = false, slot_name = '{name}', enabled = {str(enabled).lower()})")
+
+            yield subscribe
+    finally:
+        for name in made:
+            if su.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)).fetchone():
+                su.execute(f"ALTER SUBSCRIPTION {name} DISABLE")
+                su.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
+                su.execute(f"DROP SUBSCRIPTION {name}")
+        su.execute(f"DROP DATABASE {pubdb} WITH (FORCE)")  # its slots with it
+
+
+def test_a_subscription_into_a_trigger_mode_or_append_only_source_is_refused(guarded):
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)")
+    app.execute("CREATE TABLE feed (id int PRIMARY KEY, amount numeric)")
+    cli("source", "add", "audit", "ledger", dsn=dsn, check=True)
+    app.execute("INSERT INTO ledger VALUES (1, 10)")
+    tag = su.info.get_parameters()["dbname"][-12:]
+    with _publisher(su, dsn, ["ledger", "feed"]) as subscribe:
+        with pytest.raises(psycopg.Error) as exc:
+            su.execute(subscribe(f"into_ledger_{tag}", "ledger"))
+        assert exc.value.sqlstate == "ML101" and "trigger-mode capture would miss its rows" in str(exc.value)
+        # Made before feed became a source (and left disabled): refused at `source add`, unless the
+        # source streams what the apply worker writes.
+        su.execute(subscribe(f"into_feed_{tag}", "feed", enabled=False))
+        assert su.execute("SELECT srrelid::regclass::text FROM pg_subscription_rel").fetchall() == [("feed",)]
+        for options in ([], ["--mode", "replication", "--append-only"]):
+            out = cli("source", "add", "audit", "feed", *options, dsn=dsn)
+            assert out.returncode == 2 and "apply worker fires no statement trigger" in out.stderr, out.stderr
+        cli("source", "add", "audit", "feed", "--mode", "replication", dsn=dsn, check=True)
+    assert su.execute("SELECT id, amount::text FROM ledger").fetchall() == [(1, "10")]

@@ -67,6 +67,7 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
         registry._check_entry_column_not_null(conn, spec)
         registry.check_not_a_source(conn, spec)
         registry.check_append_only_parent(conn, spec, append_only)
+        registry.check_not_subscribed(conn, spec, trigger_mode=False, append_only=append_only)
         _check_partition_relatives(conn, log, spec)
         _check_not_generated(spec)
         slot_there = publication.slot_exists(conn, slot)

@@ -145,6 +145,7 @@ def validate_source(
                 _check_entry_column(table, entry_column, by_name)
             captured = [*key_columns, *([entry_column] if entry_column is not None else hashed)]
             _check_not_virtual(table, captured, by_name)
+            _check_no_oid_alias(conn, table, oid, captured)
             if row_filter is not None:
                 _check_filter_columns(table, where, filter_columns, by_name)
                 _check_not_virtual(table, sorted(filter_columns), by_name, f"row filter {where!r}")
@@ -376,6 +377,38 @@ def _check_not_virtual(shown: str, names: Sequence[str], by_name: dict[str, _Col
             "computed when read, and neither a trigger's transition table nor pgoutput carries it; leave it "
             "out (of --columns, --key, --entry-column or the row filter), or make it STORED"
         )
+
+
+def _check_no_oid_alias(conn: psycopg.Connection, shown: str, oid: int, names: Sequence[str]) -> None:
+    """An OID-alias type (regclass, regtype, regproc, ...) stores an OID and prints the name of
+    what it names: whoever owns that object renames it, or its schema, and the text of every
+    committed value changes at once, with no rewrite and no leaf (found by review). Refused as
+    a hashed column's type, or as one its type is made of (array, domain, composite, range)."""
+    found = conn.execute(
+        """WITH RECURSIVE t(col, typid) AS (
+               SELECT a.attname::text, a.atttypid FROM pg_catalog.pg_attribute a
+                WHERE a.attrelid = %s AND a.attname = ANY (%s::text[]) AND a.attnum > 0 AND NOT a.attisdropped
+               UNION
+               SELECT t.col, n.next
+                 FROM t JOIN pg_catalog.pg_type y ON y.oid = t.typid
+                 CROSS JOIN LATERAL (SELECT y.typelem WHERE y.typelem <> 0
+                                     UNION ALL SELECT y.typbasetype WHERE y.typbasetype <> 0
+                                     UNION ALL SELECT x.atttypid FROM pg_catalog.pg_attribute x
+                                                WHERE x.attrelid = y.typrelid AND x.attnum > 0 AND NOT x.attisdropped
+                                     UNION ALL SELECT g.rngsubtype FROM pg_catalog.pg_range g WHERE g.rngtypid = y.oid
+                                     UNION ALL SELECT g.rngtypid FROM pg_catalog.pg_range g
+                                                WHERE g.rngmultitypid = y.oid) n(next))
+           SELECT t.col, pg_catalog.format_type(t.typid, NULL) FROM t
+             JOIN pg_catalog.pg_type y ON y.oid = t.typid
+            WHERE y.typnamespace = 'pg_catalog'::regnamespace
+              AND y.typname::text IN ('regclass', 'regcollation', 'regconfig', 'regdictionary', 'regnamespace',
+                                      'regoper', 'regoperator', 'regproc', 'regprocedure', 'regrole', 'regtype')
+            ORDER BY 1 LIMIT 1""", [oid, list(names)]).fetchone()
+    if found is not None:
+        raise SourceTableError(
+            f"column {found[0]} of {shown} is (made of) type {found[1]}, which stores an OID and prints the name "
+            "of the object it names: renaming that object would change every logged value without a leaf; "
+            "store the name as text (or the OID as oid), or leave the column out of the source")
 
 
 def _check_entry_column(shown: str, name: str, by_name: dict[str, _Column]) -> None:

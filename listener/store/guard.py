@@ -50,8 +50,14 @@ EVENT_TRIGGERS = (
     EventTrigger("merkle_source_rewrite", "table_rewrite", ("ALTER TABLE", "ALTER TYPE"), "check_source_rewrite"),
     EventTrigger("merkle_source_rewritten", "ddl_command_end", ("ALTER TABLE", "ALTER TYPE"), "check_source_rewritten"),
     EventTrigger("merkle_source_trigger_create", "ddl_command_end", ("CREATE TRIGGER",), "check_source_trigger_create"),
-    EventTrigger("merkle_enum_labels", "ddl_command_start", ("ALTER TYPE",), "remember_enum_labels"),
-    EventTrigger("merkle_enum_rename", "ddl_command_end", ("ALTER TYPE",), "check_enum_rename"),
+    EventTrigger("merkle_source_subscription", "ddl_command_end", ("CREATE SUBSCRIPTION", "ALTER SUBSCRIPTION"),
+                 "check_source_subscription"),
+    # The labels of hashed enums, and the attributes of hashed composites (which ALTER TYPE,
+    # ALTER [FOREIGN] TABLE and CREATE OR REPLACE VIEW change): check_enum_rename.
+    EventTrigger("merkle_enum_labels", "ddl_command_start",
+                 ("ALTER TYPE", "ALTER TABLE", "ALTER FOREIGN TABLE", "CREATE VIEW"), "remember_enum_labels"),
+    EventTrigger("merkle_enum_rename", "ddl_command_end",
+                 ("ALTER TYPE", "ALTER TABLE", "ALTER FOREIGN TABLE", "CREATE VIEW"), "check_enum_rename"),
 )
 
 # The functions through which the owner of schema merkle keeps the guard's copy (sql/020).

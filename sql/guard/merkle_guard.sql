@@ -515,6 +515,58 @@ BEGIN
             USING ERRCODE = 'ML101',
                   HINT = 'Give a trigger of your own another name; merkle-listener''s triggers may not be replaced.';
     END IF;
+    -- A trigger runs its function as whichever role writes to the table, the owner of schema
+    -- merkle or a superuser too (found by review: a role given TRIGGER on a source emptied the
+    -- outbox from the owner's INSERT). On a source or a partition of one, a trigger's function
+    -- must be the code of a role that may act as the table's owner already, or a superuser's.
+    SELECT t.tgname, t.tgrelid::regclass AS rel, p.oid::regprocedure AS fn, pg_get_userbyid(p.proowner) AS author,
+           s.table_schema, s.table_name, s.log_name INTO hit
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_trigger t ON t.oid = c.objid
+      JOIN pg_proc p ON p.oid = t.tgfoid
+      JOIN pg_class k ON k.oid = t.tgrelid
+      JOIN merkle_guard.sources s
+        ON s.table_oid = t.tgrelid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(t.tgrelid) a)
+     WHERE c.object_type = 'trigger'
+       AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = p.proowner)
+       AND NOT pg_has_role(p.proowner, k.relowner, 'USAGE')
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'CREATE TRIGGER refused: trigger % on % would run function %, which belongs to role %, as '
+                        'every role that writes to the table, its owner''s too (%.% feeds merkle-listener log "%")',
+                        hit.tgname, hit.rel, hit.fn, hit.author, hit.table_schema, hit.table_name, hit.log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Have the table''s owner (or a superuser) create the trigger function.';
+    END IF;
+END
+$$;
+
+-- A subscription's apply worker fires row triggers only, never statement triggers (found by
+-- review): a trigger-mode source would miss the rows it applies, and an append-only source's
+-- guard its updates and deletes. Replication mode streams applied changes like any other.
+-- pg_subscription_rel holds a subscription's tables once CREATE SUBSCRIPTION (connected) or
+-- ALTER SUBSCRIPTION ... REFRESH PUBLICATION has read them from the publisher.
+CREATE OR REPLACE FUNCTION merkle_guard.check_source_subscription() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hit record;
+BEGIN
+    SELECT u.subname, s.table_schema, s.table_name, s.log_name, s.mode INTO hit
+      FROM pg_subscription_rel r
+      JOIN pg_subscription u ON u.oid = r.srsubid
+      JOIN merkle_guard.sources s
+        ON s.table_oid = r.srrelid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(r.srrelid) a)
+     WHERE NOT s.retired AND (s.mode = 'trigger' OR s.append_only)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '% refused: subscription % would apply changes to %.%, which feeds merkle-listener log "%", '
+                        'and its apply worker fires no statement trigger: %', TG_TAG, hit.subname, hit.table_schema,
+                        hit.table_name, hit.log_name,
+                        CASE WHEN hit.mode = 'trigger' THEN 'trigger-mode capture would miss its rows'
+                             ELSE 'the append-only guard would not refuse its updates and deletes' END
+            USING ERRCODE = 'ML101',
+                  HINT = 'Replicate into another table, or capture this one in replication mode (not append-only).';
+    END IF;
 END
 $$;
 
@@ -791,6 +843,23 @@ BEGIN
     IF merkle_guard.own_ddl_running('drop_triggers') OR TG_TAG = 'ALTER TABLE' THEN
         RETURN;  -- an ALTER TABLE ... DROP COLUMN is check_source_ddl's, at its end
     END IF;
+    -- A source's table dropped with something else: its type (DROP TYPE ... CASCADE), the
+    -- table it is a partition or child of, its schema (found by review: the owners of those, other
+    -- roles, dropped a source, rows and all). Its owner drops it by naming it (DROP TABLE), or
+    -- names another source it goes with (a partitioned source and its partitions).
+    SELECT s.table_schema, s.table_name, s.log_name INTO hit
+      FROM pg_event_trigger_dropped_objects() d
+      JOIN merkle_guard.sources s ON s.table_oid = d.objid
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND NOT d.original AND NOT s.retired
+       AND NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o JOIN merkle_guard.sources t ON t.table_oid = o.objid
+                        WHERE o.classid = 'pg_class'::regclass AND o.objsubid = 0 AND o.original)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '% refused: it would drop table %.%, which feeds merkle-listener log "%", with its rows',
+            TG_TAG, hit.table_schema, hit.table_name, hit.log_name
+            USING ERRCODE = 'ML101',
+                  HINT = 'Remove the source (merkle-listener source remove), or drop the table itself (DROP TABLE), first.';
+    END IF;
     SELECT d.address_names[3] AS col, s.table_schema, s.table_name, s.log_name INTO hit
       FROM pg_event_trigger_dropped_objects() d
       JOIN merkle_guard.sources s ON s.table_oid = d.objid
@@ -959,9 +1028,9 @@ CREATE TABLE IF NOT EXISTS merkle_guard.enum_labels (
     PRIMARY KEY (xid, label_oid)
 );
 
--- The enums whose labels are (part of) a hashed column's text: its type, or one that an array,
--- domain, composite, range or multirange type on the way is made of.
-CREATE OR REPLACE FUNCTION merkle_guard.hashed_enums() RETURNS SETOF oid
+-- The types a hashed column's text is made of: its type, and those that an array, domain,
+-- composite, range or multirange type on the way is made of.
+CREATE OR REPLACE FUNCTION merkle_guard.hashed_types() RETURNS SETOF oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WITH RECURSIVE t(typid) AS (
         SELECT a.atttypid
@@ -977,16 +1046,54 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                          WHERE x.attrelid = y.typrelid AND x.attnum > 0 AND NOT x.attisdropped
                               UNION ALL SELECT g.rngsubtype FROM pg_range g WHERE g.rngtypid = y.oid
                               UNION ALL SELECT g.rngtypid FROM pg_range g WHERE g.rngmultitypid = y.oid) n(next))
-    SELECT t.typid FROM t JOIN pg_type y ON y.oid = t.typid WHERE y.typtype = 'e'
+    SELECT t.typid FROM t
+$$;
+
+-- The enums whose labels are (part of) a hashed column's text.
+CREATE OR REPLACE FUNCTION merkle_guard.hashed_enums() RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT y.oid FROM pg_type y WHERE y.oid IN (SELECT merkle_guard.hashed_types()) AND y.typtype = 'e'
+$$;
+
+-- A composite value prints the attributes its type has now: ALTER TYPE ... ADD or DROP
+-- ATTRIBUTE, ALTER [FOREIGN] TABLE ... ADD or DROP COLUMN, CREATE OR REPLACE VIEW adding one,
+-- on the type (or table, view) a hashed column is made of changes the text of every stored
+-- value at once, with no rewrite (found by review: PostgreSQL refuses such a change only when
+-- it needs one). The attribute list of each such type is remembered before the first of these
+-- commands in a transaction, and every one after it must leave it as it was (so that commands
+-- run inside one, by code it calls, are held to it too).
+CREATE TABLE IF NOT EXISTS merkle_guard.composite_attrs (
+    xid    xid8 NOT NULL,
+    relid  oid NOT NULL,
+    attrs  text NOT NULL,
+    PRIMARY KEY (xid, relid)
+);
+
+CREATE OR REPLACE FUNCTION merkle_guard.composite_signature(p_relid oid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(string_agg(format('%s:%s:%s:%s', a.attnum, a.atttypid, a.atttypmod, a.attisdropped), ','
+                               ORDER BY a.attnum), '')
+      FROM pg_attribute a WHERE a.attrelid = p_relid AND a.attnum > 0
 $$;
 
 CREATE OR REPLACE FUNCTION merkle_guard.remember_enum_labels() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    INSERT INTO merkle_guard.enum_labels (xid, label_oid, label)
-    SELECT pg_current_xact_id(), e.oid, e.enumlabel FROM pg_enum e
-     WHERE e.enumtypid IN (SELECT merkle_guard.hashed_enums())
-    ON CONFLICT (xid, label_oid) DO UPDATE SET label = excluded.label;
+    IF TG_TAG = 'ALTER TYPE' THEN
+        INSERT INTO merkle_guard.enum_labels (xid, label_oid, label)
+        SELECT pg_current_xact_id(), e.oid, e.enumlabel FROM pg_enum e
+         WHERE e.enumtypid IN (SELECT merkle_guard.hashed_enums())
+        ON CONFLICT (xid, label_oid) DO UPDATE SET label = excluded.label;
+    END IF;
+    -- Those of finished transactions go; rows another session's DDL is deleting are left to it
+    -- (waiting for them would make unrelated DDL of two sessions wait for each other).
+    DELETE FROM merkle_guard.composite_attrs WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM merkle_guard.composite_attrs
+         WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) FOR UPDATE SKIP LOCKED));
+    INSERT INTO merkle_guard.composite_attrs (xid, relid, attrs)
+    SELECT pg_current_xact_id(), y.typrelid, merkle_guard.composite_signature(y.typrelid) FROM pg_type y
+     WHERE y.oid IN (SELECT merkle_guard.hashed_types()) AND y.typrelid <> 0
+    ON CONFLICT (xid, relid) DO NOTHING;
 END
 $$;
 
@@ -1007,6 +1114,16 @@ BEGIN
                         'merkle-listener has hashed (a source''s hashed column is made of this enum)', was, typ, now
             USING ERRCODE = 'ML101',
                   HINT = 'Add a new value instead (ALTER TYPE ... ADD VALUE), and UPDATE the rows (each change is logged).';
+    END IF;
+    SELECT y.oid::regtype INTO typ
+      FROM merkle_guard.composite_attrs r JOIN pg_type y ON y.typrelid = r.relid
+     WHERE r.xid = pg_current_xact_id_if_assigned() AND merkle_guard.composite_signature(r.relid) <> r.attrs
+     LIMIT 1;
+    IF typ IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: it adds or drops attributes of %, which would change the text of committed '
+                        'values that merkle-listener has hashed (a source''s hashed column is made of this type)', TG_TAG, typ
+            USING ERRCODE = 'ML101',
+                  HINT = 'Make a new type, add a column of it, and UPDATE the rows (each change is logged).';
     END IF;
 END
 $$;
