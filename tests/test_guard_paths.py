@@ -101,7 +101,9 @@ def test_a_role_with_trigger_privilege_cannot_replace_the_capture_trigger(guarde
 ])
 def test_a_member_of_the_owning_role_cannot_replace_a_guard_trigger(guarded, trigger, then):
     """A co-owner (member of the role that owns the tables), held back by the guard from
-    dropping or disabling these triggers, replaces one and then removes committed rows."""
+    dropping or disabling these triggers, replaces one and then removes committed rows. (A
+    member can act as the owner, who may mark its own DDL: this guards against mistakes, as
+    docs/replication.md says, not against a member set on it.)"""
     su, app, role, dsn, writer = guarded
     app.execute("CREATE TABLE m (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
     app.execute("CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
