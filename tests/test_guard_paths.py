@@ -658,3 +658,144 @@ def test_a_subscription_into_a_trigger_mode_or_append_only_source_is_refused(gua
             assert out.returncode == 2 and "apply worker fires no statement trigger" in out.stderr, out.stderr
         cli("source", "add", "audit", "feed", "--mode", "replication", dsn=dsn, check=True)
     assert su.execute("SELECT id, amount::text FROM ledger").fetchall() == [(1, "10")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Another role's trigger function reaches a source's writes other ways than CREATE TRIGGER on
+# it: a trigger there before `source add`, a row trigger on a partitioned parent (cloned onto the
+# source), a trigger on a table attached as a partition later.
+
+
+SPY = """CREATE FUNCTION w.spy() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO w.ran VALUES (current_user);  -- the owner's privileges are this code's now
+        RETURN NULL;
+    END $$"""
+
+
+def _spying_writer(su, dsn, writer):
+    su.execute(f"CREATE SCHEMA w AUTHORIZATION {writer}")
+    w = _connect_as(dsn, writer)
+    w.execute("CREATE TABLE w.ran (who text)")
+    w.execute("GRANT USAGE ON SCHEMA w TO PUBLIC")
+    w.execute("GRANT INSERT ON w.ran TO PUBLIC")
+    w.execute(SPY)
+    return w
+
+
+# (the owner's set-up, the writer's trigger, the owner's step that makes it a source's, options, the owner's write)
+TRIGGER_CASES = {
+    "made before source add": (
+        ["CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)", "GRANT TRIGGER ON ledger TO {writer}"],
+        "CREATE TRIGGER zz AFTER INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION w.spy()",
+        None, ("ledger",), "INSERT INTO ledger VALUES (1, 10)"),
+    "row trigger on the source's parent": (
+        ["CREATE TABLE par (id int, amount numeric) PARTITION BY RANGE (id)",
+         "CREATE TABLE ledger PARTITION OF par (PRIMARY KEY (id)) FOR VALUES FROM (0) TO (100)",
+         "GRANT TRIGGER ON par, ledger TO {writer}"],
+        None, None, ("ledger", "--mode", "replication"), "INSERT INTO ledger VALUES (1, 10)"),
+    "trigger on a table attached later": (
+        ["CREATE TABLE ledger (id int, amount numeric, PRIMARY KEY (id)) PARTITION BY RANGE (id)",
+         "CREATE TABLE ledger_1 (id int NOT NULL, amount numeric)", "GRANT TRIGGER ON ledger_1 TO {writer}"],
+        "CREATE TRIGGER zz AFTER INSERT ON ledger_1 FOR EACH ROW EXECUTE FUNCTION w.spy()",
+        "ALTER TABLE ledger ATTACH PARTITION ledger_1 FOR VALUES FROM (0) TO (100)",
+        ("ledger", "--mode", "replication"), "INSERT INTO ledger VALUES (1, 10)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRIGGER_CASES))
+def test_another_roles_trigger_function_never_runs_on_the_owners_writes_to_a_source(guarded, case):
+    su, app, role, dsn, writer = guarded
+    setup, early, join, add, write = TRIGGER_CASES[case]
+    for statement in setup:
+        app.execute(statement.format(writer=writer))
+    w = _spying_writer(su, dsn, writer)
+    try:
+        if early:
+            w.execute(early)
+        added = cli("source", "add", "audit", *add, dsn=dsn)
+        if added.returncode != 0:
+            assert "ML101" in added.stderr or "trigger" in added.stderr, added.stderr
+            return  # refused: safe
+        if case == "row trigger on the source's parent":
+            try:
+                w.execute("CREATE TRIGGER zz AFTER INSERT ON par FOR EACH ROW EXECUTE FUNCTION w.spy()")
+            except psycopg.Error as exc:
+                assert exc.sqlstate == "ML101", exc
+                return
+        if join:
+            try:
+                app.execute(join)
+            except psycopg.Error as exc:
+                assert exc.sqlstate == "ML101", exc
+                return
+    finally:
+        w.close()
+    app.execute(write)  # the owner's own write to its source
+    ran = [r[0] for r in su.execute("SELECT who FROM w.ran").fetchall()]
+    assert role not in ran, f"role {writer}'s trigger function ran as the owner {role} on a write to a source: {ran}"
+
+
+# --------------------------------------------------------------------------------------------------
+# An attribute of a hashed composite also goes when what its type is made of is dropped with
+# CASCADE (a domain, an enum, a table's row type, DROP OWNED BY).
+
+
+@pytest.mark.parametrize("attr_type, drop", [
+    ("types.d", "DROP DOMAIN types.d CASCADE"),
+    ("types.e", "DROP TYPE types.e CASCADE"),
+    ("types.inner_row", "DROP TABLE types.inner_row CASCADE"),
+    ("types.d", "DROP OWNED BY {writer} CASCADE"),
+])
+def test_dropping_what_a_hashed_composites_attribute_is_made_of_is_refused(guarded, attr_type, drop):
+    su, app, role, dsn, writer = guarded
+    su.execute(f"CREATE SCHEMA types AUTHORIZATION {writer}")
+    other = _connect_as(dsn, writer)
+    try:
+        other.execute("CREATE DOMAIN types.d AS numeric")
+        other.execute("CREATE TYPE types.e AS ENUM ('a', 'b')")
+        other.execute("CREATE TABLE types.inner_row (z int)")
+        other.execute(f"CREATE TYPE types.pair AS (x numeric, y {attr_type})")
+        other.execute(f"GRANT USAGE ON SCHEMA types TO {role}")
+        # the composite in a schema the writer does not own, so that DROP OWNED drops only d
+        su.execute(f"CREATE SCHEMA keep; ALTER TYPE types.pair SET SCHEMA keep")
+        su.execute(f"ALTER TYPE keep.pair OWNER TO {role}; GRANT USAGE ON SCHEMA keep TO {role}")
+        app.execute("CREATE TABLE invoices (id int PRIMARY KEY, amounts keep.pair)")
+        cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
+        value = {"types.d": "(1,2)", "types.e": "(1,a)", "types.inner_row": "(1,\"(3)\")"}[attr_type]
+        app.execute("INSERT INTO invoices VALUES (1, %s)", (value,))
+        before = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
+        if not _let_through(other, drop.format(writer=writer)):
+            return  # refused
+        after = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
+        assert after == before, (
+            f"another role's {drop!r} dropped an attribute of a hashed composite: the committed value's text "
+            f"changed without a leaf: {before} -> {after}")
+    finally:
+        other.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The subscription check looks at the subscription the command made or altered, while it is
+# enabled: one made before the check must stay stoppable, and others alterable.
+
+
+def test_a_subscription_left_from_before_the_check_can_still_be_stopped_and_others_altered(guarded):
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)")
+    app.execute("CREATE TABLE feed (id int PRIMARY KEY, amount numeric)")
+    cli("source", "add", "audit", "ledger", dsn=dsn, check=True)
+    tag = su.info.get_parameters()["dbname"][-12:]
+    with _publisher(su, dsn, ["ledger", "feed"]) as subscribe:
+        # as an earlier guard let it be made
+        su.execute("ALTER EVENT TRIGGER merkle_source_subscription DISABLE")
+        su.execute(subscribe(f"old_{tag}", "ledger", enabled=False))
+        su.execute("ALTER EVENT TRIGGER merkle_source_subscription ENABLE")
+        su.execute(subscribe(f"other_{tag}", "feed", enabled=False))  # into a table no source is
+        results = {
+            "other's ALTER ... SET (binary = true)": _let_through(su, f"ALTER SUBSCRIPTION other_{tag} SET (binary = true)"),
+            "old's ALTER ... DISABLE": _let_through(su, f"ALTER SUBSCRIPTION old_{tag} DISABLE"),
+            "old's SET (slot_name = NONE)": _let_through(su, f"ALTER SUBSCRIPTION old_{tag} SET (slot_name = NONE)"),
+        }
+        refused = [k for k, ok in results.items() if not ok]
+        assert not refused, f"refused, though none lets a subscription apply to a source: {refused}"

@@ -77,6 +77,13 @@ BEGIN
                       AND pg_has_role(n.nspowner, c.relowner, 'USAGE')) THEN
         RAISE EXCEPTION 'merkle-listener: table % does not belong to the owner of schema merkle', p_table_oid::regclass;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM merkle_guard.sources s WHERE s.source_id = p_source_id)
+       AND merkle_guard.alien_trigger(p_table_oid) IS NOT NULL THEN
+        RAISE EXCEPTION 'merkle-listener: %, which would run as every role that writes to %, the owner''s too',
+            merkle_guard.alien_trigger(p_table_oid), p_table_oid::regclass
+            USING ERRCODE = 'ML101',
+                  HINT = 'Drop that trigger, or have the table''s owner (or a superuser) own its function, first.';
+    END IF;
     INSERT INTO merkle_guard.sources VALUES (p_source_id, p_log_id, p_log_name, p_table_oid, p_table_schema,
         p_table_name, p_mode, p_events, p_columns, p_key_columns, p_entry_column, p_append_only, p_row_filter, p_retired)
     ON CONFLICT (source_id) DO UPDATE SET log_id = excluded.log_id, log_name = excluded.log_name,
@@ -485,6 +492,26 @@ $$;
 -- detached the partition with its rows). A trigger of a merkle-listener name on a source's
 -- table, or on a partition of one, is created by merkle-listener alone: in the transaction that
 -- records its source, or in one marked as installing partition guards.
+-- A trigger in a source's partition tree (on the source, a partition of it, or cloned onto one
+-- from a partitioned parent) whose function is neither a superuser's nor that of a role that
+-- may act as the owners of the trigger's table and of the source: it runs that role's code as
+-- whoever writes there (found by review: made before `source add`, on a parent and cloned onto
+-- the source, or on a table attached later). p_tgname: that trigger (and its clones) only.
+CREATE OR REPLACE FUNCTION merkle_guard.alien_trigger(p_rel oid, p_tgname name DEFAULT NULL) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('trigger %I on %s runs function %s of role %s', t.tgname, t.tgrelid::regclass,
+                  p.oid::regprocedure, pg_get_userbyid(p.proowner))
+      FROM (SELECT p_rel UNION SELECT x.relid FROM pg_partition_tree(p_rel) x) d(relid)
+      JOIN pg_trigger t ON t.tgrelid = d.relid
+      JOIN pg_proc p ON p.oid = t.tgfoid
+      JOIN pg_class k ON k.oid = t.tgrelid
+      JOIN pg_class o ON o.oid = p_rel
+     WHERE (p_tgname IS NULL OR t.tgname = p_tgname)
+       AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = p.proowner)
+       AND NOT (pg_has_role(p.proowner, k.relowner, 'USAGE') AND pg_has_role(p.proowner, o.relowner, 'USAGE'))
+     LIMIT 1
+$$;
+
 CREATE OR REPLACE FUNCTION merkle_guard.check_source_trigger_create() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -519,17 +546,17 @@ BEGIN
     -- merkle or a superuser too (found by review: a role given TRIGGER on a source emptied the
     -- outbox from the owner's INSERT). On a source or a partition of one, a trigger's function
     -- must be the code of a role that may act as the table's owner already, or a superuser's.
+    -- A row trigger on a partitioned table is cloned onto its partitions: a source below it too.
     SELECT t.tgname, t.tgrelid::regclass AS rel, p.oid::regprocedure AS fn, pg_get_userbyid(p.proowner) AS author,
            s.table_schema, s.table_name, s.log_name INTO hit
       FROM pg_event_trigger_ddl_commands() c
       JOIN pg_trigger t ON t.oid = c.objid
       JOIN pg_proc p ON p.oid = t.tgfoid
-      JOIN pg_class k ON k.oid = t.tgrelid
       JOIN merkle_guard.sources s
-        ON s.table_oid = t.tgrelid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(t.tgrelid) a)
+        ON s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(t.tgrelid) a
+                           UNION ALL SELECT t.tgrelid UNION ALL SELECT d.relid FROM pg_partition_tree(t.tgrelid) d)
      WHERE c.object_type = 'trigger'
-       AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = p.proowner)
-       AND NOT pg_has_role(p.proowner, k.relowner, 'USAGE')
+       AND merkle_guard.alien_trigger(s.table_oid, t.tgname) IS NOT NULL
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'CREATE TRIGGER refused: trigger % on % would run function %, which belongs to role %, as '
@@ -557,6 +584,10 @@ BEGIN
       JOIN merkle_guard.sources s
         ON s.table_oid = r.srrelid OR s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(r.srrelid) a)
      WHERE NOT s.retired AND (s.mode = 'trigger' OR s.append_only)
+       -- the subscription this command made or altered, if it applies (ENABLE is checked): one
+       -- left from before must stay stoppable, others alterable (found by review)
+       AND u.subenabled
+       AND u.oid IN (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.object_type = 'subscription')
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION '% refused: subscription % would apply changes to %.%, which feeds merkle-listener log "%", '
@@ -621,6 +652,23 @@ BEGIN
         RAISE EXCEPTION 'refused: %', problem
             USING ERRCODE = 'ML101',
                   HINT = 'Keep the append-only source out of other tables'' trees, or remove the source first.';
+    END IF;
+    -- A table attached as a partition of a source brings its triggers (found by review).
+    SELECT format('%s, in the partition tree of %I.%I (merkle-listener log "%s"): it would run as every role that '
+                  'writes there, the owner''s too', merkle_guard.alien_trigger(s.table_oid), s.table_schema,
+                  s.table_name, s.log_name)
+      INTO problem
+      FROM merkle_guard.sources s
+     WHERE NOT s.retired
+       AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() c
+                    WHERE c.object_type = 'table'
+                      AND s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(c.objid) a))
+       AND merkle_guard.alien_trigger(s.table_oid) IS NOT NULL
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'refused: %', problem
+            USING ERRCODE = 'ML101',
+                  HINT = 'Drop that trigger, or have the table''s owner (or a superuser) own its function, first.';
     END IF;
     -- A trigger-mode source may not become a partition (ATTACH PARTITION): its statement
     -- trigger would not fire for rows inserted through the partitioned table.
@@ -859,6 +907,23 @@ BEGIN
             TG_TAG, hit.table_schema, hit.table_name, hit.log_name
             USING ERRCODE = 'ML101',
                   HINT = 'Remove the source (merkle-listener source remove), or drop the table itself (DROP TABLE), first.';
+    END IF;
+    -- An attribute of a composite type (or of a table, view, foreign table whose row type it
+    -- is) that a hashed column is made of, dropped with what its type is (DROP DOMAIN, TYPE,
+    -- TABLE ... CASCADE, DROP OWNED BY ... CASCADE): the text of every stored value changes
+    -- (found by review). ALTER TYPE, ALTER TABLE are check_enum_rename's.
+    SELECT y.oid::regtype AS typ, d.address_names[3] AS col INTO hit
+      FROM pg_event_trigger_dropped_objects() d
+      JOIN pg_type y ON y.typrelid = d.objid
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0
+       AND y.oid IN (SELECT merkle_guard.hashed_types())
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '% refused: it drops attribute % of %, which would change the text of committed values '
+                        'that merkle-listener has hashed (a source''s hashed column is made of this type)',
+            TG_TAG, hit.col, hit.typ
+            USING ERRCODE = 'ML101',
+                  HINT = 'Drop what the attribute depends on without CASCADE, or remove the source first.';
     END IF;
     SELECT d.address_names[3] AS col, s.table_schema, s.table_name, s.log_name INTO hit
       FROM pg_event_trigger_dropped_objects() d
