@@ -60,6 +60,20 @@ def _let_through(conn: psycopg.Connection, statement: str) -> bool:
     return True
 
 
+def _text_kept(guarded: Guarded, conn: psycopg.Connection, column_type: str, value: str, change: str) -> None:
+    """A source hashing a column of `column_type`, a committed row holding `value`: `change`,
+    run by `conn`, is refused (ML101) or leaves that value's text as it was."""
+    su, app, role, dsn, writer = guarded
+    app.execute(f"CREATE TABLE invoices (id int PRIMARY KEY, amounts {column_type})")
+    cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
+    app.execute("INSERT INTO invoices VALUES (1, %s)", (value,))
+    before = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
+    if _let_through(conn, change):
+        after = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
+        assert after == before, (f"{change!r} changed the text of a committed hashed value without a leaf: "
+                                 f"{before} -> {after}")
+
+
 # --------------------------------------------------------------------------------------------------
 # CREATE [OR REPLACE] TRIGGER needs only the TRIGGER privilege, not ownership: a role given it
 # could swap a source's capture trigger for a no-op, where DROP TRIGGER is refused it. A trigger
@@ -509,17 +523,7 @@ def test_changing_the_attributes_of_a_hashed_composite_is_refused(guarded, colum
         other.execute("CREATE TABLE types.rowt (x numeric, y numeric)")
         other.execute("CREATE VIEW types.v AS SELECT 1::numeric AS x, 2::numeric AS y")
         other.execute(f"GRANT USAGE ON SCHEMA types TO {role}")
-        app.execute(f"CREATE TABLE invoices (id int PRIMARY KEY, amounts {column_type})")
-        cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
-        value = "'(1,2)'" if not column_type.endswith("[]") else "'{\"(1,2)\"}'"
-        app.execute(f"INSERT INTO invoices VALUES (1, {value})")
-        before = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
-        if not _let_through(other, change):
-            return  # refused
-        after = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
-        assert after == before, (
-            f"another role's {change!r} changed the text of a committed hashed value without a leaf: "
-            f"{before} -> {after}")
+        _text_kept(guarded, other, column_type, "(1,2)" if not column_type.endswith("[]") else '{"(1,2)"}', change)
     finally:
         other.close()
 
@@ -764,17 +768,8 @@ def test_dropping_what_a_hashed_composites_attribute_is_made_of_is_refused(guard
         # the composite in a schema the writer does not own, so that DROP OWNED drops only d
         su.execute(f"CREATE SCHEMA keep; ALTER TYPE types.pair SET SCHEMA keep")
         su.execute(f"ALTER TYPE keep.pair OWNER TO {role}; GRANT USAGE ON SCHEMA keep TO {role}")
-        app.execute("CREATE TABLE invoices (id int PRIMARY KEY, amounts keep.pair)")
-        cli("source", "add", "audit", "invoices", dsn=dsn, check=True)
         value = {"types.d": "(1,2)", "types.e": "(1,a)", "types.inner_row": "(1,\"(3)\")"}[attr_type]
-        app.execute("INSERT INTO invoices VALUES (1, %s)", (value,))
-        before = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
-        if not _let_through(other, drop.format(writer=writer)):
-            return  # refused
-        after = su.execute("SELECT amounts::text FROM invoices").fetchone()[0]
-        assert after == before, (
-            f"another role's {drop!r} dropped an attribute of a hashed composite: the committed value's text "
-            f"changed without a leaf: {before} -> {after}")
+        _text_kept(guarded, other, "keep.pair", value, drop.format(writer=writer))
     finally:
         other.close()
 
