@@ -270,11 +270,14 @@ def test_the_roles_init_says_when_an_installed_guard_is_out_of_date(plain, owned
     assert _guard_cli(su, "install").returncode == 0
     assert "warning" not in cli("init", dsn=dsn, check=True).stderr
     su.execute(f"DROP EVENT TRIGGER {guard.EVENT_TRIGGERS[-1].name}")
+    # ... and one this version no longer has
+    su.execute("CREATE EVENT TRIGGER merkle_retired ON ddl_command_end EXECUTE FUNCTION merkle_guard.check_source_ddl()")
     out = cli("init", dsn=dsn, check=True)
     assert "the DDL guard installed in this database is incomplete or another version's" in out.stderr, out.stderr
     assert _guard_cli(su, "status").returncode == 3
     assert _guard_cli(su, "install").returncode == 0
     assert _guard_cli(su, "status").returncode == 0
+    assert su.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname = 'merkle_retired'").fetchone()[0] == 0
     assert "warning" not in cli("init", dsn=dsn, check=True).stderr
 
 

@@ -53,11 +53,11 @@ EVENT_TRIGGERS = (
     EventTrigger("merkle_source_subscription", "ddl_command_end", ("CREATE SUBSCRIPTION", "ALTER SUBSCRIPTION"),
                  "check_source_subscription"),
     # The labels of hashed enums, and the attributes of hashed composites (which ALTER TYPE,
-    # ALTER [FOREIGN] TABLE and CREATE OR REPLACE VIEW change): check_enum_rename.
-    EventTrigger("merkle_enum_labels", "ddl_command_start",
-                 ("ALTER TYPE", "ALTER TABLE", "ALTER FOREIGN TABLE", "CREATE VIEW"), "remember_enum_labels"),
-    EventTrigger("merkle_enum_rename", "ddl_command_end",
-                 ("ALTER TYPE", "ALTER TABLE", "ALTER FOREIGN TABLE", "CREATE VIEW"), "check_enum_rename"),
+    # ALTER [FOREIGN] TABLE and CREATE OR REPLACE VIEW change): check_hashed_type_text.
+    EventTrigger("merkle_hashed_type_text_start", "ddl_command_start",
+                 ("ALTER TYPE", "ALTER TABLE", "ALTER FOREIGN TABLE", "CREATE VIEW"), "remember_hashed_type_text"),
+    EventTrigger("merkle_hashed_type_text", "ddl_command_end",
+                 ("ALTER TYPE", "ALTER TABLE", "ALTER FOREIGN TABLE", "CREATE VIEW"), "check_hashed_type_text"),
 )
 
 # The functions through which the owner of schema merkle keeps the guard's copy (sql/020).
@@ -180,9 +180,13 @@ def install(conn: psycopg.Connection) -> list[str]:
         raise ConfigurationError(f"schema merkle predates this version of merkle-listener: run `merkle-listener init` "
                                  f"as its owner, role {owner}, first. Nothing was changed")
     # First, before any statement that could fire them: event triggers of an earlier install
-    # may call functions of the owner's (those of schema merkle, before sql/020).
-    for t in EVENT_TRIGGERS:
-        conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(t.name)))
+    # may call functions of the owner's (those of schema merkle, before sql/020), and one an
+    # earlier version had and this one has not would stay behind.
+    stale = conn.execute(
+        "SELECT e.evtname::text FROM pg_event_trigger e JOIN pg_proc p ON p.oid = e.evtfoid "
+        "WHERE p.pronamespace IN (SELECT oid FROM pg_namespace WHERE nspname IN ('merkle', %s))", (SCHEMA,)).fetchall()
+    for name in sorted({t.name for t in EVENT_TRIGGERS} | {n for (n,) in stale}):
+        conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))
     done: list[str] = []
     schema_owner = conn.execute("SELECT r.rolsuper, r.rolname::text FROM pg_namespace n JOIN pg_roles r "
                                 "ON r.oid = n.nspowner WHERE n.nspname = %s", (SCHEMA,)).fetchone()

@@ -911,7 +911,7 @@ BEGIN
     -- An attribute of a composite type (or of a table, view, foreign table whose row type it
     -- is) that a hashed column is made of, dropped with what its type is (DROP DOMAIN, TYPE,
     -- TABLE ... CASCADE, DROP OWNED BY ... CASCADE): the text of every stored value changes
-    -- (found by review). ALTER TYPE, ALTER TABLE are check_enum_rename's.
+    -- (found by review). ALTER TYPE, ALTER TABLE are check_hashed_type_text's.
     SELECT y.oid::regtype AS typ, d.address_names[3] AS col INTO hit
       FROM pg_event_trigger_dropped_objects() d
       JOIN pg_type y ON y.typrelid = d.objid
@@ -1141,7 +1141,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_attribute a WHERE a.attrelid = p_relid AND a.attnum > 0
 $$;
 
-CREATE OR REPLACE FUNCTION merkle_guard.remember_enum_labels() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION merkle_guard.remember_hashed_type_text() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_TAG = 'ALTER TYPE' THEN
@@ -1162,7 +1162,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION merkle_guard.check_enum_rename() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION merkle_guard.check_hashed_type_text() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     was name;
