@@ -547,11 +547,10 @@ BEGIN
     -- outbox from the owner's INSERT). On a source or a partition of one, a trigger's function
     -- must be the code of a role that may act as the table's owner already, or a superuser's.
     -- A row trigger on a partitioned table is cloned onto its partitions: a source below it too.
-    SELECT t.tgname, t.tgrelid::regclass AS rel, p.oid::regprocedure AS fn, pg_get_userbyid(p.proowner) AS author,
-           s.table_schema, s.table_name, s.log_name INTO hit
+    SELECT merkle_guard.alien_trigger(s.table_oid, t.tgname) AS problem, s.table_schema, s.table_name, s.log_name
+      INTO hit
       FROM pg_event_trigger_ddl_commands() c
       JOIN pg_trigger t ON t.oid = c.objid
-      JOIN pg_proc p ON p.oid = t.tgfoid
       JOIN merkle_guard.sources s
         ON s.table_oid IN (SELECT a.relid FROM pg_partition_ancestors(t.tgrelid) a
                            UNION ALL SELECT t.tgrelid UNION ALL SELECT d.relid FROM pg_partition_tree(t.tgrelid) d)
@@ -559,9 +558,9 @@ BEGIN
        AND merkle_guard.alien_trigger(s.table_oid, t.tgname) IS NOT NULL
      LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'CREATE TRIGGER refused: trigger % on % would run function %, which belongs to role %, as '
-                        'every role that writes to the table, its owner''s too (%.% feeds merkle-listener log "%")',
-                        hit.tgname, hit.rel, hit.fn, hit.author, hit.table_schema, hit.table_name, hit.log_name
+        RAISE EXCEPTION 'CREATE TRIGGER refused: %, as every role that writes to the table, its owner''s too '
+                        '(%.% feeds merkle-listener log "%")', hit.problem, hit.table_schema, hit.table_name,
+                        hit.log_name
             USING ERRCODE = 'ML101',
                   HINT = 'Have the table''s owner (or a superuser) create the trigger function.';
     END IF;
