@@ -25,7 +25,7 @@ from listener import __version__, jsonlog
 from listener.embedded import EmbeddedPostgres, default_data_dir
 from listener.errors import (CaptureGapWarning, ConfigurationError, MerkleListenerError, ProofVerificationError,
                              why_no_directory)
-from listener.store.connect import options_string, resolve
+from listener.store.connect import open_session, options_string, resolve
 
 EMBEDDED_DATABASE = "merkle"
 
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="manage the embedded PostgreSQL").add_subparsers(dest="db_command", required=True)
     db.add_parser("start", help="start it and leave it running")
-    db.add_parser("stop", help="stop it")
+    ds = db.add_parser("stop", help="stop it (refused while a running command, such as `run`, started it and "
+                                    "uses it: stop that command instead, which stops the server as it exits)")
+    ds.add_argument("--force", action="store_true", help="stop it even while the command that started it runs")
     db.add_parser("status", help="say whether it runs")
     du = db.add_parser("url", help="print a DSN for psql and psycopg (starts nothing)")
     du.add_argument("--database", default=EMBEDDED_DATABASE, help=f"database name (default {EMBEDDED_DATABASE})")
@@ -266,7 +268,7 @@ def _ensure_database(server: EmbeddedPostgres) -> None:
 
 def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection:
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, options=options_string(), application_name="merkle-listener")
+        return open_session(dsn, autocommit=autocommit)
     except psycopg.OperationalError as exc:
         raise ConfigurationError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from None
 
@@ -305,6 +307,12 @@ def cmd_db(args) -> int:
         _ensure_database(server)
         print(("started" if started else "already running") + f": {server.dsn(EMBEDDED_DATABASE)}")
     elif args.db_command == "stop":
+        st = server.state()
+        if st.running and st.owner_pid is not None and not st.orphaned and not args.force:
+            raise ConfigurationError(
+                f"the embedded PostgreSQL is in use by the merkle-listener command that started it (pid "
+                f"{st.owner_pid}), which stops it as it exits: stop that command (Ctrl-C, or kill {st.owner_pid}), "
+                "or run `db stop --force` to stop the server under it")
         print("stopped" if server.stop() else "not running")
     elif args.db_command == "status":
         st = server.state()
@@ -450,6 +458,24 @@ def _warn_if_two_phase_commit(conn, table: str, log_name: str) -> None:
               file=sys.stderr)
 
 
+def _warn_of_unlogged_events(conn, source) -> None:
+    """What a replication source lets through without a leaf: the events it does not log (it
+    logs inserts only by default), and on a partitioned table, the UPDATEs that move a row to
+    another partition, which pgoutput sends as a DELETE and an INSERT."""
+    unlogged = [e.upper() for e in ("update", "delete") if e not in source.events]
+    if unlogged and not source.append_only:
+        print(f"warning: {' and '.join(unlogged)} on {source.qualified} "
+              f"{'leaves' if len(unlogged) == 1 else 'leave'} no leaf (this source logs "
+              f"{', '.join(source.events)}). Add it with --events insert,update,delete to log them, or with "
+              "--append-only to refuse them.", file=sys.stderr)
+    partitioned = conn.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = %s", (source.table_oid,)).fetchone()
+    conn.commit()
+    if partitioned and partitioned[0] and "update" in source.events and not {"insert", "delete"} <= set(source.events):
+        print(f"warning: an UPDATE that moves a row of {source.qualified} to another partition reaches the stream "
+              "as a DELETE and an INSERT, not an update: with --events lacking insert or delete, such an UPDATE "
+              "is logged in part or not at all (docs/replication.md, Partitioned sources).", file=sys.stderr)
+
+
 def cmd_source(args) -> int:
     from listener import registry
 
@@ -482,6 +508,8 @@ def cmd_source(args) -> int:
                       f"{source.qualified} leave no leaf. Add the source with --append-only to refuse them, "
                       "or with --mode replication --events insert,update,delete to log them.",
                       file=sys.stderr)
+            if source.mode == "replication":
+                _warn_of_unlogged_events(conn, source)
         elif args.source_command == "list":
             log_id = registry.get_log(conn, args.log).log_id if args.log else None
             names = {lg.log_id: lg.name for lg in registry.list_logs(conn)}  # users know logs by name
@@ -503,6 +531,8 @@ def cmd_source(args) -> int:
         else:
             if args.wait < 0:
                 raise ConfigurationError("--wait must be >= 0 seconds")
+            with conn.transaction():
+                source = registry.find_source(conn, registry.get_log(conn, args.log), args.table)
             queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
             if queued < 0:
                 from listener.sources.replication_setup import pending_message
@@ -514,6 +544,8 @@ def cmd_source(args) -> int:
                       "`merkle-listener run`; run `source remove` again afterwards to finish")
             else:
                 print(f"{args.table} removed from log {args.log!r}")
+            # Its options are gone with its registration: say how to add it again as it was.
+            print(f"to add it again as it was: {registry.add_command(args.log, source)}")
     return 0
 
 
@@ -707,7 +739,7 @@ async def _until_signal(fn, *args) -> None:
 
 
 def cmd_status(args) -> int:
-    from listener.status import collect, render
+    from listener.status import collect, has_errors, render
 
     with database(args) as dsn, connect(dsn) as conn:
         _checked(conn)
@@ -716,7 +748,7 @@ def cmd_status(args) -> int:
         _print_json(report)
     else:
         print(render(report))
-    return 0
+    return 3 if has_errors(report) else 0
 
 
 def cmd_prove(args) -> int:

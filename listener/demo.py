@@ -11,13 +11,17 @@ exits 0 only if every check held.
 from __future__ import annotations
 
 import random
+import shlex
+import shutil
+import sys
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import psycopg
 
-from listener import canonical, merkle, proofs, registry
+from listener import canonical, embedded, merkle, proofs, registry
 from listener.runner import RunOptions, connect, run
 from listener.store import migrate
 
@@ -245,11 +249,29 @@ def _report(conn: psycopg.Connection, log_name: str, committed: dict) -> int:
     conn.commit()
 
     _step("done: " + ("every check held" if ok else "SOME CHECKS FAILED"))
-    print("   explore it: merkle-listener db start")
-    print(f'              merkle-listener --dsn "$(merkle-listener db url --database {DEMO_DB})" status')
-    print(f'              psql "$(merkle-listener db url --database {DEMO_DB})"   # then: SELECT * FROM merkle.processed_log LIMIT 5;')
-    print("              merkle-listener db stop")
+    ml, psql = _commands()
+    print(f"   explore it: {ml} db start")
+    print(f'              {ml} --dsn "$({ml} db url --database {DEMO_DB})" status')
+    print(f'              {psql} "$({ml} db url --database {DEMO_DB})"   # then: SELECT * FROM merkle.processed_log LIMIT 5;')
+    print(f"              {ml} db stop")
     return 0 if ok else 1
+
+
+def _commands() -> tuple[str, str]:
+    """How to type merkle-listener and psql in the user's shell: by name where that finds
+    these ones, else by path (the README installs into a virtual environment it does not
+    activate, and the wheel's psql is on no PATH)."""
+    here = Path(sys.executable).parent / "merkle-listener"
+    found = shutil.which("merkle-listener")
+    if found and Path(found).resolve() == here.resolve():
+        ml = "merkle-listener"
+    elif here.exists():
+        ml = shlex.quote(str(here))
+    else:
+        ml = f"{shlex.quote(sys.executable)} -m listener"
+    psql = embedded.bin_dir() / "psql"
+    on_path = shutil.which("psql")
+    return ml, ("psql" if on_path and Path(on_path).resolve() == psql.resolve() else shlex.quote(str(psql)))
 
 
 def _check_an_update(conn: psycopg.Connection, log) -> bool:

@@ -6,15 +6,17 @@ batch (which locks the same row).
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, replace
 
 import psycopg
+from pglast.stream import maybe_double_quote_name
 from psycopg import sql
 from psycopg.rows import class_row
 
 from listener.errors import ConfigurationError, SourceTableError
 from listener.sources import trigger
-from listener.sources.validate import SourceSpec, check_log_name, validate_source
+from listener.sources.validate import SourceSpec, check_log_name, parse_table_name, validate_source
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,35 @@ class Source:
     @property
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.table_schema, self.table_name)
+
+
+def add_command(log_name: str, s: Source, *, backfill: bool = False) -> str:
+    """The `source add` command that registers `s` again as it is now, every option spelled
+    out: re-adding a source (to recover from a lost slot) must log what it logged before, and
+    the defaults (inserts only, every column, the primary key) may differ from its options."""
+    def names(columns) -> str:
+        return ",".join(maybe_double_quote_name(c) for c in columns)
+
+    args = ["merkle-listener", "source", "add", log_name,
+            f"{maybe_double_quote_name(s.table_schema)}.{maybe_double_quote_name(s.table_name)}",
+            "--key", names(s.key_columns)]
+    if s.entry_column:
+        args += ["--entry-column", maybe_double_quote_name(s.entry_column)]
+    else:
+        args += ["--columns", names(s.columns)]
+    if s.row_filter:
+        args += ["--where", s.row_filter]
+    if s.append_only:
+        args.append("--append-only")
+    if s.mode == "replication":
+        args += ["--mode", "replication", "--events", ",".join(e for e in s.events if e != "truncate")]
+        if "truncate" not in s.events and not s.append_only:
+            args += ["--truncate", "refuse"]
+    elif not s.doorbell:
+        args.append("--no-doorbell")
+    if backfill:
+        args.append("--backfill")
+    return shlex.join(args)
 
 
 _LOG_COLUMNS = "log_id, name, origin, tree_size, root, paused"
@@ -304,16 +335,20 @@ def _check_entry_column_not_null(conn: psycopg.Connection, spec: SourceSpec) -> 
 
 
 def find_source(conn: psycopg.Connection, log: Log, table: str) -> Source:
-    """The source of `log` named `table` (schema-qualified or not), as registered or as now named."""
-    current = dict(conn.execute(
-        "SELECT s.source_id, n.nspname || '.' || c.relname FROM merkle.sources s "
+    """The source of `log` named `table` (schema-qualified or not), as registered or as now named:
+    as written unquoted (`Sales.Orders`) or as SQL reads it (`"Sales"."Orders"`)."""
+    current = {source_id: (schema, name) for source_id, schema, name in conn.execute(
+        "SELECT s.source_id, n.nspname, c.relname FROM merkle.sources s "
         "JOIN pg_class c ON c.oid = s.table_oid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE s.log_id = %s", (log.log_id,)).fetchall())
+        "WHERE s.log_id = %s", (log.log_id,)).fetchall()}
+    try:
+        parsed = parse_table_name(table)
+    except SourceTableError:
+        parsed = None
     for s in list_sources(conn, log.log_id):
-        names = {s.qualified, s.table_name}
-        if s.source_id in current:
-            names |= {current[s.source_id], current[s.source_id].split(".", 1)[1]}
-        if table in names:
+        pairs = {(s.table_schema, s.table_name)} | ({current[s.source_id]} if s.source_id in current else set())
+        if any(table in (f"{schema}.{name}", name) or parsed in ((schema, name), (None, name))
+               for schema, name in pairs):
             return s
     raise ConfigurationError(f"table {table!r} is not a source of log {log.name!r} (see `merkle-listener source list`)")
 

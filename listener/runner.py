@@ -29,7 +29,7 @@ from listener.errors import ConfigurationError, MerkleListenerError, ProcessingE
 from listener.sequencer import DEFAULT_MAX_BATCH, QUIET_POLL_INTERVAL, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
-from listener.store.connect import RUN_SEARCH_PATH, KeptConnection, options_string
+from listener.store.connect import RUN_SEARCH_PATH, KeptConnection, open_session
 
 log = logging.getLogger("listener.run")
 
@@ -88,8 +88,7 @@ class _Wakeups:
 
 
 def connect(dsn: str, *, autocommit: bool = False, search_path: str | None = None) -> psycopg.Connection:
-    return psycopg.connect(dsn, autocommit=autocommit, options=options_string(search_path=search_path),
-                           application_name="merkle-listener")
+    return open_session(dsn, autocommit=autocommit, search_path=search_path)
 
 
 # The interpreter's thread switch interval while running. A writer's batch runs in a worker
@@ -246,6 +245,9 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                     # Between safety polls, a quiet poll that nothing rang for looks before it locks.
                     look_first = (not wake.is_set() and seq.quiet_sources
                                   and anyio.current_time() - last_drain < opts.poll_interval)
+        except psycopg.errors.QueryCanceled as exc:  # an OperationalError, but the connection is fine
+            log.warning("a statement of the writer was cancelled (pg_cancel_backend, or a timeout set in the "
+                        "statement); retrying", extra={"log": name, "error": str(exc).strip()})
         except psycopg.OperationalError as exc:
             log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one log's trouble must not stop the others

@@ -43,6 +43,10 @@ def collect(conn: psycopg.Connection) -> dict:
                 # another level of the partition tree fire no trigger of this table.
                 "warning": _PARTITION_WARNING.format(table=s.qualified) if partitioned or partition else None,
             })
+        for s, shown in zip(list_sources(conn, log.log_id), sources):
+            if not conn.execute("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = %s)", (s.table_oid,)).fetchone()[0]:
+                shown["warning"] = (f"table {s.qualified} no longer exists (dropped): its leaves stay in the log; "
+                                    f"`merkle-listener source remove {log.name} {s.qualified}` unregisters it")
         ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
         logs.append({
             "name": log.name, "origin": log.origin, "tree_size": log.tree_size, "paused": log.paused,
@@ -53,6 +57,12 @@ def collect(conn: psycopg.Connection) -> dict:
             "slot": slot_health.collect(conn, log.log_id, log.name),
         })
     return {"logs": logs}
+
+
+def has_errors(report: dict) -> bool:
+    """A replication slot that is missing, lost or moved past the log: changes are not being
+    captured until the user recovers (`status` exits 3, for monitoring scripts)."""
+    return any(log.get("slot") and log["slot"]["level"] == "error" for log in report["logs"])
 
 
 def render(report: dict) -> str:

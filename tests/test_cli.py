@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -160,6 +162,12 @@ def test_demo_runs_and_every_check_holds(pg_server):
     assert "public.payments feeds log 'demo' through logical replication" in out.stdout
     assert "OK: the update's leaf hash recomputed from the row equals the logged one" in out.stdout
     assert "taken from the proof itself" not in out.stdout  # checked against roots the demo saw
+    # The commands it suggests run from the user's shell as printed, whatever is on PATH.
+    ml = re.search(r"explore it: (.*) db start", out.stdout).group(1)
+    assert subprocess.run([*shlex.split(ml), "--help"], capture_output=True, env=environment({"PATH": "/usr/bin:/bin"}),
+                          ).returncode == 0, ml
+    psql = re.search(r"^ +(.*) \"\$\(.* db url --database merkle_demo\)\" +# then: SELECT", out.stdout, re.M).group(1)
+    assert subprocess.run([*shlex.split(psql), "--version"], capture_output=True).returncode == 0, psql
     with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM pg_replication_slots WHERE database = 'merkle_demo'").fetchone()[0] == 0
         # A demo killed midway leaves its slot, which would keep its database from being dropped.
@@ -259,12 +267,29 @@ def test_embedded_server_lifecycle_and_orphan_adoption(tmp_path):
     while not (server.state().running and server.owner_file.exists()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    # `db stop` would pull the server from under the listener: refused unless --force.
+    refused = cli("db", "stop", env=env)
+    assert refused.returncode == 2 and f"in use by the merkle-listener command that started it (pid {proc.pid})" \
+        in refused.stderr, refused.stderr
+    assert server.state().running
     proc.kill()
     proc.wait()
     assert server.state().orphaned
     assert "orphaned" in cli("db", "status", env=env).stdout
     cli("status", env=env, check=True)
     assert not server.state().running
+
+    proc = subprocess.Popen([sys.executable, "-m", "listener", "run"], cwd=ROOT, env=environment(env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (server.state().running and server.owner_file.exists()):
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.1)
+        assert cli("db", "stop", "--force", env=env, check=True).stdout.strip() == "stopped"
+        assert not server.state().running
+    finally:
+        proc.kill()
+        proc.wait()
 
     assert "started" in cli("db", "start", env=env, check=True).stdout
     url = cli("db", "url", env=env, check=True).stdout.strip()

@@ -798,3 +798,72 @@ def test_a_subscription_left_from_before_the_check_can_still_be_stopped_and_othe
         }
         refused = [k for k, ok in results.items() if not ok]
         assert not refused, f"refused, though none lets a subscription apply to a source: {refused}"
+
+
+# --------------------------------------------------------------------------------------------------
+# A log's publication decides which changes its slot sends, as a capture trigger does in trigger
+# mode, and pgoutput reads it as it was at each change's place in the WAL: a change it let
+# through is never streamed again (found by review: each statement below lost committed rows
+# without a word). Only merkle-listener changes it; its owner may be changed.
+
+_PUBLICATION_CHANGES = [
+    "ALTER PUBLICATION merkle_audit DROP TABLE ledger",
+    "ALTER PUBLICATION merkle_audit SET TABLE ledger WHERE (id < 0), feed",
+    "ALTER PUBLICATION merkle_audit ADD TABLE spare",
+    "ALTER PUBLICATION merkle_audit SET (publish = 'update')",
+    "ALTER PUBLICATION merkle_audit SET (publish_via_partition_root = false)",
+    "ALTER PUBLICATION merkle_audit RENAME TO elsewhere",
+    "DROP PUBLICATION merkle_audit",
+    "DROP OWNED BY {role}",
+]
+
+
+def _publication(su) -> tuple:
+    return su.execute(
+        "SELECT p.pubname, p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, p.pubviaroot, "
+        "(SELECT array_agg(tablename || ':' || coalesce(rowfilter, '') ORDER BY tablename) FROM pg_publication_tables t "
+        " WHERE t.pubname = p.pubname) FROM pg_publication p WHERE p.oid = "
+        "(SELECT oid FROM pg_publication WHERE pubname IN ('merkle_audit', 'elsewhere'))").fetchone()
+
+
+def test_a_logs_publication_is_changed_by_merkle_listener_only(guarded):
+    su, app, role, dsn, writer = guarded
+    for table in ("ledger", "feed", "spare"):
+        app.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, amount numeric)")
+        app.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    cli("source", "add", "audit", "ledger", "--mode", "replication", "--events", "insert,update", dsn=dsn, check=True)
+    cli("source", "add", "audit", "feed", "--mode", "replication", dsn=dsn, check=True)
+    before = _publication(su)
+    let_through = []
+    for statement in _PUBLICATION_CHANGES:
+        for who, conn in (("the owner", app), ("a superuser", su)):
+            if "DROP OWNED" in statement and conn is app:
+                continue  # the owner dropping all it owns: refused for its sources' tables already
+            if _let_through(conn, statement.format(role=role)):
+                let_through.append(f"{who}: {statement}")
+            assert _publication(su) == before, statement
+    assert not let_through, f"changed the log's publication: {let_through}"
+    # Its owner may change (the fix `source add` gives a role that does not own it).
+    su.execute(f"ALTER PUBLICATION merkle_audit OWNER TO {writer}")
+    su.execute(f"ALTER PUBLICATION merkle_audit OWNER TO {role}")
+    # merkle-listener's own changes go through: removing a source, adding one, dropping the log.
+    assert cli("source", "remove", "audit", "feed", dsn=dsn).returncode == 3  # no listener confirms the stream
+    assert _publication(su)[-1] == ["ledger:"]
+    cli("source", "add", "audit", "spare", "--mode", "replication", dsn=dsn, check=True)
+    assert _publication(su)[-1] == ["ledger:", "spare:"]
+    cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
+    assert _publication(su) is None
+
+
+def test_a_guard_from_before_the_publication_check_takes_no_publication_mark(guarded):
+    """Until a superuser installs this version's guard, an earlier one (whose marks have no
+    purpose 'publication') stays: merkle-listener's own publication changes must not fail on it."""
+    su, app, role, dsn, writer = guarded
+    su.execute("DROP FUNCTION merkle_guard.check_log_publications() CASCADE")
+    su.execute("ALTER TABLE merkle_guard.own_ddl DROP CONSTRAINT own_ddl_purpose_check")
+    su.execute("ALTER TABLE merkle_guard.own_ddl ADD CONSTRAINT own_ddl_purpose_check "
+               "CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate'))")
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+    cli("source", "add", "audit", "ledger", "--mode", "replication", dsn=dsn, check=True)
+    cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
+    assert _guard_cli(su, "status").returncode == 3  # says the guard is incomplete

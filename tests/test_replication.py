@@ -220,6 +220,19 @@ def test_source_add_refuses_a_table_whose_updates_postgresql_would_then_refuse(r
         registry.add_source(c, "ri", "plain", mode="replication")  # its primary key is its identity
     conn.execute("INSERT INTO plain VALUES (1, 5)")
     conn.execute("UPDATE plain SET amount = 6")
+    # Sources already there that would break: all named at once, not one per retry.
+    conn.execute("CREATE TABLE k1 (id int NOT NULL UNIQUE)")
+    conn.execute("CREATE TABLE k2 (id int NOT NULL UNIQUE)")
+    conn.execute("CREATE TABLE upd (id int PRIMARY KEY)")
+    conn.execute("ALTER TABLE upd REPLICA IDENTITY FULL")
+    registry.create_log(conn, "ri2")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "ri2", "k1", mode="replication", key=["id"])
+        registry.add_source(c, "ri2", "k2", mode="replication", key=["id"])
+        with pytest.raises(SourceTableError) as refused:
+            registry.add_source(c, "ri2", "upd", mode="replication", events=["insert", "update"])
+    for table in ("k1", "k2"):
+        assert f'run ALTER TABLE "public"."{table}" REPLICA IDENTITY FULL;' in str(refused.value), refused.value
 
 
 def _replication_footprint(conn) -> tuple:
@@ -279,6 +292,43 @@ def test_events_have_their_own_messages(rconn, events, message):
     conn.execute("CREATE TABLE u (id int PRIMARY KEY)")
     out = cli("source", "add", "l", "u", "--events", "INSERT ", dsn=conn.info.dsn)
     assert out.returncode == 0, out.stderr
+
+
+def test_source_add_warns_of_what_leaves_no_leaf(rconn):
+    """Replication mode logs inserts only unless --events says more, as trigger mode does: a
+    source that neither logs nor refuses UPDATE and DELETE is told so; and on a partitioned
+    table, an UPDATE that moves a row to another partition arrives as a DELETE and an INSERT."""
+    conn = rconn
+    dsn = conn.info.dsn
+    conn.execute("CREATE TABLE plain (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE logged (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE parts (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)")
+    conn.execute("CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu')")
+    conn.execute("CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us')")
+    for t in ("logged", "parts", "parts_eu", "parts_us"):
+        conn.execute(f"ALTER TABLE {t} REPLICA IDENTITY FULL")
+    registry.create_log(conn, "w")
+    out = cli("source", "add", "w", "plain", "--mode", "replication", dsn=dsn, check=True)
+    assert "warning: UPDATE and DELETE on public.plain leave no leaf (this source logs insert, truncate)" in out.stderr
+    out = cli("source", "add", "w", "kept", "--mode", "replication", "--append-only", dsn=dsn, check=True)
+    assert "warning" not in out.stderr
+    out = cli("source", "add", "w", "logged", "--mode", "replication", "--events", "insert,update,delete", dsn=dsn,
+              check=True)
+    assert "warning" not in out.stderr
+    out = cli("source", "add", "w", "parts", "--mode", "replication", "--events", "update", dsn=dsn, check=True)
+    assert "warning: DELETE on public.parts leaves no leaf" in out.stderr
+    assert "moves a row of public.parts to another partition" in out.stderr
+    # What the warning says: such an UPDATE leaves nothing for a source that logs updates only.
+    conn.execute("INSERT INTO parts VALUES (1, 'eu')")
+    listener = start_listener(dsn)
+    try:
+        conn.execute("UPDATE parts SET region = 'us'")  # moves the row
+        conn.execute("UPDATE parts SET id = 2")  # stays in its partition: an update
+        wait_for_size(conn, "w", 1, listener=listener)
+    finally:
+        listener.stop()
+    assert [r[3] for r in check_log(conn, "w")] == ["update"]
 
 
 def test_backfill_meets_the_stream(rconn):
@@ -641,9 +691,10 @@ def test_a_missing_slot_is_an_error_in_the_listeners_log_and_recovery_works(rcon
                 time.sleep(0.05)
         conn.execute("INSERT INTO t VALUES (2)")  # committed while there is no slot: not capturable
         listener.wait_for("slot merkle_gone is missing", timeout=30)
-        listener.wait_for("source remove gone TABLE", timeout=5)
+        listener.wait_for("`merkle-listener source remove gone public.t`", timeout=5)
         status = cli("status", dsn=conn.info.dsn)
         assert "slot merkle_gone: MISSING" in status.stdout
+        assert status.returncode == 3, "an error a monitoring script sees"
         cli("source", "remove", "gone", "t", dsn=conn.info.dsn, check=True)
         out = cli("source", "add", "gone", "t", "--mode", "replication", "--backfill", dsn=conn.info.dsn, check=True)
         assert "2 existing rows queued" in out.stdout
@@ -823,7 +874,9 @@ def test_source_remove_says_what_it_waits_for(rconn):
 
         cli("log", "pause", "held", dsn=dsn, check=True)
         conn.execute("INSERT INTO held VALUES (1, 'paused')")
-        out = cli("source", "remove", "held", "held", "--wait", "0.5", dsn=dsn)
+        started = time.monotonic()
+        out = cli("source", "remove", "held", "held", "--wait", "60", dsn=dsn)
+        assert time.monotonic() - started < 30, "a paused log logs nothing: no use waiting for it"
         assert out.returncode == 3 and "log 'held' is paused" in out.stdout and "log resume held" in out.stdout, \
             out.stdout
         cli("log", "resume", "held", dsn=dsn, check=True)

@@ -285,7 +285,9 @@ def test_status_explains_a_lost_slot(crash_server):
         finally:
             conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
             conn.execute("SELECT pg_reload_conf()")
-        out = cli("status", dsn=dsn, check=True).stdout
+        status = cli("status", dsn=dsn)
+        assert status.returncode == 3, "an error a monitoring script sees"
+        out = status.stdout
         assert "slot merkle_lossy: wal_status lost" in out
         assert "error: slot merkle_lossy is lost" in out and "pg_drop_replication_slot('merkle_lossy')" in out
         # The running listener says it too, as an error with the same steps.

@@ -306,7 +306,7 @@ def test_partitions_of_a_source_logging_updates_carry_the_whole_old_row(rconn):
     registry.create_log(conn, "pi")
     events = ["insert", "update", "delete"]
     with connect(conn.info.dsn) as c:
-        with pytest.raises(SourceTableError, match=r"ALTER TABLE m_2024 REPLICA IDENTITY FULL;"):
+        with pytest.raises(SourceTableError, match=r"ALTER TABLE public\.m_2024 REPLICA IDENTITY FULL;"):
             registry.add_source(c, "pi", "m", mode="replication", events=events)
     conn.execute("ALTER TABLE m_2024 REPLICA IDENTITY FULL")
     with connect(conn.info.dsn) as c:

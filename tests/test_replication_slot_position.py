@@ -63,6 +63,7 @@ def test_a_slot_moved_past_the_log_is_not_streamed_and_the_user_is_told(rconn):
         listener.wait_for(f"slot merkle_mv has confirmed {moved}, past {stored}", timeout=30)
         assert conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] == 5
         out = cli("status", "--json", dsn=conn.info.dsn)
+        assert out.returncode == 3
         slot = orjson.loads(out.stdout)["logs"][0]["slot"]
         assert slot["level"] == "error", slot
         assert f"between {stored} and {moved}" in slot["message"]
@@ -270,3 +271,29 @@ def test_the_listener_commits_durably_whatever_the_database_sets(conn):
         assert plain.execute("SHOW synchronous_commit").fetchone()[0] == "off"
     with connect(conn.info.dsn) as listener_session:
         assert listener_session.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+
+
+
+def test_timeouts_the_database_sets_do_not_wedge_the_log(rconn):
+    """A large replication transaction is appended in one batch transaction, its COPY open
+    while rows are hashed: a statement or transaction timeout of the database would cancel it
+    at every retry, and the log would never pass it. The listener's sessions set none."""
+    conn = rconn
+    database = conn.info.dbname
+    timeouts = {"statement_timeout": "100ms", "lock_timeout": "100ms", "idle_in_transaction_session_timeout": "100ms",
+                "idle_session_timeout": "100ms"}
+    if conn.info.server_version >= 170000:
+        timeouts["transaction_timeout"] = "300ms"
+    _source(conn, "slow")
+    for name, value in timeouts.items():
+        conn.execute(f'ALTER DATABASE "{database}" SET {name} = {value!r}')
+    with connect(conn.info.dsn) as session:
+        assert {name: session.execute(f"SHOW {name}").fetchone()[0] for name in timeouts} == dict.fromkeys(timeouts, "0")
+    conn.execute("INSERT INTO t SELECT generate_series(1, 150000)")  # this session was opened before: no timeout
+    listener = start_listener(conn.info.dsn)
+    try:
+        wait_for_size(conn, "slow", 150000, timeout=120, listener=listener)
+    finally:
+        said = listener.stop()
+    assert "cancel" not in said and "timeout" not in said, said[-2000:]
+    check_log(conn, "slow")

@@ -140,6 +140,12 @@ def test_quoted_mixed_case_and_unicode_identifiers(db):
     assert spec.ident().as_string(db) == '"Sales Ünï"."Order Items"'
     # The spec's identifier and filter work in a real statement.
     db.execute(psycopg.sql.SQL("SELECT 1 FROM {} WHERE {}").format(spec.ident(), psycopg.sql.SQL(spec.row_filter)))
+    # Unquoted, the mixed-case names fold to lower case: the refusal shows how to quote them.
+    hint = """unquoted names are read in lower case: write "Id" (in single quotes for the shell: '"Id"')"""
+    for option in ("key", "columns"):
+        with pytest.raises(SourceTableError) as refused:
+            validate_source(db, '"Sales Ünï"."Order Items"', **{option: parse_column_list("Id")})
+        assert hint in str(refused.value), refused.value
 
 
 def test_schema_qualified_name_picks_that_schema(db):

@@ -24,6 +24,7 @@ trigger mode does.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import psycopg
 from psycopg import pq, sql
@@ -101,7 +102,8 @@ def preflight(conn: psycopg.Connection, spec: SourceSpec, events: list[str], *, 
         # identity (a new partition starts at DEFAULT; partitions created or attached later
         # are set to FULL by the guard of sql/011_partitions_and_generated.sql).
         lacking = [r[0] for r in conn.execute(
-            "SELECT t.relid::regclass::text FROM pg_partition_tree(%s) t JOIN pg_class c ON c.oid = t.relid "
+            "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_partition_tree(%s) t "
+            "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE t.level > 0 AND c.relkind = 'r' AND c.relreplident <> 'f' ORDER BY 1", (spec.oid,))]
         if lacking:
             raise SourceTableError(
@@ -145,6 +147,7 @@ def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[st
     the application's writes. `tables` is (qualified name, oid, has a row filter)."""
     if not publish & {"update", "delete"}:
         return
+    problems: dict[str, list[str]] = {}  # the rule broken -> each table that breaks it, and why
     for name, oid, has_filter in tables:
         identity = _replica_identity(conn, oid)
         has_pk = conn.execute(
@@ -161,10 +164,13 @@ def check_publication_identities(conn: psycopg.Connection, tables: list[tuple[st
         else:
             rule, why = ("without a replica identity", "its replica identity is NOTHING" if identity == "n"
                          else "it has no primary key or replica identity index")
+        problems.setdefault(rule, []).append(f"{name}: {why}: run ALTER TABLE {name} REPLICA IDENTITY FULL;")
+    if problems:
+        # Every table at once: fixing one and retrying should not reveal the next.
         raise SourceTableError(
-            f"the log's publication would publish updates/deletes, and then PostgreSQL refuses UPDATE and "
-            f"DELETE on a table {rule}; {name}: {why}: run ALTER TABLE {name} REPLICA IDENTITY FULL; first"
-        )
+            "the log's publication would publish updates/deletes, and then PostgreSQL refuses UPDATE and DELETE on "
+            + "; and on ".join(f"a table {rule}; " + " ".join(each) for rule, each in problems.items())
+            + " first")
 
 
 def _replica_identity(conn: psycopg.Connection, oid: int) -> str:
@@ -178,6 +184,20 @@ def sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> se
     """Make publication merkle_<log> list exactly the log's replication sources (with their row
     filters) and publish the union of their events; drop it when there are none. Runs in the
     caller's transaction. Returns what it publishes."""
+    with own_publication_ddl(conn):
+        return _sync_publication(conn, log_name, log_id)
+
+
+@contextmanager
+def own_publication_ddl(conn: psycopg.Connection):
+    """Mark merkle-listener's own change of a log's publication, which the DDL guard refuses
+    otherwise (sql/021_publication_mark.sql); in the caller's transaction."""
+    conn.execute("SELECT merkle.mark_own_ddl('publication')")
+    yield
+    conn.execute("SELECT merkle.unmark_own_ddl('publication')")
+
+
+def _sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> set[str]:
     rows = conn.execute(
         "SELECT table_schema, table_name, table_oid, row_filter, events FROM merkle.sources s "
         "WHERE log_id = %s AND mode = 'replication' "

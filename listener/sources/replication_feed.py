@@ -42,6 +42,7 @@ from listener.errors import MerkleListenerError
 from listener.registry import list_sources
 from listener.sequencer import BatchResult, Sequencer
 from listener.sources import publication, slot_health
+from listener.sources.names import quote_ident
 from listener.sources.pgoutput import int_to_lsn, lsn_to_int
 from listener.sources.replication import ReplicationStream, Transaction
 from listener.sources.replication_apply import ReplicationBatch, prepare
@@ -86,6 +87,7 @@ class ReplicationFeed:
         self._probe = KeptConnection(dsn)  # for the periodic "is there a slot?" question
         # (message, first seen, last reported) while the log's slot is missing, lost or moved
         self._slot_problem: tuple[str, float, float] | None = None
+        self._privilege_reported = -SLOT_PROBLEM_REPEAT  # when a missing REPLICATION privilege was last logged
         self._last_idle_store = 0.0
         self._idle_tried = 0  # the last idle position considered (a new keepalive brings the next)
         self._received_count = 0  # transactions received, in all sessions
@@ -232,6 +234,7 @@ class ReplicationFeed:
             try:
                 await stream.open()
                 opened = time.monotonic()
+                self._privilege_reported = -SLOT_PROBLEM_REPEAT
                 self.stream = stream
                 if not announced:
                     log.info("replication stream open", extra={"log": self.log_name, "slot": stream.slot,
@@ -253,13 +256,33 @@ class ReplicationFeed:
             await anyio.sleep(delay)
             # Looked at after the pause: a `source remove` of the log's last replication source
             # drops the slot (which ends the stream) just before it commits.
-            if await anyio.to_thread.run_sync(self._has_replication_sources):
+            if opened is None and (lacking := await anyio.to_thread.run_sync(self._lacking_privilege)):
+                # Retrying cannot help until someone grants it: an error, with the fix, once a
+                # minute while it lasts.
+                if time.monotonic() - self._privilege_reported >= SLOT_PROBLEM_REPEAT:
+                    log.error(lacking, extra={"log": self.log_name})
+                    self._privilege_reported = time.monotonic()
+            elif await anyio.to_thread.run_sync(self._has_replication_sources):
                 log.warning("replication stream interrupted; reopening from the stored position",
                             extra={"log": self.log_name, "error": interrupted})
             else:
                 log.info("replication stream closed: the log has no replication source left",
                          extra={"log": self.log_name})
             delay = min(5.0, delay * 2)
+
+    def _lacking_privilege(self) -> str | None:
+        """Why the stream cannot open when the listener's role may not stream at all (REPLICATION
+        revoked since `source add` checked it), with the fix; else None."""
+        try:
+            role, allowed = self._probe.get().execute(
+                "SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        except psycopg.Error:
+            return None
+        if allowed:
+            return None
+        return (f"role {role!r} lacks the REPLICATION privilege, so the changes of log {self.log_name!r}'s replication "
+                f"sources cannot be streamed (they wait in the slot): as a superuser, ALTER ROLE "
+                f"{quote_ident(role)} REPLICATION; the listener retries until then")
 
     def _has_replication_sources(self) -> bool:
         """True also when that cannot be told (the server is down, say)."""
@@ -296,13 +319,14 @@ class ReplicationFeed:
             "SELECT p.end_lsn::text, l.log_id, p.slot_checked FROM merkle.replication_progress p "
             "JOIN merkle.logs l USING (log_id) WHERE l.name = %s", (self.log_name,)).fetchone()
         problem = None
+        sources = [s for s in list_sources(conn, row[1]) if s.mode == "replication"] if row is not None else []
         if row is not None and slot is None:
-            problem = slot_health.missing_message(self.log_name)
+            problem = slot_health.missing_message(self.log_name, sources)
         elif row is not None and slot[0] == "lost":
-            problem = slot_health.lost_message(self.log_name, row[0])
+            problem = slot_health.lost_message(self.log_name, row[0], sources)
         elif row is not None and slot[1] is not None and lsn_to_int(slot[1]) > lsn_to_int(row[0]):
             if row[2] and row[0] != "0/0":
-                problem = slot_health.ahead_message(self.log_name, row[0], slot[1])
+                problem = slot_health.ahead_message(self.log_name, row[0], slot[1], sources)
             else:
                 # Never streamed yet, or stored by a version that confirmed idle positions
                 # without storing them: the slot's position is the log's own.
@@ -316,7 +340,7 @@ class ReplicationFeed:
         if row is None or problem is not None:
             return None
         self._log_id = row[1]
-        self._sources = {s.table_oid: s for s in list_sources(conn, self._log_id) if s.mode == "replication"}
+        self._sources = {s.table_oid: s for s in sources}
         return lsn_to_int(row[0])
 
     def _take_slot_position(self, conn: psycopg.Connection, log_id: int, confirmed: str) -> str:

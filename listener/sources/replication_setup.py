@@ -14,7 +14,7 @@ from psycopg import sql
 
 from listener import registry
 from listener.errors import CaptureGapWarning, ConfigurationError, DatabaseError, SourceTableError
-from listener.sources import publication, trigger
+from listener.sources import publication, slot_health, trigger
 from listener.sources.validate import validate_source
 
 EVENT_CHOICES = ("insert", "update", "delete")
@@ -105,7 +105,7 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
             queued = publication.queue_backfill(conn, source.source_id, spec)
         prior_end = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress WHERE log_id = %s",
                                  (log.log_id,)).fetchone()[0]
-        others = [s.qualified for s in registry.list_sources(conn, log.log_id)
+        others = [s for s in registry.list_sources(conn, log.log_id)
                   if s.mode == "replication" and s.source_id != source.source_id]
     if slot_there:
         return source, queued
@@ -134,16 +134,17 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
     return source, queued
 
 
-def _warn_of_a_missing_slots_gap(log: registry.Log, others: list[str], prior_end: str, point: str) -> None:
+def _warn_of_a_missing_slots_gap(log: registry.Log, others: list[registry.Source], prior_end: str,
+                                 point: str) -> None:
     """The log had streamed (its position is not 0/0) but its slot was gone: what its other
     replication sources committed between that position and the new slot's start is nowhere."""
     if prior_end == "0/0" or not others:
         return
     warnings.warn(CaptureGapWarning(
         f"log {log.name!r} had no replication slot (it was dropped or lost), and a new one starts at {point}: "
-        f"changes of {', '.join(others)} committed after {prior_end} (the last one logged) and before {point} are "
-        f"not in the log. To log their rows as they are now, remove each (`merkle-listener source remove "
-        f"{log.name} TABLE`) and add it again with --mode replication --backfill"), stacklevel=3)
+        f"changes of {', '.join(s.qualified for s in others)} committed after {prior_end} (the last one logged) and "
+        f"before {point} are not in the log. Log their rows as they are now by "
+        + slot_health.readd_steps(log.name, others)), stacklevel=3)
 
 
 def _check_not_generated(spec) -> None:
@@ -238,8 +239,9 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
                 "WHERE r.source_id = %s", (publication.slot_name(log_name), source.source_id)).fetchone()
         if caught_up:
             break
-        # A running listener confirms the stream soon: wait a little rather than ask for a rerun.
-        if not streaming or time.monotonic() > deadline:
+        # A running listener confirms the stream soon: wait a little rather than ask for a rerun
+        # (not for a paused log, which it does not append to).
+        if not streaming or log.paused or time.monotonic() > deadline:
             return -1
         time.sleep(0.1)
     with conn.transaction():
@@ -303,8 +305,9 @@ def _drop_publication_if_unused(conn: psycopg.Connection, log_id: int, log_name:
     if left:
         return False
     conn.execute("DELETE FROM merkle.replication_progress WHERE log_id = %s", (log_id,))
-    conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
-        sql.Identifier(publication.publication_name(log_name))))
+    with publication.own_publication_ddl(conn):
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+            sql.Identifier(publication.publication_name(log_name))))
     return True
 
 
@@ -329,7 +332,9 @@ def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dic
         for s in sources:
             trigger.drop_triggers(conn, s.source_id, trigger.current_table(conn, s.table_oid))
             trigger.drop_outbox(conn, s.source_id)
-        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication.publication_name(name))))
+        with publication.own_publication_ddl(conn):
+            conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+                sql.Identifier(publication.publication_name(name))))
         conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log.log_id,))
         conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log.log_id,))
         # Last, while this transaction can still be rolled back: should it fail, nothing is

@@ -12,9 +12,11 @@ streams), else the walsender's flush_lag.
 
 from __future__ import annotations
 
+import shlex
+
 import psycopg
 
-from listener.registry import Source
+from listener.registry import Source, add_command, list_sources
 from listener.sources.pgoutput import lsn_to_int
 from listener.sources.publication import publication_name, slot_name
 
@@ -42,8 +44,9 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
         return None
     end_lsn, progress_age, slot_checked = progress
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
+    sources = [s for s in list_sources(conn, log_id) if s.mode == "replication"]
     if row is None:
-        report.update(level="error", message=missing_message(log_name))
+        report.update(level="error", message=missing_message(log_name, sources))
         return report
     wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
     ahead = end_lsn != "0/0" and confirmed is not None and lsn_to_int(confirmed) > lsn_to_int(end_lsn)
@@ -54,9 +57,9 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     report.update(wal_status=wal_status, active=active, confirmed_flush_lsn=confirmed, lag_bytes=lag_bytes,
                   retained_bytes=retained, lag_seconds=round(lag_seconds, 3))
     if wal_status == "lost":
-        report.update(level="error", message=lost_message(log_name, end_lsn))
+        report.update(level="error", message=lost_message(log_name, end_lsn, sources))
     elif ahead and slot_checked:
-        report.update(level="error", message=ahead_message(log_name, end_lsn, confirmed))
+        report.update(level="error", message=ahead_message(log_name, end_lsn, confirmed, sources))
     elif wal_status in ("extended", "unreserved"):
         report.update(level="warning", message=(
             f"slot {slot} holds {retained} bytes of WAL (wal_status {wal_status}): "
@@ -67,45 +70,58 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     return report
 
 
-def missing_message(log_name: str) -> str:
+def missing_message(log_name: str, sources: list[Source]) -> str:
     slot = slot_name(log_name)
     return (f"slot {slot} is missing (dropped, or this server was promoted from a standby that did not have it): "
-            f"changes of the log's replication sources are not being captured. Recreate it by removing each "
-            f"replication source (`merkle-listener source remove {log_name} TABLE`) and adding it again with "
-            "--backfill (logs the rows as they are now)")
+            f"changes of the log's replication sources are not being captured. Recreate it by "
+            + readd_steps(log_name, sources))
 
 
-def lost_message(log_name: str, end_lsn: str) -> str:
+def lost_message(log_name: str, end_lsn: str, sources: list[Source]) -> str:
     slot = slot_name(log_name)
     return (f"slot {slot} is lost: PostgreSQL removed WAL it still needed, so changes committed after "
             f"{end_lsn} (the last one logged) can no longer be streamed and are not in the log. To recover: "
-            + _recovery_steps(log_name)
+            + _recovery_steps(log_name, sources)
             + "; 4. raise max_slot_wal_keep_size (or keep the listener running) so it does not recur")
 
 
-def _recovery_steps(log_name: str) -> str:
+def _recovery_steps(log_name: str, sources: list[Source]) -> str:
     return (f"1. stop `merkle-listener run`; 2. SELECT pg_drop_replication_slot('{slot_name(log_name)}'); "
-            f"3. for each replication source, `merkle-listener source remove {log_name} TABLE`, then "
-            f"`merkle-listener source add {log_name} TABLE --mode replication --backfill` (logs the rows as they "
-            "are now)")
+            "3. " + readd_steps(log_name, sources))
 
 
-def ahead_message(log_name: str, end_lsn: str, confirmed: str) -> str:
+def readd_steps(log_name: str, sources: list[Source]) -> str:
+    """Remove each replication source, then add it again with its own options and --backfill
+    (which logs its rows as they are now): the last removal drops the slot, the first add
+    creates a new one."""
+    if not sources:
+        return (f"removing each replication source (`merkle-listener source remove {log_name} TABLE`) and adding it "
+                "again with the options it had and --backfill (logs the rows as they are now)")
+    removes = "; ".join(
+        f"`{shlex.join(['merkle-listener', 'source', 'remove', log_name, s.qualified])}`" for s in sources)
+    adds = "; ".join(f"`{add_command(log_name, s, backfill=True)}`" for s in sources)
+    return (f"removing each replication source: {removes}; then adding each again as it was, with --backfill "
+            f"(logs the rows as they are now): {adds}")
+
+
+def ahead_message(log_name: str, end_lsn: str, confirmed: str, sources: list[Source]) -> str:
     slot = slot_name(log_name)
     return (f"slot {slot} has confirmed {confirmed}, past {end_lsn}, the last position the log stored: something "
             "other than merkle-listener moved it (pg_replication_slot_advance, another client streaming the "
             "slot, or the slot dropped and created anew), so "
             f"changes committed between {end_lsn} and {confirmed} will not be streamed again and may be missing "
             "from the log. The listener does not stream this slot until you choose: either recover as for a lost "
-            "slot (" + _recovery_steps(log_name) + "), or accept the gap and go on from the slot's position: "
+            "slot (" + _recovery_steps(log_name, sources) + "), or accept the gap and go on from the slot's position: "
             f"UPDATE merkle.replication_progress SET end_lsn = greatest(end_lsn, '{confirmed}') "
             f"WHERE slot_name = '{slot}' (the changes in between then stay out of the log)")
 
 
 def source_status(conn: psycopg.Connection, log_name: str, s: Source) -> dict:
+    # By OID: the table may have been renamed since it was registered.
     published = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s AND tablename = %s)",
-        (publication_name(log_name), s.table_schema, s.table_name)).fetchone()[0]
+        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables p JOIN pg_namespace n ON n.nspname = p.schemaname "
+        "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename WHERE p.pubname = %s AND c.oid = %s)",
+        (publication_name(log_name), s.table_oid)).fetchone()[0]
     backfill = conn.execute("SELECT count(*) FROM merkle.replication_backfill WHERE source_id = %s",
                             (s.source_id,)).fetchone()[0]
     # Changes on their way through the slot are not counted (that would mean decoding them):

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from listener.errors import DatabaseError, SourceTableError
 from listener.sources.filter import check_filter, moving_datetime_literals
-from listener.sources.names import check_log_name, parse_column_list, parse_table_name
+from listener.sources.names import check_log_name, parse_column_list, parse_table_name, quote_ident
 from listener.store.connect import PINNED_SETTINGS
 
 __all__ = [
@@ -325,7 +325,7 @@ def _choose_key(
     if unknown:
         raise SourceTableError(
             f"--key names column {', '.join(unknown)}, which table {shown} does not have "
-            f"(its columns: {', '.join(by_name)})"
+            f"(its columns: {', '.join(by_name)}){_case_hint(unknown, by_name)}"
         )
     matching = [k for k in keys if set(k.columns) == set(key) and len(k.columns) == len(key)]
     for k in matching:
@@ -356,7 +356,7 @@ def _hashed_columns(
     if unknown:
         raise SourceTableError(
             f"--columns names column {', '.join(unknown)}, which table {shown} does not have "
-            f"(its columns: {', '.join(c.name for c in table_columns)})"
+            f"(its columns: {', '.join(c.name for c in table_columns)}){_case_hint(unknown, known)}"
         )
     missing = [c for c in key if c not in given]
     if missing:
@@ -416,12 +416,23 @@ def _check_entry_column(shown: str, name: str, by_name: dict[str, _Column]) -> N
     if col is None:
         raise SourceTableError(
             f"--entry-column {name} does not exist in table {shown} (its columns: {', '.join(by_name)})"
+            + _case_hint([name], by_name)
         )
     if col.type_oid != BYTEA_OID:
         raise SourceTableError(
             f"--entry-column {name} has type {col.type_name}; the entry column must be bytea, "
             "holding the exact bytes to log"
         )
+
+
+def _case_hint(unknown: list[str], known) -> str:
+    """Unquoted names fold to lower case: when a mixed-case column was meant, say how to write it."""
+    folded = {k.lower(): k for k in known}
+    meant = [folded[u] for u in unknown if u == u.lower() and u in folded]
+    if not meant:
+        return ""
+    quoted = ",".join(quote_ident(m) for m in meant)
+    return f"; unquoted names are read in lower case: write {quoted} (in single quotes for the shell: '{quoted}')"
 
 
 def _check_filter_columns(shown: str, where: str, used: set[str], by_name: dict[str, _Column]) -> None:

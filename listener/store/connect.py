@@ -53,7 +53,13 @@ def resolve(dsn: str | None, environ: dict[str, str] | None = None) -> Target:
 # batch must be durable when its COMMIT returns, whatever synchronous_commit the database or
 # role sets, before its end_lsn is confirmed to the slot or a checkpoint is signed over it.
 SESSION_SETTINGS = {**PINNED_SETTINGS, "default_transaction_isolation": "read committed",
-                    "synchronous_commit": "on"}
+                    "synchronous_commit": "on",
+                    # A large replication transaction is one batch transaction whatever it takes,
+                    # and a COPY stays open while its rows are hashed: a timeout the database or
+                    # role sets would cancel it at every retry and wedge the log. (PostgreSQL 17's
+                    # transaction_timeout, unknown to older servers, is set by open_session.)
+                    "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
+                    "idle_session_timeout": "0"}
 
 
 # The search_path of the listener's own sessions under `run` (its writers and their probes)
@@ -72,6 +78,22 @@ def options_string(*, search_path: str | None = None) -> str:
     return " ".join(f"-c {k.lower()}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
 
 
+def open_session(dsn: str, *, autocommit: bool, search_path: str | None = None) -> psycopg.Connection:
+    """A session of the listener: the settings above, and no transaction_timeout (PostgreSQL
+    17 on) either."""
+    conn = psycopg.connect(dsn, autocommit=autocommit, options=options_string(search_path=search_path),
+                           application_name="merkle-listener")
+    try:
+        if conn.info.server_version >= 170000:
+            conn.execute("SET transaction_timeout = 0")
+            if not autocommit:
+                conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class KeptConnection:
     """One autocommit connection of `run` (RUN_SEARCH_PATH) kept open for periodic small
     queries (a new backend per query costs PostgreSQL milliseconds of CPU that the writers
@@ -84,8 +106,7 @@ class KeptConnection:
 
     def get(self):
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self.dsn, autocommit=True, options=options_string(search_path=RUN_SEARCH_PATH),
-                                         application_name="merkle-listener")
+            self._conn = open_session(self.dsn, autocommit=True, search_path=RUN_SEARCH_PATH)
         return self._conn
 
     def close(self) -> None:

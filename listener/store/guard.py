@@ -52,6 +52,11 @@ EVENT_TRIGGERS = (
     EventTrigger("merkle_source_trigger_create", "ddl_command_end", ("CREATE TRIGGER",), "check_source_trigger_create"),
     EventTrigger("merkle_source_subscription", "ddl_command_end", ("CREATE SUBSCRIPTION", "ALTER SUBSCRIPTION"),
                  "check_source_subscription"),
+    # What a log's publication lists, filters and publishes, compared before and after.
+    EventTrigger("merkle_log_publication_start", "ddl_command_start",
+                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED"), "remember_log_publications"),
+    EventTrigger("merkle_log_publication", "ddl_command_end",
+                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED"), "check_log_publications"),
     # The labels of hashed enums, and the attributes of hashed composites (which ALTER TYPE,
     # ALTER [FOREIGN] TABLE and CREATE OR REPLACE VIEW change): check_hashed_type_text.
     EventTrigger("merkle_hashed_type_text_start", "ddl_command_start",

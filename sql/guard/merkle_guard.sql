@@ -49,10 +49,14 @@ CREATE TABLE IF NOT EXISTS merkle_guard.source_columns (
 );
 CREATE TABLE IF NOT EXISTS merkle_guard.own_ddl (
     xid        xid8 NOT NULL,
-    purpose    text NOT NULL CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate')),
+    purpose    text NOT NULL,
     source_id  integer
 );
 CREATE INDEX IF NOT EXISTS own_ddl_xid ON merkle_guard.own_ddl (xid);
+-- Replaced at every install: a version may add a purpose ('publication': check_log_publications).
+ALTER TABLE merkle_guard.own_ddl DROP CONSTRAINT IF EXISTS own_ddl_purpose_check;
+ALTER TABLE merkle_guard.own_ddl ADD CONSTRAINT own_ddl_purpose_check
+    CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate', 'publication'));
 CREATE TABLE IF NOT EXISTS merkle_guard.rewrite_checks (
     xid       xid8 NOT NULL,
     relid     oid NOT NULL,
@@ -596,6 +600,60 @@ BEGIN
                              ELSE 'the append-only guard would not refuse its updates and deletes' END
             USING ERRCODE = 'ML101',
                   HINT = 'Replicate into another table, or capture this one in replication mode (not append-only).';
+    END IF;
+END
+$$;
+
+-- A log's publication does for its replication sources what a capture trigger does for a
+-- trigger-mode source: what it lists, filters and publishes decides which changes the slot
+-- sends, and pgoutput reads it as it was at each change's place in the WAL, so a change it let
+-- through can never be streamed again (found by review: ALTER PUBLICATION ... DROP TABLE, SET
+-- (publish = ...), a row filter, DROP PUBLICATION, each lost committed changes without a word).
+-- Only merkle-listener changes it, in a transaction marked 'publication'. Each statement that
+-- could change one is compared before and after, whatever its form; OWNER TO is let through.
+CREATE OR REPLACE FUNCTION merkle_guard.publication_signature(p_pubid oid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT (to_jsonb(p) - 'pubowner')::text
+           || '|' || coalesce((SELECT string_agg(format('%s:%s:%s', r.prrelid, pg_get_expr(r.prqual, r.prrelid),
+                                                        r.prattrs), ',' ORDER BY r.prrelid)
+                                 FROM pg_publication_rel r WHERE r.prpubid = p.oid), '')
+           || '|' || coalesce((SELECT string_agg(n.pnnspid::text, ',' ORDER BY n.pnnspid)
+                                 FROM pg_publication_namespace n WHERE n.pnpubid = p.oid), '')
+      FROM pg_publication p WHERE p.oid = p_pubid
+$$;
+
+-- For the statement's end: the logs' publications as they are now (a setting of this
+-- transaction, written anew at each such statement's start).
+CREATE OR REPLACE FUNCTION merkle_guard.remember_log_publications() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM set_config('merkle_guard.log_publications', coalesce((
+        SELECT jsonb_object_agg(p.oid::text, jsonb_build_object(
+                   'log', l.log_name, 'signature', merkle_guard.publication_signature(p.oid)))
+          FROM pg_publication p
+          JOIN (SELECT DISTINCT log_name FROM merkle_guard.sources WHERE mode = 'replication') l
+            ON p.pubname = 'merkle_' || l.log_name), '{}')::text, true);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION merkle_guard.check_log_publications() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    changed text;
+BEGIN
+    IF merkle_guard.own_ddl_running('publication') THEN
+        RETURN;  -- merkle-listener's source add, source remove or log drop
+    END IF;
+    SELECT value->>'log' INTO changed
+      FROM jsonb_each(coalesce(nullif(current_setting('merkle_guard.log_publications', true), ''), '{}')::jsonb)
+     WHERE merkle_guard.publication_signature(key::oid) IS DISTINCT FROM value->>'signature'
+     LIMIT 1;
+    IF changed IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: publication merkle_% decides which changes of merkle-listener log "%" its slot '
+                        'sends, and a change it lets through can never be streamed again', TG_TAG, changed, changed
+            USING ERRCODE = 'ML101',
+                  HINT = 'merkle-listener source add and source remove change it, and log drop drops it; its owner '
+                         'may be changed (ALTER PUBLICATION ... OWNER TO).';
     END IF;
 END
 $$;
