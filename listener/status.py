@@ -60,9 +60,11 @@ def collect(conn: psycopg.Connection) -> dict:
 
 
 def has_errors(report: dict) -> bool:
-    """A replication slot that is missing, lost or moved past the log: changes are not being
-    captured until the user recovers (`status` exits 3, for monitoring scripts)."""
-    return any(log.get("slot") and log["slot"]["level"] == "error" for log in report["logs"])
+    """A replication slot that is missing, lost or moved past the log, or a publication changed
+    by hand: changes are not being captured until the user recovers (`status` exits 3, for
+    monitoring scripts)."""
+    return any(log.get("slot") and (log["slot"]["level"] == "error" or log["slot"]["publication_problem"])
+               for log in report["logs"])
 
 
 def render(report: dict) -> str:

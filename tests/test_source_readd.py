@@ -84,3 +84,41 @@ def test_status_says_a_sources_table_was_dropped(conn):
     assert "`merkle-listener source remove dd public.doomed` unregisters it" in out
     cli("source", "remove", "dd", "public.doomed", dsn=dsn, check=True)
     assert _registration(conn, "dd") == []
+
+
+def test_a_publication_changed_by_hand_is_an_error_until_its_sources_are_added_again(rconn):
+    """Without the DDL guard, a table taken out of the log's publication by hand loses the
+    changes committed meanwhile for good: the listener and `status` say so as an error with the
+    recovery, the other source's changes go on being logged, and the recovery clears it."""
+    conn = rconn
+    dsn = conn.info.dsn
+    for table in ("t", "t2"):
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    registry.create_log(conn, "p")
+    cli("source", "add", "p", "t", "--mode", "replication", dsn=dsn, check=True)
+    cli("source", "add", "p", "t2", "--mode", "replication", dsn=dsn, check=True)
+    guarded = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'merkle_log_publication')"
+                           ).fetchone()[0]
+    if guarded:
+        conn.execute("ALTER EVENT TRIGGER merkle_log_publication DISABLE")
+    conn.execute("ALTER PUBLICATION merkle_p DROP TABLE t")
+    if guarded:
+        conn.execute("ALTER EVENT TRIGGER merkle_log_publication ENABLE")
+    listener = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO t VALUES (1)")  # lost: the publication no longer sends t
+        conn.execute("INSERT INTO t2 VALUES (1)")
+        wait_for_size(conn, "p", 1, listener=listener)
+        listener.wait_for("publication merkle_p was changed by hand (public.t is not in it)", timeout=30)
+        status = cli("status", dsn=dsn)
+        assert status.returncode == 3 and "error: publication merkle_p was changed by hand" in status.stdout
+        commands = re.findall(r"`(merkle-listener source (?:remove|add) [^`]*)`", status.stdout)
+        assert len(commands) == 4, status.stdout
+        for command in commands:
+            cli(*shlex.split(command)[1:], dsn=dsn, check=True)
+        wait_for_size(conn, "p", 3, listener=listener)  # each table's row, backfilled
+        assert cli("status", dsn=dsn).returncode == 0
+    finally:
+        listener.stop()
+    assert [(r[3], r[2]) for r in check_log(conn, "p")] == [
+        ("insert", '{"id":"1"}'), ("backfill", '{"id":"1"}'), ("backfill", '{"id":"1"}')]

@@ -60,6 +60,8 @@ PREPARE_ON_ARRIVAL_MAX = 5_000
 # an error, again every SLOT_PROBLEM_REPEAT seconds while it lasts.
 SLOT_PROBLEM_GRACE = 2.0
 SLOT_PROBLEM_REPEAT = 60.0
+# How often a streaming log checks that its publication is as merkle-listener made it.
+PUBLICATION_CHECK_INTERVAL = 10.0
 # An idle position is stored (one small UPDATE) at most this often, and only once it is this
 # far past the confirmed one (or a `source remove` waits for it): a quiet slot pins less WAL
 # than that, and the WAL an idle server writes on its own (the store itself, the background
@@ -88,6 +90,8 @@ class ReplicationFeed:
         # (message, first seen, last reported) while the log's slot is missing, lost or moved
         self._slot_problem: tuple[str, float, float] | None = None
         self._privilege_reported = -SLOT_PROBLEM_REPEAT  # when a missing REPLICATION privilege was last logged
+        self._publication_checked = 0.0
+        self._publication_reported = -SLOT_PROBLEM_REPEAT  # when a publication changed by hand was last logged
         self._last_idle_store = 0.0
         self._idle_tried = 0  # the last idle position considered (a new keepalive brings the next)
         self._received_count = 0  # transactions received, in all sessions
@@ -112,6 +116,8 @@ class ReplicationFeed:
     async def apply(self, seq: Sequencer) -> BatchResult | None:
         """Append what is buffered; None when nothing (more) could be appended now. With an
         empty buffer, about once per recheck interval, appends ready backfills."""
+        if self.stream is not None:
+            await self._check_publication(seq)
         while True:
             if not self._buffer:
                 await self._confirm_idle(seq)
@@ -157,6 +163,22 @@ class ReplicationFeed:
                 return result
             if batch.consumed == 0 or not self._buffer:
                 return None
+
+    async def _check_publication(self, seq: Sequencer) -> None:
+        """Every PUBLICATION_CHECK_INTERVAL, whether the log's publication was changed by hand: an
+        error (once a minute while it lasts), since what it let through is lost; streaming goes
+        on for the sources it still sends."""
+        now = time.monotonic()
+        if now - self._publication_checked < PUBLICATION_CHECK_INTERVAL:
+            return
+        self._publication_checked = now
+        problems = await anyio.to_thread.run_sync(_publication_drift, seq.conn, self.log_name, seq.log.log_id)
+        if not problems:
+            self._publication_reported = -SLOT_PROBLEM_REPEAT
+        elif now - self._publication_reported >= SLOT_PROBLEM_REPEAT:
+            log.error(slot_health.publication_message(self.log_name, problems, list(self._sources.values())),
+                      extra={"log": self.log_name})
+            self._publication_reported = now
 
     async def _confirm_idle(self, seq: Sequencer) -> None:
         """Store, then confirm, the position a keepalive said the stream has passed while
@@ -364,6 +386,11 @@ def _store_idle_position(conn: psycopg.Connection, log_id: int, lsn: int, far_en
             "SELECT 1 FROM merkle.replication_retired r JOIN merkle.sources s USING (source_id) "
             "WHERE s.log_id = p.log_id AND r.until_lsn > p.end_lsn)) RETURNING 1",
             {"lsn": int_to_lsn(lsn), "log": log_id, "far": far_enough}).fetchone() is not None
+
+
+def _publication_drift(conn: psycopg.Connection, log_name: str, log_id: int) -> list[str]:
+    with conn.transaction():
+        return publication.drift(conn, log_name, log_id)
 
 
 def _backfill_ready(conn: psycopg.Connection, log_id: int) -> bool:

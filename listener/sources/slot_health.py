@@ -18,6 +18,7 @@ import psycopg
 
 from listener.registry import Source, add_command, list_sources
 from listener.sources.pgoutput import lsn_to_int
+from listener.sources import publication
 from listener.sources.publication import publication_name, slot_name
 
 # Within this much of the server's WAL, a slot counts as caught up: an idle listener confirms
@@ -45,6 +46,8 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     end_lsn, progress_age, slot_checked = progress
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
     sources = [s for s in list_sources(conn, log_id) if s.mode == "replication"]
+    drift = publication.drift(conn, log_name, log_id)
+    report["publication_problem"] = publication_message(log_name, drift, sources) if drift else None
     if row is None:
         report.update(level="error", message=missing_message(log_name, sources))
         return report
@@ -68,6 +71,14 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     else:
         report.update(level="ok", message=None)
     return report
+
+
+def publication_message(log_name: str, problems: list[str], sources: list[Source]) -> str:
+    pub = publication_name(log_name)
+    return (f"publication {pub} was changed by hand ({'; '.join(problems)}): changes of the log's replication "
+            "sources that it let through since are not in the log, and cannot be streamed again, even once it is "
+            "put back (the DDL guard, `merkle-listener guard install`, refuses such changes). Recover by "
+            + readd_steps(log_name, sources))
 
 
 def missing_message(log_name: str, sources: list[Source]) -> str:
@@ -131,11 +142,12 @@ def source_status(conn: psycopg.Connection, log_name: str, s: Source) -> dict:
 
 
 def render(report: dict) -> list[str]:
+    problem = [f"  error: {report['publication_problem']}"] if report.get("publication_problem") else []
     if not report["exists"]:
-        return [f"  slot {report['slot']}: MISSING", f"  error: {report['message']}"]
+        return [f"  slot {report['slot']}: MISSING", f"  error: {report['message']}"] + problem
     lines = [f"  slot {report['slot']}: wal_status {report['wal_status']}, "
              f"{'streaming' if report['active'] else 'no listener streaming'}, lag {report['lag_bytes']} bytes / "
              f"{report['lag_seconds']:.3f} s, logged up to {report['stored_end_lsn']}"]
     if report["level"] != "ok":
         lines.append(f"  {report['level']}: {report['message']}")
-    return lines
+    return lines + problem
