@@ -402,7 +402,7 @@ def _print_guard_state(state) -> int:
         if t.function is None:
             line = "missing"
         else:
-            line = ("enabled" if t.enabled else "DISABLED") + f", calls {t.function} of role {t.function_owner}"
+            line = ("enabled always" if t.enabled else "NOT ENABLE ALWAYS (it may be skipped, or is disabled)") + f", calls {t.function} of role {t.function_owner}"
             if not t.present:
                 line += ", not this version's guard"
             elif not t.as_shipped:
@@ -532,7 +532,8 @@ def cmd_source(args) -> int:
             if args.wait < 0:
                 raise ConfigurationError("--wait must be >= 0 seconds")
             with conn.transaction():
-                source = registry.find_source(conn, registry.get_log(conn, args.log), args.table)
+                source = registry.named_now(conn, [registry.find_source(conn, registry.get_log(conn, args.log),
+                                                                        args.table)])[0]
             queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
             if queued < 0:
                 from listener.sources.replication_setup import pending_message

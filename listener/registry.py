@@ -65,7 +65,7 @@ def add_command(log_name: str, s: Source, *, backfill: bool = False) -> str:
             f"{maybe_double_quote_name(s.table_schema)}.{maybe_double_quote_name(s.table_name)}",
             "--key", names(s.key_columns)]
     if s.entry_column:
-        args += ["--entry-column", maybe_double_quote_name(s.entry_column)]
+        args += ["--entry-column", s.entry_column]  # taken as written, not parsed as SQL
     else:
         args += ["--columns", names(s.columns)]
     if s.row_filter:
@@ -81,6 +81,17 @@ def add_command(log_name: str, s: Source, *, backfill: bool = False) -> str:
     if backfill:
         args.append("--backfill")
     return shlex.join(args)
+
+
+def named_now(conn: psycopg.Connection, sources: list[Source]) -> list[Source]:
+    """The sources under their tables' current names (a table may have been renamed since it was
+    registered): what a command printed for the user must name. A dropped table keeps the
+    registered name."""
+    current = {oid: (schema, name) for oid, schema, name in conn.execute(
+        "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = ANY(%s)", ([s.table_oid for s in sources],)).fetchall()}
+    return [replace(s, table_schema=current[s.table_oid][0], table_name=current[s.table_oid][1])
+            if s.table_oid in current else s for s in sources]
 
 
 _LOG_COLUMNS = "log_id, name, origin, tree_size, root, paused"

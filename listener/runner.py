@@ -29,7 +29,7 @@ from listener.errors import ConfigurationError, MerkleListenerError, ProcessingE
 from listener.sequencer import DEFAULT_MAX_BATCH, QUIET_POLL_INTERVAL, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
-from listener.store.connect import RUN_SEARCH_PATH, KeptConnection, open_session
+from listener.store.connect import RUN_SEARCH_PATH, KeptConnection, open_session, options_string
 
 log = logging.getLogger("listener.run")
 
@@ -124,7 +124,8 @@ async def _doorbell(opts: RunOptions, wakeups: _Wakeups, *, task_status=anyio.TA
     backoff = _Backoff()
     while True:
         try:
-            aconn = await psycopg.AsyncConnection.connect(opts.dsn, autocommit=True, application_name="merkle-listener")
+            aconn = await psycopg.AsyncConnection.connect(opts.dsn, autocommit=True, options=options_string(),
+                                                          application_name="merkle-listener")
             async with aconn:
                 await aconn.execute(f"LISTEN {DOORBELL_CHANNEL}")
                 backoff.reset()

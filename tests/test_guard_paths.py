@@ -13,6 +13,8 @@ what it changed."""
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from typing import NamedTuple
 
 import psycopg
@@ -843,6 +845,12 @@ def test_a_logs_publication_is_changed_by_merkle_listener_only(guarded):
                 let_through.append(f"{who}: {statement}")
             assert _publication(su) == before, statement
     assert not let_through, f"changed the log's publication: {let_through}"
+    # Event triggers enabled plainly would not fire in replica mode: the guard's are ALWAYS.
+    su.execute("SET session_replication_role = replica")
+    try:
+        assert not _let_through(su, "ALTER PUBLICATION merkle_audit DROP TABLE ledger")
+    finally:
+        su.execute("RESET session_replication_role")
     # Its owner may change (the fix `source add` gives a role that does not own it).
     su.execute(f"ALTER PUBLICATION merkle_audit OWNER TO {writer}")
     su.execute(f"ALTER PUBLICATION merkle_audit OWNER TO {role}")
@@ -867,3 +875,55 @@ def test_a_guard_from_before_the_publication_check_takes_no_publication_mark(gua
     cli("source", "add", "audit", "ledger", "--mode", "replication", dsn=dsn, check=True)
     cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
     assert _guard_cli(su, "status").returncode == 3  # says the guard is incomplete
+
+
+def test_a_filter_columns_cascade_drop_does_not_take_a_source_out_of_its_publication(guarded):
+    """PostgreSQL drops a published table's row filter with a column it reads, and the table
+    with it from the publication: ALTER TABLE ... DROP COLUMN ... CASCADE of an unhashed column
+    that the filter reads took the source out of its log's publication."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric, flag boolean)")
+    cli("source", "add", "audit", "ledger", "--columns", "id,amount", "--where", "flag", "--mode", "replication",
+        dsn=dsn, check=True)
+    before = _publication(su)
+    for conn in (app, su):
+        assert not _let_through(conn, "ALTER TABLE ledger DROP COLUMN flag CASCADE")
+        assert _publication(su) == before
+
+
+def test_a_change_that_waited_for_a_source_add_is_checked_against_it(guarded):
+    """A statement that waits for the publication's lock while `source add` holds it is checked,
+    at its end, against the source that add committed meanwhile, not only against the
+    publication as it was at its start, before that add."""
+    su, app, role, dsn, writer = guarded
+    for table in ("t1", "t2"):
+        app.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    cli("source", "add", "audit", "t1", "--mode", "replication", dsn=dsn, check=True)
+    t2 = app.execute("SELECT 't2'::regclass::oid").fetchone()[0]
+    log_id = app.execute("SELECT log_id FROM merkle.logs WHERE name = 'audit'").fetchone()[0]
+    adding = psycopg.connect(dsn, options=options_string())  # what `source add audit t2` writes, held open
+    adding.execute("INSERT INTO merkle.sources (log_id, table_schema, table_name, table_oid, mode, key_columns, "
+                   "columns, events) VALUES (%s, 'public', 't2', %s, 'replication', '{id}', '{id}', '{insert}')",
+                   (log_id, t2))
+    adding.execute("SELECT merkle.mark_own_ddl('publication')")
+    adding.execute("ALTER PUBLICATION merkle_audit ADD TABLE t2")
+    outcome: list = []
+    superuser = psycopg.connect(su.info.dsn, autocommit=True, options=options_string())
+
+    def take_it_out() -> None:
+        outcome.append(_let_through(superuser, "ALTER PUBLICATION merkle_audit DROP TABLE t2"))
+
+    taker = threading.Thread(target=take_it_out)
+    taker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not su.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND query LIKE 'ALTER PUBLICATION merkle_audit DROP%%')").fetchone()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        adding.commit()
+    finally:
+        adding.close()
+        taker.join(30)
+        superuser.close()
+    assert outcome == [False], "a registered source was taken out of its log's publication"

@@ -103,7 +103,7 @@ def test_a_publication_changed_by_hand_is_an_error_until_its_sources_are_added_a
         conn.execute("ALTER EVENT TRIGGER merkle_log_publication DISABLE")
     conn.execute("ALTER PUBLICATION merkle_p DROP TABLE t")
     if guarded:
-        conn.execute("ALTER EVENT TRIGGER merkle_log_publication ENABLE")
+        conn.execute("ALTER EVENT TRIGGER merkle_log_publication ENABLE ALWAYS")
     listener = start_listener(dsn)
     try:
         conn.execute("INSERT INTO t VALUES (1)")  # lost: the publication no longer sends t
@@ -122,3 +122,25 @@ def test_a_publication_changed_by_hand_is_an_error_until_its_sources_are_added_a
         listener.stop()
     assert [(r[3], r[2]) for r in check_log(conn, "p")] == [
         ("insert", '{"id":"1"}'), ("backfill", '{"id":"1"}'), ("backfill", '{"id":"1"}')]
+
+
+def test_the_command_names_the_entry_column_as_given_and_the_table_as_named_now(conn):
+    """--entry-column takes the column's name as written (it is not parsed as SQL); the table is
+    named as it is called now, should it have been renamed (with the DDL guard off) since."""
+    dsn = conn.info.dsn
+    conn.execute('CREATE TABLE "Ent" (id int PRIMARY KEY, "my Entry" bytea NOT NULL)')
+    registry.create_log(conn, "en")
+    cli("source", "add", "en", '"Ent"', "--entry-column", "my Entry", dsn=dsn, check=True)
+    before = _registration(conn, "en")
+    guard = [name for (name,) in conn.execute(
+        "SELECT evtname FROM pg_event_trigger WHERE evtname = 'merkle_source_ddl'")]
+    for name in guard:
+        conn.execute(f"ALTER EVENT TRIGGER {name} DISABLE")
+    conn.execute('ALTER TABLE "Ent" RENAME TO "Ent2"')
+    for name in guard:
+        conn.execute(f"ALTER EVENT TRIGGER {name} ENABLE ALWAYS")
+    out = cli("source", "remove", "en", '"Ent2"', dsn=dsn, check=True).stdout
+    command = re.search(r"to add it again as it was: (.*)", out).group(1)
+    assert command == "merkle-listener source add en 'public.\"Ent2\"' --key id --entry-column 'my Entry'", command
+    cli(*shlex.split(command)[1:], dsn=dsn, check=True)
+    assert [r[1:] for r in _registration(conn, "en")] == [r[1:] for r in before]  # all but the name

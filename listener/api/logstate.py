@@ -16,6 +16,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from listener.store.checkpoints import NOTIFY_CHANNEL
+from listener.store.connect import options_string
 
 log = logging.getLogger("listener.api")
 
@@ -70,13 +71,19 @@ class LogState:
         task_status.started()
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="merkle-listener-http") as aconn:
+                async with await psycopg.AsyncConnection.connect(
+                        dsn, autocommit=True, options=options_string(), application_name="merkle-listener-http") as aconn:
                     await aconn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     while True:
                         with anyio.move_on_after(self.poll):
                             async for _ in aconn.notifies(timeout=self.poll):
                                 break
                         await self.refresh()
+            except psycopg.OperationalError as exc:
+                # The connection was lost (a server restart, say): listen again after a pause.
+                log.warning("LISTEN connection lost; listening again", extra={"error": str(exc).strip()})
+                await anyio.sleep(self.poll)
+                continue
             except psycopg.Error as exc:
                 # A hot standby refuses LISTEN: poll only.
                 log.info("no LISTEN on this server; polling for checkpoints", extra={"error": str(exc).strip()})

@@ -33,7 +33,7 @@ from listener import canonical_sql
 from listener.errors import ConfigurationError, DatabaseError, SourceTableError
 from listener.sources import trigger
 from listener.sources.validate import SourceSpec
-from listener.store.connect import options_string
+from listener.store.connect import open_replication
 
 REPLICATION_EVENTS = ("insert", "update", "delete", "truncate")
 
@@ -280,9 +280,7 @@ class ReplicationCommandConnection:
     """
 
     def __init__(self, dsn: str):
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-        info.update(replication="database", options=options_string(), application_name="merkle-listener")
-        self.pgconn = pq.PGconn.connect(psycopg.conninfo.make_conninfo(**info).encode())
+        self.pgconn = open_replication(dsn)
         if self.pgconn.status != pq.ConnStatus.OK:
             message = self.pgconn.get_error_message()
             self.pgconn.finish()

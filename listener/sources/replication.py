@@ -31,7 +31,7 @@ from psycopg import pq
 from listener.errors import DatabaseError, ProcessingError
 from listener.sources import pgoutput as po
 from listener.sources import spill
-from listener.store.connect import options_string
+from listener.store.connect import open_replication
 
 if TYPE_CHECKING:
     from listener.sources.replication_apply import Prepared
@@ -154,10 +154,8 @@ class ReplicationStream:
             raise DatabaseError(f"START_REPLICATION on slot {self.slot} failed: {res.get_error_message().strip()}")
 
     def _connect(self) -> pq.PGconn:
-        info = psycopg.conninfo.conninfo_to_dict(self.dsn)
         # The pinned settings make pgoutput's text values the ones trigger mode hashes.
-        info.update(replication="database", options=options_string(), application_name="merkle-listener")
-        pgconn = pq.PGconn.connect(psycopg.conninfo.make_conninfo(**info).encode())
+        pgconn = open_replication(self.dsn)
         if pgconn.status != pq.ConnStatus.OK:
             message = pgconn.get_error_message().strip()
             pgconn.finish()

@@ -39,7 +39,7 @@ import anyio
 import psycopg
 
 from listener.errors import MerkleListenerError
-from listener.registry import list_sources
+from listener.registry import Source, list_sources, named_now
 from listener.sequencer import BatchResult, Sequencer
 from listener.sources import publication, slot_health
 from listener.sources.names import quote_ident
@@ -172,12 +172,12 @@ class ReplicationFeed:
         if now - self._publication_checked < PUBLICATION_CHECK_INTERVAL:
             return
         self._publication_checked = now
-        problems = await anyio.to_thread.run_sync(_publication_drift, seq.conn, self.log_name, seq.log.log_id)
+        problems, sources = await anyio.to_thread.run_sync(_publication_drift, seq.conn, self.log_name,
+                                                           seq.log.log_id)
         if not problems:
             self._publication_reported = -SLOT_PROBLEM_REPEAT
         elif now - self._publication_reported >= SLOT_PROBLEM_REPEAT:
-            log.error(slot_health.publication_message(self.log_name, problems, list(self._sources.values())),
-                      extra={"log": self.log_name})
+            log.error(slot_health.publication_message(self.log_name, problems, sources), extra={"log": self.log_name})
             self._publication_reported = now
 
     async def _confirm_idle(self, seq: Sequencer) -> None:
@@ -342,13 +342,14 @@ class ReplicationFeed:
             "JOIN merkle.logs l USING (log_id) WHERE l.name = %s", (self.log_name,)).fetchone()
         problem = None
         sources = [s for s in list_sources(conn, row[1]) if s.mode == "replication"] if row is not None else []
+        named = named_now(conn, sources)  # for messages only: a leaf names the table as registered
         if row is not None and slot is None:
-            problem = slot_health.missing_message(self.log_name, sources)
+            problem = slot_health.missing_message(self.log_name, named)
         elif row is not None and slot[0] == "lost":
-            problem = slot_health.lost_message(self.log_name, row[0], sources)
+            problem = slot_health.lost_message(self.log_name, row[0], named)
         elif row is not None and slot[1] is not None and lsn_to_int(slot[1]) > lsn_to_int(row[0]):
             if row[2] and row[0] != "0/0":
-                problem = slot_health.ahead_message(self.log_name, row[0], slot[1], sources)
+                problem = slot_health.ahead_message(self.log_name, row[0], slot[1], named)
             else:
                 # Never streamed yet, or stored by a version that confirmed idle positions
                 # without storing them: the slot's position is the log's own.
@@ -388,9 +389,13 @@ def _store_idle_position(conn: psycopg.Connection, log_id: int, lsn: int, far_en
             {"lsn": int_to_lsn(lsn), "log": log_id, "far": far_enough}).fetchone() is not None
 
 
-def _publication_drift(conn: psycopg.Connection, log_name: str, log_id: int) -> list[str]:
+def _publication_drift(conn: psycopg.Connection, log_name: str, log_id: int) -> tuple[list[str], list[Source]]:
+    """What publication.drift finds, and the log's replication sources under their current names."""
     with conn.transaction():
-        return publication.drift(conn, log_name, log_id)
+        problems = publication.drift(conn, log_name, log_id)
+        if not problems:
+            return problems, []
+        return problems, named_now(conn, [s for s in list_sources(conn, log_id) if s.mode == "replication"])
 
 
 def _backfill_ready(conn: psycopg.Connection, log_id: int) -> bool:

@@ -16,6 +16,7 @@ from listener import registry
 from listener.errors import CaptureGapWarning, ConfigurationError, DatabaseError, SourceTableError
 from listener.sources import publication, slot_health, trigger
 from listener.sources.validate import validate_source
+from listener.store.connect import open_session
 
 EVENT_CHOICES = ("insert", "update", "delete")
 
@@ -105,8 +106,8 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
             queued = publication.queue_backfill(conn, source.source_id, spec)
         prior_end = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress WHERE log_id = %s",
                                  (log.log_id,)).fetchone()[0]
-        others = [s for s in registry.list_sources(conn, log.log_id)
-                  if s.mode == "replication" and s.source_id != source.source_id]
+        others = registry.named_now(conn, [s for s in registry.list_sources(conn, log.log_id)
+                                           if s.mode == "replication" and s.source_id != source.source_id])
     if slot_there:
         return source, queued
     try:
@@ -314,7 +315,7 @@ def _drop_publication_if_unused(conn: psycopg.Connection, log_id: int, log_name:
 def _drop_slot(dsn: str, slot: str, state: str) -> None:
     """Drop the slot; on failure say what `state` the registry is in and how to finish."""
     try:
-        with psycopg.connect(dsn, autocommit=True) as admin:
+        with open_session(dsn, autocommit=True) as admin:
             publication.drop_slot(admin, slot)
     except (psycopg.Error, DatabaseError) as exc:
         raise DatabaseError(f"cannot drop replication slot {slot} ({state}): {str(exc).strip()}. Stop the process "

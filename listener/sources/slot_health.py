@@ -16,7 +16,7 @@ import shlex
 
 import psycopg
 
-from listener.registry import Source, add_command, list_sources
+from listener.registry import Source, add_command, list_sources, named_now
 from listener.sources.pgoutput import lsn_to_int
 from listener.sources import publication
 from listener.sources.publication import publication_name, slot_name
@@ -45,7 +45,7 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
         return None
     end_lsn, progress_age, slot_checked = progress
     report = {"slot": slot, "stored_end_lsn": end_lsn, "exists": row is not None}
-    sources = [s for s in list_sources(conn, log_id) if s.mode == "replication"]
+    sources = named_now(conn, [s for s in list_sources(conn, log_id) if s.mode == "replication"])
     drift = publication.drift(conn, log_name, log_id)
     report["publication_problem"] = publication_message(log_name, drift, sources) if drift else None
     if row is None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import pq
 
 PINNED_SETTINGS = {
     "TimeZone": "UTC",
@@ -92,6 +93,21 @@ def open_session(dsn: str, *, autocommit: bool, search_path: str | None = None) 
         conn.close()
         raise
     return conn
+
+
+def open_replication(dsn: str) -> pq.PGconn:
+    """A walsender connection (replication=database) of the listener, for replication commands
+    and streams, with the settings above; the caller checks its status. A walsender decodes,
+    and holds an exported snapshot, inside a transaction: transaction_timeout would end it."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    info.update(replication="database", options=options_string(), application_name="merkle-listener")
+    pgconn = pq.PGconn.connect(psycopg.conninfo.make_conninfo(**info).encode())
+    if pgconn.status == pq.ConnStatus.OK and pgconn.server_version >= 170000:
+        res = pgconn.exec_(b"SET transaction_timeout = 0")
+        if res.status != pq.ExecStatus.COMMAND_OK:
+            pgconn.finish()
+            raise psycopg.OperationalError(f"replication connection: {res.get_error_message().strip()}")
+    return pgconn
 
 
 class KeptConnection:

@@ -52,11 +52,12 @@ EVENT_TRIGGERS = (
     EventTrigger("merkle_source_trigger_create", "ddl_command_end", ("CREATE TRIGGER",), "check_source_trigger_create"),
     EventTrigger("merkle_source_subscription", "ddl_command_end", ("CREATE SUBSCRIPTION", "ALTER SUBSCRIPTION"),
                  "check_source_subscription"),
-    # What a log's publication lists, filters and publishes, compared before and after.
+    # What a log's publication lists, filters and publishes, compared before and after (ALTER
+    # TABLE ... DROP COLUMN ... CASCADE of a row filter's column takes the table out of it).
     EventTrigger("merkle_log_publication_start", "ddl_command_start",
-                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED"), "remember_log_publications"),
+                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED", "ALTER TABLE"), "remember_log_publications"),
     EventTrigger("merkle_log_publication", "ddl_command_end",
-                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED"), "check_log_publications"),
+                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED", "ALTER TABLE"), "check_log_publications"),
     # The labels of hashed enums, and the attributes of hashed composites (which ALTER TYPE,
     # ALTER [FOREIGN] TABLE and CREATE OR REPLACE VIEW change): check_hashed_type_text.
     EventTrigger("merkle_hashed_type_text_start", "ddl_command_start",
@@ -152,7 +153,7 @@ def state(conn: psycopg.Connection) -> GuardState | None:
         states = []
         for t in EVENT_TRIGGERS:
             evt = conn.execute(
-                "SELECT e.evtevent::text, e.evttags::text[], e.evtenabled <> 'D', p.oid::regprocedure::text, "
+                "SELECT e.evtevent::text, e.evttags::text[], e.evtenabled = 'A', p.oid::regprocedure::text, "
                 "       r.rolname::text, NOT r.rolsuper, p.prosrc, "
                 "       p.prosecdef AND p.proconfig = '{\"search_path=pg_catalog, pg_temp\"}'::text[] "
                 "  FROM pg_event_trigger e JOIN pg_proc p ON p.oid = e.evtfoid JOIN pg_roles r ON r.oid = p.proowner "
@@ -181,7 +182,8 @@ def install(conn: psycopg.Connection) -> list[str]:
         raise ConfigurationError("there is no schema merkle in this database: run `merkle-listener init` first. "
                                  "Nothing was changed")
     owner = owner[0]
-    if conn.execute("SELECT to_regprocedure('merkle.guard_copy_source()') IS NULL").fetchone()[0]:
+    # This guard's marks need sql/021 (purpose 'publication'), as its copy needs sql/020.
+    if conn.execute("SELECT to_regprocedure('merkle.guard_takes_mark(text)') IS NULL").fetchone()[0]:
         raise ConfigurationError(f"schema merkle predates this version of merkle-listener: run `merkle-listener init` "
                                  f"as its owner, role {owner}, first. Nothing was changed")
     # First, before any statement that could fire them: event triggers of an earlier install
@@ -212,6 +214,9 @@ def install(conn: psycopg.Connection) -> list[str]:
         when = sql.SQL(" WHEN TAG IN ({})").format(sql.SQL(", ").join(map(sql.Literal, t.tags))) if t.tags else sql.SQL("")
         conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {}{} EXECUTE FUNCTION {}.{}()").format(
             sql.Identifier(t.name), sql.Identifier(t.event), when, sql.Identifier(SCHEMA), sql.Identifier(t.function)))
+        # ALWAYS: enabled as created, they would not fire under session_replication_role = replica,
+        # which a superuser (or a role granted SET on it) may set (found by review).
+        conn.execute(sql.SQL("ALTER EVENT TRIGGER {} ENABLE ALWAYS").format(sql.Identifier(t.name)))
     done.append(f"{len(EVENT_TRIGGERS)} event triggers call the functions of schema {SCHEMA}, which are {me}'s"
                 + ("" if _is_superuser(conn, owner) else f": role {owner}, which owns schema merkle, cannot change them"))
     return done

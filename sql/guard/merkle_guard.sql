@@ -608,9 +608,13 @@ $$;
 -- trigger-mode source: what it lists, filters and publishes decides which changes the slot
 -- sends, and pgoutput reads it as it was at each change's place in the WAL, so a change it let
 -- through can never be streamed again (found by review: ALTER PUBLICATION ... DROP TABLE, SET
--- (publish = ...), a row filter, DROP PUBLICATION, each lost committed changes without a word).
--- Only merkle-listener changes it, in a transaction marked 'publication'. Each statement that
--- could change one is compared before and after, whatever its form; OWNER TO is let through.
+-- (publish = ...), a row filter, DROP PUBLICATION, each lost committed changes without a word;
+-- so did ALTER TABLE ... DROP COLUMN ... CASCADE of a row filter's column). Only merkle-listener
+-- changes it, in a transaction marked 'publication'. Each statement that could change one is
+-- checked at its end, whatever its form, two ways: against the publications as they were at
+-- its start (OWNER TO is let through), and against what the sources need of them now, for
+-- anything it broke that was whole at its start (found by review: a statement waiting for a
+-- `source add` to commit compared its result with a start that predated that add).
 CREATE OR REPLACE FUNCTION merkle_guard.publication_signature(p_pubid oid) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT (to_jsonb(p) - 'pubowner')::text
@@ -622,35 +626,65 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_publication p WHERE p.oid = p_pubid
 $$;
 
--- For the statement's end: the logs' publications as they are now (a setting of this
--- transaction, written anew at each such statement's start).
+-- What the logs' sources need of their publications and do not get, one line per thing,
+-- "<log>: <what>" (a log's name has no colon): a source's table missing, or its row filter
+-- added or dropped; an event a source logs not published; partitions sent as themselves.
+CREATE OR REPLACE FUNCTION merkle_guard.publication_drift() RETURNS SETOF text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('%s: %s of %I.%I', s.log_name, CASE WHEN r.oid IS NULL THEN 'table' ELSE 'row filter' END,
+                  s.table_schema, s.table_name)
+      FROM merkle_guard.sources s JOIN pg_class c ON c.oid = s.table_oid
+      LEFT JOIN pg_publication p ON p.pubname = 'merkle_' || s.log_name
+      LEFT JOIN pg_publication_rel r ON r.prpubid = p.oid AND r.prrelid = s.table_oid
+     WHERE s.mode = 'replication' AND NOT s.retired
+       AND (r.oid IS NULL OR (r.prqual IS NULL) <> (s.row_filter IS NULL))
+    UNION
+    SELECT format('%s: what it publishes', s.log_name)
+      FROM merkle_guard.sources s JOIN pg_publication p ON p.pubname = 'merkle_' || s.log_name
+     WHERE s.mode = 'replication' AND NOT s.retired
+       AND (NOT p.pubinsert OR NOT p.pubviaroot OR ('update' = ANY (s.events) AND NOT p.pubupdate)
+            OR ('delete' = ANY (s.events) AND NOT p.pubdelete) OR ('truncate' = ANY (s.events) AND NOT p.pubtruncate))
+$$;
+
+-- For the statement's end: the logs' publications and what they lack, as at its start (a
+-- setting of this transaction, written anew at each such statement's start).
 CREATE OR REPLACE FUNCTION merkle_guard.remember_log_publications() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM set_config('merkle_guard.log_publications', coalesce((
-        SELECT jsonb_object_agg(p.oid::text, jsonb_build_object(
-                   'log', l.log_name, 'signature', merkle_guard.publication_signature(p.oid)))
-          FROM pg_publication p
-          JOIN (SELECT DISTINCT log_name FROM merkle_guard.sources WHERE mode = 'replication') l
-            ON p.pubname = 'merkle_' || l.log_name), '{}')::text, true);
+    PERFORM set_config('merkle_guard.log_publications', jsonb_build_object(
+        'publications', coalesce((
+            SELECT jsonb_object_agg(p.oid::text, jsonb_build_object(
+                       'log', l.log_name, 'signature', merkle_guard.publication_signature(p.oid)))
+              FROM pg_publication p
+              JOIN (SELECT DISTINCT log_name FROM merkle_guard.sources WHERE mode = 'replication') l
+                ON p.pubname = 'merkle_' || l.log_name), '{}'),
+        'drift', coalesce((SELECT jsonb_agg(d) FROM merkle_guard.publication_drift() d), '[]'))::text, true);
 END
 $$;
 
 CREATE OR REPLACE FUNCTION merkle_guard.check_log_publications() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    was jsonb := coalesce(nullif(current_setting('merkle_guard.log_publications', true), ''), '{}')::jsonb;
     changed text;
 BEGIN
     IF merkle_guard.own_ddl_running('publication') THEN
         RETURN;  -- merkle-listener's source add, source remove or log drop
     END IF;
     SELECT value->>'log' INTO changed
-      FROM jsonb_each(coalesce(nullif(current_setting('merkle_guard.log_publications', true), ''), '{}')::jsonb)
+      FROM jsonb_each(coalesce(was->'publications', '{}'))
      WHERE merkle_guard.publication_signature(key::oid) IS DISTINCT FROM value->>'signature'
      LIMIT 1;
+    IF changed IS NULL THEN
+        SELECT split_part(d, ':', 1) INTO changed
+          FROM merkle_guard.publication_drift() d
+         WHERE NOT coalesce(was->'drift', '[]') ? d
+         LIMIT 1;
+    END IF;
     IF changed IS NOT NULL THEN
-        RAISE EXCEPTION '% refused: publication merkle_% decides which changes of merkle-listener log "%" its slot '
-                        'sends, and a change it lets through can never be streamed again', TG_TAG, changed, changed
+        RAISE EXCEPTION '% refused: it would change publication merkle_%, which decides which changes of '
+                        'merkle-listener log "%" its slot sends; a change it lets through can never be streamed '
+                        'again', TG_TAG, changed, changed
             USING ERRCODE = 'ML101',
                   HINT = 'merkle-listener source add and source remove change it, and log drop drops it; its owner '
                          'may be changed (ALTER PUBLICATION ... OWNER TO).';
