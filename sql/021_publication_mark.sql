@@ -2,6 +2,9 @@
 -- `log drop`): the DDL guard refuses every other change of what the publication lists, filters
 -- or publishes (sql/guard/merkle_guard.sql, check_log_publications), since a change it lets
 -- through can never be streamed again.
+-- A publication FOR ALL TABLES (a CDC tool's) publishes this table's deletes too, and PostgreSQL
+-- refuses a DELETE from a published table without a replica identity.
+ALTER TABLE merkle.own_ddl REPLICA IDENTITY FULL;
 ALTER TABLE merkle.own_ddl DROP CONSTRAINT own_ddl_purpose_check;
 ALTER TABLE merkle.own_ddl ADD CONSTRAINT own_ddl_purpose_check
     CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate', 'publication'));

@@ -927,3 +927,81 @@ def test_a_change_that_waited_for_a_source_add_is_checked_against_it(guarded):
         taker.join(30)
         superuser.close()
     assert outcome == [False], "a registered source was taken out of its log's publication"
+
+
+def test_a_cascade_from_any_drop_does_not_take_a_source_out_of_its_publication(guarded):
+    """DROP FUNCTION ... CASCADE of the function of a generated column that a row filter reads
+    drops the column, and the table from the publication with it: every drop is checked."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE FUNCTION is_big(numeric) RETURNS boolean IMMUTABLE LANGUAGE sql AS 'SELECT $1 > 100'")
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric, big boolean "
+                "GENERATED ALWAYS AS (is_big(amount)) STORED)")
+    cli("source", "add", "audit", "ledger", "--columns", "id,amount", "--where", "big", "--mode", "replication",
+        dsn=dsn, check=True)
+    before = _publication(su)
+    assert not _let_through(app, "DROP FUNCTION is_big(numeric) CASCADE")
+    assert _publication(su) == before
+
+
+def test_a_statement_nested_in_the_change_does_not_hide_it(guarded):
+    """A superuser's own event trigger (or a function the ALTER TABLE runs) that runs DDL of its
+    own inside the statement: the publication is checked against a record no statement writes."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric, flag boolean)")
+    app.execute("CREATE TABLE scratch (id int)")
+    cli("source", "add", "audit", "ledger", "--columns", "id,amount", "--where", "flag", "--mode", "replication",
+        dsn=dsn, check=True)
+    su.execute("CREATE FUNCTION public.dba_hook() RETURNS event_trigger LANGUAGE plpgsql AS "
+               "$$ BEGIN IF current_query() NOT LIKE '%scratch%' THEN "
+               "EXECUTE 'ALTER TABLE public.scratch ADD COLUMN IF NOT EXISTS seen int'; END IF; END $$")
+    su.execute("CREATE EVENT TRIGGER a_dba_hook ON ddl_command_end WHEN TAG IN ('ALTER TABLE') "
+               "EXECUTE FUNCTION public.dba_hook()")
+    try:
+        before = _publication(su)
+        assert not _let_through(su, "ALTER TABLE ledger DROP COLUMN flag CASCADE")
+        assert _publication(su) == before
+    finally:
+        su.execute("DROP EVENT TRIGGER a_dba_hook")
+
+
+def test_ddl_that_waited_for_a_source_add_is_not_refused_for_it(guarded):
+    """An ALTER TABLE that waits (for a lock, or a long rewrite) while `source add` commits a new
+    source's publication change is no change to the publication."""
+    su, app, role, dsn, writer = guarded
+    for table in ("t1", "t2", "unrelated"):
+        app.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    cli("source", "add", "audit", "t1", "--mode", "replication", dsn=dsn, check=True)
+    holder = psycopg.connect(su.info.dsn, options=options_string())
+    holder.execute("LOCK TABLE unrelated IN ACCESS EXCLUSIVE MODE")
+    dba = psycopg.connect(su.info.dsn, autocommit=True, options=options_string())
+    outcome: list = []
+    waiter = threading.Thread(target=lambda: outcome.append(
+        _let_through(dba, "ALTER TABLE unrelated ADD COLUMN note text")))
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not su.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND query LIKE 'ALTER TABLE unrelated%%')").fetchone()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cli("source", "add", "audit", "t2", "--mode", "replication", dsn=dsn, check=True)
+    finally:
+        holder.close()
+        waiter.join(30)
+        dba.close()
+    assert outcome == [True]
+
+
+def test_a_publication_for_all_tables_leaves_merkle_listener_working(guarded):
+    """A CDC tool's publication FOR ALL TABLES publishes merkle-listener's own tables too, and
+    PostgreSQL refuses deletes from a published table without a replica identity: the marks
+    of merkle-listener's DDL are deleted in every `source add`, `source remove` and `log drop`."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+    su.execute("CREATE PUBLICATION cdc_everything FOR ALL TABLES")
+    try:
+        cli("source", "add", "audit", "ledger", "--mode", "replication", dsn=dsn, check=True)
+        assert cli("source", "remove", "audit", "ledger", dsn=dsn).returncode in (0, 3)
+        cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
+    finally:
+        su.execute("DROP PUBLICATION cdc_everything")

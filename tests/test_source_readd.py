@@ -8,6 +8,8 @@ import re
 import shlex
 
 import orjson
+import psycopg
+import pytest
 
 from listener import registry
 from tests.helpers import check_log, cli, start_listener
@@ -97,13 +99,13 @@ def test_a_publication_changed_by_hand_is_an_error_until_its_sources_are_added_a
     registry.create_log(conn, "p")
     cli("source", "add", "p", "t", "--mode", "replication", dsn=dsn, check=True)
     cli("source", "add", "p", "t2", "--mode", "replication", dsn=dsn, check=True)
-    guarded = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'merkle_log_publication')"
-                           ).fetchone()[0]
-    if guarded:
-        conn.execute("ALTER EVENT TRIGGER merkle_log_publication DISABLE")
+    guard = [name for (name,) in conn.execute(
+        "SELECT evtname FROM pg_event_trigger WHERE evtname LIKE 'merkle_log_publication%'")]
+    for name in guard:
+        conn.execute(f"ALTER EVENT TRIGGER {name} DISABLE")
     conn.execute("ALTER PUBLICATION merkle_p DROP TABLE t")
-    if guarded:
-        conn.execute("ALTER EVENT TRIGGER merkle_log_publication ENABLE ALWAYS")
+    for name in guard:
+        conn.execute(f"ALTER EVENT TRIGGER {name} ENABLE ALWAYS")
     listener = start_listener(dsn)
     try:
         conn.execute("INSERT INTO t VALUES (1)")  # lost: the publication no longer sends t
@@ -114,10 +116,14 @@ def test_a_publication_changed_by_hand_is_an_error_until_its_sources_are_added_a
         assert status.returncode == 3 and "error: publication merkle_p was changed by hand" in status.stdout
         commands = re.findall(r"`(merkle-listener source (?:remove|add) [^`]*)`", status.stdout)
         assert len(commands) == 4, status.stdout
+        if guard:  # installed again, it refuses DDL that could change publications until the recovery
+            with pytest.raises(psycopg.Error, match="publication merkle_p would not be as merkle-listener made it"):
+                conn.execute("ALTER TABLE t2 ADD COLUMN note text")
         for command in commands:
             cli(*shlex.split(command)[1:], dsn=dsn, check=True)
         wait_for_size(conn, "p", 3, listener=listener)  # each table's row, backfilled
         assert cli("status", dsn=dsn).returncode == 0
+        conn.execute("ALTER TABLE t2 ADD COLUMN note text")
     finally:
         listener.stop()
     assert [(r[3], r[2]) for r in check_log(conn, "p")] == [

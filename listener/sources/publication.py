@@ -239,16 +239,19 @@ def drift(conn: psycopg.Connection, log_name: str, log_id: int) -> list[str]:
     """How the log's publication differs from what sync_publication makes of it: changed by hand
     (the DDL guard refuses that where it is installed), it let changes of the sources through
     uncaptured, which are never streamed, even once it is put back. A row filter is checked
-    for being there, not for its text. One statement: one snapshot, never half of a change."""
+    for being there, not for its text (the DDL guard checks that too). One statement: one
+    snapshot, never half of a change."""
     sources, pub, listed = conn.execute(
         "SELECT (SELECT coalesce(json_agg(json_build_array(s.table_oid, s.table_schema || '.' || s.table_name, "
         "                                                  s.row_filter IS NOT NULL, s.events) ORDER BY s.source_id), '[]')"
         "          FROM merkle.sources s JOIN pg_class c ON c.oid = s.table_oid "
         "         WHERE s.log_id = %(log)s AND s.mode = 'replication' AND NOT EXISTS "
         "               (SELECT 1 FROM merkle.replication_retired r WHERE r.source_id = s.source_id)), "
-        "       (SELECT json_build_array(pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot) "
-        "          FROM pg_publication WHERE pubname = %(pub)s), "
-        "       (SELECT coalesce(json_object_agg(r.prrelid, r.prqual IS NOT NULL), '{}') "
+        "       (SELECT json_build_array(pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, puballtables, "
+        "                                EXISTS (SELECT 1 FROM pg_publication_namespace n WHERE n.pnpubid = p.oid)) "
+        "          FROM pg_publication p WHERE pubname = %(pub)s), "
+        "       (SELECT coalesce(json_object_agg(r.prrelid, json_build_array(r.prqual IS NOT NULL, "
+        "                                                                     r.prattrs IS NOT NULL)), '{}') "
         "          FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = %(pub)s)",
         {"log": log_id, "pub": publication_name(log_name)}).fetchone()
     if not sources:
@@ -259,13 +262,20 @@ def drift(conn: psycopg.Connection, log_name: str, log_id: int) -> list[str]:
     for oid, table, filtered, _ in sources:
         if str(oid) not in listed:
             problems.append(f"{table} is not in it")
-        elif listed[str(oid)] != filtered:
+            continue
+        has_filter, has_columns = listed[str(oid)]
+        if has_filter != filtered:
             problems.append(f"{table}'s row filter was {'dropped' if filtered else 'added'}")
+        if has_columns:
+            problems.append(f"{table} is published with a column list")
     published = dict(zip(REPLICATION_EVENTS, pub[:4]))
     wanted = {"insert"} | {e for *_, events in sources for e in events}
     problems += [f"it does not publish {e}" for e in REPLICATION_EVENTS if e in wanted and not published[e]]
     if not pub[4]:
         problems.append("publish_via_partition_root is off")
+    if pub[5] or pub[6]:
+        # A table it publishes through FOR ALL TABLES or a schema is sent without its row filter.
+        problems.append("it publishes all tables" if pub[5] else "it publishes whole schemas")
     return problems
 
 

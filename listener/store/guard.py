@@ -52,12 +52,12 @@ EVENT_TRIGGERS = (
     EventTrigger("merkle_source_trigger_create", "ddl_command_end", ("CREATE TRIGGER",), "check_source_trigger_create"),
     EventTrigger("merkle_source_subscription", "ddl_command_end", ("CREATE SUBSCRIPTION", "ALTER SUBSCRIPTION"),
                  "check_source_subscription"),
-    # What a log's publication lists, filters and publishes, compared before and after (ALTER
-    # TABLE ... DROP COLUMN ... CASCADE of a row filter's column takes the table out of it).
-    EventTrigger("merkle_log_publication_start", "ddl_command_start",
-                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED", "ALTER TABLE"), "remember_log_publications"),
+    # A log's publication as merkle-listener recorded it: after what changes publications or
+    # renames a row filter's column, and after every drop (cascades from DROP FUNCTION, DROP
+    # COLUMN, ... take tables out of publications).
     EventTrigger("merkle_log_publication", "ddl_command_end",
-                 ("ALTER PUBLICATION", "DROP PUBLICATION", "DROP OWNED", "ALTER TABLE"), "check_log_publications"),
+                 ("CREATE PUBLICATION", "ALTER PUBLICATION", "ALTER TABLE"), "check_log_publications"),
+    EventTrigger("merkle_log_publication_drop", "sql_drop", None, "check_log_publications"),
     # The labels of hashed enums, and the attributes of hashed composites (which ALTER TYPE,
     # ALTER [FOREIGN] TABLE and CREATE OR REPLACE VIEW change): check_hashed_type_text.
     EventTrigger("merkle_hashed_type_text_start", "ddl_command_start",
@@ -210,6 +210,7 @@ def install(conn: psycopg.Connection) -> list[str]:
     conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
         sql.SQL(", ").join(sql.SQL(f"{SCHEMA}.{f}") for f in _OWNER_CALLS), role))
     _copy_sources(conn, owner)
+    conn.execute("SELECT merkle_guard.record_log_publications()")  # as they are: they are checked from here on
     for t in EVENT_TRIGGERS:
         when = sql.SQL(" WHEN TAG IN ({})").format(sql.SQL(", ").join(map(sql.Literal, t.tags))) if t.tags else sql.SQL("")
         conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {}{} EXECUTE FUNCTION {}.{}()").format(

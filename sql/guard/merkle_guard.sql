@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS merkle_guard.own_ddl (
 );
 CREATE INDEX IF NOT EXISTS own_ddl_xid ON merkle_guard.own_ddl (xid);
 -- Replaced at every install: a version may add a purpose ('publication': check_log_publications).
+-- A publication FOR ALL TABLES (a CDC tool's) publishes this table's deletes too, and PostgreSQL
+-- refuses a DELETE from a published table without a replica identity (found by review).
+ALTER TABLE merkle_guard.own_ddl REPLICA IDENTITY FULL;
 ALTER TABLE merkle_guard.own_ddl DROP CONSTRAINT IF EXISTS own_ddl_purpose_check;
 ALTER TABLE merkle_guard.own_ddl ADD CONSTRAINT own_ddl_purpose_check
     CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate', 'publication'));
@@ -608,86 +611,82 @@ $$;
 -- trigger-mode source: what it lists, filters and publishes decides which changes the slot
 -- sends, and pgoutput reads it as it was at each change's place in the WAL, so a change it let
 -- through can never be streamed again (found by review: ALTER PUBLICATION ... DROP TABLE, SET
--- (publish = ...), a row filter, DROP PUBLICATION, each lost committed changes without a word;
--- so did ALTER TABLE ... DROP COLUMN ... CASCADE of a row filter's column). Only merkle-listener
--- changes it, in a transaction marked 'publication'. Each statement that could change one is
--- checked at its end, whatever its form, two ways: against the publications as they were at
--- its start (OWNER TO is let through), and against what the sources need of them now, for
--- anything it broke that was whole at its start (found by review: a statement waiting for a
--- `source add` to commit compared its result with a start that predated that add).
-CREATE OR REPLACE FUNCTION merkle_guard.publication_signature(p_pubid oid) RETURNS text
+-- (publish = ...), a row filter, DROP PUBLICATION; ALTER TABLE ... DROP COLUMN ... CASCADE of a
+-- filter's column, DROP FUNCTION ... CASCADE of a generated column's function: each lost
+-- committed changes without a word). Only merkle-listener changes it, in a transaction marked
+-- 'publication', which records the publication as it made it; at the end of every other
+-- statement that could change one, and at every drop of anything, the logs' publications must
+-- be as recorded. The record is a table, not the session's: nothing the statement runs can
+-- change it, and a change committed together with its record by a `source add` while the
+-- statement waited is no change to it (found by review: a record kept in a setting was taken
+-- at the statement's start, and rewritten by a statement nested in it).
+CREATE TABLE IF NOT EXISTS merkle_guard.log_publications (
+    pubname     text PRIMARY KEY,
+    log_name    text NOT NULL,
+    options     jsonb NOT NULL,  -- pg_publication's row but its owner
+    tables      jsonb NOT NULL,  -- table OID -> row filter and column list
+    namespaces  jsonb NOT NULL
+);
+
+-- The publication of each log with replication sources, as it is now (a dropped table is no
+-- change to it: DROP TABLE of a source takes the source's table out of it).
+CREATE OR REPLACE FUNCTION merkle_guard.log_publications_now()
+RETURNS TABLE (pubname text, log_name text, options jsonb, tables jsonb, namespaces jsonb)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT (to_jsonb(p) - 'pubowner')::text
-           || '|' || coalesce((SELECT string_agg(format('%s:%s:%s', r.prrelid, pg_get_expr(r.prqual, r.prrelid),
-                                                        r.prattrs), ',' ORDER BY r.prrelid)
-                                 FROM pg_publication_rel r WHERE r.prpubid = p.oid), '')
-           || '|' || coalesce((SELECT string_agg(n.pnnspid::text, ',' ORDER BY n.pnnspid)
-                                 FROM pg_publication_namespace n WHERE n.pnpubid = p.oid), '')
-      FROM pg_publication p WHERE p.oid = p_pubid
+    SELECT p.pubname::text, l.log_name, to_jsonb(p) - 'pubowner',
+           coalesce((SELECT jsonb_object_agg(r.prrelid::text, jsonb_build_array(pg_get_expr(r.prqual, r.prrelid),
+                                                                                r.prattrs::text))
+                       FROM pg_publication_rel r WHERE r.prpubid = p.oid), '{}'),
+           coalesce((SELECT jsonb_agg(n.pnnspid ORDER BY n.pnnspid)
+                       FROM pg_publication_namespace n WHERE n.pnpubid = p.oid), '[]')
+      FROM pg_publication p
+      JOIN (SELECT DISTINCT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication') l
+        ON p.pubname = 'merkle_' || l.log_name
 $$;
 
--- What the logs' sources need of their publications and do not get, one line per thing,
--- "<log>: <what>" (a log's name has no colon): a source's table missing, or its row filter
--- added or dropped; an event a source logs not published; partitions sent as themselves.
-CREATE OR REPLACE FUNCTION merkle_guard.publication_drift() RETURNS SETOF text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT format('%s: %s of %I.%I', s.log_name, CASE WHEN r.oid IS NULL THEN 'table' ELSE 'row filter' END,
-                  s.table_schema, s.table_name)
-      FROM merkle_guard.sources s JOIN pg_class c ON c.oid = s.table_oid
-      LEFT JOIN pg_publication p ON p.pubname = 'merkle_' || s.log_name
-      LEFT JOIN pg_publication_rel r ON r.prpubid = p.oid AND r.prrelid = s.table_oid
-     WHERE s.mode = 'replication' AND NOT s.retired
-       AND (r.oid IS NULL OR (r.prqual IS NULL) <> (s.row_filter IS NULL))
-    UNION
-    SELECT format('%s: what it publishes', s.log_name)
-      FROM merkle_guard.sources s JOIN pg_publication p ON p.pubname = 'merkle_' || s.log_name
-     WHERE s.mode = 'replication' AND NOT s.retired
-       AND (NOT p.pubinsert OR NOT p.pubviaroot OR ('update' = ANY (s.events) AND NOT p.pubupdate)
-            OR ('delete' = ANY (s.events) AND NOT p.pubdelete) OR ('truncate' = ANY (s.events) AND NOT p.pubtruncate))
-$$;
-
--- For the statement's end: the logs' publications and what they lack, as at its start (a
--- setting of this transaction, written anew at each such statement's start).
-CREATE OR REPLACE FUNCTION merkle_guard.remember_log_publications() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    PERFORM set_config('merkle_guard.log_publications', jsonb_build_object(
-        'publications', coalesce((
-            SELECT jsonb_object_agg(p.oid::text, jsonb_build_object(
-                       'log', l.log_name, 'signature', merkle_guard.publication_signature(p.oid)))
-              FROM pg_publication p
-              JOIN (SELECT DISTINCT log_name FROM merkle_guard.sources WHERE mode = 'replication') l
-                ON p.pubname = 'merkle_' || l.log_name), '{}'),
-        'drift', coalesce((SELECT jsonb_agg(d) FROM merkle_guard.publication_drift() d), '[]'))::text, true);
-END
+CREATE OR REPLACE FUNCTION merkle_guard.record_log_publications() RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM merkle_guard.log_publications r
+     WHERE r.pubname NOT IN (SELECT n.pubname FROM merkle_guard.log_publications_now() n);
+    INSERT INTO merkle_guard.log_publications SELECT * FROM merkle_guard.log_publications_now()
+        ON CONFLICT (pubname) DO UPDATE SET log_name = excluded.log_name, options = excluded.options,
+                                            tables = excluded.tables, namespaces = excluded.namespaces
+        WHERE (log_publications.log_name, log_publications.options, log_publications.tables,
+               log_publications.namespaces)
+              IS DISTINCT FROM (excluded.log_name, excluded.options, excluded.tables, excluded.namespaces);
 $$;
 
 CREATE OR REPLACE FUNCTION merkle_guard.check_log_publications() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    was jsonb := coalesce(nullif(current_setting('merkle_guard.log_publications', true), ''), '{}')::jsonb;
     changed text;
 BEGIN
     IF merkle_guard.own_ddl_running('publication') THEN
-        RETURN;  -- merkle-listener's source add, source remove or log drop
+        PERFORM merkle_guard.record_log_publications();  -- merkle-listener's source add, source remove or log drop
+        RETURN;
     END IF;
-    SELECT value->>'log' INTO changed
-      FROM jsonb_each(coalesce(was->'publications', '{}'))
-     WHERE merkle_guard.publication_signature(key::oid) IS DISTINCT FROM value->>'signature'
+    IF merkle_guard.own_ddl_running('drop_triggers') OR merkle_guard.own_ddl_running('install_partition_guards') THEN
+        RETURN;  -- merkle-listener's own triggers, which no publication lists (the recovery runs here)
+    END IF;
+    -- One statement, one snapshot: the record and the catalogs as committed together.
+    SELECT r.log_name INTO changed
+      FROM merkle_guard.log_publications r
+      LEFT JOIN merkle_guard.log_publications_now() n ON n.pubname = r.pubname
+     WHERE r.log_name IN (SELECT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication')
+       AND (n.pubname IS NULL OR n.options IS DISTINCT FROM r.options OR n.namespaces IS DISTINCT FROM r.namespaces
+        OR n.tables IS DISTINCT FROM (SELECT coalesce(jsonb_object_agg(t.key, t.value), '{}')
+                                        FROM jsonb_each(r.tables) t
+                                       WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.key::oid)))
      LIMIT 1;
-    IF changed IS NULL THEN
-        SELECT split_part(d, ':', 1) INTO changed
-          FROM merkle_guard.publication_drift() d
-         WHERE NOT coalesce(was->'drift', '[]') ? d
-         LIMIT 1;
-    END IF;
     IF changed IS NOT NULL THEN
-        RAISE EXCEPTION '% refused: it would change publication merkle_%, which decides which changes of '
-                        'merkle-listener log "%" its slot sends; a change it lets through can never be streamed '
-                        'again', TG_TAG, changed, changed
+        RAISE EXCEPTION '% refused: publication merkle_% would not be as merkle-listener made it, and it decides '
+                        'which changes of merkle-listener log "%" its slot sends: a change it lets through can never '
+                        'be streamed again', TG_TAG, changed, changed
             USING ERRCODE = 'ML101',
-                  HINT = 'merkle-listener source add and source remove change it, and log drop drops it; its owner '
-                         'may be changed (ALTER PUBLICATION ... OWNER TO).';
+                  HINT = 'Only merkle-listener source add and source remove change it (its owner may be changed: ALTER '
+                         'PUBLICATION ... OWNER TO); a column a row filter reads may not be renamed or dropped while '
+                         'the source is there. If it was changed while the guard was off, every such statement is '
+                         'refused until `merkle-listener status` has been followed to recover.';
     END IF;
 END
 $$;
