@@ -250,7 +250,12 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             log.warning("a statement of the writer was cancelled (pg_cancel_backend, or a timeout set in the "
                         "statement); retrying", extra={"log": name, "error": str(exc).strip()})
         except psycopg.OperationalError as exc:
-            log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
+            if exc.sqlstate and not exc.sqlstate.startswith(("08", "57")):
+                # The server refused a statement (a table published without a replica identity,
+                # say): the connection is fine, and retrying helps only once the cause is gone.
+                log.error("writer stopped on error; retrying", extra={"log": name, "error": str(exc).strip()})
+            else:
+                log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one log's trouble must not stop the others
             if await anyio.to_thread.run_sync(_log_dropped, opts.dsn, name):
                 log.warning("log dropped; its writer stops", extra={"log": name})

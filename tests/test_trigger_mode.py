@@ -300,6 +300,27 @@ def test_a_trigger_source_may_not_become_a_partition(conn, dsn):
     assert "warning: public.m_2024 is partitioned or a partition: trigger mode captures only rows" in out, out
 
 
+def test_a_publication_for_all_tables_does_not_stop_the_drain(conn, dsn):
+    """A CDC tool's publication FOR ALL TABLES publishes the outboxes' deletes, which PostgreSQL
+    refuses from a table without a replica identity: the drain stopped for good."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    registry.create_log(conn, "cdc")
+    with connect(dsn) as c:
+        registry.add_source(c, "cdc", "t")
+    conn.execute("CREATE PUBLICATION cdc_everything FOR ALL TABLES")
+    listener = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO t VALUES (1)")
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 1:
+            assert time.monotonic() < deadline, listener.stop()[-2000:]
+            time.sleep(0.05)
+    finally:
+        listener.stop()
+        conn.execute("DROP PUBLICATION cdc_everything")
+    check_log(conn, "cdc")
+
+
 def test_row_filter_only_logs_matching_rows(conn, dsn):
     conn.execute("CREATE TABLE events (id int PRIMARY KEY, kind text, amount int)")
     registry.create_log(conn, "audit")
