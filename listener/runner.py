@@ -251,8 +251,8 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                         "statement); retrying", extra={"log": name, "error": str(exc).strip()})
         except psycopg.OperationalError as exc:
             if exc.sqlstate and not exc.sqlstate.startswith(("08", "57")):
-                # The server refused a statement (a table published without a replica identity,
-                # say): the connection is fine, and retrying helps only once the cause is gone.
+                # The server refused a statement: the connection is fine, and retrying helps only
+                # once the cause is gone.
                 log.error("writer stopped on error; retrying", extra={"log": name, "error": str(exc).strip()})
             else:
                 log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})

@@ -5,24 +5,6 @@
 -- A publication FOR ALL TABLES (a CDC tool's) publishes this table's deletes too, and PostgreSQL
 -- refuses a DELETE from a published table without a replica identity.
 ALTER TABLE merkle.own_ddl REPLICA IDENTITY FULL;
--- ... and the drain's deletes from the outboxes of trigger-mode sources (listener/sources/
--- trigger.py makes new ones so), those this role may alter: the others say so.
-DO $$
-DECLARE
-    box regclass;
-BEGIN
-    FOR box IN SELECT c.oid::regclass FROM pg_class c
-                WHERE c.relnamespace = 'merkle'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^outbox_[0-9]+$'
-                  AND c.relreplident <> 'f' LOOP
-        IF pg_has_role((SELECT relowner FROM pg_class WHERE oid = box), 'USAGE') THEN
-            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', box);
-        ELSE
-            RAISE WARNING 'merkle-listener: % is not yours to alter; its owner should run ALTER TABLE % REPLICA '
-                          'IDENTITY FULL, or a publication FOR ALL TABLES would stop its source''s capture', box, box;
-        END IF;
-    END LOOP;
-END
-$$;
 ALTER TABLE merkle.own_ddl DROP CONSTRAINT own_ddl_purpose_check;
 ALTER TABLE merkle.own_ddl ADD CONSTRAINT own_ddl_purpose_check
     CHECK (purpose IN ('drop_triggers', 'install_partition_guards', 'truncate', 'publication'));

@@ -106,21 +106,3 @@ def test_upgrade_makes_existing_capture_functions_run_as_their_owner(conn):
         conn.execute(f"DROP OWNED BY {writer}")
         conn.execute(f"DROP ROLE {writer}")
         conn.commit()
-
-
-def test_upgrade_gives_existing_outboxes_a_replica_identity(conn):
-    """A publication FOR ALL TABLES publishes the outboxes' deletes too, which PostgreSQL refuses
-    without a replica identity: migration 021 sets FULL on outboxes made before it."""
-    from listener import registry
-    from listener.runner import connect
-
-    conn.execute("CREATE TABLE old_src (id int PRIMARY KEY)")
-    registry.create_log(conn, "old")
-    with connect(conn.info.dsn) as c:
-        source, _ = registry.add_source(c, "old", "old_src")
-    outbox = f"merkle.outbox_{source.source_id}"
-    conn.execute(f"ALTER TABLE {outbox} REPLICA IDENTITY DEFAULT")  # as made before 021
-    conn.execute("DELETE FROM merkle.schema_version WHERE version = 21")
-    assert [m.version for m in migrate.apply(conn)] == [21]
-    conn.commit()
-    assert conn.execute(f"SELECT relreplident FROM pg_class WHERE oid = '{outbox}'::regclass").fetchone()[0] == "f"

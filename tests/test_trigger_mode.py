@@ -302,11 +302,14 @@ def test_a_trigger_source_may_not_become_a_partition(conn, dsn):
 
 def test_a_publication_for_all_tables_does_not_stop_the_drain(conn, dsn):
     """A CDC tool's publication FOR ALL TABLES publishes the outboxes' deletes, which PostgreSQL
-    refuses from a table without a replica identity: the drain stopped for good."""
+    refuses from a table without a replica identity: the drain stopped for good. The listener
+    gives the outbox one when that happens, and not before (it costs the drain WAL)."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     registry.create_log(conn, "cdc")
     with connect(dsn) as c:
-        registry.add_source(c, "cdc", "t")
+        source, _ = registry.add_source(c, "cdc", "t")
+    identity = f"SELECT relreplident FROM pg_class WHERE oid = 'merkle.outbox_{source.source_id}'::regclass"
+    assert conn.execute(identity).fetchone()[0] == "d"
     conn.execute("CREATE PUBLICATION cdc_everything FOR ALL TABLES")
     listener = start_listener(dsn)
     try:
@@ -315,9 +318,15 @@ def test_a_publication_for_all_tables_does_not_stop_the_drain(conn, dsn):
         while conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 1:
             assert time.monotonic() < deadline, listener.stop()[-2000:]
             time.sleep(0.05)
+        conn.execute("INSERT INTO t VALUES (2)")
+        while conn.execute("SELECT tree_size FROM merkle.logs").fetchone()[0] < 2:
+            assert time.monotonic() < deadline, listener.stop()[-2000:]
+            time.sleep(0.05)
     finally:
-        listener.stop()
+        said = listener.stop()
         conn.execute("DROP PUBLICATION cdc_everything")
+    assert conn.execute(identity).fetchone()[0] == "f"
+    assert "outboxes given REPLICA IDENTITY FULL" in said and "writer stopped on error" not in said
     check_log(conn, "cdc")
 
 

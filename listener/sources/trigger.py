@@ -109,13 +109,10 @@ def install(conn: psycopg.Connection, source_id: int, log_name: str, spec: Sourc
         "CREATE TABLE {outbox} AS SELECT 0::bigint AS {stmt_id}, 0::integer AS {ord}, "
         "'insert'::text AS {op}, now() AS {queued_at}, {cols} FROM {table} WITH NO DATA"
     ).format(outbox=outbox, cols=col_list, table=spec.ident(), **own))
-    # REPLICA IDENTITY FULL: a publication FOR ALL TABLES (a CDC tool's) publishes the outbox's
-    # deletes too, and PostgreSQL refuses the drain's DELETE from a published table without one
-    # (found by review). It costs WAL (the deleted row) only under wal_level = logical.
     conn.execute(sql.SQL(
         "ALTER TABLE {outbox} ALTER {stmt_id} SET NOT NULL, ALTER {ord} SET NOT NULL, "
         "ALTER {op} SET NOT NULL, ALTER {op} SET DEFAULT 'insert', "
-        "ALTER {queued_at} SET NOT NULL, ALTER {queued_at} SET DEFAULT now(), REPLICA IDENTITY FULL"
+        "ALTER {queued_at} SET NOT NULL, ALTER {queued_at} SET DEFAULT now()"
     ).format(outbox=outbox, **own))
 
     _create_capture_function(conn, source_id, log_name, spec, doorbell=doorbell)
