@@ -16,6 +16,19 @@ from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import wait_for_size
 
 
+def _with_guard_off(conn, event_triggers: str, statement: str) -> bool:
+    """Run `statement` with the guard's event triggers named LIKE `event_triggers` disabled (as a
+    superuser could); whether there were any."""
+    names = [name for (name,) in conn.execute("SELECT evtname FROM pg_event_trigger WHERE evtname LIKE %s",
+                                              (event_triggers,))]
+    for name in names:
+        conn.execute(f"ALTER EVENT TRIGGER {name} DISABLE")
+    conn.execute(statement)
+    for name in names:
+        conn.execute(f"ALTER EVENT TRIGGER {name} ENABLE ALWAYS")
+    return bool(names)
+
+
 def _registration(conn, log_name: str) -> list[tuple]:
     """What each source of the log logs, without its id: what a re-add must keep."""
     log_id = registry.get_log(conn, log_name).log_id
@@ -99,13 +112,7 @@ def test_a_publication_changed_by_hand_is_an_error_until_its_sources_are_added_a
     registry.create_log(conn, "p")
     cli("source", "add", "p", "t", "--mode", "replication", dsn=dsn, check=True)
     cli("source", "add", "p", "t2", "--mode", "replication", dsn=dsn, check=True)
-    guard = [name for (name,) in conn.execute(
-        "SELECT evtname FROM pg_event_trigger WHERE evtname LIKE 'merkle_log_publication%'")]
-    for name in guard:
-        conn.execute(f"ALTER EVENT TRIGGER {name} DISABLE")
-    conn.execute("ALTER PUBLICATION merkle_p DROP TABLE t")
-    for name in guard:
-        conn.execute(f"ALTER EVENT TRIGGER {name} ENABLE ALWAYS")
+    guard = _with_guard_off(conn, "merkle_log_publication%", "ALTER PUBLICATION merkle_p DROP TABLE t")
     listener = start_listener(dsn)
     try:
         conn.execute("INSERT INTO t VALUES (1)")  # lost: the publication no longer sends t
@@ -138,13 +145,7 @@ def test_the_command_names_the_entry_column_as_given_and_the_table_as_named_now(
     registry.create_log(conn, "en")
     cli("source", "add", "en", '"Ent"', "--entry-column", "my Entry", dsn=dsn, check=True)
     before = _registration(conn, "en")
-    guard = [name for (name,) in conn.execute(
-        "SELECT evtname FROM pg_event_trigger WHERE evtname = 'merkle_source_ddl'")]
-    for name in guard:
-        conn.execute(f"ALTER EVENT TRIGGER {name} DISABLE")
-    conn.execute('ALTER TABLE "Ent" RENAME TO "Ent2"')
-    for name in guard:
-        conn.execute(f"ALTER EVENT TRIGGER {name} ENABLE ALWAYS")
+    _with_guard_off(conn, "merkle_source_ddl", 'ALTER TABLE "Ent" RENAME TO "Ent2"')
     out = cli("source", "remove", "en", '"Ent2"', dsn=dsn, check=True).stdout
     command = re.search(r"to add it again as it was: (.*)", out).group(1)
     assert command == "merkle-listener source add en 'public.\"Ent2\"' --key id --entry-column 'my Entry'", command
