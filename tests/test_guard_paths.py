@@ -13,6 +13,8 @@ what it changed."""
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 import threading
 import time
 from typing import NamedTuple
@@ -1005,3 +1007,32 @@ def test_a_publication_for_all_tables_leaves_merkle_listener_working(guarded):
         cli("log", "drop", "audit", "--yes", dsn=dsn, check=True)
     finally:
         su.execute("DROP PUBLICATION cdc_everything")
+
+
+def test_a_publication_changed_with_the_guard_off_is_reported_until_recovered(guarded):
+    """A row filter's text changed while the guard was off: `status` says so (exit 3) with the
+    recovery, DDL that could change publications is refused meanwhile, installing the guard
+    again keeps the record (and warns) rather than accept the change, and the recovery ends it."""
+    su, app, role, dsn, writer = guarded
+    app.execute("CREATE TABLE ledger (id int PRIMARY KEY, v int)")
+    app.execute("CREATE TABLE other (id int)")
+    cli("source", "add", "audit", "ledger", "--where", "v > 1", "--mode", "replication", dsn=dsn, check=True)
+    su.execute("ALTER EVENT TRIGGER merkle_log_publication DISABLE")
+    su.execute("ALTER EVENT TRIGGER merkle_log_publication_drop DISABLE")
+    su.execute("ALTER PUBLICATION merkle_audit SET TABLE ledger WHERE (v > 100)")
+    su.execute("ALTER EVENT TRIGGER merkle_log_publication ENABLE ALWAYS")
+    su.execute("ALTER EVENT TRIGGER merkle_log_publication_drop ENABLE ALWAYS")
+    assert not _let_through(app, "ALTER TABLE other ADD COLUMN b int")
+    status = cli("status", dsn=dsn)
+    assert status.returncode == 3 and "not as merkle-listener made it" in status.stdout, status.stdout
+    install = _guard_cli(su, "install")
+    assert install.returncode == 0 and "publication merkle_audit is not as merkle-listener made it" in install.stdout
+    assert not _let_through(app, "ALTER TABLE other ADD COLUMN b int")
+    commands = re.findall(r"`(merkle-listener source (?:remove|add) [^`]*)`", status.stdout)
+    assert [c.split()[2] for c in commands] == ["remove", "add"], status.stdout
+    cli(*shlex.split(commands[0])[1:], dsn=dsn)  # exit 3: no listener confirms the stream; the source is retired
+    su.execute("SELECT pg_drop_replication_slot('merkle_audit')")
+    cli(*shlex.split(commands[0])[1:], dsn=dsn, check=True)
+    cli(*shlex.split(commands[1])[1:], dsn=dsn, check=True)
+    assert cli("status", dsn=dsn).returncode == 0
+    assert _let_through(app, "ALTER TABLE other ADD COLUMN b int")

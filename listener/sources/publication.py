@@ -276,6 +276,12 @@ def drift(conn: psycopg.Connection, log_name: str, log_id: int) -> list[str]:
     if pub[5] or pub[6]:
         # A table it publishes through FOR ALL TABLES or a schema is sent without its row filter.
         problems.append("it publishes all tables" if pub[5] else "it publishes whole schemas")
+    # What the DDL guard recorded of it, where the guard is installed (a function name that does
+    # not exist fails the statement that names it, so first look).
+    if not problems and conn.execute(
+            "SELECT to_regprocedure('merkle_guard.log_publication_changed(text)') IS NOT NULL").fetchone()[0]:
+        if conn.execute("SELECT merkle_guard.log_publication_changed(%s)", (log_name,)).fetchone()[0]:
+            problems.append("it is not as merkle-listener made it (a row filter's text, say), says the DDL guard")
     return problems
 
 

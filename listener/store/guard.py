@@ -210,7 +210,13 @@ def install(conn: psycopg.Connection) -> list[str]:
     conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
         sql.SQL(", ").join(sql.SQL(f"{SCHEMA}.{f}") for f in _OWNER_CALLS), role))
     _copy_sources(conn, owner)
-    conn.execute("SELECT merkle_guard.record_log_publications()")  # as they are: they are checked from here on
+    # Those not recorded yet, as they are (they are checked from here on); one recorded before
+    # keeps its record, so that a change made while the guard was off is not taken for its own.
+    conn.execute("SELECT merkle_guard.record_new_log_publications()")
+    for (log,) in conn.execute("SELECT merkle_guard.changed_log_publications()").fetchall():
+        done.append(f"warning: publication merkle_{log} is not as merkle-listener made it (changed while the guard "
+                    "was off?): DDL that could change publications is refused until `merkle-listener status` has "
+                    "been followed to recover")
     for t in EVENT_TRIGGERS:
         when = sql.SQL(" WHEN TAG IN ({})").format(sql.SQL(", ").join(map(sql.Literal, t.tags))) if t.tags else sql.SQL("")
         conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {}{} EXECUTE FUNCTION {}.{}()").format(

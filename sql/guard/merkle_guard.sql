@@ -623,7 +623,7 @@ $$;
 CREATE TABLE IF NOT EXISTS merkle_guard.log_publications (
     pubname     text PRIMARY KEY,
     log_name    text NOT NULL,
-    options     jsonb NOT NULL,  -- pg_publication's row but its owner
+    options     jsonb NOT NULL,  -- its name and what it publishes
     tables      jsonb NOT NULL,  -- table OID -> row filter and column list
     namespaces  jsonb NOT NULL
 );
@@ -633,7 +633,12 @@ CREATE TABLE IF NOT EXISTS merkle_guard.log_publications (
 CREATE OR REPLACE FUNCTION merkle_guard.log_publications_now()
 RETURNS TABLE (pubname text, log_name text, options jsonb, tables jsonb, namespaces jsonb)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT p.pubname::text, l.log_name, to_jsonb(p) - 'pubowner',
+    -- Named fields, not the whole row: a PostgreSQL upgrade that adds a column to pg_publication
+    -- must not make every publication differ from its record.
+    SELECT p.pubname::text, l.log_name,
+           jsonb_build_object('name', p.pubname, 'all tables', p.puballtables, 'insert', p.pubinsert,
+                              'update', p.pubupdate, 'delete', p.pubdelete, 'truncate', p.pubtruncate,
+                              'via root', p.pubviaroot),
            coalesce((SELECT jsonb_object_agg(r.prrelid::text, jsonb_build_array(pg_get_expr(r.prqual, r.prrelid),
                                                                                 r.prattrs::text))
                        FROM pg_publication_rel r WHERE r.prpubid = p.oid), '{}'),
@@ -642,6 +647,36 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_publication p
       JOIN (SELECT DISTINCT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication') l
         ON p.pubname = 'merkle_' || l.log_name
+$$;
+
+-- The logs with replication sources whose publication differs from its record.
+CREATE OR REPLACE FUNCTION merkle_guard.changed_log_publications() RETURNS SETOF text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    -- One statement, one snapshot: the record and the catalogs as committed together.
+    SELECT r.log_name
+      FROM merkle_guard.log_publications r
+      LEFT JOIN merkle_guard.log_publications_now() n ON n.pubname = r.pubname
+     WHERE r.log_name IN (SELECT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication')
+       AND (n.pubname IS NULL OR n.options IS DISTINCT FROM r.options OR n.namespaces IS DISTINCT FROM r.namespaces
+            OR n.tables IS DISTINCT FROM (SELECT coalesce(jsonb_object_agg(t.key, t.value), '{}')
+                                            FROM jsonb_each(r.tables) t
+                                           WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.key::oid)))
+$$;
+
+-- For `status` and the listener, whatever role runs them: whether a log's publication differs.
+CREATE OR REPLACE FUNCTION merkle_guard.log_publication_changed(p_log text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT p_log IN (SELECT merkle_guard.changed_log_publications())
+$$;
+
+-- `guard install`: a record for each publication that has none yet; one that has one keeps
+-- it, so that a publication changed while the guard was off stays reported, not accepted.
+CREATE OR REPLACE FUNCTION merkle_guard.record_new_log_publications() RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM merkle_guard.log_publications r
+     WHERE r.log_name NOT IN (SELECT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication');
+    INSERT INTO merkle_guard.log_publications SELECT * FROM merkle_guard.log_publications_now()
+        ON CONFLICT (pubname) DO NOTHING;
 $$;
 
 CREATE OR REPLACE FUNCTION merkle_guard.record_log_publications() RETURNS void
@@ -668,16 +703,7 @@ BEGIN
     IF merkle_guard.own_ddl_running('drop_triggers') OR merkle_guard.own_ddl_running('install_partition_guards') THEN
         RETURN;  -- merkle-listener's own triggers, which no publication lists (the recovery runs here)
     END IF;
-    -- One statement, one snapshot: the record and the catalogs as committed together.
-    SELECT r.log_name INTO changed
-      FROM merkle_guard.log_publications r
-      LEFT JOIN merkle_guard.log_publications_now() n ON n.pubname = r.pubname
-     WHERE r.log_name IN (SELECT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication')
-       AND (n.pubname IS NULL OR n.options IS DISTINCT FROM r.options OR n.namespaces IS DISTINCT FROM r.namespaces
-        OR n.tables IS DISTINCT FROM (SELECT coalesce(jsonb_object_agg(t.key, t.value), '{}')
-                                        FROM jsonb_each(r.tables) t
-                                       WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.key::oid)))
-     LIMIT 1;
+    SELECT c INTO changed FROM merkle_guard.changed_log_publications() c LIMIT 1;
     IF changed IS NOT NULL THEN
         RAISE EXCEPTION '% refused: publication merkle_% would not be as merkle-listener made it, and it decides '
                         'which changes of merkle-listener log "%" its slot sends: a change it lets through can never '
@@ -1313,3 +1339,4 @@ $$;
 
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA merkle_guard FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION merkle_guard.mark_own_ddl(text, integer), merkle_guard.unmark_own_ddl(text, integer) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION merkle_guard.log_publication_changed(text) TO PUBLIC;
