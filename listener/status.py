@@ -21,7 +21,8 @@ def collect(conn: psycopg.Connection) -> dict:
     logs = []
     for log in list_logs(conn):
         sources = []
-        for s in list_sources(conn, log.log_id):
+        registered = list_sources(conn, log.log_id)
+        for s in registered:
             if s.mode == "replication":
                 sources.append(slot_health.source_status(conn, log.name, s))
                 continue
@@ -43,7 +44,7 @@ def collect(conn: psycopg.Connection) -> dict:
                 # another level of the partition tree fire no trigger of this table.
                 "warning": _PARTITION_WARNING.format(table=s.qualified) if partitioned or partition else None,
             })
-        for s, shown in zip(list_sources(conn, log.log_id), sources):
+        for s, shown in zip(registered, sources):
             if not conn.execute("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = %s)", (s.table_oid,)).fetchone()[0]:
                 shown["warning"] = (f"table {s.qualified} no longer exists (dropped): its leaves stay in the log; "
                                     f"`merkle-listener source remove {log.name} {s.qualified}` unregisters it")
