@@ -16,7 +16,7 @@ from psycopg.rows import class_row
 
 from listener.errors import ConfigurationError, SourceTableError
 from listener.sources import trigger
-from listener.sources.validate import SourceSpec, check_log_name, parse_table_name, validate_source
+from listener.sources.validate import SourceSpec, check_database_encoding, check_log_name, parse_table_name, validate_source
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -
     if not origin.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in origin):
         raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
     with conn.transaction():
+        check_database_encoding(conn)
         if conn.execute("SELECT 1 FROM merkle.logs WHERE name = %s", (name,)).fetchone():
             raise ConfigurationError(f"log {name!r} exists already; pick another name")
         with conn.cursor(row_factory=class_row(Log)) as cur:

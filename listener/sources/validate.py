@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from listener.errors import DatabaseError, SourceTableError
+from listener.errors import ConfigurationError, DatabaseError, SourceTableError
 from listener.sources.filter import check_filter, moving_datetime_literals
 from listener.sources.names import check_log_name, parse_column_list, parse_table_name, quote_ident
 from listener.store.connect import PINNED_SETTINGS
@@ -25,6 +25,7 @@ __all__ = [
     "FILTER_SETTINGS",
     "SourceSpec",
     "check_filter",
+    "check_database_encoding",
     "check_log_name",
     "parse_column_list",
     "parse_table_name",
@@ -135,6 +136,7 @@ def validate_source(
         with conn.transaction(force_rollback=True):
             conn.execute("SET LOCAL lock_timeout = '5s'")
             conn.execute("SET LOCAL statement_timeout = '30s'")
+            check_database_encoding(conn)
             oid, schema, name = _resolve(conn, table, schema_name, rel_name)
             ident = sql.Identifier(schema, name)
             table_columns = _columns(conn, oid)
@@ -165,6 +167,21 @@ def validate_source(
         entry_column=entry_column,
         generated=tuple(dict.fromkeys(c for c in captured if by_name[c].generated == "s")),
     )
+
+
+def check_database_encoding(conn: psycopg.Connection) -> None:
+    """Refuse a SQL_ASCII database. An entry is UTF-8 (docs/canonical-entry.md); PostgreSQL
+    converts every other server encoding to it, but a SQL_ASCII database stores bytes of no
+    declared character set, and its first value that is not valid UTF-8 could never be
+    hashed: the log would stop there, in either capture mode."""
+    database, encoding = conn.execute("SELECT current_database(), pg_catalog.getdatabaseencoding()").fetchone()
+    if encoding == "SQL_ASCII":
+        raise ConfigurationError(
+            f"database {database} has encoding SQL_ASCII: its text is bytes in no declared character set, while a "
+            "leaf commits to UTF-8 text, so the first value that is not valid UTF-8 would stop the log for good. "
+            "Keep the log and its tables in a database created with ENCODING 'UTF8' (or any encoding but SQL_ASCII: "
+            "CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0), and move the tables there"
+        )
 
 
 def _names(values: Sequence[str], option: str) -> list[str]:
