@@ -329,6 +329,7 @@ def cmd_db(args) -> int:
 
 
 def cmd_init(args) -> int:
+    from listener import relink
     from listener.store import guard, migrate
 
     with database(args) as dsn, connect(dsn, autocommit=False) as conn:
@@ -338,6 +339,8 @@ def cmd_init(args) -> int:
         handed_over: list[str] = []
         guard_installed: list[str] = []
         applied = migrate.apply(conn, handed_over, guard_installed)
+        conn.commit()
+        relinked, unresolved = relink.relink(conn)  # after a restore from pg_dump
         conn.commit()
         version = migrate.current_version(conn)
         guard_state = guard.state(conn)
@@ -349,6 +352,10 @@ def cmd_init(args) -> int:
               "listener runs as (what a superuser's upgrade or `source add` made was the superuser's)")
     for line in guard_installed:
         print(f"DDL guard: {line}")
+    for m in relinked:
+        print(f"{relink.describe(m)}: its table came back under a new OID (a restore from pg_dump)")
+    for m in unresolved:
+        print(f"warning: {relink.describe(m)}: remove the source and add it again", file=sys.stderr)
     if guard_state.replaceable_by:
         print(f"warning: the DDL guard's event triggers call functions of role {', '.join(guard_state.replaceable_by)}, "
               "which can replace them with code that runs in the session of whoever runs DDL, superusers included: "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import psycopg
 from psycopg import sql
 
+from listener import relink
 from listener.registry import list_logs, list_sources
 from listener.sources import slot_health
 from listener.sources.trigger import outbox_columns, outbox_name
@@ -19,9 +21,13 @@ _PARTITION_WARNING = ("{table} is partitioned or a partition: trigger mode captu
 
 def collect(conn: psycopg.Connection) -> dict:
     logs = []
+    moved = {m.source_id: m for m in relink.moved_sources(conn)}
     for log in list_logs(conn):
         sources = []
-        registered = list_sources(conn, log.log_id)
+        # A table back under a new OID (restored from pg_dump) is shown as it is now.
+        registered = [replace(s, table_oid=moved[s.source_id].new_oid)
+                      if s.source_id in moved and moved[s.source_id].new_oid is not None else s
+                      for s in list_sources(conn, log.log_id)]
         for s in registered:
             if s.mode == "replication":
                 sources.append(slot_health.source_status(conn, log.name, s))
@@ -45,9 +51,19 @@ def collect(conn: psycopg.Connection) -> dict:
                 "warning": _PARTITION_WARNING.format(table=s.qualified) if partitioned or partition else None,
             })
         for s, shown in zip(registered, sources):
-            if not conn.execute("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = %s)", (s.table_oid,)).fetchone()[0]:
+            m = moved.get(s.source_id)
+            if m is not None and m.new_oid is not None:
+                shown["error"] = (f"table {s.qualified} came back under a new OID ({m.old_oid} -> {m.new_oid}: the "
+                                  "database was restored from a dump?), and the source's checks, the DDL guard and "
+                                  "`source remove` go by the old one: run `merkle-listener init` to point it at its "
+                                  "table again")
+            elif not conn.execute("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = %s)", (s.table_oid,)).fetchone()[0]:
                 shown["warning"] = (f"table {s.qualified} no longer exists (dropped): its leaves stay in the log; "
                                     f"`merkle-listener source remove {log.name} {s.qualified}` unregisters it")
+            elif m is not None:
+                shown["warning"] = (f"OID {s.table_oid} of table {s.qualified} names another table now, and its "
+                                    "table was not found (the database was restored from a dump?): remove the "
+                                    "source and add it again")
         ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
         logs.append({
             "name": log.name, "origin": log.origin, "tree_size": log.tree_size, "paused": log.paused,
@@ -61,10 +77,11 @@ def collect(conn: psycopg.Connection) -> dict:
 
 
 def has_errors(report: dict) -> bool:
-    """A replication slot that is missing, lost or moved past the log, or a publication changed
-    by hand: changes are not being captured until the user recovers (`status` exits 3, for
-    monitoring scripts)."""
+    """A replication slot that is missing, lost or moved past the log, a publication changed by
+    hand, or a source's table back under a new OID: changes are not being captured, or not
+    checked, until the user recovers (`status` exits 3, for monitoring scripts)."""
     return any(log.get("slot") and (log["slot"]["level"] == "error" or log["slot"]["publication_problem"])
+               or any(s.get("error") for s in log["sources"])
                for log in report["logs"])
 
 
@@ -93,6 +110,8 @@ def render(report: dict) -> str:
             lines.append(f"  source {s['table']} ({', '.join(flags)}): {waiting}")
             if s.get("warning"):
                 lines.append(f"  warning: {s['warning']}")
+            if s.get("error"):
+                lines.append(f"  error: {s['error']}")
         if log.get("slot"):
             lines.extend(slot_health.render(log["slot"]))
     return "\n".join(lines)
