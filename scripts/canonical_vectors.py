@@ -103,7 +103,7 @@ def build() -> dict:
     return {
         "version": 1,
         "pinned_settings": {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres",
-                            "extra_float_digits": "1", "bytea_output": "hex"},
+                            "extra_float_digits": "1", "bytea_output": "hex", "lc_monetary": "C"},
         "vectors": vectors,
         "entry_column_vectors": entry_columns,
     }

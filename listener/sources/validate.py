@@ -399,8 +399,10 @@ def _check_not_virtual(shown: str, names: Sequence[str], by_name: dict[str, _Col
 def _check_no_oid_alias(conn: psycopg.Connection, shown: str, oid: int, names: Sequence[str]) -> None:
     """An OID-alias type (regclass, regtype, regproc, ...) stores an OID and prints the name of
     what it names: whoever owns that object renames it, or its schema, and the text of every
-    committed value changes at once, with no rewrite and no leaf (found by review). Refused as
-    a hashed column's type, or as one its type is made of (array, domain, composite, range)."""
+    committed value changes at once, with no rewrite and no leaf (found by review). aclitem
+    prints role names the same way (and the walsender decodes them under the catalog of the
+    change's time, the drain under today's). Refused as a hashed column's type, or as one its
+    type is made of (array, domain, composite, range)."""
     found = conn.execute(
         """WITH RECURSIVE t(col, typid) AS (
                SELECT a.attname::text, a.atttypid FROM pg_catalog.pg_attribute a
@@ -419,12 +421,13 @@ def _check_no_oid_alias(conn: psycopg.Connection, shown: str, oid: int, names: S
              JOIN pg_catalog.pg_type y ON y.oid = t.typid
             WHERE y.typnamespace = 'pg_catalog'::regnamespace
               AND y.typname::text IN ('regclass', 'regcollation', 'regconfig', 'regdictionary', 'regnamespace',
-                                      'regoper', 'regoperator', 'regproc', 'regprocedure', 'regrole', 'regtype')
+                                      'regoper', 'regoperator', 'regproc', 'regprocedure', 'regrole', 'regtype',
+                                      'aclitem')
             ORDER BY 1 LIMIT 1""", [oid, list(names)]).fetchone()
     if found is not None:
         raise SourceTableError(
-            f"column {found[0]} of {shown} is (made of) type {found[1]}, which stores an OID and prints the name "
-            "of the object it names: renaming that object would change every logged value without a leaf; "
+            f"column {found[0]} of {shown} is (made of) type {found[1]}, which stores OIDs and prints the names "
+            "of what they name: renaming that would change every logged value without a leaf; "
             "store the name as text (or the OID as oid), or leave the column out of the source")
 
 

@@ -20,6 +20,9 @@ PINNED_SETTINGS = {
     "IntervalStyle": "postgres",
     "extra_float_digits": "1",
     "bytea_output": "hex",
+    # money's text is "$1,234.50" under C, "1.234,50 €" under de_DE: the database's or the
+    # role's locale must not decide what a leaf commits to.
+    "lc_monetary": "C",
     "client_encoding": "UTF8",
 }
 
