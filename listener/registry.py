@@ -182,6 +182,9 @@ def add_source(
     Without `doorbell` (trigger mode), no NOTIFY follows a captured statement, so writers
     may use two-phase commit; the listener polls the outbox instead.
     """
+    from listener import relink
+
+    relink.refuse_while_moved(conn, log_name)
     if mode == "replication" and not doorbell:
         raise ConfigurationError("--no-doorbell is for trigger mode: replication mode has no doorbell "
                                  "(and its writers may use two-phase commit as they are)")
@@ -371,6 +374,9 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: s
     are, the source stays registered so the listener can log them; run again to finish.
     For a replication source, -1 means changes may still be in the stream (see
     replication_setup.remove_source)."""
+    from listener import relink
+
+    relink.refuse_while_moved(conn, log_name)
     with conn.transaction():
         log = get_log(conn, log_name)
         mode = find_source(conn, log, table).mode

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from listener.errors import ConfigurationError
 from listener.sources import publication
 
 # PostgreSQL's first OID for objects that are not built in (FirstNormalObjectId): below it, a
@@ -131,6 +132,19 @@ def _record_publication(conn: psycopg.Connection, log_id: int, log_name: str) ->
     with publication.own_publication_ddl(conn):  # the guard records what its end trigger sees
         conn.execute(sql.SQL("ALTER PUBLICATION {} OWNER TO {}").format(
             sql.Identifier(publication.publication_name(log_name)), sql.SQL(owner[0])))
+
+
+def refuse_while_moved(conn: psycopg.Connection, log_name: str) -> None:
+    """Refuse to change a log's sources while some came back under new OIDs: `source add` would
+    not see the table as a source already (and capture it twice), `source remove` would not find
+    its triggers. Its own transaction: one left open would hold up the slot's creation."""
+    with conn.transaction():
+        moved = [m.qualified for m in moved_sources(conn) if m.log_name == log_name and m.new_oid is not None]
+    if moved:
+        raise ConfigurationError(
+            f"log {log_name}: the tables of {', '.join(moved)} came back under new OIDs (the database was restored "
+            "from a dump?), by which its sources name them: run `merkle-listener init` first, which points them "
+            "at their tables again")
 
 
 def describe(m: Moved) -> str:

@@ -100,6 +100,10 @@ def test_a_restored_database_is_relinked_by_init(pg_server, rconn, restored_name
     for table in ("t", "ao", "r"):
         assert f"table public.{table} came back under a new OID" in status.stdout
     assert "run `merkle-listener init`" in status.stdout
+    # Until then the sources are not changed: an add would not see t as a source already.
+    for args in (("source", "add", "a", "t"), ("source", "remove", "a", "t"), ("source", "remove", "a", "r")):
+        refused = cli(*args, dsn=new)
+        assert refused.returncode == 2 and "run `merkle-listener init` first" in refused.stderr, refused.stderr
 
     init = cli("init", dsn=new, check=True)
     for table in ("t", "ao", "r"):
