@@ -338,12 +338,15 @@ def cmd_init(args) -> int:
         conn.add_notice_handler(partial(_print_warning, guard_missing))
         handed_over: list[str] = []
         guard_installed: list[str] = []
-        applied = migrate.apply(conn, handed_over, guard_installed)
+        # After a restore from pg_dump; first, as a superuser's migration reinstalls the guard,
+        # which copies only the sources whose tables it finds.
+        relinked, unresolved = relink.relink(conn)
         conn.commit()
-        relinked, unresolved = relink.relink(conn)  # after a restore from pg_dump
+        applied = migrate.apply(conn, handed_over, guard_installed)
         conn.commit()
         version = migrate.current_version(conn)
         guard_state = guard.state(conn)
+        guard_schema = conn.execute("SELECT to_regnamespace('merkle_guard') IS NOT NULL").fetchone()[0]
         conn.commit()
     print(f"schema merkle at version {version}" + (f" (applied {', '.join(f'{m.version:03d}_{m.name}' for m in applied)})" if applied else " (up to date)"))
     owner = guard_state.schema_owner
@@ -365,6 +368,11 @@ def cmd_init(args) -> int:
         print("warning: the DDL guard is not installed: it needs a superuser, who installs it with "
               "`merkle-listener guard install` on this database (docs/replication.md, \"The DDL guard on a role's "
               "schema\")", file=sys.stderr)
+    elif not guard_state.complete and guard_schema and not any(t.function for t in guard_state.triggers):
+        # Restored by a role that may not create event triggers: the guard's schema came back, not its triggers.
+        print("warning: schema merkle_guard is here but the DDL guard's event triggers are not (a restore by a role "
+              "that may not create them?): nothing refuses DDL that would make capture incomplete; as a superuser, "
+              "run `merkle-listener guard install`", file=sys.stderr)
     elif not guard_state.complete and any(t.function for t in guard_state.triggers):
         # Installed by a superuser for an earlier version: a role's upgrade cannot bring it up to date.
         print("warning: the DDL guard installed in this database is incomplete or another version's "

@@ -11,9 +11,12 @@ one. Its table is found again by what the dump carried with it:
   DDL guard refuses renaming a source's table; a table dropped and made again under the same
   name is in no publication).
 
-A source counts as in place while its OID names a table that has its registered name, its
-capture trigger, or a place in its log's publication; `status` reports the others, and
-`merkle-listener init` points them at their tables again (`relink`). Nothing is guessed: a
+A source counts as in place while its OID names the table that carries its capture trigger
+(trigger mode), or that has its registered name, or (replication mode, renamed where the guard
+is not installed) that its publication lists under a name no other source of the log has;
+`status` reports the others, and
+`merkle-listener init` points them at their tables again (`relink`), before its migrations
+(whose guard install copies only the sources whose tables it finds). Nothing is guessed: a
 table found by neither way, or claimed by two sources of one log, is left for the user.
 """
 
@@ -22,10 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
 from listener.errors import ConfigurationError
-from listener.sources import publication
 
 # PostgreSQL's first OID for objects that are not built in (FirstNormalObjectId): below it, a
 # type's OID is the same in every database, so a restore cannot have changed it.
@@ -48,22 +49,40 @@ class Moved:
 
 def moved_sources(conn: psycopg.Connection) -> list[Moved]:
     """Every source whose table_oid is not its table any more. Read-only; one statement."""
+    if conn.execute("SELECT to_regclass('merkle.sources') IS NULL").fetchone()[0]:
+        return []  # no schema yet
     rows = conn.execute("""
         WITH s AS (
             SELECT s.source_id, s.log_id, l.name AS log_name, s.mode, s.table_schema, s.table_name, s.table_oid,
                    format('merkle_capture_%s', s.source_id) AS capture_trigger,
-                   to_regprocedure(format('merkle.capture_%s()', s.source_id)) AS capture_function
+                   to_regprocedure(format('merkle.capture_%s()', s.source_id)) AS capture_function,
+                   (SELECT format('%I.%I', n.nspname, c.relname) = format('%I.%I', s.table_schema, s.table_name)
+                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.oid = s.table_oid AND c.relkind IN ('r', 'p')) AS oid_has_name,
+                   (SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.oid = s.table_oid AND c.relkind IN ('r', 'p')) AS oid_names
               FROM merkle.sources s JOIN merkle.logs l ON l.log_id = s.log_id),
         found AS (
             SELECT s.*,
-                   EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE c.oid = s.table_oid AND c.relkind IN ('r', 'p')
-                              AND ((n.nspname = s.table_schema AND c.relname = s.table_name)
-                                   OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid
-                                                 AND t.tgname = s.capture_trigger AND t.tgfoid = s.capture_function)
-                                   OR EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
-                                               WHERE r.prrelid = c.oid AND p.pubname = 'merkle_' || s.log_name)))
-                       AS in_place,
+                   CASE s.mode
+                   -- a trigger source's OID carries its capture trigger; without one anywhere (capture
+                   -- stopped by a first `source remove`), it is the table of its registered name
+                   WHEN 'trigger' THEN
+                       EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = s.table_oid
+                                 AND t.tgname = s.capture_trigger AND t.tgfoid = s.capture_function)
+                       OR (coalesce(s.oid_has_name, false)
+                           AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgname = s.capture_trigger
+                                             AND t.tgfoid = s.capture_function))
+                   -- a replication source's OID is the table of its registered name, or (renamed where
+                   -- the guard is not installed) one its publication lists and no other source of
+                   -- the log is registered under
+                   ELSE coalesce(s.oid_has_name, false)
+                        OR (EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                                     WHERE r.prrelid = s.table_oid AND p.pubname = 'merkle_' || s.log_name)
+                            AND NOT EXISTS (SELECT 1 FROM merkle.sources o
+                                             WHERE o.log_id = s.log_id AND o.source_id <> s.source_id
+                                               AND o.table_schema || '.' || o.table_name = s.oid_names))
+                   END AS in_place,
                    CASE s.mode
                    WHEN 'trigger' THEN  -- the one table carrying its capture trigger
                        (SELECT min(t.tgrelid) FROM pg_trigger t
@@ -73,8 +92,7 @@ def moved_sources(conn: psycopg.Connection) -> list[Moved]:
                          WHERE n.nspname = s.table_schema AND c.relname = s.table_name AND c.relkind IN ('r', 'p')
                            AND EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                                         WHERE r.prrelid = c.oid AND p.pubname = 'merkle_' || s.log_name))
-                   END
-                       AS candidate
+                   END AS candidate
               FROM s)
         SELECT f.source_id, f.log_id, f.log_name, f.mode, f.table_schema || '.' || f.table_name, f.table_oid,
                CASE WHEN f.candidate IS NOT NULL
@@ -91,12 +109,16 @@ def moved_sources(conn: psycopg.Connection) -> list[Moved]:
 
 def relink(conn: psycopg.Connection) -> tuple[list[Moved], list[Moved]]:
     """Point every moved source at its table; returns (relinked, left as they were). In the
-    caller's transaction. A log whose publication is then as merkle-listener makes it has it
-    recorded again by the DDL guard (whose record names tables by OID too)."""
+    caller's transaction. The DDL guard's copy of the sources follows (sql/020's mirror
+    trigger); its record of the publications names tables by name, which a restore keeps."""
+    if not conn.execute("SELECT to_regclass('merkle.sources') IS NOT NULL "
+                        "AND has_table_privilege('merkle.sources', 'UPDATE')").fetchone()[0]:
+        return [], []  # no schema yet, or another role's (which `init` then refuses to upgrade)
     moved = moved_sources(conn)
     pending = [m for m in moved if m.new_oid is not None]
     left = [m for m in moved if m.new_oid is None]
     done: list[Moved] = []
+    has_columns = conn.execute("SELECT to_regclass('merkle.source_columns') IS NOT NULL").fetchone()[0]
     # Old and new OIDs of one log may overlap (a fresh cluster hands out the same range), and
     # (log_id, table_oid) is unique: a source goes first when no other still holds its new OID.
     while pending:
@@ -106,32 +128,18 @@ def relink(conn: psycopg.Connection) -> tuple[list[Moved], list[Moved]]:
             break  # a cycle of swapped OIDs: left for the user rather than resolved by a guess
         for m in ready:
             conn.execute("UPDATE merkle.sources SET table_oid = %s WHERE source_id = %s", (m.new_oid, m.source_id))
-            # A hashed column of a type made by the user (enum, composite, domain) has a new
-            # type OID too; the guard compares the column's type with this one.
-            conn.execute(
-                "UPDATE merkle.source_columns sc SET type_oid = a.atttypid FROM pg_attribute a "
-                "WHERE sc.source_id = %s AND a.attrelid = %s AND a.attname = sc.name AND a.attnum > 0 "
-                "AND NOT a.attisdropped AND sc.type_oid <> a.atttypid AND sc.type_oid >= %s AND a.atttypid >= %s "
-                "AND sc.typmod = a.atttypmod",
-                (m.source_id, m.new_oid, FIRST_NORMAL_OID, FIRST_NORMAL_OID))
+            if has_columns:
+                # A hashed column of a type made by the user (enum, composite, domain) has a new
+                # type OID too; the guard compares the column's type with this one.
+                conn.execute(
+                    "UPDATE merkle.source_columns sc SET type_oid = a.atttypid FROM pg_attribute a "
+                    "WHERE sc.source_id = %s AND a.attrelid = %s AND a.attname = sc.name AND a.attnum > 0 "
+                    "AND NOT a.attisdropped AND sc.type_oid <> a.atttypid AND sc.type_oid >= %s "
+                    "AND a.atttypid >= %s AND sc.typmod = a.atttypmod",
+                    (m.source_id, m.new_oid, FIRST_NORMAL_OID, FIRST_NORMAL_OID))
             done.append(m)
         pending = [m for m in pending if m not in ready]
-    left += pending
-    for log_id, log_name in sorted({(m.log_id, m.log_name) for m in done if m.mode == "replication"}):
-        _record_publication(conn, log_id, log_name)
-    return done, left
-
-
-def _record_publication(conn: psycopg.Connection, log_id: int, log_name: str) -> None:
-    """Have the DDL guard record the log's publication again, under its new table OIDs, if it is
-    as merkle-listener makes it; otherwise `status` goes on reporting how it differs."""
-    owner = conn.execute("SELECT pubowner::regrole::text FROM pg_publication WHERE pubname = %s",
-                         (publication.publication_name(log_name),)).fetchone()
-    if owner is None or publication.drift(conn, log_name, log_id):
-        return
-    with publication.own_publication_ddl(conn):  # the guard records what its end trigger sees
-        conn.execute(sql.SQL("ALTER PUBLICATION {} OWNER TO {}").format(
-            sql.Identifier(publication.publication_name(log_name)), sql.SQL(owner[0])))
+    return done, left + pending
 
 
 def refuse_while_moved(conn: psycopg.Connection, log_name: str) -> None:
@@ -139,12 +147,19 @@ def refuse_while_moved(conn: psycopg.Connection, log_name: str) -> None:
     not see the table as a source already (and capture it twice), `source remove` would not find
     its triggers. Its own transaction: one left open would hold up the slot's creation."""
     with conn.transaction():
-        moved = [m.qualified for m in moved_sources(conn) if m.log_name == log_name and m.new_oid is not None]
+        moved = [m.qualified for m in moved_sources(conn) if m.log_name == log_name
+                 and (m.new_oid is not None or _names_a_relation(conn, m.old_oid))]
     if moved:
         raise ConfigurationError(
             f"log {log_name}: the tables of {', '.join(moved)} came back under new OIDs (the database was restored "
             "from a dump?), by which its sources name them: run `merkle-listener init` first, which points them "
             "at their tables again")
+
+
+def _names_a_relation(conn: psycopg.Connection, oid: int) -> bool:
+    """Whether `oid` is some relation's: then a source's old OID is another table's now, and its
+    triggers or publication entry would be looked for there. A dropped table's OID is no one's."""
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = %s)", (oid,)).fetchone()[0]
 
 
 def describe(m: Moved) -> str:

@@ -1036,3 +1036,13 @@ def test_a_publication_changed_with_the_guard_off_is_reported_until_recovered(gu
     cli(*shlex.split(commands[1])[1:], dsn=dsn, check=True)
     assert cli("status", dsn=dsn).returncode == 0
     assert _let_through(app, "ALTER TABLE other ADD COLUMN b int")
+
+
+def test_init_warns_when_the_guards_schema_came_back_without_its_event_triggers(guarded):
+    """As after a restore by a role that may not create event triggers: schema merkle_guard is
+    there, its triggers are not, and nothing refuses DDL; the owner's `init` says so."""
+    su, app, role, dsn, writer = guarded
+    for (name,) in su.execute("SELECT evtname FROM pg_event_trigger").fetchall():
+        su.execute(f'DROP EVENT TRIGGER "{name}"')
+    init = cli("init", dsn=dsn, check=True)
+    assert "the DDL guard's event triggers are not" in init.stderr and "guard install" in init.stderr, init.stderr

@@ -9,6 +9,7 @@ root) comes back byte for byte.
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import psycopg
@@ -36,17 +37,18 @@ def _restore(dump, dsn: str) -> None:
     _run(str(bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(script))
 
 
-def _restored_copy(pg_server, dsn: str, name: str, tmp_path) -> str:
+def _restored_copy(pg_server, dsn: str, name: str, tmp_path, *, keep_slots: bool = False) -> str:
     """pg_dump of `dsn` restored into a new database `name` of the same server (as a superuser,
     as restoring the DDL guard's event triggers needs); the old database's slots are dropped, as
-    on a new server."""
+    on a new server, unless `keep_slots`."""
     dump = tmp_path / "backup.dump"
     _run(str(bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), "-d", dsn)
     with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
         old = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-        for (slot,) in admin.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (old,)).fetchall():
+        for (slot,) in admin.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s AND NOT %s",
+                                     (old, keep_slots)).fetchall():
             admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     new = pg_server.dsn(name)
     _restore(dump, new)
@@ -92,9 +94,8 @@ def test_a_restored_database_is_relinked_by_init(pg_server, rconn, restored_name
         moved = relink.moved_sources(c)
         assert sorted(m.qualified for m in moved) == ["public.ao", "public.r", "public.t"]
         assert all(m.new_oid == c.execute("SELECT %s::regclass::oid", (m.qualified,)).fetchone()[0] for m in moved)
-        # Under the old OIDs, the DDL guard takes the publication for changed: it refuses all DDL.
-        with pytest.raises(psycopg.DatabaseError, match="publication merkle_a"):
-            c.execute("CREATE TABLE scratch (i int); DROP TABLE scratch")
+        # The DDL guard's record of the publication names its tables by name: still as restored.
+        c.execute("CREATE TABLE scratch (i int); DROP TABLE scratch")
     status = cli("status", dsn=new)
     assert status.returncode == 3, status.stdout + status.stderr
     for table in ("t", "ao", "r"):
@@ -113,7 +114,7 @@ def test_a_restored_database_is_relinked_by_init(pg_server, rconn, restored_name
     assert "now names its table" not in cli("init", dsn=new, check=True).stdout  # done once
 
     with connect(new, autocommit=True) as c:
-        c.execute("CREATE TABLE scratch (i int); DROP TABLE scratch")  # the guard's record is of the new OIDs
+        c.execute("CREATE TABLE scratch (i int); DROP TABLE scratch")
         # ... and it still guards the sources' tables, now by their new OIDs.
         with pytest.raises(psycopg.DatabaseError, match="merkle_capture"):
             c.execute("DROP TRIGGER merkle_capture_1 ON t")
@@ -220,3 +221,130 @@ def test_restored_on_a_new_server(pg_server, rconn, tmp_path):
             listener.stop()
     finally:
         server.destroy()
+
+
+def _next_oid(c) -> int:
+    """The OID the server hands out next (one counter per cluster), used up by a large object."""
+    oid = c.execute("SELECT lo_create(0)").fetchone()[0]
+    c.execute("SELECT lo_unlink(%s)", (oid,))
+    return oid
+
+
+def test_a_new_oid_that_was_another_sources_old_one_is_not_taken_for_it(pg_server, tmp_path):
+    """On a new server the new OID of r's table is t's old OID (arranged here): t is not taken
+    to be in place because its OID names a table of its log's publication. Both servers are
+    fresh, so that the OIDs are the test's alone."""
+    from listener.embedded import EmbeddedPostgres
+    from listener.store import migrate
+
+    servers = [EmbeddedPostgres(tmp_path / name, settings={"fsync": "off", "wal_level": "logical"},
+                                bin_dir=pg_server.bin_dir) for name in ("old-server", "new-server")]
+    try:
+        for server in servers:
+            server.start(owned=True)
+            with psycopg.connect(server.dsn(), autocommit=True) as admin:
+                admin.execute("CREATE DATABASE app TEMPLATE template0")
+                admin.execute("CREATE DATABASE probe TEMPLATE template0")
+        dsn = servers[0].dsn("app")
+        with connect(dsn) as c:
+            migrate.apply(c)
+            c.commit()
+        with connect(dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE r (id int PRIMARY KEY, v text)")
+            c.execute("SELECT lo_unlink(lo_create(0)) FROM generate_series(1, 3000)")  # t's OID above r's new one
+            c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            registry.create_log(c, "a")
+            t_old = c.execute("SELECT 't'::regclass::oid").fetchone()[0]
+        with connect(dsn) as c:
+            registry.add_source(c, "a", "t")
+            registry.add_source(c, "a", "r", mode="replication")
+        dump = tmp_path / "backup.dump"
+        _run(str(bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), "-d", dsn)
+        new, probe = servers[1].dsn("app"), servers[1].dsn("probe")
+        with psycopg.connect(probe, autocommit=True) as c:  # where r lands: a restore is repeatable
+            start = _next_oid(c)
+        _restore(dump, probe)
+        with psycopg.connect(probe, autocommit=True) as c:
+            offset = c.execute("SELECT 'r'::regclass::oid").fetchone()[0] - start
+        with psycopg.connect(new, autocommit=True) as c:
+            c.execute("SELECT lo_unlink(lo_create(0)) FROM generate_series(1, %s)", (t_old - offset - _next_oid(c),))
+        _restore(dump, new)
+        with psycopg.connect(new, autocommit=True) as c:
+            assert c.execute("SELECT 'r'::regclass::oid").fetchone()[0] == t_old
+        cli("init", dsn=new, check=True)
+        with psycopg.connect(new, autocommit=True) as c:
+            assert dict(c.execute("SELECT s.table_name, c.relname::text FROM merkle.sources s "
+                                  "JOIN pg_class c ON c.oid = s.table_oid").fetchall()) == {"t": "t", "r": "r"}
+    finally:
+        for server in servers:
+            server.destroy()
+
+
+def _guarded_replication_source(rconn, where: str | None = None) -> str:
+    dsn = rconn.info.dsn
+    rconn.execute("CREATE TABLE r (id int PRIMARY KEY, v text)")
+    registry.create_log(rconn, "a")
+    with connect(dsn) as c:
+        registry.add_source(c, "a", "r", mode="replication", where=where)
+    cli("guard", "install", dsn=dsn, check=True)
+    return dsn
+
+
+def _publication_problem(dsn: str) -> str | None:
+    return json.loads(cli("status", "--json", dsn=dsn).stdout)["logs"][0]["slot"]["publication_problem"]
+
+
+def test_a_publication_changed_by_hand_stays_reported_after_a_restore(pg_server, rconn, restored_name, tmp_path):
+    dsn = _guarded_replication_source(rconn, where="id > 0")
+    for trigger in ("merkle_log_publication", "merkle_log_publication_drop"):  # the guard off for a moment
+        rconn.execute(f"ALTER EVENT TRIGGER {trigger} DISABLE")
+    rconn.execute("ALTER PUBLICATION merkle_a SET TABLE r WHERE (id > 100)")  # rows 1..100 escape the log
+    for trigger in ("merkle_log_publication", "merkle_log_publication_drop"):
+        rconn.execute(f"ALTER EVENT TRIGGER {trigger} ENABLE ALWAYS")
+    assert "not as merkle-listener made it" in _publication_problem(dsn)
+
+    new = _restored_copy(pg_server, dsn, restored_name, tmp_path)
+    cli("init", dsn=new, check=True)  # as a superuser: it installs the guard again
+    assert "not as merkle-listener made it" in (_publication_problem(new) or "")
+
+
+def test_the_guards_record_holds_after_a_restore_without_a_superuser(pg_server, rconn, restored_name, tmp_path):
+    """`init` by the schema's owner relinks without reinstalling the guard: the guard's record of
+    the publication, by table name, needs nothing of it."""
+    new = _restored_copy(pg_server, _guarded_replication_source(rconn), restored_name, tmp_path)
+    with connect(new, autocommit=False) as c:
+        assert c.execute("SELECT count(*) FROM merkle_guard.changed_log_publications()").fetchone() == (0,)
+        done, left = relink.relink(c)
+        c.commit()
+        assert [m.qualified for m in done] == ["public.r"] and left == []
+        assert c.execute("SELECT count(*) FROM merkle_guard.changed_log_publications()").fetchone() == (0,)
+        c.execute("CREATE TABLE scratch (i int); DROP TABLE scratch")
+
+
+def test_a_record_by_table_oid_is_put_in_names_by_guard_install(rconn):
+    """A record from before names (an earlier version's) is rewritten at the next install."""
+    dsn = _guarded_replication_source(rconn, where="id > 0")
+    oid = rconn.execute("SELECT 'r'::regclass::oid").fetchone()[0]
+    rconn.execute("UPDATE merkle_guard.log_publications SET tables = jsonb_build_object(%s::text, "
+                  "jsonb_build_array('(id > 0)', NULL::text)), namespaces = '[]'", (oid,))
+    assert rconn.execute("SELECT count(*) FROM merkle_guard.changed_log_publications()").fetchone() == (1,)
+    cli("guard", "install", dsn=dsn, check=True)
+    assert rconn.execute("SELECT tables FROM merkle_guard.log_publications").fetchone()[0] == {
+        "public.r": ["(id > 0)", None]}
+    assert rconn.execute("SELECT count(*) FROM merkle_guard.changed_log_publications()").fetchone() == (0,)
+
+
+def test_a_copy_on_the_same_server_is_told_whose_slot_it_is(pg_server, rconn, restored_name, tmp_path):
+    """Slot names are the server's: a restored copy beside its original cannot make the log's
+    slot while the original has it, and `status` says so rather than print a recovery that fails."""
+    dsn = rconn.info.dsn
+    rconn.execute("CREATE TABLE r (id int PRIMARY KEY, v text)")
+    registry.create_log(rconn, "a")
+    with connect(dsn) as c:
+        registry.add_source(c, "a", "r", mode="replication")
+    new = _restored_copy(pg_server, dsn, restored_name, tmp_path, keep_slots=True)
+    cli("init", dsn=new, check=True)
+    status = cli("status", dsn=new)
+    assert status.returncode == 3
+    assert f"slot merkle_a is not this database's but database {rconn.info.dbname}'s" in status.stdout, status.stdout
+    assert "is missing" not in status.stdout

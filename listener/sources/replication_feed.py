@@ -344,7 +344,7 @@ class ReplicationFeed:
         sources = [s for s in list_sources(conn, row[1]) if s.mode == "replication"] if row is not None else []
         named = named_now(conn, sources)  # for messages only: a leaf names the table as registered
         if row is not None and slot is None:
-            problem = slot_health.missing_message(self.log_name, named)
+            problem = slot_health.absent_message(conn, self.log_name, named)
         elif row is not None and slot[0] == "lost":
             problem = slot_health.lost_message(self.log_name, row[0], named)
         elif row is not None and slot[1] is not None and lsn_to_int(slot[1]) > lsn_to_int(row[0]):

@@ -49,7 +49,7 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     drift = publication.drift(conn, log_name, log_id)
     report["publication_problem"] = publication_message(log_name, drift, sources) if drift else None
     if row is None:
-        report.update(level="error", message=missing_message(log_name, sources))
+        report.update(level="error", message=absent_message(conn, log_name, sources))
         return report
     wal_status, active, confirmed, lag_bytes, retained, flush_lag = row
     ahead = end_lsn != "0/0" and confirmed is not None and lsn_to_int(confirmed) > lsn_to_int(end_lsn)
@@ -81,11 +81,32 @@ def publication_message(log_name: str, problems: list[str], sources: list[Source
             + readd_steps(log_name, sources))
 
 
+def absent_message(conn: psycopg.Connection, log_name: str, sources: list[Source]) -> str:
+    """What to do about a log whose slot this database does not have."""
+    elsewhere = conn.execute("SELECT database FROM pg_replication_slots WHERE slot_name = %s "
+                             "AND database IS DISTINCT FROM current_database()", (slot_name(log_name),)).fetchone()
+    if elsewhere is not None:
+        return elsewhere_message(log_name, elsewhere[0] or "(none: a physical slot)", sources)
+    return missing_message(log_name, sources)
+
+
 def missing_message(log_name: str, sources: list[Source]) -> str:
     slot = slot_name(log_name)
     return (f"slot {slot} is missing (dropped, or this server was promoted from a standby that did not have it): "
             f"changes of the log's replication sources are not being captured. Recreate it by "
             + readd_steps(log_name, sources))
+
+
+def elsewhere_message(log_name: str, database: str, sources: list[Source]) -> str:
+    """This database is a copy (pg_restore, CREATE DATABASE ... TEMPLATE) of one whose log of the
+    same name still has the slot: slot names are the server's, so `source add` cannot make one here."""
+    slot = slot_name(log_name)
+    return (f"slot {slot} is not this database's but database {database}'s (is this database a copy of that "
+            "one? slot names are shared by all the databases of a server): changes of the log's replication "
+            f"sources are not being captured here, and no slot can be made for them under the name {slot} while "
+            f"that one is there. Drop that database's log {log_name} (or remove its replication sources) if it is "
+            "no longer used, then recover here by " + readd_steps(log_name, sources)
+            + "; or keep both and register these tables in a log of another name here")
 
 
 def lost_message(log_name: str, end_lsn: str, sources: list[Source]) -> str:

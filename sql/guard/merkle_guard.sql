@@ -624,9 +624,32 @@ CREATE TABLE IF NOT EXISTS merkle_guard.log_publications (
     pubname     text PRIMARY KEY,
     log_name    text NOT NULL,
     options     jsonb NOT NULL,  -- its name and what it publishes
-    tables      jsonb NOT NULL,  -- table OID -> row filter and column list
+    tables      jsonb NOT NULL,  -- "schema"."table" -> row filter and column list
     namespaces  jsonb NOT NULL
 );
+-- Tables and schemas are recorded by name, which pg_dump keeps and the guard does not let change
+-- (a source's table, or its schema, is not renamed), not by OID, which a restore changes: a
+-- record made before that (an earlier version) is put in those terms here.
+UPDATE merkle_guard.log_publications r
+   SET tables = (SELECT coalesce(jsonb_object_agg(
+                            CASE WHEN t.key ~ '^[0-9]+$'
+                                 THEN coalesce((SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+                                                  JOIN pg_namespace n ON n.oid = c.relnamespace
+                                                 WHERE c.oid = t.key::oid), t.key)
+                                 ELSE t.key END,
+                            CASE WHEN t.key ~ '^[0-9]+$'
+                                 THEN jsonb_build_array(t.value -> 0,
+                                          (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                                            WHERE a.attrelid = t.key::oid
+                                              AND a.attnum = ANY (string_to_array(t.value ->> 1, ' ')::int2[]))::text)
+                                 ELSE t.value END), '{}')
+                   FROM jsonb_each(r.tables) t),
+       namespaces = (SELECT coalesce(jsonb_agg(x ORDER BY x), '[]')
+                       FROM (SELECT CASE jsonb_typeof(n) WHEN 'number' THEN (n #>> '{}')::oid::regnamespace::text
+                                                         ELSE n #>> '{}' END AS x
+                               FROM jsonb_array_elements(r.namespaces) n) e)
+ WHERE EXISTS (SELECT 1 FROM jsonb_object_keys(r.tables) k WHERE k ~ '^[0-9]+$')
+    OR EXISTS (SELECT 1 FROM jsonb_array_elements(r.namespaces) n WHERE jsonb_typeof(n) = 'number');
 
 -- The publication of each log with replication sources, as it is now (a dropped table is no
 -- change to it: DROP TABLE of a source takes the source's table out of it).
@@ -639,11 +662,18 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
            jsonb_build_object('name', p.pubname, 'all tables', p.puballtables, 'insert', p.pubinsert,
                               'update', p.pubupdate, 'delete', p.pubdelete, 'truncate', p.pubtruncate,
                               'via root', p.pubviaroot),
-           coalesce((SELECT jsonb_object_agg(r.prrelid::text, jsonb_build_array(pg_get_expr(r.prqual, r.prrelid),
-                                                                                r.prattrs::text))
-                       FROM pg_publication_rel r WHERE r.prpubid = p.oid), '{}'),
-           coalesce((SELECT jsonb_agg(n.pnnspid ORDER BY n.pnnspid)
-                       FROM pg_publication_namespace n WHERE n.pnpubid = p.oid), '[]')
+           coalesce((SELECT jsonb_object_agg(format('%I.%I', n.nspname, c.relname),
+                                             jsonb_build_array(pg_get_expr(r.prqual, r.prrelid),
+                                                               (SELECT array_agg(a.attname::text ORDER BY a.attnum)
+                                                                  FROM pg_attribute a
+                                                                 WHERE a.attrelid = r.prrelid
+                                                                   AND a.attnum = ANY (r.prattrs))::text))
+                       FROM pg_publication_rel r JOIN pg_class c ON c.oid = r.prrelid
+                       JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE r.prpubid = p.oid), '{}'),
+           coalesce((SELECT jsonb_agg(format('%I', s.nspname) ORDER BY format('%I', s.nspname))
+                       FROM pg_publication_namespace n JOIN pg_namespace s ON s.oid = n.pnnspid
+                      WHERE n.pnpubid = p.oid), '[]')
       FROM pg_publication p
       JOIN (SELECT DISTINCT s.log_name FROM merkle_guard.sources s WHERE s.mode = 'replication') l
         ON p.pubname = 'merkle_' || l.log_name
@@ -660,7 +690,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
        AND (n.pubname IS NULL OR n.options IS DISTINCT FROM r.options OR n.namespaces IS DISTINCT FROM r.namespaces
             OR n.tables IS DISTINCT FROM (SELECT coalesce(jsonb_object_agg(t.key, t.value), '{}')
                                             FROM jsonb_each(r.tables) t
-                                           WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.key::oid)))
+                                           WHERE t.key !~ '^[0-9]+$' AND to_regclass(t.key) IS NOT NULL))
 $$;
 
 -- For `status` and the listener, whatever role runs them: whether a log's publication differs.
