@@ -56,12 +56,12 @@ def moved_sources(conn: psycopg.Connection) -> list[Moved]:
             SELECT s.source_id, s.log_id, l.name AS log_name, s.mode, s.table_schema, s.table_name, s.table_oid,
                    format('merkle_capture_%s', s.source_id) AS capture_trigger,
                    to_regprocedure(format('merkle.capture_%s()', s.source_id)) AS capture_function,
-                   (SELECT format('%I.%I', n.nspname, c.relname) = format('%I.%I', s.table_schema, s.table_name)
-                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE c.oid = s.table_oid AND c.relkind IN ('r', 'p')) AS oid_has_name,
-                   (SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE c.oid = s.table_oid AND c.relkind IN ('r', 'p')) AS oid_names
-              FROM merkle.sources s JOIN merkle.logs l ON l.log_id = s.log_id),
+                   cur.nspname AS oid_schema, cur.relname AS oid_table,  -- the table its OID names now
+                   coalesce(cur.nspname = s.table_schema AND cur.relname = s.table_name, false) AS oid_has_name
+              FROM merkle.sources s JOIN merkle.logs l ON l.log_id = s.log_id
+              LEFT JOIN LATERAL (SELECT n.nspname::text, c.relname::text
+                                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                  WHERE c.oid = s.table_oid AND c.relkind IN ('r', 'p')) cur(nspname, relname) ON true),
         found AS (
             SELECT s.*,
                    CASE s.mode
@@ -70,18 +70,18 @@ def moved_sources(conn: psycopg.Connection) -> list[Moved]:
                    WHEN 'trigger' THEN
                        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = s.table_oid
                                  AND t.tgname = s.capture_trigger AND t.tgfoid = s.capture_function)
-                       OR (coalesce(s.oid_has_name, false)
+                       OR (s.oid_has_name
                            AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgname = s.capture_trigger
                                              AND t.tgfoid = s.capture_function))
                    -- a replication source's OID is the table of its registered name, or (renamed where
                    -- the guard is not installed) one its publication lists and no other source of
                    -- the log is registered under
-                   ELSE coalesce(s.oid_has_name, false)
+                   ELSE s.oid_has_name
                         OR (EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                                      WHERE r.prrelid = s.table_oid AND p.pubname = 'merkle_' || s.log_name)
                             AND NOT EXISTS (SELECT 1 FROM merkle.sources o
                                              WHERE o.log_id = s.log_id AND o.source_id <> s.source_id
-                                               AND o.table_schema || '.' || o.table_name = s.oid_names))
+                                               AND o.table_schema = s.oid_schema AND o.table_name = s.oid_table))
                    END AS in_place,
                    CASE s.mode
                    WHEN 'trigger' THEN  -- the one table carrying its capture trigger

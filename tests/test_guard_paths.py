@@ -54,6 +54,15 @@ def _connect_as(dsn: str, role: str) -> psycopg.Connection:
     return psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=role), autocommit=True, options=options_string())
 
 
+def _wait_until_waiting_for_a_lock(su: psycopg.Connection, statement_start: str) -> None:
+    """Until a session running a statement that starts so waits for a lock (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while not su.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                         "AND starts_with(query, %s))", (statement_start,)).fetchone()[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def _let_through(conn: psycopg.Connection, statement: str) -> bool:
     """Run it: False when the guard refuses it (ML101), True when it went through."""
     try:
@@ -918,11 +927,7 @@ def test_a_change_that_waited_for_a_source_add_is_checked_against_it(guarded):
     taker = threading.Thread(target=take_it_out)
     taker.start()
     try:
-        deadline = time.monotonic() + 30
-        while not su.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                             "AND query LIKE 'ALTER PUBLICATION merkle_audit DROP%%')").fetchone()[0]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_until_waiting_for_a_lock(su, "ALTER PUBLICATION merkle_audit DROP")
         adding.commit()
     finally:
         adding.close()
@@ -981,11 +986,7 @@ def test_ddl_that_waited_for_a_source_add_is_not_refused_for_it(guarded):
         _let_through(dba, "ALTER TABLE unrelated ADD COLUMN note text")))
     waiter.start()
     try:
-        deadline = time.monotonic() + 30
-        while not su.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                             "AND query LIKE 'ALTER TABLE unrelated%%')").fetchone()[0]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_until_waiting_for_a_lock(su, "ALTER TABLE unrelated")
         cli("source", "add", "audit", "t2", "--mode", "replication", dsn=dsn, check=True)
     finally:
         holder.close()

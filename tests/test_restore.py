@@ -37,12 +37,17 @@ def _restore(dump, dsn: str) -> None:
     _run(str(bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(script))
 
 
+def _dump(dsn: str, tmp_path):
+    dump = tmp_path / "backup.dump"
+    _run(str(bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), "-d", dsn)
+    return dump
+
+
 def _restored_copy(pg_server, dsn: str, name: str, tmp_path, *, keep_slots: bool = False) -> str:
     """pg_dump of `dsn` restored into a new database `name` of the same server (as a superuser,
     as restoring the DDL guard's event triggers needs); the old database's slots are dropped, as
     on a new server, unless `keep_slots`."""
-    dump = tmp_path / "backup.dump"
-    _run(str(bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), "-d", dsn)
+    dump = _dump(dsn, tmp_path)
     with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
@@ -191,8 +196,7 @@ def test_restored_on_a_new_server(pg_server, rconn, tmp_path):
         wait_for_size(rconn, "a", len(tables), listener=listener)
     finally:
         listener.stop()
-    dump = tmp_path / "backup.dump"
-    _run(str(bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), "-d", dsn)
+    dump = _dump(dsn, tmp_path)
 
     server = EmbeddedPostgres(tmp_path / "new-server", settings={"fsync": "off"}, bin_dir=pg_server.bin_dir)
     server.start(owned=True)
@@ -258,8 +262,7 @@ def test_a_new_oid_that_was_another_sources_old_one_is_not_taken_for_it(pg_serve
         with connect(dsn) as c:
             registry.add_source(c, "a", "t")
             registry.add_source(c, "a", "r", mode="replication")
-        dump = tmp_path / "backup.dump"
-        _run(str(bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), "-d", dsn)
+        dump = _dump(dsn, tmp_path)
         new, probe = servers[1].dsn("app"), servers[1].dsn("probe")
         with psycopg.connect(probe, autocommit=True) as c:  # where r lands: a restore is repeatable
             start = _next_oid(c)
