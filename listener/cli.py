@@ -70,11 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_parser("status", help="say whether the guard is complete and out of the schema owner's reach "
                   "(exit 3 if not)")
 
-    lg = sub.add_parser("log", help="create, list, pause, resume and drop logs").add_subparsers(dest="log_command", required=True)
+    lg = sub.add_parser("log", help="create, list, pause, resume, re-origin and drop logs").add_subparsers(dest="log_command", required=True)
     lc = lg.add_parser("create", help="create a log")
     lc.add_argument("name", help="[a-z][a-z0-9_]*")
     lc.add_argument("--origin", help="checkpoint origin line (default: merkle-listener/NAME)")
     lg.add_parser("list", help="list logs")
+    lo = lg.add_parser("set-origin", help="give a log a new checkpoint origin, retiring its current one (the way "
+                       "out when signing is refused: the database went back behind a published checkpoint)",
+                       description="Retire the log's origin and give it a new one. Checkpoints begin again under "
+                       "the new origin, signing the whole tree as it is; the old origin's checkpoints stay in "
+                       "merkle.checkpoints. Verifiers and witnesses key a log by its origin: tell them the old one "
+                       "ended, and at which size. A retired origin is never given back to its log.")
+    lo.add_argument("name", help="the log's name")
+    lo.add_argument("origin", help="the new origin line, e.g. example.com/audit/2 (a verifier will be told it)")
     for verb, what in (("pause", "stop appending to a log (changes stay queued)"), ("resume", "resume a paused log")):
         lp = lg.add_parser(verb, help=what)
         lp.add_argument("name", help="the log's name")
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--checkpoint-interval", type=int, default=1000, metavar="MS",
                     help="at most one checkpoint per log every MS milliseconds (default 1000)")
     rp.add_argument("--state-dir", type=Path,
-                    help="where the signer remembers its last checkpoint per log (default: KEY.published/)")
+                    help="where the signer remembers its last checkpoint per origin (default: KEY.published/)")
     rp.add_argument("--http", metavar="HOST:PORT", help="also serve the HTTP API (see docs/http-api.md)")
     rp.add_argument("--connect-wait", type=float, default=60, metavar="SECONDS",
                     help="at start, wait up to this long for a server that cannot be reached yet or is starting or "
@@ -442,6 +450,15 @@ def cmd_log(args) -> int:
         if args.log_command == "create":
             log = registry.create_log(conn, args.name, args.origin)
             print(f"created log {log.name!r} (origin {log.origin!r})")
+        elif args.log_command == "set-origin":
+            retired = registry.set_origin(conn, args.name, args.origin)
+            published = ("no checkpoint of it is in merkle.checkpoints" if retired.published_size is None else
+                         f"its latest checkpoint in merkle.checkpoints is at size {retired.published_size}")
+            print(f"log {args.name!r}: origin {retired.origin!r} retired at size {retired.tree_size} "
+                  f"({published}); checkpoints are signed under {args.origin!r} from now on.\n"
+                  f"Tell the log's verifiers that {retired.origin!r} ended (at the size of the last checkpoint "
+                  f"published under it) and that the log goes on as {args.origin!r}: a monitor that follows it "
+                  "stops at the change of origin, as it should.")
         elif args.log_command in ("pause", "resume"):
             log = registry.set_paused(conn, args.name, args.log_command == "pause")
             print(f"log {log.name!r} {'paused' if log.paused else 'resumed'}")

@@ -101,11 +101,15 @@ _SOURCE_COLUMNS = (
 )
 
 
+def check_origin(origin: str) -> None:
+    if not origin.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in origin):
+        raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
+
+
 def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -> Log:
     check_log_name(name)
     origin = f"merkle-listener/{name}" if origin is None else origin
-    if not origin.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in origin):
-        raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
+    check_origin(origin)
     with conn.transaction():
         check_database_encoding(conn)
         if conn.execute("SELECT 1 FROM merkle.logs WHERE name = %s", (name,)).fetchone():
@@ -138,6 +142,41 @@ def set_paused(conn: psycopg.Connection, name: str, paused: bool) -> Log:
         if not paused:
             trigger.ring(conn, log.name)  # what queued while paused is appended at once
     return get_log(conn, name)
+
+
+@dataclass(frozen=True)
+class RetiredOrigin:
+    origin: str
+    tree_size: int  # the log's size when the origin was retired
+    published_size: int | None  # its latest checkpoint in merkle.checkpoints
+
+
+def set_origin(conn: psycopg.Connection, name: str, origin: str) -> RetiredOrigin:
+    """Give a log a new origin, retiring its current one: its checkpoints begin again under the
+    new origin, from the whole tree as it is. The way out when signing is refused because the
+    database went back behind a published checkpoint (listener/store/checkpoints.py)."""
+    check_origin(origin)
+    with conn.transaction():
+        log = get_log(conn, name, for_update=True)
+        if origin == log.origin:
+            raise ConfigurationError(f"log {name!r} has origin {origin!r} already")
+        if conn.execute("SELECT 1 FROM merkle.retired_origins WHERE log_id = %s AND origin = %s",
+                        (log.log_id, origin)).fetchone():
+            raise ConfigurationError(f"log {name!r} retired origin {origin!r} before: its verifiers hold its "
+                                     "checkpoints, so it names another history; pick a new origin")
+        published = conn.execute("SELECT max(tree_size) FROM merkle.checkpoints WHERE log_id = %s AND origin = %s",
+                                 (log.log_id, log.origin)).fetchone()[0]
+        conn.execute("INSERT INTO merkle.retired_origins (log_id, origin, tree_size, root) VALUES (%s, %s, %s, %s)",
+                     (log.log_id, log.origin, log.tree_size, log.root))
+        conn.execute("UPDATE merkle.logs SET origin = %s, signing_refused = NULL, signing_refused_at = NULL "
+                     "WHERE log_id = %s", (origin, log.log_id))
+    return RetiredOrigin(log.origin, log.tree_size, published)
+
+
+def retired_origins(conn: psycopg.Connection, log_id: int) -> list[tuple[str, int, object]]:
+    """(origin, size when retired, when), oldest first."""
+    return conn.execute("SELECT origin, tree_size, retired_at FROM merkle.retired_origins WHERE log_id = %s "
+                        "ORDER BY retired_at", (log_id,)).fetchall()
 
 
 def list_logs(conn: psycopg.Connection) -> list[Log]:

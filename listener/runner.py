@@ -207,7 +207,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             await anyio.to_thread.run_sync(seq.load)
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size,
                                               "root": b64encode(seq.tree.root).decode()})
-            cps = _Checkpoints(opts, conn, name, seq.log.origin)
+            cps = _Checkpoints(opts, conn, name)
             # Replication-mode sources of the log stream through this feed (idle without them).
             async with ReplicationFeed(opts.dsn, name, lambda: wakeups.ring(name),
                                        recheck_interval=opts.poll_interval) as feed:
@@ -359,10 +359,15 @@ def _try_lock(conn: psycopg.Connection, name: str) -> bool:
 
 class _Checkpoints:
     """The writer's checkpoint step: after batches, at most once per checkpoint_interval,
-    publish a signed checkpoint in its own transaction (listener/store/checkpoints.py)."""
+    publish a signed checkpoint in its own transaction (listener/store/checkpoints.py).
 
-    def __init__(self, opts: RunOptions, conn: psycopg.Connection, name: str, origin: str):
-        self.opts, self.conn, self.name, self.origin = opts, conn, name, origin
+    A refusal to sign (the tree does not extend what was published) does not stop the writer:
+    appending unsigned shows no one a second history, while waiting would pin the slot's WAL
+    and grow the outboxes until the operator decides. It is logged when it is news, kept on the
+    log's row for `status`, and tried again every interval."""
+
+    def __init__(self, opts: RunOptions, conn: psycopg.Connection, name: str):
+        self.opts, self.conn, self.name = opts, conn, name
         self.last = float("-inf")
         self.pending = opts.signer is not None  # a first checkpoint at start-up if none is current
 
@@ -377,12 +382,18 @@ class _Checkpoints:
         self.pending = True
         if anyio.current_time() < self.last + self.opts.checkpoint_interval:
             return
-        from listener.store.checkpoints import publish
+        from listener.store.checkpoints import SigningRefused, publish, record_refusal
 
-        cp = await anyio.to_thread.run_sync(publish, self.conn, self.name, self.origin, self.opts.signer, self.opts.state_dir)
+        try:
+            cp = await anyio.to_thread.run_sync(publish, self.conn, self.name, self.opts.signer, self.opts.state_dir)
+        except SigningRefused as exc:
+            self.last, self.pending = anyio.current_time(), False
+            if await anyio.to_thread.run_sync(record_refusal, self.conn, self.name, str(exc)):
+                log.error("signing refused; appending goes on unsigned", extra={"log": self.name, "error": str(exc)})
+            return
         self.last, self.pending = anyio.current_time(), False
         if cp is not None:
-            log.info("checkpoint signed", extra={"log": self.name, "tree_size": cp.size,
+            log.info("checkpoint signed", extra={"log": self.name, "origin": cp.origin, "tree_size": cp.size,
                                                  "root": b64encode(cp.root).decode()})
 
 

@@ -9,7 +9,7 @@ import psycopg
 from psycopg import sql
 
 from listener import relink
-from listener.registry import list_logs, list_sources
+from listener.registry import list_logs, list_sources, retired_origins
 from listener.sources import slot_health
 from listener.sources.trigger import outbox_columns, outbox_name
 
@@ -65,8 +65,13 @@ def collect(conn: psycopg.Connection) -> dict:
                                     "table was not found (the database was restored from a dump?): remove the "
                                     "source and add it again")
         ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
+        refused, refused_at = conn.execute(
+            "SELECT signing_refused, signing_refused_at FROM merkle.logs WHERE log_id = %s", (log.log_id,)).fetchone()
         logs.append({
             "name": log.name, "origin": log.origin, "tree_size": log.tree_size, "paused": log.paused,
+            "signing_refused": refused, "signing_refused_since": refused_at.isoformat() if refused_at else None,
+            "retired_origins": [{"origin": o, "tree_size": n, "retired_at": t.isoformat()}
+                                for o, n, t in retired_origins(conn, log.log_id)],
             "root": base64.b64encode(log.root).decode(), "root_hex": log.root.hex(),
             "queued": sum(s["queued"] for s in sources),
             "oldest_queued_seconds": max(ages) if ages else None,
@@ -79,9 +84,9 @@ def collect(conn: psycopg.Connection) -> dict:
 def has_errors(report: dict) -> bool:
     """A replication slot that is missing, lost or moved past the log, a publication changed by
     hand, or a source's table back under a new OID: changes are not being captured, or not
-    checked, until the user recovers (`status` exits 3, for monitoring scripts)."""
+    checked, until the user recovers; or the listener refuses to sign the log's tree (`status` exits 3, for monitoring scripts)."""
     return any(log.get("slot") and (log["slot"]["level"] == "error" or log["slot"]["publication_problem"])
-               or any(s.get("error") for s in log["sources"])
+               or any(s.get("error") for s in log["sources"]) or log["signing_refused"]
                for log in report["logs"])
 
 
@@ -95,6 +100,10 @@ def render(report: dict) -> str:
         if log["paused"]:
             lines.append(f"  PAUSED: nothing is appended until `merkle-listener log resume {log['name']}`")
         lines.append(f"  origin {log['origin']}; queued {log['queued']}{age}")
+        for old in log["retired_origins"]:
+            lines.append(f"  retired origin {old['origin']} at size {old['tree_size']} ({old['retired_at']})")
+        if log["signing_refused"]:
+            lines.append(f"  error: since {log['signing_refused_since']}, {log['signing_refused']}")
         for s in log["sources"]:
             flags = [s["mode"], "capturing" if s["capturing"] else "capture stopped"]
             if s["append_only"]:

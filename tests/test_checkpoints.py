@@ -44,9 +44,9 @@ def test_publish_signs_stores_and_notifies(setup, dsn):
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN merkle_checkpoint")
         root = set_tree(conn, log.log_id, leaves("a", 1000))
-        cp = publish(wconn, "audit", log.origin, signer, state)
+        cp = publish(wconn, "audit", signer, state)
         assert (cp.size, cp.root) == (1000, root)
-        assert publish(wconn, "audit", log.origin, signer, state) is None  # nothing new
+        assert publish(wconn, "audit", signer, state) is None  # nothing new
         note = next(listener.notifies(timeout=5))
     assert note.channel == "merkle_checkpoint"
     assert orjson.loads(note.payload) == {"log": "audit", "size": 1000, "root": b64(root)}
@@ -55,19 +55,19 @@ def test_publish_signs_stores_and_notifies(setup, dsn):
     assert (got.size, got.root, size, bytes(root_sql)) == (1000, root, 1000, root)
 
     set_tree(conn, log.log_id, leaves("a", 1500))  # an extension: signed
-    assert publish(wconn, "audit", log.origin, signer, state).size == 1500
+    assert publish(wconn, "audit", signer, state).size == 1500
     assert conn.execute("SELECT count(*) FROM merkle.checkpoints").fetchone()[0] == 2
 
 
 def test_refuses_a_tree_that_rewrites_published_leaves(setup):
     conn, wconn, log, signer, state = setup
     set_tree(conn, log.log_id, leaves("a", 300))
-    publish(wconn, "audit", log.origin, signer, None)
+    publish(wconn, "audit", signer, None)
     forked = leaves("a", 300)
     forked[7] = hashlib.sha256(b"changed").digest()
     set_tree(conn, log.log_id, forked + leaves("b", 10))
     with pytest.raises(ProcessingError, match="split view"):
-        publish(wconn, "audit", log.origin, signer, None)
+        publish(wconn, "audit", signer, None)
     assert conn.execute("SELECT max(tree_size) FROM merkle.checkpoints").fetchone()[0] == 300
 
 
@@ -76,18 +76,18 @@ def test_refuses_after_a_restore_that_lost_the_checkpoint_row(setup):
     Only the signer's own memory beside its key still knows size 300 was published."""
     conn, wconn, log, signer, state = setup
     set_tree(conn, log.log_id, leaves("a", 300))
-    publish(wconn, "audit", log.origin, signer, state)
+    publish(wconn, "audit", signer, state)
     conn.execute("DELETE FROM merkle.checkpoints")
     set_tree(conn, log.log_id, leaves("a", 200))
     with pytest.raises(ProcessingError, match="back in time"):
-        publish(wconn, "audit", log.origin, signer, state)
+        publish(wconn, "audit", signer, state)
     set_tree(conn, log.log_id, leaves("a", 200) + leaves("other", 150))
     with pytest.raises(ProcessingError, match="does not extend"):
-        publish(wconn, "audit", log.origin, signer, state)
+        publish(wconn, "audit", signer, state)
     assert conn.execute("SELECT count(*) FROM merkle.checkpoints").fetchone()[0] == 0
     # Regrown with the same leaves, it is an extension again.
     set_tree(conn, log.log_id, leaves("a", 320))
-    assert publish(wconn, "audit", log.origin, signer, state).size == 320
+    assert publish(wconn, "audit", signer, state).size == 320
 
 
 def test_writer_signs_at_most_once_per_interval(setup):
@@ -100,7 +100,7 @@ def test_writer_signs_at_most_once_per_interval(setup):
 
     async def scenario() -> list[int]:
         cps = _Checkpoints(RunOptions(dsn="", signer=signer, state_dir=state, checkpoint_interval=30.0),
-                           wconn, "audit", log.origin)
+                           wconn, "audit")
         set_tree(conn, log.log_id, leaves("a", 10))
         await cps.maybe_publish()  # the first one: signed at once
         set_tree(conn, log.log_id, leaves("a", 20))
@@ -111,3 +111,90 @@ def test_writer_signs_at_most_once_per_interval(setup):
         return [r[0] for r in conn.execute("SELECT tree_size FROM merkle.checkpoints ORDER BY tree_size")]
 
     assert anyio.run(scenario) == [10, 20]
+
+
+def _writer_step(signer, state, wconn):
+    from listener.runner import RunOptions, _Checkpoints
+
+    return _Checkpoints(RunOptions(dsn="", signer=signer, state_dir=state, checkpoint_interval=0.0), wconn, "audit")
+
+
+def test_a_refusal_is_kept_for_status_and_a_new_origin_ends_it(setup, caplog):
+    """The writer does not stop on a refusal: it records it once, and signs again only under a
+    new origin, from the tree as it is; the old origin's checkpoints stay where they were."""
+    import anyio
+
+    from listener import status
+
+    conn, wconn, log, signer, state = setup
+    cps = _writer_step(signer, state, wconn)
+    set_tree(conn, log.log_id, leaves("a", 300))
+    anyio.run(cps.maybe_publish)
+    conn.execute("DELETE FROM merkle.checkpoints")  # the database went back: only the key's memory knows
+    set_tree(conn, log.log_id, leaves("b", 200))
+    with caplog.at_level("ERROR", logger="listener.run"):
+        for _ in range(3):
+            anyio.run(cps.maybe_publish)  # no exception: the writer goes on appending
+    assert [r.getMessage() for r in caplog.records] == ["signing refused; appending goes on unsigned"]
+    assert conn.execute("SELECT count(*) FROM merkle.checkpoints").fetchone()[0] == 0
+    report = status.collect(conn)
+    shown = status.render(report)
+    assert status.has_errors(report)
+    assert "error: since" in shown and "at size 300" in shown and "log set-origin audit NEW_ORIGIN" in shown, shown
+
+    retired = registry.set_origin(conn, "audit", "example.com/audit/2")
+    assert (retired.origin, retired.tree_size, retired.published_size) == ("example.com/audit", 200, None)
+    anyio.run(cps.maybe_publish)
+    size, root, text, _ = conn.execute("SELECT * FROM merkle.latest_checkpoint('audit')").fetchone()
+    got, _ = open_checkpoint(text, [signer.verifier], origin="example.com/audit/2")
+    assert (got.size, got.root) == (200, bytes(root)) and size == 200
+    report = status.collect(conn)
+    assert not status.has_errors(report) and report["logs"][0]["signing_refused"] is None
+    assert "retired origin example.com/audit at size 200" in status.render(report)
+    assert sorted(p.name for p in state.iterdir()) == ["example.com%2Faudit%2F2.json", "example.com%2Faudit.json"]
+    # The old origin's memory is kept: a log that grew to extend it again still may not sign it,
+    # since it is retired and never given back.
+    with pytest.raises(Exception, match="retired origin 'example.com/audit' before"):
+        registry.set_origin(conn, "audit", "example.com/audit")
+
+
+def test_set_origin_refuses_bad_input_and_writes_nothing(setup):
+    conn, _, log, _, _ = setup
+    for bad, says in (("", "non-empty line"), ("two\nlines", "no control characters"),
+                      ("example.com/audit", "has origin 'example.com/audit' already")):
+        with pytest.raises(Exception, match=says):
+            registry.set_origin(conn, "audit", bad)
+    with pytest.raises(Exception, match="no log named 'nope'"):
+        registry.set_origin(conn, "nope", "x")
+    assert conn.execute("SELECT origin FROM merkle.logs").fetchall() == [("example.com/audit",)]
+    assert conn.execute("SELECT count(*) FROM merkle.retired_origins").fetchone()[0] == 0
+
+
+def test_a_memory_kept_by_an_earlier_version_is_of_the_first_origin(setup):
+    """Before origins could change, the key's memory was a file per log, without its origin."""
+    conn, wconn, log, signer, state = setup
+    state.mkdir()
+    published = leaves("a", 300)
+    tree = merkle.MemoryTree()
+    tree.append(published)
+    (state / "audit.json").write_bytes(orjson.dumps({"size": 300, "root": merkle.root_at(tree, 300).hex()}))
+    set_tree(conn, log.log_id, leaves("b", 200))
+    with pytest.raises(ProcessingError, match=r"per .*/audit\.json\).*back in time"):
+        publish(wconn, "audit", signer, state)
+    set_tree(conn, log.log_id, published + leaves("c", 5))  # the lost leaves came back
+    assert publish(wconn, "audit", signer, state).size == 305
+    conn.execute("DELETE FROM merkle.checkpoints")  # and went back again: the memory is now under its origin
+    set_tree(conn, log.log_id, leaves("b", 200))
+    with pytest.raises(ProcessingError, match=r"per .*/example\.com%2Faudit\.json\).*back in time"):
+        publish(wconn, "audit", signer, state)
+    registry.set_origin(conn, "audit", "example.com/audit/2")
+    assert publish(wconn, "audit", signer, state).origin == "example.com/audit/2"
+
+
+def test_a_memory_of_another_origin_is_not_taken_for_this_one(setup):
+    conn, wconn, log, signer, state = setup
+    state.mkdir()
+    (state / "example.com%2Faudit.json").write_bytes(orjson.dumps({"origin": "other", "size": 1, "root": "00" * 32}))
+    set_tree(conn, log.log_id, leaves("a", 10))
+    with pytest.raises(ProcessingError, match="it is for origin 'other'"):
+        publish(wconn, "audit", signer, state)

@@ -106,3 +106,30 @@ def test_upgrade_makes_existing_capture_functions_run_as_their_owner(conn):
         conn.execute(f"DROP OWNED BY {writer}")
         conn.execute(f"DROP ROLE {writer}")
         conn.commit()
+
+
+def test_upgrade_files_existing_checkpoints_under_the_origin_they_name(pg_server, monkeypatch):
+    """Migration 022 keys checkpoints by origin, taken from the first line of each signed note."""
+    from listener import registry
+    from listener.note import Signer
+
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS before_022")
+        admin.execute("CREATE DATABASE before_022")
+    known = migrate.migrations()
+    try:
+        with psycopg.connect(pg_server.dsn("before_022"), options=options_string()) as c:
+            monkeypatch.setattr(migrate, "migrations", lambda: [m for m in known if m.version < 22])
+            migrate.apply(c)
+            log = registry.create_log(c, "old", "example.com/old")
+            note = Signer.generate("example.com/old").sign(f"example.com/old\n0\n{'A' * 43}=\n")
+            c.execute("INSERT INTO merkle.checkpoints (log_id, tree_size, root, note, key_name) "
+                      "VALUES (%s, 0, sha256(''), %s, 'example.com/old')", (log.log_id, note))
+            monkeypatch.setattr(migrate, "migrations", lambda: known)
+            assert 22 in [m.version for m in migrate.apply(c)]
+            assert c.execute("SELECT origin FROM merkle.checkpoints").fetchall() == [("example.com/old",)]
+            assert c.execute("SELECT note FROM merkle.latest_checkpoint('old')").fetchone() == (note,)
+            c.commit()
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+            admin.execute("DROP DATABASE before_022 WITH (FORCE)")

@@ -25,7 +25,7 @@ SELECT l.log_id, l.name, l.origin, l.tree_size, l.root, c.tree_size, c.root, c.n
        extract(epoch FROM c.created_at)::float8
   FROM merkle.logs l
   LEFT JOIN LATERAL (SELECT tree_size, root, note, created_at FROM merkle.checkpoints k
-                      WHERE k.log_id = l.log_id ORDER BY tree_size DESC LIMIT 1) c ON true
+                      WHERE k.log_id = l.log_id AND k.origin = l.origin ORDER BY tree_size DESC LIMIT 1) c ON true
 """
 
 

@@ -128,7 +128,7 @@ def run(dsn: str, leaves: int, seconds: float, connections: int, cache_mb: int, 
             build_log(conn, "bench", leaves)
             print(f"built a log of {leaves:,} leaves in {time.perf_counter() - t0:.1f} s", flush=True)
         conn.autocommit = False
-        publish(conn, "bench", "bench.example/bench", Signer.generate("bench.example/bench"), None)
+        publish(conn, "bench", Signer.generate("bench.test/bench"), None)
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "listener", "--dsn", dsn, "serve", "--http", f"127.0.0.1:{port}", "--cache-mb", str(cache_mb),

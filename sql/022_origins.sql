@@ -1,0 +1,36 @@
+-- A log's origin names one history to its verifiers. When the database has gone back behind a
+-- checkpoint the signer published (a restore, a standby promoted too early), that history
+-- cannot be continued: `merkle-listener log set-origin` gives the log a new origin, and its
+-- checkpoints begin again under it. So checkpoints belong to the origin they name, and a log
+-- remembers the origins it retired.
+
+ALTER TABLE merkle.checkpoints ADD COLUMN origin text;
+UPDATE merkle.checkpoints SET origin = split_part(note, E'\n', 1);
+ALTER TABLE merkle.checkpoints ALTER COLUMN origin SET NOT NULL;
+ALTER TABLE merkle.checkpoints DROP CONSTRAINT checkpoints_pkey;
+ALTER TABLE merkle.checkpoints ADD PRIMARY KEY (log_id, origin, tree_size);
+
+-- Origins a log had before its current one, with the log's size when each was retired. An
+-- origin is never given back to the log that retired it: its verifiers hold its checkpoints.
+CREATE TABLE merkle.retired_origins (
+    log_id      integer NOT NULL REFERENCES merkle.logs ON DELETE CASCADE,
+    origin      text NOT NULL,
+    tree_size   bigint NOT NULL CHECK (tree_size >= 0),
+    root        bytea NOT NULL CHECK (length(root) = 32),
+    retired_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (log_id, origin)
+);
+
+-- Why the listener last refused to sign the log's tree (NULL: it did not), so that `status`
+-- can say so: appending goes on unsigned meanwhile.
+ALTER TABLE merkle.logs ADD COLUMN signing_refused text, ADD COLUMN signing_refused_at timestamptz;
+
+CREATE OR REPLACE FUNCTION merkle.latest_checkpoint(log_name text)
+RETURNS TABLE (tree_size bigint, root bytea, note text, created_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT c.tree_size, c.root, c.note, c.created_at
+      FROM merkle.checkpoints c JOIN merkle.logs l ON l.log_id = c.log_id AND c.origin = l.origin
+     WHERE l.name = log_name
+     ORDER BY c.tree_size DESC
+     LIMIT 1
+$$;
