@@ -50,7 +50,12 @@ def check_once(client: Client, last: Checkpoint | None) -> Checkpoint:
     cp = client.checkpoint()
     if last is not None:
         if cp.origin != last.origin:
-            raise ProofVerificationError(f"origin changed from {last.origin!r} to {cp.origin!r}")
+            # Not a proof of anything: the log's operator retired the origin (`log set-origin`,
+            # after the database went back behind a checkpoint). Following on is the verifier's call.
+            raise ProofVerificationError(
+                f"origin changed from {last.origin!r} to {cp.origin!r}: the log's operator retired the old origin "
+                "(after its database went back behind a published checkpoint?); ask them why, keep the last "
+                "checkpoint, and follow the new origin only deliberately, with a new monitor state")
         if cp.size == last.size and cp.root != last.root:
             raise ProofVerificationError(f"two different signed roots for size {cp.size}: a split view")
         client.verify_consistency(last, cp)

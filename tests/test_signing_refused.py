@@ -10,6 +10,7 @@ with the same tools as before.
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import psycopg
 
@@ -38,6 +39,14 @@ def _signed(dsn: str, size: int, timeout: float = 30) -> str:
             time.sleep(0.1)
 
 
+def _served(url: str, note: str, timeout: float = 30) -> None:
+    """Wait for the HTTP API to serve `note` as the log's checkpoint (it refreshes on NOTIFY)."""
+    deadline = time.monotonic() + timeout
+    while urllib.request.urlopen(f"{url}/a/checkpoint").read().decode() != note:
+        assert time.monotonic() < deadline, "the HTTP API did not serve the new checkpoint"
+        time.sleep(0.05)
+
+
 def test_an_older_backup_is_appended_unsigned_until_the_log_has_a_new_origin(pg_server, rconn, restored_name,
                                                                              tmp_path):
     dsn = rconn.info.dsn
@@ -58,7 +67,8 @@ def test_an_older_backup_is_appended_unsigned_until_the_log_has_a_new_origin(pg_
     _write(dsn, range(4, 7))
     listener = start_listener(dsn, *signing)
     try:
-        _signed(dsn, 6)  # published: the world has seen size 6
+        seen = tmp_path / "monitor-state"
+        seen.write_text(_signed(dsn, 6))  # published: the world (here, a monitor) has seen size 6
     finally:
         listener.stop()
 
@@ -69,7 +79,8 @@ def test_an_older_backup_is_appended_unsigned_until_the_log_has_a_new_origin(pg_
     cli("init", dsn=new, check=True)  # points the source at its restored table
     _write(new, range(10, 14))  # written after the restore: a different history from size 3 on
 
-    listener = start_listener(new, *signing)
+    listener = start_listener(new, *signing, "--http", "127.0.0.1:0")
+    monitor = ("monitor", "a", "--url", listener.http_url(), "--vkey", vkey, "--once", "--state", str(seen))
     try:
         with psycopg.connect(new, autocommit=True) as c:
             wait_for_size(c, "a", 7, listener=listener)  # appended, although nothing may be signed
@@ -82,10 +93,17 @@ def test_an_older_backup_is_appended_unsigned_until_the_log_has_a_new_origin(pg_
         assert "does not extend the checkpoint of origin 'merkle-listener/a' at size 6" in status.stdout
         assert "merkle-listener log set-origin a NEW_ORIGIN" in status.stdout, status.stdout
 
+        shrunk = cli(*monitor)
+        assert shrunk.returncode == 1 and "INCONSISTENT" in shrunk.stderr, shrunk.stdout + shrunk.stderr
+
         moved = cli("log", "set-origin", "a", "merkle-listener/a/2", dsn=new, check=True)
         assert "origin 'merkle-listener/a' retired at size 9" in moved.stdout, moved.stdout
         _write(new, range(16, 18))
         note = _signed(new, 11)  # the running listener signs under the new origin
+        _served(listener.http_url(), note)
+        renamed = cli(*monitor)  # told, not followed: following the new origin is the verifier's call
+        assert renamed.returncode == 1 and "origin changed from 'merkle-listener/a' to 'merkle-listener/a/2'" in \
+            renamed.stderr and "retired the old origin" in renamed.stderr, renamed.stderr
     finally:
         said = listener.stop()
     assert said.count("signing refused") == 1, said  # reported once, not at every attempt
