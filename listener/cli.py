@@ -337,7 +337,7 @@ def cmd_db(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from listener import relink
+    from listener import registry, relink
     from listener.store import guard, migrate
 
     with database(args) as dsn, connect(dsn, autocommit=False) as conn:
@@ -355,6 +355,8 @@ def cmd_init(args) -> int:
         version = migrate.current_version(conn)
         guard_state = guard.state(conn)
         guard_schema = conn.execute("SELECT to_regnamespace('merkle_guard') IS NOT NULL").fetchone()[0]
+        no_capture = [(lg.name, s) for lg in registry.list_logs(conn)
+                      for s in registry.missing_capture(conn, lg.name, registry.list_sources(conn, lg.log_id))]
         conn.commit()
     print(f"schema merkle at version {version}" + (f" (applied {', '.join(f'{m.version:03d}_{m.name}' for m in applied)})" if applied else " (up to date)"))
     owner = guard_state.schema_owner
@@ -366,7 +368,10 @@ def cmd_init(args) -> int:
     for m in relinked:
         print(f"{relink.describe(m)}: its table came back under a new OID (a restore from pg_dump)")
     for m in unresolved:
-        print(f"warning: {relink.describe(m)}: remove the source and add it again", file=sys.stderr)
+        if m.source_id not in {s.source_id for _, s in no_capture}:  # said below, with the commands
+            print(f"warning: {relink.describe(m)}: remove the source and add it again", file=sys.stderr)
+    for name, s in no_capture:
+        print(f"warning: log {name}: {registry.missing_capture_message(name, s)}", file=sys.stderr)
     if guard_state.replaceable_by:
         print(f"warning: the DDL guard's event triggers call functions of role {', '.join(guard_state.replaceable_by)}, "
               "which can replace them with code that runs in the session of whoever runs DDL, superusers included: "
@@ -566,6 +571,7 @@ def cmd_source(args) -> int:
             with conn.transaction():
                 source = registry.named_now(conn, [registry.find_source(conn, registry.get_log(conn, args.log),
                                                                         args.table)])[0]
+                missing = registry.missing_capture(conn, args.log, [source])
             queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
             if queued < 0:
                 from listener.sources.replication_setup import pending_message
@@ -575,6 +581,15 @@ def cmd_source(args) -> int:
             if queued:
                 print(f"capture of {args.table} stopped; {queued} queued changes will still be logged by "
                       "`merkle-listener run`; run `source remove` again afterwards to finish")
+            elif missing:
+                gone = (f"its log's publication merkle_{args.log}" if source.mode == "replication"
+                        else f"its outbox merkle.outbox_{source.source_id}")
+                print(f"{args.table} removed from log {args.log!r}; {gone} did not exist (a data-only restore?), "
+                      "so no change of it was left to log")
+                # Nothing was captured since the restore, nor were the changes queued at the dump.
+                print("to add it again as it was, logging its rows as they are now: "
+                      f"{registry.add_command(args.log, source, backfill=True)}")
+                return 0
             else:
                 print(f"{args.table} removed from log {args.log!r}")
             # Its options are gone with its registration: say how to add it again as it was.

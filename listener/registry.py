@@ -83,15 +83,67 @@ def add_command(log_name: str, s: Source, *, backfill: bool = False) -> str:
     return shlex.join(args)
 
 
+def missing_outboxes(conn: psycopg.Connection, sources: list[Source]) -> list[Source]:
+    """The trigger-mode sources among `sources` whose outbox does not exist. `source remove`
+    drops it with the registration, so this is a restore with pg_restore --data-only (or into a
+    schema made by `init`): merkle.sources is data, but each source's outbox, capture function
+    and trigger (and a log's publication) are schema, and do not come back."""
+    ids = [s.source_id for s in sources if s.mode == "trigger"]
+    if not ids:
+        return []
+    gone = {i for (i,) in conn.execute(
+        "SELECT i FROM unnest(%s::integer[]) i WHERE to_regclass(format('merkle.outbox_%%s', i)) IS NULL", (ids,))}
+    return [s for s in sources if s.source_id in gone]
+
+
+def missing_publication(conn: psycopg.Connection, log_name: str, sources: list[Source]) -> list[Source]:
+    """The replication sources among `sources` (of log `log_name`) not being removed, when the log's
+    publication does not exist: it lists them until the last one is gone, so, as for an outbox,
+    a data-only restore."""
+    from listener.sources.publication import publication_name
+
+    ids = [s.source_id for s in sources if s.mode == "replication"]
+    if not ids or conn.execute("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %s)",
+                               (publication_name(log_name),)).fetchone()[0]:
+        return []
+    retired = {i for (i,) in conn.execute(
+        "SELECT source_id FROM merkle.replication_retired WHERE source_id = ANY(%s)", (ids,))}
+    return [s for s in sources if s.source_id in ids and s.source_id not in retired]
+
+
+def missing_capture(conn: psycopg.Connection, log_name: str, sources: list[Source]) -> list[Source]:
+    """The sources among `sources` (of log `log_name`) whose outbox or publication does not exist."""
+    gone = {s.source_id for s in missing_outboxes(conn, sources) + missing_publication(conn, log_name, sources)}
+    return [s for s in sources if s.source_id in gone]
+
+
+def missing_capture_message(log_name: str, s: Source) -> str:
+    if s.mode == "replication":
+        missing = (f"the log's publication merkle_{log_name}, through which the changes of source {s.qualified} "
+                   "come, does not exist (restored with pg_restore --data-only? merkle.sources is data, but the "
+                   "publication is schema): changes of its table are not logged")
+    else:
+        missing = (f"the outbox of source {s.qualified}, merkle.outbox_{s.source_id}, does not exist (restored with "
+                   "pg_restore --data-only? merkle.sources is data, but each source's outbox, capture function and "
+                   "trigger are schema): inserts into its table are not logged, nor are the changes queued when the "
+                   "dump was made")
+    remove = shlex.join(["merkle-listener", "source", "remove", log_name, s.qualified])
+    return (f"{missing}: remove the source and add it again, with --backfill (logs the table's rows as they are "
+            f"now): `{remove}`, then `{add_command(log_name, s, backfill=True)}`")
+
+
 def named_now(conn: psycopg.Connection, sources: list[Source]) -> list[Source]:
     """The sources under their tables' current names (a table may have been renamed since it was
     registered): what a command printed for the user must name. A dropped table keeps the
-    registered name."""
+    registered name, as does one whose OID names another relation now (restored from a dump)."""
+    from listener import relink
+
+    moved = {m.source_id for m in relink.moved_sources(conn)}
     current = {oid: (schema, name) for oid, schema, name in conn.execute(
         "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = ANY(%s)", ([s.table_oid for s in sources],)).fetchall()}
     return [replace(s, table_schema=current[s.table_oid][0], table_name=current[s.table_oid][1])
-            if s.table_oid in current else s for s in sources]
+            if s.table_oid in current and s.source_id not in moved else s for s in sources]
 
 
 _LOG_COLUMNS = "log_id, name, origin, tree_size, root, paused"
@@ -426,8 +478,10 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: s
     with conn.transaction():
         log = get_log(conn, log_name, for_update=True)
         source = find_source(conn, log, table)
-        trigger.drop_triggers(conn, source.source_id, trigger.current_table(conn, source.table_oid))
-        queued = conn.execute(
+        current = trigger.current_table(conn, source.table_oid) if relink.in_place(conn, source.source_id) else None
+        trigger.drop_triggers(conn, source.source_id, current)
+        # Without its outbox (a data-only restore) nothing of it is queued: it goes at once.
+        queued = 0 if missing_outboxes(conn, [source]) else conn.execute(
             sql.SQL("SELECT count(*) FROM {}").format(trigger.outbox_name(source.source_id))
         ).fetchone()[0]
         if queued == 0:

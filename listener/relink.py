@@ -145,15 +145,28 @@ def relink(conn: psycopg.Connection) -> tuple[list[Moved], list[Moved]]:
 def refuse_while_moved(conn: psycopg.Connection, log_name: str) -> None:
     """Refuse to change a log's sources while some came back under new OIDs: `source add` would
     not see the table as a source already (and capture it twice), `source remove` would not find
-    its triggers. Its own transaction: one left open would hold up the slot's creation."""
+    its triggers. A source without its outbox or publication (a data-only restore) is let through
+    whatever its old OID names now: nothing of it is on its table for `init` to find it by, and
+    `source remove` is its recovery, which then leaves that relation alone (`in_place`). Its own
+    transaction: one left open would hold up the slot's creation."""
+    from listener import registry
+
     with conn.transaction():
+        log = registry.get_log(conn, log_name)
+        stranded = {s.source_id for s in
+                    registry.missing_capture(conn, log_name, registry.list_sources(conn, log.log_id))}
         moved = [m.qualified for m in moved_sources(conn) if m.log_name == log_name
-                 and (m.new_oid is not None or _names_a_relation(conn, m.old_oid))]
+                 and (m.new_oid is not None or m.source_id not in stranded and _names_a_relation(conn, m.old_oid))]
     if moved:
         raise ConfigurationError(
             f"log {log_name}: the tables of {', '.join(moved)} came back under new OIDs (the database was restored "
             "from a dump?), by which its sources name them: run `merkle-listener init` first, which points them "
             "at their tables again")
+
+
+def in_place(conn: psycopg.Connection, source_id: int) -> bool:
+    """Whether the source's OID names its table (what its triggers are looked for on)."""
+    return all(m.source_id != source_id for m in moved_sources(conn))
 
 
 def _names_a_relation(conn: psycopg.Connection, oid: int) -> bool:

@@ -28,7 +28,7 @@ from psycopg import sql
 from listener import canonical_sql
 from listener.errors import ConfigurationError, ProcessingError
 from listener.merkle import TileBuilder
-from listener.registry import Log, Source, get_log, list_sources
+from listener.registry import Log, Source, get_log, list_sources, missing_capture_message, missing_outboxes
 from listener.sources.replication_apply import ReplicationBatch
 from listener.sources.trigger import outbox_columns, outbox_name
 from listener.store.tiles import load_partial_tiles, write_tiles
@@ -40,6 +40,8 @@ DEFAULT_MAX_BATCH = 50_000
 NO_OUTBOX_RECHECK = 1.0
 # Seconds between drains of a log with a source that rings no doorbell.
 QUIET_POLL_INTERVAL = 0.1
+# A trigger source whose outbox does not exist is reported this often (seconds) while it lasts.
+MISSING_OUTBOX_REPEAT = 60.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Sequencer:
         # A trigger source without the doorbell (two-phase commit writers): poll it often.
         self.quiet_sources = False
         self._outbox_ids: tuple[int, ...] = ()  # trigger-mode sources of the drain statement
+        self._missing_reported: dict[int, float] = {}  # source id -> when its missing outbox was last reported
+        self._recheck_at: float | None = None  # when to look for the missing outboxes again
 
     def load(self) -> None:
         """Read the log's state: its row and the right-most partial tile of each level."""
@@ -117,6 +121,12 @@ class Sequencer:
         if time.monotonic() < self._no_outbox_until:
             return None  # the log had no trigger-mode source a moment ago (replication only)
         try:
+            return self._batch(self._append_leaves)
+        except psycopg.errors.UndefinedTable:
+            if self._drain is None:
+                raise
+            # An outbox dropped since the drain statement was made: make it again, without it.
+            self._drain = None
             return self._batch(self._append_leaves)
         except psycopg.errors.ObjectNotInPrerequisiteState:
             if not self._give_outboxes_an_identity():
@@ -260,10 +270,18 @@ class Sequencer:
         return self._replication_by_oid
 
     def _append_leaves(self, source_ids: tuple[int, ...], leaves: TreeAppend) -> None:
-        if source_ids != self._sources_key or self._drain is None:
+        if (source_ids != self._sources_key or self._drain is None
+                or self._recheck_at is not None and time.monotonic() >= self._recheck_at):
             # Sources changed (rare): rebuild the drain statement. Registration and removal lock
             # the log's row, which this batch holds, so the set cannot change until COMMIT.
             captured = [s for s in list_sources(self.conn, self.log.log_id) if s.mode == "trigger"]
+            # A source whose outbox does not exist (a data-only restore) is left out, with an error:
+            # an outbox that is not there holds no change to lose, and failing every batch on it
+            # would hold up the log's other sources (and its slot's WAL) for nothing. Looked for
+            # again every second; `status` exits 3 meanwhile.
+            missing = missing_outboxes(self.conn, captured)
+            self._report_missing(missing)
+            captured = [s for s in captured if s not in missing]
             self._drain = drain_statement(captured, {s.source_id: self._column_types(s) for s in captured})
             self._outbox_ids = tuple(s.source_id for s in captured)
             self._sources_key = source_ids
@@ -277,6 +295,17 @@ class Sequencer:
             packed, self._more = cur.execute(self._drain, params).fetchone()
         if packed is not None:
             leaves.extend([packed[i:i + 32] for i in range(0, len(packed), 32)])
+
+    def _report_missing(self, missing: list[Source]) -> None:
+        now = time.monotonic()
+        self._recheck_at = now + NO_OUTBOX_RECHECK if missing else None
+        reported = {s.source_id: self._missing_reported.get(s.source_id, -MISSING_OUTBOX_REPEAT) for s in missing}
+        for s in missing:
+            if now - reported[s.source_id] >= MISSING_OUTBOX_REPEAT:
+                log.error(missing_capture_message(self.log_name, s),
+                          extra={"log": self.log_name, "source": s.qualified})
+                reported[s.source_id] = now
+        self._missing_reported = reported
 
     def _column_types(self, source: Source) -> dict[str, int]:
         """Type OIDs of the outbox's columns (those of the source), for cheaper entry SQL."""

@@ -9,7 +9,7 @@ import psycopg
 from psycopg import sql
 
 from listener import relink
-from listener.registry import list_logs, list_sources, retired_origins
+from listener.registry import list_logs, list_sources, missing_capture, missing_capture_message, retired_origins
 from listener.sources import slot_health
 from listener.sources.trigger import outbox_columns, outbox_name
 
@@ -28,13 +28,18 @@ def collect(conn: psycopg.Connection) -> dict:
         registered = [replace(s, table_oid=moved[s.source_id].new_oid)
                       if s.source_id in moved and moved[s.source_id].new_oid is not None else s
                       for s in list_sources(conn, log.log_id)]
+        # Without their outbox or publication (a data-only restore).
+        missing = {s.source_id for s in missing_capture(conn, log.name, registered)}
         for s in registered:
             if s.mode == "replication":
                 sources.append(slot_health.source_status(conn, log.name, s))
                 continue
-            queued, oldest = conn.execute(sql.SQL(
-                "SELECT count(*), extract(epoch FROM now() - min({}))::float8 FROM {}"
-            ).format(sql.Identifier(outbox_columns(s).queued_at), outbox_name(s.source_id))).fetchone()
+            if s.source_id in missing:
+                queued, oldest = 0, None
+            else:
+                queued, oldest = conn.execute(sql.SQL(
+                    "SELECT count(*), extract(epoch FROM now() - min({}))::float8 FROM {}"
+                ).format(sql.Identifier(outbox_columns(s).queued_at), outbox_name(s.source_id))).fetchone()
             capturing = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s AND tgname = %s)",
                 (s.table_oid, f"merkle_capture_{s.source_id}"),
@@ -52,7 +57,10 @@ def collect(conn: psycopg.Connection) -> dict:
             })
         for s, shown in zip(registered, sources):
             m = moved.get(s.source_id)
-            if m is not None and m.new_oid is not None:
+            if s.source_id in missing:
+                # Its recovery (remove, add again) also settles a table that moved or was dropped.
+                shown["error"] = missing_capture_message(log.name, s)
+            elif m is not None and m.new_oid is not None:
                 shown["error"] = (f"table {s.qualified} came back under a new OID ({m.old_oid} -> {m.new_oid}: the "
                                   "database was restored from a dump?), and the source's checks, the DDL guard and "
                                   "`source remove` go by the old one: run `merkle-listener init` to point it at its "
@@ -83,8 +91,9 @@ def collect(conn: psycopg.Connection) -> dict:
 
 def has_errors(report: dict) -> bool:
     """A replication slot that is missing, lost or moved past the log, a publication changed by
-    hand, or a source's table back under a new OID: changes are not being captured, or not
-    checked, until the user recovers; or the listener refuses to sign the log's tree (`status` exits 3, for monitoring scripts)."""
+    hand, a source's table back under a new OID, or a source without its outbox or publication (a
+    data-only restore): changes are not being captured, or not checked, until the user recovers.
+    Or the listener refuses to sign the log's tree. `status` exits 3, for monitoring scripts."""
     return any(log.get("slot") and (log["slot"]["level"] == "error" or log["slot"]["publication_problem"])
                or any(s.get("error") for s in log["sources"]) or log["signing_refused"]
                for log in report["logs"])

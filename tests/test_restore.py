@@ -10,6 +10,7 @@ root) comes back byte for byte.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 
 import psycopg
@@ -27,14 +28,15 @@ def _run(*args: str) -> None:
     assert done.returncode == 0, f"{args[0]} exited {done.returncode}: {done.stderr}"
 
 
-def _restore(dump, dsn: str) -> None:
+def _restore(dump, dsn: str, *options: str, on_error_stop: bool = True) -> None:
     """pg_restore of `dump` into `dsn`, through a script: the tools are the wheel's (18), whose
     scripts set transaction_timeout, which servers before 17 do not know."""
     script = dump.with_suffix(".sql")
-    _run(str(bin_dir() / "pg_restore"), "-f", str(script), str(dump))
+    _run(str(bin_dir() / "pg_restore"), *options, "-f", str(script), str(dump))
     script.write_text("".join(line for line in script.read_text().splitlines(keepends=True)
                               if not line.startswith("SET transaction_timeout")))
-    _run(str(bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(script))
+    _run(str(bin_dir() / "psql"), "-X", "-q", "-v", f"ON_ERROR_STOP={int(on_error_stop)}", "-d", dsn,
+         "-f", str(script))
 
 
 def _dump(dsn: str, tmp_path):
@@ -351,3 +353,116 @@ def test_a_copy_on_the_same_server_is_told_whose_slot_it_is(pg_server, rconn, re
     assert status.returncode == 3
     assert f"slot merkle_a is not this database's but database {rconn.info.dbname}'s" in status.stdout, status.stdout
     assert "is missing" not in status.stdout
+
+
+def test_a_data_only_restore_into_a_schema_made_by_init(pg_server, rconn, restored_name, tmp_path):
+    """`init` on a new database, the tables made by hand, then `pg_restore --data-only`: the
+    sources' rows come back, not their outboxes, capture triggers and functions, nor the log's
+    publication (schema). status says so and how to recover, `source remove` unregisters such
+    a source, `run` goes on with the log's other sources, and the printed recovery works."""
+    dsn = rconn.info.dsn
+    tables = ("t", "r", "r2")
+    for table in tables:
+        rconn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    registry.create_log(rconn, "a")
+    with connect(dsn) as c:
+        registry.add_source(c, "a", "t")
+        registry.add_source(c, "a", "r", mode="replication")
+        registry.add_source(c, "a", "r2", mode="replication")
+    for i in range(1, 4):
+        for table in tables:
+            rconn.execute(f"INSERT INTO {table} VALUES (%s, 'before')", (i,))
+    listener = start_listener(dsn)
+    try:
+        wait_for_size(rconn, "a", 9, listener=listener)
+    finally:
+        listener.stop()
+    rconn.execute("INSERT INTO t VALUES (4, 'queued at the dump')")  # in outbox_1, not in the log
+    dump = _dump(dsn, tmp_path)
+    rconn.execute("SELECT pg_drop_replication_slot('merkle_a')")  # as on a new server
+
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {restored_name} TEMPLATE template0")
+    new = pg_server.dsn(restored_name)
+    cli("init", dsn=new, check=True)
+    with connect(new, autocommit=True) as c:
+        for table in tables:
+            c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    # The outboxes' COPY fails (no such table): the rest is restored.
+    _restore(dump, new, "--data-only", "--disable-triggers", on_error_stop=False)
+    with connect(new, autocommit=True) as c:
+        assert c.execute("SELECT source_id FROM merkle.sources WHERE table_name = 't'").fetchone() == (1,)
+        assert c.execute("SELECT to_regclass('merkle.outbox_1')").fetchone() == (None,)
+
+    init = cli("init", dsn=new, check=True)
+    assert "the outbox of source public.t, merkle.outbox_1, does not exist" in init.stderr, init.stderr
+    for table in ("r", "r2"):
+        assert f"publication merkle_a, through which the changes of source public.{table} come" in init.stderr
+    assert init.stderr.count("remove the source and add it again") == 3, init.stderr
+    status = cli("status", dsn=new)
+    assert status.returncode == 3, status.stdout + status.stderr
+    errors = {line.split("`merkle-listener source remove a ")[1].split("`")[0]: line
+              for line in status.stdout.splitlines() if "does not exist (restored with pg_restore --data-only?" in line}
+    assert sorted(errors) == ["public.r", "public.r2", "public.t"], status.stdout
+    assert all(e.startswith("  error: ") for e in errors.values())
+    assert "no longer exists (dropped)" not in status.stdout  # the tables are there, by name
+    adds = {table: line.split("then `")[1].rstrip("`") for table, line in errors.items()}
+    assert adds["public.t"] == "merkle-listener source add a public.t --key id --columns id,v --backfill"
+    shown = json.loads(cli("status", "--json", dsn=new).stdout)["logs"][0]["sources"]
+    assert [s["error"] for s in shown] == [errors[s["table"]][len("  error: "):] for s in shown]
+
+    # The listener logs the log's other sources (a trigger source added since, here) and says
+    # why it leaves public.t out, rather than fail every batch on its outbox.
+    with connect(new, autocommit=True) as c:
+        c.execute("CREATE TABLE u (id int PRIMARY KEY)")
+    cli("source", "add", "a", "u", dsn=new, check=True)
+    with connect(new, autocommit=True) as c:
+        c.execute("INSERT INTO u VALUES (1), (2)")
+        listener = start_listener(new)
+        try:
+            wait_for_size(c, "a", 11, listener=listener)
+        finally:
+            said = listener.stop()
+    logged = [json.loads(line) for line in said.splitlines() if line.startswith("{")]
+    assert [(e["source"], e["msg"]) for e in logged if e["level"] == "error" and "outbox" in e["msg"]] == [
+        ("public.t", errors["public.t"][len("  error: "):])], said
+    assert "writer stopped on error" not in said, said
+
+    # On a new server a source's old OID may name another relation there (an index, a table of
+    # the schema): that is neither refused (`init` cannot find such a source's table) nor touched.
+    with connect(new) as c:  # as the restore wrote them: past the guard's copy of the sources
+        c.execute("ALTER TABLE merkle.sources DISABLE TRIGGER ALL")
+        c.execute("UPDATE merkle.sources SET table_oid = 'merkle.logs_pkey'::regclass WHERE table_name = 't'")
+        c.execute("UPDATE merkle.sources SET table_oid = 'merkle.tiles'::regclass WHERE table_name = 'r2'")
+        c.execute("ALTER TABLE merkle.sources ENABLE TRIGGER ALL")
+        c.commit()
+
+    def remove(table):
+        removed = cli("source", "remove", "a", table, dsn=new)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        gone = "its outbox merkle.outbox_1" if table == "public.t" else "its log's publication merkle_a"
+        assert f"{table} removed from log 'a'; {gone} did not exist" in removed.stdout, removed.stdout
+        assert removed.stdout.rstrip().endswith(adds[table]), removed.stdout
+
+    for table in ("public.t", "public.r"):
+        remove(table)
+        added = cli(*shlex.split(adds[table])[1:], dsn=new)
+        assert added.returncode == (0 if table == "public.t" else 2), added.stdout + added.stderr
+    # A publication made for r now would list r2 too, which would then look captured.
+    assert "its replication sources public.r2 are registered without it" in added.stderr, added.stderr
+    assert "`merkle-listener source remove a public.r2`" in added.stderr
+    remove("public.r2")
+    for table in ("public.r", "public.r2"):
+        cli(*shlex.split(adds[table])[1:], dsn=new, check=True)
+    status = cli("status", dsn=new)
+    assert status.returncode == 0, status.stdout
+    with connect(new, autocommit=True) as c:
+        listener = start_listener(new)
+        try:
+            # each table's rows again, t's one queued at the dump too
+            wait_for_size(c, "a", 11 + 4 + 3 + 3, listener=listener)
+        finally:
+            listener.stop()
+        rows = check_log(c, "a")[11:]
+    keys = [f'{{"id":"{i}"}}' for i in (1, 2, 3, 4, 1, 2, 3, 1, 2, 3)]
+    assert sorted((r[3], r[2]) for r in rows) == sorted(("backfill", k) for k in keys)

@@ -180,12 +180,14 @@ def _replica_identity(conn: psycopg.Connection, oid: int) -> str:
 # -- publication -------------------------------------------------------------------------
 
 
-def sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> set[str]:
+def sync_publication(conn: psycopg.Connection, log_name: str, log_id: int, *, create: bool = True) -> set[str]:
     """Make publication merkle_<log> list exactly the log's replication sources (with their row
     filters) and publish the union of their events; drop it when there are none. Runs in the
-    caller's transaction. Returns what it publishes."""
+    caller's transaction. Returns what it publishes. Without `create`, a publication that does
+    not exist is left so (a data-only restore): made for the sources left, it would have them
+    look captured, and be found by `init` (listener/relink.py), with what they missed not logged."""
     with own_publication_ddl(conn):
-        return _sync_publication(conn, log_name, log_id)
+        return _sync_publication(conn, log_name, log_id, create)
 
 
 @contextmanager
@@ -197,7 +199,7 @@ def own_publication_ddl(conn: psycopg.Connection):
     conn.execute("SELECT merkle.unmark_own_ddl('publication')")
 
 
-def _sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> set[str]:
+def _sync_publication(conn: psycopg.Connection, log_name: str, log_id: int, create: bool) -> set[str]:
     rows = conn.execute(
         "SELECT table_schema, table_name, table_oid, row_filter, events FROM merkle.sources s "
         "WHERE log_id = %s AND mode = 'replication' "
@@ -205,6 +207,8 @@ def _sync_publication(conn: psycopg.Connection, log_name: str, log_id: int) -> s
         "ORDER BY source_id", (log_id,)).fetchall()
     pub = sql.Identifier(publication_name(log_name))
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication_name(log_name),)).fetchone()
+    if not exists and not create:
+        return set()
     if not rows:
         # Emptied, not dropped: the stream names it until the slot goes too (drop_log,
         # replication_setup._drop_slot_if_unused).

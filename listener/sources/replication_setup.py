@@ -6,13 +6,14 @@ themselves (publication, slot, backfill) are made by listener/sources/publicatio
 
 from __future__ import annotations
 
+import shlex
 import time
 import warnings
 
 import psycopg
 from psycopg import sql
 
-from listener import registry
+from listener import registry, relink
 from listener.errors import CaptureGapWarning, ConfigurationError, DatabaseError, SourceTableError
 from listener.sources import publication, slot_health, trigger
 from listener.sources.validate import validate_source
@@ -57,6 +58,7 @@ def add_source(conn: psycopg.Connection, log_name: str, table: str, *, key, colu
     queued = 0
     with conn.transaction():
         log = registry.get_log(conn, log_name, for_update=True)
+        _check_publication_there(conn, log)
         spec = validate_source(conn, table, key=key, columns=columns, where=where, entry_column=entry_column)
         publication.preflight(conn, spec, events, log_name=log_name)  # first: it says when the role may not lock
         # Writers wait from here to COMMIT: every change before is read below (with --backfill
@@ -148,6 +150,21 @@ def _warn_of_a_missing_slots_gap(log: registry.Log, others: list[registry.Source
         + slot_health.readd_steps(log.name, others)), stacklevel=3)
 
 
+def _check_publication_there(conn: psycopg.Connection, log: registry.Log) -> None:
+    """A log whose replication sources are registered without its publication (a data-only
+    restore): the publication made for a new source would list them too, and they would look
+    captured, with what they missed meanwhile not logged. They are removed first."""
+    stranded = registry.missing_publication(conn, log.name, registry.list_sources(conn, log.log_id))
+    if stranded:
+        removes = "; ".join(f"`{shlex.join(['merkle-listener', 'source', 'remove', log.name, s.qualified])}`"
+                            for s in stranded)
+        raise ConfigurationError(
+            f"log {log.name}'s publication {publication.publication_name(log.name)} does not exist, and its "
+            f"replication sources {', '.join(s.qualified for s in stranded)} are registered without it (restored "
+            f"with pg_restore --data-only?): remove them first ({removes}), then add each again with --backfill. "
+            "Nothing was changed")
+
+
 def _check_not_generated(spec) -> None:
     """pgoutput never sends a generated column on PostgreSQL 15-17 (18 only with the
     publication's publish_generated_columns): a leaf hashing one could not be computed."""
@@ -216,7 +233,8 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         retired = conn.execute("SELECT until_lsn FROM merkle.replication_retired WHERE source_id = %s",
                                (source.source_id,)).fetchone()
         if retired is None:
-            current = trigger.current_table(conn, source.table_oid)
+            current = (trigger.current_table(conn, source.table_oid)
+                       if relink.in_place(conn, source.source_id) else None)
             if current is not None:
                 # Writers wait from here to COMMIT (as at `source add`): a transaction that wrote
                 # the table before it and again after would be logged in half.
@@ -224,7 +242,7 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
             trigger.drop_triggers(conn, source.source_id, current)
             conn.execute("INSERT INTO merkle.replication_retired VALUES (%s, pg_current_wal_insert_lsn())",
                          (source.source_id,))
-            publication.sync_publication(conn, log.name, log.log_id)
+            publication.sync_publication(conn, log.name, log.log_id, create=False)
     if retired is None:
         # Every change published for the table committed before this point.
         with conn.transaction():
