@@ -457,13 +457,15 @@ def cmd_log(args) -> int:
             print(f"created log {log.name!r} (origin {log.origin!r})")
         elif args.log_command == "set-origin":
             retired = registry.set_origin(conn, args.name, args.origin)
-            published = ("no checkpoint of it is in merkle.checkpoints" if retired.published_size is None else
-                         f"its latest checkpoint in merkle.checkpoints is at size {retired.published_size}")
-            print(f"log {args.name!r}: origin {retired.origin!r} retired at size {retired.tree_size} "
-                  f"({published}); checkpoints are signed under {args.origin!r} from now on.\n"
-                  f"Tell the log's verifiers that {retired.origin!r} ended (at the size of the last checkpoint "
-                  f"published under it) and that the log goes on as {args.origin!r}: a monitor that follows it "
-                  "stops at the change of origin, as it should.")
+            ended = ("no checkpoint of it is known here (if one was published, the signer's memory beside its key, "
+                     f"KEY.published/, has the last)" if retired.published_size is None
+                     else f"its last checkpoint known here is at size {retired.published_size}")
+            print(f"log {args.name!r}: origin {retired.origin!r} retired ({ended}; the log has "
+                  f"{retired.tree_size} leaves); checkpoints are signed under {args.origin!r} from now on.\n"
+                  f"Tell the log's verifiers that {retired.origin!r} ended"
+                  + ("" if retired.published_size is None else f" at size {retired.published_size}")
+                  + f" and that the log goes on as {args.origin!r}: a monitor that follows it stops at the change "
+                  "of origin, as it should.")
         elif args.log_command in ("pause", "resume"):
             log = registry.set_paused(conn, args.name, args.log_command == "pause")
             print(f"log {log.name!r} {'paused' if log.paused else 'resumed'}")

@@ -7,6 +7,7 @@ batch (which locks the same row).
 from __future__ import annotations
 
 import shlex
+import unicodedata
 from dataclasses import dataclass, replace
 
 import psycopg
@@ -153,9 +154,26 @@ _SOURCE_COLUMNS = (
 )
 
 
+# Serialises the choice of origins (`log create`, `log set-origin`): one origin names one log.
+ORIGIN_LOCK = 0x6F726967
+
+
 def check_origin(origin: str) -> None:
-    if not origin.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in origin):
+    if not origin.strip() or any(unicodedata.category(ch) == "Cc" for ch in origin):
         raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
+
+
+def _claim_origin(conn: psycopg.Connection, origin: str) -> None:
+    """Refuse an origin that a log has or retired: a verifier knows a log by its origin, and one
+    key signing two histories under it would be a split view. Inside the caller's transaction."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (ORIGIN_LOCK,))
+    taken = conn.execute(
+        "SELECT name, 'has' FROM merkle.logs WHERE origin = %(o)s "
+        "UNION ALL SELECT l.name, 'retired' FROM merkle.retired_origins r JOIN merkle.logs l USING (log_id) "
+        "WHERE r.origin = %(o)s LIMIT 1", {"o": origin}).fetchone()
+    if taken is not None:
+        raise ConfigurationError(f"log {taken[0]} {taken[1]} origin {origin!r}: one origin names one log (its "
+                                 "verifiers hold its checkpoints); pick another")
 
 
 def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -> Log:
@@ -166,6 +184,7 @@ def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -
         check_database_encoding(conn)
         if conn.execute("SELECT 1 FROM merkle.logs WHERE name = %s", (name,)).fetchone():
             raise ConfigurationError(f"log {name!r} exists already; pick another name")
+        _claim_origin(conn, origin)
         with conn.cursor(row_factory=class_row(Log)) as cur:
             cur.execute(
                 f"INSERT INTO merkle.logs (name, origin) VALUES (%s, %s) RETURNING {_LOG_COLUMNS}",
@@ -200,7 +219,8 @@ def set_paused(conn: psycopg.Connection, name: str, paused: bool) -> Log:
 class RetiredOrigin:
     origin: str
     tree_size: int  # the log's size when the origin was retired
-    published_size: int | None  # its latest checkpoint in merkle.checkpoints
+    published_size: int | None  # the largest checkpoint known to have been signed under it
+    retired_at: object = None
 
 
 def set_origin(conn: psycopg.Connection, name: str, origin: str) -> RetiredOrigin:
@@ -212,23 +232,25 @@ def set_origin(conn: psycopg.Connection, name: str, origin: str) -> RetiredOrigi
         log = get_log(conn, name, for_update=True)
         if origin == log.origin:
             raise ConfigurationError(f"log {name!r} has origin {origin!r} already")
-        if conn.execute("SELECT 1 FROM merkle.retired_origins WHERE log_id = %s AND origin = %s",
-                        (log.log_id, origin)).fetchone():
-            raise ConfigurationError(f"log {name!r} retired origin {origin!r} before: its verifiers hold its "
-                                     "checkpoints, so it names another history; pick a new origin")
-        published = conn.execute("SELECT max(tree_size) FROM merkle.checkpoints WHERE log_id = %s AND origin = %s",
-                                 (log.log_id, log.origin)).fetchone()[0]
-        conn.execute("INSERT INTO merkle.retired_origins (log_id, origin, tree_size, root) VALUES (%s, %s, %s, %s)",
-                     (log.log_id, log.origin, log.tree_size, log.root))
-        conn.execute("UPDATE merkle.logs SET origin = %s, signing_refused = NULL, signing_refused_at = NULL "
-                     "WHERE log_id = %s", (origin, log.log_id))
+        _claim_origin(conn, origin)
+        # What the verifiers saw: merkle.checkpoints', or beyond it what the signer's memory told
+        # the listener when it refused (the database went back).
+        published = conn.execute(
+            "SELECT greatest((SELECT max(tree_size) FROM merkle.checkpoints WHERE log_id = %(l)s AND origin = %(o)s), "
+            "                (SELECT signing_refused_size FROM merkle.logs WHERE log_id = %(l)s))",
+            {"l": log.log_id, "o": log.origin}).fetchone()[0]
+        conn.execute("INSERT INTO merkle.retired_origins (log_id, origin, tree_size, root, published_size) "
+                     "VALUES (%s, %s, %s, %s, %s)", (log.log_id, log.origin, log.tree_size, log.root, published))
+        conn.execute("UPDATE merkle.logs SET origin = %s, signing_refused = NULL, signing_refused_at = NULL, "
+                     "signing_refused_size = NULL WHERE log_id = %s", (origin, log.log_id))
     return RetiredOrigin(log.origin, log.tree_size, published)
 
 
-def retired_origins(conn: psycopg.Connection, log_id: int) -> list[tuple[str, int, object]]:
-    """(origin, size when retired, when), oldest first."""
-    return conn.execute("SELECT origin, tree_size, retired_at FROM merkle.retired_origins WHERE log_id = %s "
-                        "ORDER BY retired_at", (log_id,)).fetchall()
+def retired_origins(conn: psycopg.Connection, log_id: int) -> list[RetiredOrigin]:
+    """The origins the log retired, oldest first."""
+    with conn.cursor(row_factory=class_row(RetiredOrigin)) as cur:
+        return cur.execute("SELECT origin, tree_size, published_size, retired_at FROM merkle.retired_origins "
+                           "WHERE log_id = %s ORDER BY retired_at", (log_id,)).fetchall()
 
 
 def list_logs(conn: psycopg.Connection) -> list[Log]:

@@ -370,6 +370,7 @@ class _Checkpoints:
         self.opts, self.conn, self.name = opts, conn, name
         self.last = float("-inf")
         self.pending = opts.signer is not None  # a first checkpoint at start-up if none is current
+        self.refused: str | None = None  # the refusal last logged
 
     def wait_limit(self, poll: float) -> float:
         if not self.pending:
@@ -388,10 +389,12 @@ class _Checkpoints:
             cp = await anyio.to_thread.run_sync(publish, self.conn, self.name, self.opts.signer, self.opts.state_dir)
         except SigningRefused as exc:
             self.last, self.pending = anyio.current_time(), False
-            if await anyio.to_thread.run_sync(record_refusal, self.conn, self.name, str(exc)):
+            if str(exc) != self.refused:  # news to this process: a restarted listener says it again
                 log.error("signing refused; appending goes on unsigned", extra={"log": self.name, "error": str(exc)})
+                self.refused = str(exc)
+            await anyio.to_thread.run_sync(record_refusal, self.conn, self.name, exc)
             return
-        self.last, self.pending = anyio.current_time(), False
+        self.last, self.pending, self.refused = anyio.current_time(), False, None
         if cp is not None:
             log.info("checkpoint signed", extra={"log": self.name, "origin": cp.origin, "tree_size": cp.size,
                                                  "root": b64encode(cp.root).decode()})

@@ -78,8 +78,8 @@ def collect(conn: psycopg.Connection) -> dict:
         logs.append({
             "name": log.name, "origin": log.origin, "tree_size": log.tree_size, "paused": log.paused,
             "signing_refused": refused, "signing_refused_since": refused_at.isoformat() if refused_at else None,
-            "retired_origins": [{"origin": o, "tree_size": n, "retired_at": t.isoformat()}
-                                for o, n, t in retired_origins(conn, log.log_id)],
+            "retired_origins": [{"origin": r.origin, "published_size": r.published_size, "tree_size": r.tree_size,
+                                 "retired_at": r.retired_at.isoformat()} for r in retired_origins(conn, log.log_id)],
             "root": base64.b64encode(log.root).decode(), "root_hex": log.root.hex(),
             "queued": sum(s["queued"] for s in sources),
             "oldest_queued_seconds": max(ages) if ages else None,
@@ -110,7 +110,10 @@ def render(report: dict) -> str:
             lines.append(f"  PAUSED: nothing is appended until `merkle-listener log resume {log['name']}`")
         lines.append(f"  origin {log['origin']}; queued {log['queued']}{age}")
         for old in log["retired_origins"]:
-            lines.append(f"  retired origin {old['origin']} at size {old['tree_size']} ({old['retired_at']})")
+            ended = ("no checkpoint of it known" if old["published_size"] is None
+                     else f"its last checkpoint at size {old['published_size']}")
+            lines.append(f"  retired origin {old['origin']} ({ended}; retired at {old['retired_at']}, "
+                         f"log size {old['tree_size']})")
         if log["signing_refused"]:
             lines.append(f"  error: since {log['signing_refused_since']}, {log['signing_refused']}")
         for s in log["sources"]:

@@ -1,8 +1,8 @@
 -- A log's origin names one history to its verifiers. When the database has gone back behind a
 -- checkpoint the signer published (a restore, a standby promoted too early), that history
 -- cannot be continued: `merkle-listener log set-origin` gives the log a new origin, and its
--- checkpoints begin again under it. So checkpoints belong to the origin they name, and a log
--- remembers the origins it retired.
+-- checkpoints begin again under it. So checkpoints belong to the origin they name, and the
+-- origins logs retired are kept.
 
 ALTER TABLE merkle.checkpoints ADD COLUMN origin text;
 UPDATE merkle.checkpoints SET origin = split_part(note, E'\n', 1);
@@ -10,20 +10,25 @@ ALTER TABLE merkle.checkpoints ALTER COLUMN origin SET NOT NULL;
 ALTER TABLE merkle.checkpoints DROP CONSTRAINT checkpoints_pkey;
 ALTER TABLE merkle.checkpoints ADD PRIMARY KEY (log_id, origin, tree_size);
 
--- Origins a log had before its current one, with the log's size when each was retired. An
--- origin is never given back to the log that retired it: its verifiers hold its checkpoints.
+-- Origins retired by `log set-origin`. An origin is never given to a log again: its verifiers
+-- hold its checkpoints. tree_size is the log's size when it was retired; published_size the
+-- largest checkpoint known to have been signed under it (merkle.checkpoints', or the signer's
+-- memory as its last refusal reported it), the size its verifiers are told it ended at.
 CREATE TABLE merkle.retired_origins (
-    log_id      integer NOT NULL REFERENCES merkle.logs ON DELETE CASCADE,
-    origin      text NOT NULL,
-    tree_size   bigint NOT NULL CHECK (tree_size >= 0),
-    root        bytea NOT NULL CHECK (length(root) = 32),
-    retired_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (log_id, origin)
+    origin          text PRIMARY KEY,
+    log_id          integer NOT NULL REFERENCES merkle.logs ON DELETE CASCADE,
+    tree_size       bigint NOT NULL CHECK (tree_size >= 0),
+    root            bytea NOT NULL CHECK (length(root) = 32),
+    published_size  bigint CHECK (published_size >= 0),
+    retired_at      timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX retired_origins_log ON merkle.retired_origins (log_id, retired_at);
 
--- Why the listener last refused to sign the log's tree (NULL: it did not), so that `status`
--- can say so: appending goes on unsigned meanwhile.
-ALTER TABLE merkle.logs ADD COLUMN signing_refused text, ADD COLUMN signing_refused_at timestamptz;
+-- Why the listener last refused to sign the log's tree under its origin (NULL: it did not),
+-- and the size published under that origin, so that `status` and `log set-origin` can say so:
+-- appending goes on unsigned meanwhile.
+ALTER TABLE merkle.logs ADD COLUMN signing_refused text, ADD COLUMN signing_refused_at timestamptz,
+                        ADD COLUMN signing_refused_size bigint;
 
 CREATE OR REPLACE FUNCTION merkle.latest_checkpoint(log_name text)
 RETURNS TABLE (tree_size bigint, root bytea, note text, created_at timestamptz)

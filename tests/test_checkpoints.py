@@ -143,18 +143,18 @@ def test_a_refusal_is_kept_for_status_and_a_new_origin_ends_it(setup, caplog):
     assert "error: since" in shown and "at size 300" in shown and "log set-origin audit NEW_ORIGIN" in shown, shown
 
     retired = registry.set_origin(conn, "audit", "example.com/audit/2")
-    assert (retired.origin, retired.tree_size, retired.published_size) == ("example.com/audit", 200, None)
+    assert (retired.origin, retired.tree_size, retired.published_size) == ("example.com/audit", 200, 300)  # the key's
     anyio.run(cps.maybe_publish)
     size, root, text, _ = conn.execute("SELECT * FROM merkle.latest_checkpoint('audit')").fetchone()
     got, _ = open_checkpoint(text, [signer.verifier], origin="example.com/audit/2")
     assert (got.size, got.root) == (200, bytes(root)) and size == 200
     report = status.collect(conn)
     assert not status.has_errors(report) and report["logs"][0]["signing_refused"] is None
-    assert "retired origin example.com/audit at size 200" in status.render(report)
-    assert sorted(p.name for p in state.iterdir()) == ["example.com%2Faudit%2F2.json", "example.com%2Faudit.json"]
+    assert "retired origin example.com/audit (its last checkpoint at size 300;" in status.render(report)
+    assert sorted(p.name for p in state.iterdir()) == ["origin-example.com%2Faudit%2F2.json", "origin-example.com%2Faudit.json"]
     # The old origin's memory is kept: a log that grew to extend it again still may not sign it,
     # since it is retired and never given back.
-    with pytest.raises(Exception, match="retired origin 'example.com/audit' before"):
+    with pytest.raises(Exception, match="log audit retired origin 'example.com/audit': one origin names one log"):
         registry.set_origin(conn, "audit", "example.com/audit")
 
 
@@ -185,7 +185,7 @@ def test_a_memory_kept_by_an_earlier_version_is_of_the_first_origin(setup):
     assert publish(wconn, "audit", signer, state).size == 305
     conn.execute("DELETE FROM merkle.checkpoints")  # and went back again: the memory is now under its origin
     set_tree(conn, log.log_id, leaves("b", 200))
-    with pytest.raises(ProcessingError, match=r"per .*/example\.com%2Faudit\.json\).*back in time"):
+    with pytest.raises(ProcessingError, match=r"per .*/origin-example\.com%2Faudit\.json\).*back in time"):
         publish(wconn, "audit", signer, state)
     registry.set_origin(conn, "audit", "example.com/audit/2")
     assert publish(wconn, "audit", signer, state).origin == "example.com/audit/2"
@@ -194,7 +194,7 @@ def test_a_memory_kept_by_an_earlier_version_is_of_the_first_origin(setup):
 def test_a_memory_of_another_origin_is_not_taken_for_this_one(setup):
     conn, wconn, log, signer, state = setup
     state.mkdir()
-    (state / "example.com%2Faudit.json").write_bytes(orjson.dumps({"origin": "other", "size": 1, "root": "00" * 32}))
+    (state / "origin-example.com%2Faudit.json").write_bytes(orjson.dumps({"origin": "other", "size": 1, "root": "00" * 32}))
     set_tree(conn, log.log_id, leaves("a", 10))
-    with pytest.raises(ProcessingError, match="it is for origin 'other'"):
+    with pytest.raises(ProcessingError, match="it is not of origin 'example.com/audit'"):
         publish(wconn, "audit", signer, state)

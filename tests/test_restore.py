@@ -62,6 +62,18 @@ def _restored_copy(pg_server, dsn: str, name: str, tmp_path, *, keep_slots: bool
     return new
 
 
+def _log_three_rows_each(rconn, tables) -> None:
+    """Rows 1-3 into each of `tables` (id, v), all logged in log a by a listener run."""
+    for i in range(1, 4):
+        for table in tables:
+            rconn.execute(f"INSERT INTO {table} (id, v) VALUES (%s, 'before')", (i,))
+    listener = start_listener(rconn.info.dsn)
+    try:
+        wait_for_size(rconn, "a", 3 * len(tables), listener=listener)
+    finally:
+        listener.stop()
+
+
 @pytest.fixture
 def restored_name(pg_server):
     name = "restored_copy"
@@ -84,14 +96,7 @@ def test_a_restored_database_is_relinked_by_init(pg_server, rconn, restored_name
         registry.add_source(c, "a", "ao", append_only=True)
         registry.add_source(c, "a", "r", mode="replication")
     cli("guard", "install", dsn=dsn, check=True)
-    for i in range(1, 4):
-        for table in ("t", "ao", "r"):
-            rconn.execute(f"INSERT INTO {table} (id, v) VALUES (%s, 'before')", (i,))
-    listener = start_listener(dsn)
-    try:
-        wait_for_size(rconn, "a", 9, listener=listener)
-    finally:
-        listener.stop()
+    _log_three_rows_each(rconn, ("t", "ao", "r"))
     before = check_log(rconn, "a")
 
     new = _restored_copy(pg_server, dsn, restored_name, tmp_path)
@@ -369,14 +374,7 @@ def test_a_data_only_restore_into_a_schema_made_by_init(pg_server, rconn, restor
         registry.add_source(c, "a", "t")
         registry.add_source(c, "a", "r", mode="replication")
         registry.add_source(c, "a", "r2", mode="replication")
-    for i in range(1, 4):
-        for table in tables:
-            rconn.execute(f"INSERT INTO {table} VALUES (%s, 'before')", (i,))
-    listener = start_listener(dsn)
-    try:
-        wait_for_size(rconn, "a", 9, listener=listener)
-    finally:
-        listener.stop()
+    _log_three_rows_each(rconn, tables)
     rconn.execute("INSERT INTO t VALUES (4, 'queued at the dump')")  # in outbox_1, not in the log
     dump = _dump(dsn, tmp_path)
     rconn.execute("SELECT pg_drop_replication_slot('merkle_a')")  # as on a new server

@@ -290,7 +290,8 @@ async def get_log(request: Request) -> Response:
 async def checkpoint(request: Request) -> Response:
     info = _log(request)
     if info.checkpoint_note is None:
-        raise ApiError(404, f"log {info.name!r} has no signed checkpoint yet (run the listener with --key)")
+        raise ApiError(404, f"log {info.name!r} has no signed checkpoint under its origin {info.origin!r} yet (the "
+                            "listener signs when run with --key)")
     return Response(info.checkpoint_note.encode(), media_type="text/plain; charset=utf-8",
                     headers={"Cache-Control": "no-cache"})
 

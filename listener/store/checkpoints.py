@@ -14,9 +14,15 @@ Before signing it checks that the new tree extends every checkpoint published be
 
 "Extends" means: a consistency proof from the published (size, root) to the current tree,
 built from the stored tiles, verifies (RFC 9162 §2.1.4). Anything else raises SigningRefused
-and nothing is signed: publishing would show two different logs under one origin. The
-refusal is recorded on the log's row for `status`; only a new origin (`log set-origin`) or the
-lost leaves coming back end it.
+and nothing is signed: publishing would show two different logs under one origin. So does an
+origin that another log has or had, one the key's memory says was retired, and a memory that
+cannot be read. The writer records a refusal on the log's row for `status`
+(record_refusal) and goes on appending; only a new origin (`log set-origin`) or the lost
+leaves coming back end it.
+
+Once the key has signed under a log's new origin, the memory of each origin the log retired
+is marked retired: a database restored from before the retirement (whose merkle.retired_origins
+does not know it) cannot have the key sign the retired origin again.
 """
 
 from __future__ import annotations
@@ -48,7 +54,14 @@ class Published:
 
 
 class SigningRefused(ProcessingError):
-    """The tree does not extend a checkpoint published under the log's origin: nothing is signed."""
+    """Nothing is signed: the tree does not extend what was published under the log's origin, or
+    the origin may not be signed (another log's, retired), or the key's memory cannot be read.
+    `published_size`: the size known to have been published under the origin, if any."""
+
+    def __init__(self, message: str, published_size: int | None = None, *, origin: str | None = None,
+                 way_out: bool = False):
+        super().__init__(message)
+        self.published_size, self.origin, self.way_out = published_size, origin, way_out
 
 
 def latest(conn: psycopg.Connection, log_id: int, origin: str) -> Published | None:
@@ -61,14 +74,17 @@ def latest(conn: psycopg.Connection, log_id: int, origin: str) -> Published | No
 
 
 def state_file_name(origin: str) -> str:
-    """The origin itself, %-escaped to one file name; a digest when that would be too long."""
+    """origin-<the origin, %-escaped>.json, or a digest of it when that would be too long. The
+    dash keeps it apart from an earlier version's <log>.json: a log's name has none."""
     name = quote(origin, safe="")
-    return f"{name}.json" if len(name) <= 200 else f"sha256-{hashlib.sha256(origin.encode()).hexdigest()}.json"
+    if len(name) > 200:
+        name = f"sha256-{hashlib.sha256(origin.encode()).hexdigest()}"
+    return f"origin-{name}.json"
 
 
 class StateFile:
     """The signer's memory of the last checkpoint it published under one origin:
-    {"origin", "size", "root"} in DIR/<escaped origin>.json.
+    {"origin", "size", "root"[, "retired": true]} in DIR/origin-<escaped origin>.json.
 
     Versions before origins could change kept it per log, in DIR/<log>.json, without the origin:
     that memory is of the log's first origin, and is read for it until this one is written."""
@@ -79,31 +95,57 @@ class StateFile:
         self.legacy = directory / f"{log_name}.json" if origin == first_origin else None
         self.read_from = self.path
 
-    def read(self) -> tuple[int, bytes] | None:
+    def load(self) -> dict | None:
+        """The memory as stored; None if the key never signed under this origin."""
         for path in (self.path, self.legacy):
             if path is None:
                 continue
             try:
                 doc = orjson.loads(path.read_bytes())
-                if doc.get("origin", self.origin) != self.origin:
-                    raise ValueError(f"it is for origin {doc['origin']!r}")
-                remembered = int(doc["size"]), bytes.fromhex(doc["root"])
+                if not isinstance(doc, dict) or doc.get("origin", self.origin) != self.origin:
+                    raise ValueError(f"it is not of origin {self.origin!r}")
+                if "size" in doc:
+                    int(doc["size"]), bytes.fromhex(doc["root"])
                 self.read_from = path
-                return remembered
+                return doc
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ProcessingError(
-                    f"cannot read the last published checkpoint of origin {self.origin!r} from {path} ({exc}); "
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise SigningRefused(
+                    f"refusing to sign: cannot read the key's memory of origin {self.origin!r} from {path} ({exc}); "
                     "restore the file or, if you are sure the database holds everything ever published, delete it"
                 ) from None
         return None
 
-    def write(self, size: int, root: bytes) -> None:
+    def read(self) -> tuple[int, bytes] | None:
+        """(size, root) last published under this origin; SigningRefused if the origin is retired."""
+        doc = self.load()
+        if doc is not None and doc.get("retired"):
+            raise SigningRefused(
+                f"refusing to sign: this key has retired origin {self.origin!r} (per {self.read_from}): the log went "
+                "on under a later origin, and this database is from before that (restored from a backup?). Give "
+                "the log a new origin with `merkle-listener log set-origin`, one it never had",
+                doc.get("size"))
+        return None if doc is None or "size" not in doc else (int(doc["size"]), bytes.fromhex(doc["root"]))
+
+    def write(self, size: int | None, root: bytes | None, *, retired: bool = False) -> None:
+        doc = {"origin": self.origin}
+        if size is not None:
+            doc.update(size=size, root=root.hex())
+        if retired:
+            doc["retired"] = True
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"origin": self.origin, "size": size, "root": root.hex()}))
+        tmp.write_bytes(orjson.dumps(doc))
         os.replace(tmp, self.path)
+
+    def retire(self) -> None:
+        """Mark the memory retired (made if the key never signed under this origin)."""
+        try:
+            remembered = self.read()
+        except SigningRefused:
+            return  # retired already, or unreadable: left as it is for the operator
+        self.write(*(remembered or (None, None)), retired=True)
 
 
 # What ends a refusal; `status` repeats it (listener/status.py).
@@ -123,17 +165,29 @@ def check_extends(reader: merkle.NodeReader, what: str, origin: str, old_size: i
         raise SigningRefused(
             f"refusing to sign: the log has fewer leaves than {published}; the database went back in time "
             "(restored from a backup, or a standby promoted before it had them?). Signing now would show two "
-            "different logs under one origin (a split view)"
-        )
+            "different logs under one origin (a split view)", old_size, way_out=True)
     try:
         proof = merkle.consistency_proof(reader, old_size, size) if old_size else []
         merkle.verify_consistency(old_size, size, proof, old_root, root)
     except ProofVerificationError:
         raise SigningRefused(
             f"refusing to sign: the log does not extend {published} (its first {old_size} leaves are not those "
-            "signed). Signing would "
-            "show two different logs under one origin (a split view): the database was restored or altered"
-        ) from None
+            "signed). Signing would show two different logs under one origin (a split view): the database was "
+            "restored or altered", old_size, way_out=True) from None
+
+
+def _check_origin_is_this_logs(conn: psycopg.Connection, log_id: int, origin: str) -> None:
+    """An origin names one log: the same key signing two logs under it would show two histories.
+    (`log create` and `log set-origin` refuse a taken origin; an earlier version did not.)"""
+    other = conn.execute(
+        "SELECT name, 'has' FROM merkle.logs WHERE origin = %(o)s AND log_id <> %(l)s "
+        "UNION ALL SELECT coalesce(l.name, '?'), 'retired' FROM merkle.retired_origins r "
+        "LEFT JOIN merkle.logs l USING (log_id) WHERE r.origin = %(o)s LIMIT 1",
+        {"o": origin, "l": log_id}).fetchone()
+    if other is not None:
+        raise SigningRefused(
+            f"refusing to sign: log {other[0]} {other[1]} origin {origin!r} too, and one origin names one log; give "
+            "one of them another origin with `merkle-listener log set-origin`")
 
 
 def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: Path | None) -> Checkpoint | None:
@@ -141,34 +195,40 @@ def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: 
     is already published.
 
     Runs its own transaction (the connection must not be in one). Raises SigningRefused,
-    signing nothing, if the tree does not extend what was published before under that origin;
-    the refusal is then recorded on the log's row (record_refusal), and cleared by a signature.
+    signing nothing (see above); a signature clears a recorded refusal.
     """
     with conn.transaction():
         row = conn.execute(
-            "SELECT log_id, tree_size, root, origin, signing_refused IS NOT NULL, "
-            "       coalesce((SELECT origin FROM merkle.retired_origins r WHERE r.log_id = l.log_id "
-            "                  ORDER BY retired_at LIMIT 1), origin) "
-            "  FROM merkle.logs l WHERE name = %s FOR UPDATE", (log_name,)
+            "SELECT log_id, tree_size, root, origin, signing_refused IS NOT NULL FROM merkle.logs WHERE name = %s "
+            "FOR UPDATE", (log_name,)
         ).fetchone()
         if row is None:
             raise ProcessingError(f"log {log_name!r} was dropped while the listener ran")
-        log_id, size, root, origin, was_refused, first_origin = row[0], row[1], bytes(row[2]), row[3], row[4], row[5]
-        state = StateFile(state_dir, origin, log_name, first_origin) if state_dir is not None else None
+        log_id, size, root, origin, was_refused = row[0], row[1], bytes(row[2]), row[3], row[4]
+        # Read after the lock, in a statement of its own: one that waited for a `log set-origin`
+        # would see the retired origins as they were before it.
+        retired = [r[0] for r in conn.execute(
+            "SELECT origin FROM merkle.retired_origins WHERE log_id = %s ORDER BY retired_at", (log_id,))]
+        first_origin = retired[0] if retired else origin
         last = latest(conn, log_id, origin)
         if last is not None and last.size == size and last.root == root:
             return None
+        state = StateFile(state_dir, origin, log_name, first_origin) if state_dir is not None else None
         reader = TileNodeReader(conn, log_id)
-        remembered = state.read() if state is not None else None
         try:
+            _check_origin_is_this_logs(conn, log_id, origin)
+            remembered = state.read() if state is not None else None
             if last is not None:
                 check_extends(reader, "merkle.checkpoints", origin, last.size, last.root, size, root)
             if remembered is not None:
                 check_extends(reader, f"this key (per {state.read_from})", origin, remembered[0], remembered[1], size,
                               root)
         except SigningRefused as exc:
-            published = max(last.size if last else 0, remembered[0] if remembered else 0)
-            raise SigningRefused(f"{exc}; {WAY_OUT.format(log=log_name, origin=origin, size=published)}") from None
+            published = max(last.size if last else 0, exc.published_size or 0) if last or exc.published_size else None
+            message = str(exc)
+            if exc.way_out:
+                message += f"; {WAY_OUT.format(log=log_name, origin=origin, size=published)}"
+            raise SigningRefused(message, published, origin=origin) from None
         cp = Checkpoint(origin, size, root)
         note = signer.sign(cp.body())
         conn.execute(
@@ -177,22 +237,25 @@ def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: 
             (log_id, origin, size, root, note, signer.name),
         )
         if was_refused:
-            conn.execute("UPDATE merkle.logs SET signing_refused = NULL, signing_refused_at = NULL WHERE log_id = %s",
-                         (log_id,))
+            conn.execute("UPDATE merkle.logs SET signing_refused = NULL, signing_refused_at = NULL, "
+                         "signing_refused_size = NULL WHERE log_id = %s", (log_id,))
         payload = orjson.dumps({"log": log_name, "size": size, "root": b64(root)}).decode()
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
     # Published at COMMIT; remembered outside the database only now (a crash before this line
     # leaves the older memory, which the table's row still covers).
     if state is not None:
         state.write(size, root)
+        for old in retired:
+            StateFile(state_dir, old, log_name, first_origin).retire()
     return cp
 
 
-def record_refusal(conn: psycopg.Connection, log_name: str, reason: str) -> bool:
-    """Keep the refusal on the log's row, for `status`; True if it is news (the first, or another reason)."""
+def record_refusal(conn: psycopg.Connection, log_name: str, exc: SigningRefused) -> None:
+    """Keep the refusal on the log's row, for `status` and `log set-origin`, unless the log has
+    another origin by now (then the refusal is of one retired meanwhile)."""
     with conn.transaction():
-        row = conn.execute(
-            "UPDATE merkle.logs SET signing_refused = %(r)s, signing_refused_at = coalesce(signing_refused_at, now()) "
-            "WHERE name = %(n)s AND signing_refused IS DISTINCT FROM %(r)s RETURNING 1",
-            {"r": reason, "n": log_name}).fetchone()
-    return row is not None
+        conn.execute(
+            "UPDATE merkle.logs SET signing_refused = %(r)s, signing_refused_size = %(s)s, "
+            "       signing_refused_at = coalesce(signing_refused_at, now()) "
+            "WHERE name = %(n)s AND origin = %(o)s AND signing_refused IS DISTINCT FROM %(r)s",
+            {"r": str(exc), "s": exc.published_size, "n": log_name, "o": exc.origin})
