@@ -114,7 +114,8 @@ def test_a_restored_database_is_relinked_by_init(pg_server, rconn, restored_name
         assert f"table public.{table} came back under a new OID" in status.stdout
     assert "run `merkle-listener init`" in status.stdout
     # Until then the sources are not changed: an add would not see t as a source already.
-    for args in (("source", "add", "a", "t"), ("source", "remove", "a", "t"), ("source", "remove", "a", "r")):
+    for args in (("source", "add", "a", "t"), ("source", "remove", "a", "t"), ("source", "remove", "a", "r"),
+                 ("log", "drop", "a", "--yes")):
         refused = cli(*args, dsn=new)
         assert refused.returncode == 2 and "run `merkle-listener init` first" in refused.stderr, refused.stderr
 
@@ -464,3 +465,23 @@ def test_a_data_only_restore_into_a_schema_made_by_init(pg_server, rconn, restor
         rows = check_log(c, "a")[11:]
     keys = [f'{{"id":"{i}"}}' for i in (1, 2, 3, 4, 1, 2, 3, 1, 2, 3)]
     assert sorted((r[3], r[2]) for r in rows) == sorted(("backfill", k) for k in keys)
+
+
+def test_a_log_whose_sources_lost_their_capture_objects_can_be_dropped(rconn):
+    """As after a data-only restore on a new server: the outbox, capture function and trigger are
+    gone, and the source's old OID names an index there."""
+    rconn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    registry.create_log(rconn, "a")
+    with connect(rconn.info.dsn) as c:
+        source, _ = registry.add_source(c, "a", "t")
+    with rconn.transaction():  # past the DDL guard, as merkle-listener itself drops them
+        rconn.execute("SELECT merkle.mark_own_ddl('drop_triggers')")
+        rconn.execute(f"DROP TRIGGER merkle_capture_{source.source_id} ON t")
+        rconn.execute(f"DROP FUNCTION merkle.capture_{source.source_id}()")
+        rconn.execute(f"DROP TABLE merkle.outbox_{source.source_id}")
+    rconn.execute("ALTER TABLE merkle.sources DISABLE TRIGGER ALL")  # as a restore writes it
+    rconn.execute("UPDATE merkle.sources SET table_oid = 'merkle.logs_pkey'::regclass")
+    rconn.execute("ALTER TABLE merkle.sources ENABLE TRIGGER ALL")
+    dropped = cli("log", "drop", "a", "--yes", dsn=rconn.info.dsn)
+    assert dropped.returncode == 0 and "dropped log 'a'" in dropped.stdout, dropped.stdout + dropped.stderr
+    assert rconn.execute("SELECT count(*) FROM merkle.logs").fetchone() == (0,)

@@ -345,11 +345,15 @@ def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dic
     """Delete the log, its leaves, tiles and sources, their capture triggers and outboxes, its
     publication and slot. Irreversible. Returns what was dropped."""
     dsn = dsn if dsn is not None else conn.info.dsn
+    # A table back under a new OID keeps its capture trigger, which the drop would not find.
+    relink.refuse_while_moved(conn, name)
     with conn.transaction():
         log = registry.get_log(conn, name, for_update=True)
         sources = registry.list_sources(conn, log.log_id)
         for s in sources:
-            trigger.drop_triggers(conn, s.source_id, trigger.current_table(conn, s.table_oid))
+            # A source whose old OID names another relation (a data-only restore) has no trigger there.
+            current = trigger.current_table(conn, s.table_oid) if relink.in_place(conn, s.source_id) else None
+            trigger.drop_triggers(conn, s.source_id, current)
             trigger.drop_outbox(conn, s.source_id)
         with publication.own_publication_ddl(conn):
             conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
