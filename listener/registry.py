@@ -168,12 +168,28 @@ def _claim_origin(conn: psycopg.Connection, origin: str) -> None:
     key signing two histories under it would be a split view. Inside the caller's transaction."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (ORIGIN_LOCK,))
     taken = conn.execute(
-        "SELECT name, 'has' FROM merkle.logs WHERE origin = %(o)s "
-        "UNION ALL SELECT l.name, 'retired' FROM merkle.retired_origins r JOIN merkle.logs l USING (log_id) "
-        "WHERE r.origin = %(o)s LIMIT 1", {"o": origin}).fetchone()
+        "SELECT format('log %%s has', name) FROM merkle.logs WHERE origin = %(o)s "
+        "UNION ALL SELECT format('log %%s%%s retired', log_name, CASE WHEN log_id IS NULL THEN ' (dropped since)' END) "
+        "  FROM merkle.retired_origins WHERE origin = %(o)s LIMIT 1", {"o": origin}).fetchone()
     if taken is not None:
-        raise ConfigurationError(f"log {taken[0]} {taken[1]} origin {origin!r}: one origin names one log (its "
-                                 "verifiers hold its checkpoints); pick another")
+        raise ConfigurationError(f"{taken[0]} origin {origin!r}: one origin names one log (its verifiers hold its "
+                                 "checkpoints); pick another" + (" with --origin" if "dropped" in taken[0] else ""))
+
+
+def retire_origin(conn: psycopg.Connection, log: Log) -> int | None:
+    """Keep the log's origin among the retired ones, with the largest size published under it
+    (merkle.checkpoints', or what the signer's memory told the listener when it refused). An
+    origin that another log still has (two logs shared one before) stays that log's only."""
+    published = conn.execute(
+        "SELECT greatest((SELECT max(tree_size) FROM merkle.checkpoints WHERE log_id = %(l)s AND origin = %(o)s), "
+        "                (SELECT signing_refused_size FROM merkle.logs WHERE log_id = %(l)s))",
+        {"l": log.log_id, "o": log.origin}).fetchone()[0]
+    if not conn.execute("SELECT EXISTS (SELECT 1 FROM merkle.logs WHERE origin = %s AND log_id <> %s)",
+                        (log.origin, log.log_id)).fetchone()[0]:
+        conn.execute("INSERT INTO merkle.retired_origins (log_id, log_name, origin, tree_size, root, published_size) "
+                     "VALUES (%s, %s, %s, %s, %s, %s)",
+                     (log.log_id, log.name, log.origin, log.tree_size, log.root, published))
+    return published
 
 
 def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -> Log:
@@ -233,14 +249,7 @@ def set_origin(conn: psycopg.Connection, name: str, origin: str) -> RetiredOrigi
         if origin == log.origin:
             raise ConfigurationError(f"log {name!r} has origin {origin!r} already")
         _claim_origin(conn, origin)
-        # What the verifiers saw: merkle.checkpoints', or beyond it what the signer's memory told
-        # the listener when it refused (the database went back).
-        published = conn.execute(
-            "SELECT greatest((SELECT max(tree_size) FROM merkle.checkpoints WHERE log_id = %(l)s AND origin = %(o)s), "
-            "                (SELECT signing_refused_size FROM merkle.logs WHERE log_id = %(l)s))",
-            {"l": log.log_id, "o": log.origin}).fetchone()[0]
-        conn.execute("INSERT INTO merkle.retired_origins (log_id, origin, tree_size, root, published_size) "
-                     "VALUES (%s, %s, %s, %s, %s)", (log.log_id, log.origin, log.tree_size, log.root, published))
+        published = retire_origin(conn, log)
         conn.execute("UPDATE merkle.logs SET origin = %s, signing_refused = NULL, signing_refused_at = NULL, "
                      "signing_refused_size = NULL WHERE log_id = %s", (origin, log.log_id))
     return RetiredOrigin(log.origin, log.tree_size, published)

@@ -10,19 +10,23 @@ ALTER TABLE merkle.checkpoints ALTER COLUMN origin SET NOT NULL;
 ALTER TABLE merkle.checkpoints DROP CONSTRAINT checkpoints_pkey;
 ALTER TABLE merkle.checkpoints ADD PRIMARY KEY (log_id, origin, tree_size);
 
--- Origins retired by `log set-origin`. An origin is never given to a log again: its verifiers
--- hold its checkpoints. tree_size is the log's size when it was retired; published_size the
--- largest checkpoint known to have been signed under it (merkle.checkpoints', or the signer's
--- memory as its last refusal reported it), the size its verifiers are told it ended at.
+-- Origins retired by `log set-origin`, and those of a dropped log that had checkpoints. An
+-- origin is never given to a log again: its verifiers hold its checkpoints. log_id is NULL once
+-- the log is dropped; tree_size is the log's size when the origin was retired, published_size
+-- the largest checkpoint known to have been signed under it (merkle.checkpoints', or the
+-- signer's memory, as a refusal or the listener reported it): the size its verifiers are told
+-- it ended at.
 CREATE TABLE merkle.retired_origins (
-    origin          text PRIMARY KEY,
-    log_id          integer NOT NULL REFERENCES merkle.logs ON DELETE CASCADE,
+    origin          text NOT NULL,
+    log_id          integer REFERENCES merkle.logs ON DELETE SET NULL,
+    log_name        text NOT NULL,
     tree_size       bigint NOT NULL CHECK (tree_size >= 0),
     root            bytea NOT NULL CHECK (length(root) = 32),
     published_size  bigint CHECK (published_size >= 0),
-    retired_at      timestamptz NOT NULL DEFAULT now()
+    retired_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (log_id, origin)
 );
-CREATE INDEX retired_origins_log ON merkle.retired_origins (log_id, retired_at);
+CREATE INDEX retired_origins_origin ON merkle.retired_origins (origin);
 
 -- Why the listener last refused to sign the log's tree under its origin (NULL: it did not),
 -- and the size published under that origin, so that `status` and `log set-origin` can say so:

@@ -46,6 +46,24 @@ def _signed_then_restored(conn, log_id: int, step: _Checkpoints, published: list
     set_tree(conn, log_id, now)
 
 
+def _signed_then_set_origin(conn, wconn, log_id: int, signer, state, first: list[bytes], new: str,
+                            then: list[bytes]) -> None:
+    """The tree of `first` signed under the log's origin; `log set-origin` to `new`; the tree of `then`."""
+    set_tree(conn, log_id, first)
+    publish(wconn, "audit", signer, state)
+    registry.set_origin(conn, "audit", new)
+    set_tree(conn, log_id, then)
+
+
+def _back_before_set_origin(conn, log_id: int, old: str, new: str, now: list[bytes]) -> None:
+    """The rows of a backup from before `log set-origin` (from old to new) restored; it then
+    grows to the tree of `now`."""
+    conn.execute("DELETE FROM merkle.retired_origins")
+    conn.execute("DELETE FROM merkle.checkpoints WHERE origin = %s", (new,))
+    conn.execute("UPDATE merkle.logs SET origin = %s WHERE log_id = %s", (old, log_id))
+    set_tree(conn, log_id, now)
+
+
 def _legacy_memory(state, log_name: str, hashes: list[bytes]) -> None:
     """The key's memory as an earlier version kept it: DIR/<log>.json, without the origin."""
     state.mkdir(exist_ok=True)
@@ -151,15 +169,10 @@ def test_a_backup_from_before_set_origin_cannot_have_the_retired_origin_signed(c
     log = registry.create_log(conn, "audit", "A")
     state = tmp_path / "state"
     with psycopg.connect(dsn) as wconn:
-        set_tree(conn, log.log_id, leaves("x", 100))
+        _signed_then_set_origin(conn, wconn, log.log_id, signer, state, leaves("x", 100), "B",
+                                leaves("x", 100) + leaves("y", 20))
         publish(wconn, "audit", signer, state)
-        registry.set_origin(conn, "audit", "B")
-        set_tree(conn, log.log_id, leaves("x", 100) + leaves("y", 20))
-        publish(wconn, "audit", signer, state)
-        conn.execute("DELETE FROM merkle.retired_origins")  # the backup's rows, restored
-        conn.execute("DELETE FROM merkle.checkpoints WHERE origin = 'B'")
-        conn.execute("UPDATE merkle.logs SET origin = 'A'")
-        set_tree(conn, log.log_id, leaves("x", 100) + leaves("z", 10))
+        _back_before_set_origin(conn, log.log_id, "A", "B", leaves("x", 100) + leaves("z", 10))
         with pytest.raises(SigningRefused, match="this key has retired origin 'A'"):
             publish(wconn, "audit", signer, state)
         # B's memory says 120 of another history: B cannot be taken either; a new origin can.
@@ -243,3 +256,99 @@ def test_an_origin_with_a_control_character_is_refused_by_name(rconn):
         assert out.returncode == 2 and out.stderr.startswith("error: the origin must be a non-empty line"), out.stderr
         out = cli("log", "create", "b", "--origin", bad, dsn=dsn)
         assert out.returncode == 2 and out.stderr.startswith("error: the origin must be a non-empty line"), out.stderr
+
+
+def test_two_logs_that_shared_an_origin_are_untangled_as_the_refusal_says(conn, dsn, signer, tmp_path):
+    """Logs a and b share origin X (an earlier version allowed it): both are refused. Once b
+    moves away, X is a's alone: a signs under it, and can move away later too."""
+    a = registry.create_log(conn, "a", "example.com/a")
+    b = registry.create_log(conn, "b", "example.com/b")
+    conn.execute("UPDATE merkle.logs SET origin = 'example.com/x'")
+    set_tree(conn, a.log_id, leaves("a", 5))
+    set_tree(conn, b.log_id, leaves("b", 5))
+    state = tmp_path / "state"
+    with psycopg.connect(dsn) as wconn:
+        for name in ("a", "b"):
+            with pytest.raises(SigningRefused, match="give one of them another origin"):
+                publish(wconn, name, signer, state)
+        registry.set_origin(conn, "b", "example.com/b/2")
+        assert publish(wconn, "b", signer, state).origin == "example.com/b/2"
+        assert publish(wconn, "a", signer, state).origin == "example.com/x"
+    registry.set_origin(conn, "a", "example.com/a/2")
+    assert conn.execute("SELECT log_name, origin FROM merkle.retired_origins").fetchall() == [("a", "example.com/x")]
+
+
+def test_an_origin_verifiers_saw_outlives_its_log(conn, dsn, signer, tmp_path):
+    """`log drop` keeps the origins its log was signed under (and those it retired): a new log
+    signing another history under one would be a split view, whether or not the key's memory
+    is at hand. A log that was never signed leaves its origin free."""
+    from listener.sources.replication_setup import drop_log
+
+    log = registry.create_log(conn, "audit")
+    set_tree(conn, log.log_id, leaves("a", 10))
+    with psycopg.connect(dsn) as wconn:
+        publish(wconn, "audit", signer, tmp_path / "state")
+        registry.set_origin(conn, "audit", "example.com/audit/2")
+        publish(wconn, "audit", signer, tmp_path / "state")
+    drop_log(conn, "audit", dsn=dsn)
+    for origin in ("merkle-listener/audit", "example.com/audit/2"):
+        with pytest.raises(ConfigurationError, match=rf"log audit \(dropped since\) retired origin '{origin}'.*"
+                                                     "pick another with --origin"):
+            registry.create_log(conn, "audit", origin)
+    registry.create_log(conn, "unsigned")
+    drop_log(conn, "unsigned", dsn=dsn)
+    assert registry.create_log(conn, "unsigned").origin == "merkle-listener/unsigned"
+
+
+def test_the_size_the_key_published_reaches_the_retired_origin(conn, dsn, signer, tmp_path):
+    """The key published 300; the restored backup has the checkpoint at 100; the operator runs
+    `log set-origin` before any listener refused. What verifiers are to be told (300) comes from
+    the key's memory at the listener's next attempt."""
+    log = registry.create_log(conn, "audit", "O")
+    state = tmp_path / "state"
+    with psycopg.connect(dsn) as wconn:
+        set_tree(conn, log.log_id, leaves("a", 100))
+        publish(wconn, "audit", signer, state)
+        set_tree(conn, log.log_id, leaves("a", 300))
+        publish(wconn, "audit", signer, state)
+        conn.execute("DELETE FROM merkle.checkpoints WHERE tree_size = 300")  # not in the backup
+        set_tree(conn, log.log_id, leaves("a", 200))
+        assert registry.set_origin(conn, "audit", "O2").published_size == 100  # all the database knows
+        publish(wconn, "audit", signer, state)
+    assert status.collect(conn)["logs"][0]["retired_origins"][0]["published_size"] == 300
+
+
+def test_a_retirement_is_remembered_by_the_key_even_when_nothing_new_is_signed(conn, dsn, signer, tmp_path,
+                                                                                monkeypatch):
+    """A listener stopped between a checkpoint's COMMIT and marking the retired origin in the
+    key's memory: the next attempt marks it, though the checkpoint is current."""
+    log = registry.create_log(conn, "audit", "O")
+    state = tmp_path / "state"
+    with psycopg.connect(dsn) as wconn:
+        _signed_then_set_origin(conn, wconn, log.log_id, signer, state, leaves("a", 10), "O2", leaves("a", 12))
+        retire = checkpoints.StateFile.retire
+        monkeypatch.setattr(checkpoints.StateFile, "retire", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            publish(wconn, "audit", signer, state)
+        monkeypatch.setattr(checkpoints.StateFile, "retire", retire)
+        assert publish(wconn, "audit", signer, state) is None  # restarted: nothing new to sign
+        _back_before_set_origin(conn, log.log_id, "O", "O2", leaves("a", 10) + leaves("z", 5))
+        with pytest.raises(SigningRefused, match="this key has retired origin 'O'"):
+            publish(wconn, "audit", signer, state)
+
+
+def test_a_later_refusal_of_another_kind_keeps_the_published_size(went_back, conn):
+    anyio.run(went_back.maybe_publish)
+    memory = went_back.opts.state_dir / checkpoints.state_file_name("example.com/audit")
+    memory.write_text("{torn")
+    went_back.last = float("-inf")
+    anyio.run(went_back.maybe_publish)
+    assert "cannot read the key's memory" in status.render(status.collect(conn))
+    assert registry.set_origin(conn, "audit", "example.com/audit/2").published_size == 30
+
+
+def test_a_long_origin_is_remembered_apart_from_one_spelled_like_its_digest():
+    long = "example.com/" + "x" * 300
+    digest = checkpoints.state_file_name(long)
+    assert digest.startswith("digest-sha256-") and len(digest) < 255
+    assert checkpoints.state_file_name(digest.removeprefix("digest-").removesuffix(".json")) != digest

@@ -20,9 +20,9 @@ cannot be read. The writer records a refusal on the log's row for `status`
 (record_refusal) and goes on appending; only a new origin (`log set-origin`) or the lost
 leaves coming back end it.
 
-Once the key has signed under a log's new origin, the memory of each origin the log retired
-is marked retired: a database restored from before the retirement (whose merkle.retired_origins
-does not know it) cannot have the key sign the retired origin again.
+At every attempt, the key's memory of each origin the log retired is marked retired: a database
+restored from before the retirement (whose merkle.retired_origins does not know it) cannot have
+the key sign the retired origin again.
 """
 
 from __future__ import annotations
@@ -74,11 +74,11 @@ def latest(conn: psycopg.Connection, log_id: int, origin: str) -> Published | No
 
 
 def state_file_name(origin: str) -> str:
-    """origin-<the origin, %-escaped>.json, or a digest of it when that would be too long. The
-    dash keeps it apart from an earlier version's <log>.json: a log's name has none."""
+    """origin-<the origin, %-escaped>.json, or digest-sha256-<hex>.json when that would be too
+    long. The dash keeps both apart from an earlier version's <log>.json: a log's name has none."""
     name = quote(origin, safe="")
     if len(name) > 200:
-        name = f"sha256-{hashlib.sha256(origin.encode()).hexdigest()}"
+        return f"digest-sha256-{hashlib.sha256(origin.encode()).hexdigest()}.json"
     return f"origin-{name}.json"
 
 
@@ -139,13 +139,17 @@ class StateFile:
         tmp.write_bytes(orjson.dumps(doc))
         os.replace(tmp, self.path)
 
-    def retire(self) -> None:
-        """Mark the memory retired (made if the key never signed under this origin)."""
+    def retire(self) -> int | None:
+        """Mark the memory retired (made if the key never signed under this origin); returns the
+        size it remembers. An unreadable memory is left as it is, for the operator."""
         try:
-            remembered = self.read()
+            doc = self.load()
         except SigningRefused:
-            return  # retired already, or unreadable: left as it is for the operator
-        self.write(*(remembered or (None, None)), retired=True)
+            return None
+        size = doc.get("size") if doc is not None else None
+        if doc is None or not doc.get("retired"):
+            self.write(size, bytes.fromhex(doc["root"]) if size is not None else None, retired=True)
+        return size
 
 
 # What ends a refusal; `status` repeats it (listener/status.py).
@@ -179,15 +183,12 @@ def check_extends(reader: merkle.NodeReader, what: str, origin: str, old_size: i
 def _check_origin_is_this_logs(conn: psycopg.Connection, log_id: int, origin: str) -> None:
     """An origin names one log: the same key signing two logs under it would show two histories.
     (`log create` and `log set-origin` refuse a taken origin; an earlier version did not.)"""
-    other = conn.execute(
-        "SELECT name, 'has' FROM merkle.logs WHERE origin = %(o)s AND log_id <> %(l)s "
-        "UNION ALL SELECT coalesce(l.name, '?'), 'retired' FROM merkle.retired_origins r "
-        "LEFT JOIN merkle.logs l USING (log_id) WHERE r.origin = %(o)s LIMIT 1",
-        {"o": origin, "l": log_id}).fetchone()
+    other = conn.execute("SELECT name FROM merkle.logs WHERE origin = %s AND log_id <> %s LIMIT 1",
+                         (origin, log_id)).fetchone()
     if other is not None:
         raise SigningRefused(
-            f"refusing to sign: log {other[0]} {other[1]} origin {origin!r} too, and one origin names one log; give "
-            "one of them another origin with `merkle-listener log set-origin`")
+            f"refusing to sign: log {other[0]} has origin {origin!r} too, and one origin names one log; give one of "
+            "them another origin with `merkle-listener log set-origin`")
 
 
 def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: Path | None) -> Checkpoint | None:
@@ -197,57 +198,75 @@ def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: 
     Runs its own transaction (the connection must not be in one). Raises SigningRefused,
     signing nothing (see above); a signature clears a recorded refusal.
     """
-    with conn.transaction():
-        row = conn.execute(
-            "SELECT log_id, tree_size, root, origin, signing_refused IS NOT NULL FROM merkle.logs WHERE name = %s "
-            "FOR UPDATE", (log_name,)
-        ).fetchone()
-        if row is None:
-            raise ProcessingError(f"log {log_name!r} was dropped while the listener ran")
-        log_id, size, root, origin, was_refused = row[0], row[1], bytes(row[2]), row[3], row[4]
-        # Read after the lock, in a statement of its own: one that waited for a `log set-origin`
-        # would see the retired origins as they were before it.
-        retired = [r[0] for r in conn.execute(
-            "SELECT origin FROM merkle.retired_origins WHERE log_id = %s ORDER BY retired_at", (log_id,))]
-        first_origin = retired[0] if retired else origin
-        last = latest(conn, log_id, origin)
-        if last is not None and last.size == size and last.root == root:
-            return None
-        state = StateFile(state_dir, origin, log_name, first_origin) if state_dir is not None else None
-        reader = TileNodeReader(conn, log_id)
-        try:
-            _check_origin_is_this_logs(conn, log_id, origin)
-            remembered = state.read() if state is not None else None
-            if last is not None:
-                check_extends(reader, "merkle.checkpoints", origin, last.size, last.root, size, root)
-            if remembered is not None:
-                check_extends(reader, f"this key (per {state.read_from})", origin, remembered[0], remembered[1], size,
-                              root)
-        except SigningRefused as exc:
-            published = max(last.size if last else 0, exc.published_size or 0) if last or exc.published_size else None
-            message = str(exc)
-            if exc.way_out:
-                message += f"; {WAY_OUT.format(log=log_name, origin=origin, size=published)}"
-            raise SigningRefused(message, published, origin=origin) from None
-        cp = Checkpoint(origin, size, root)
-        note = signer.sign(cp.body())
-        conn.execute(
-            "INSERT INTO merkle.checkpoints (log_id, origin, tree_size, root, note, key_name) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
-            (log_id, origin, size, root, note, signer.name),
-        )
-        if was_refused:
-            conn.execute("UPDATE merkle.logs SET signing_refused = NULL, signing_refused_at = NULL, "
-                         "signing_refused_size = NULL WHERE log_id = %s", (log_id,))
-        payload = orjson.dumps({"log": log_name, "size": size, "root": b64(root)}).decode()
-        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
-    # Published at COMMIT; remembered outside the database only now (a crash before this line
-    # leaves the older memory, which the table's row still covers).
-    if state is not None:
-        state.write(size, root)
-        for old in retired:
-            StateFile(state_dir, old, log_name, first_origin).retire()
-    return cp
+    retired: list[tuple[str, int | None]] = []
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT log_id, tree_size, root, origin, signing_refused IS NOT NULL FROM merkle.logs WHERE name = %s "
+                "FOR UPDATE", (log_name,)
+            ).fetchone()
+            if row is None:
+                raise ProcessingError(f"log {log_name!r} was dropped while the listener ran")
+            log_id, size, root, origin, was_refused = row[0], row[1], bytes(row[2]), row[3], row[4]
+            # Read after the lock, in a statement of its own: one that waited for a `log set-origin`
+            # would see the retired origins as they were before it.
+            retired = conn.execute("SELECT origin, published_size FROM merkle.retired_origins WHERE log_id = %s "
+                                   "ORDER BY retired_at", (log_id,)).fetchall()
+            first_origin = retired[0][0] if retired else origin
+            last = latest(conn, log_id, origin)
+            if last is not None and last.size == size and last.root == root:
+                return None
+            state = StateFile(state_dir, origin, log_name, first_origin) if state_dir is not None else None
+            reader = TileNodeReader(conn, log_id)
+            try:
+                _check_origin_is_this_logs(conn, log_id, origin)
+                remembered = state.read() if state is not None else None
+                if last is not None:
+                    check_extends(reader, "merkle.checkpoints", origin, last.size, last.root, size, root)
+                if remembered is not None:
+                    check_extends(reader, f"this key (per {state.read_from})", origin, remembered[0], remembered[1],
+                                  size, root)
+            except SigningRefused as exc:
+                published = max(last.size if last else 0, exc.published_size or 0) if last or exc.published_size else None
+                message = str(exc)
+                if exc.way_out:
+                    message += f"; {WAY_OUT.format(log=log_name, origin=origin, size=published)}"
+                raise SigningRefused(message, published, origin=origin) from None
+            cp = Checkpoint(origin, size, root)
+            note = signer.sign(cp.body())
+            conn.execute(
+                "INSERT INTO merkle.checkpoints (log_id, origin, tree_size, root, note, key_name) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (log_id, origin, size, root, note, signer.name),
+            )
+            if was_refused:
+                conn.execute("UPDATE merkle.logs SET signing_refused = NULL, signing_refused_at = NULL, "
+                             "signing_refused_size = NULL WHERE log_id = %s", (log_id,))
+            payload = orjson.dumps({"log": log_name, "size": size, "root": b64(root)}).decode()
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+        # Published at COMMIT; remembered outside the database only now (a crash before this line
+        # leaves the older memory, which the table's row still covers).
+        if state is not None:
+            state.write(size, root)
+        return cp
+    finally:
+        if state_dir is not None and retired:
+            _remember_retirements(conn, state_dir, log_name, retired)
+
+
+def _remember_retirements(conn: psycopg.Connection, state_dir: Path, log_name: str,
+                          retired: list[tuple[str, int | None]]) -> None:
+    """Mark the key's memory of each origin the log retired, at every attempt (a listener may
+    have stopped before it could): a database restored from before a retirement cannot have the
+    origin signed again. The size the key published under one goes to merkle.retired_origins,
+    where `status` shows it as the size its verifiers are to be told."""
+    for origin, known in retired:
+        remembered = StateFile(state_dir, origin, log_name, retired[0][0]).retire()
+        if remembered is not None and (known is None or remembered > known):
+            with conn.transaction():
+                conn.execute("UPDATE merkle.retired_origins SET published_size = greatest(published_size, %s) "
+                             "WHERE origin = %s AND log_id = (SELECT log_id FROM merkle.logs WHERE name = %s)",
+                             (remembered, origin, log_name))
 
 
 def record_refusal(conn: psycopg.Connection, log_name: str, exc: SigningRefused) -> None:
@@ -255,7 +274,7 @@ def record_refusal(conn: psycopg.Connection, log_name: str, exc: SigningRefused)
     another origin by now (then the refusal is of one retired meanwhile)."""
     with conn.transaction():
         conn.execute(
-            "UPDATE merkle.logs SET signing_refused = %(r)s, signing_refused_size = %(s)s, "
-            "       signing_refused_at = coalesce(signing_refused_at, now()) "
+            "UPDATE merkle.logs SET signing_refused = %(r)s, signing_refused_at = coalesce(signing_refused_at, now()), "
+            "       signing_refused_size = greatest(signing_refused_size, %(s)s) "
             "WHERE name = %(n)s AND origin = %(o)s AND signing_refused IS DISTINCT FROM %(r)s",
             {"r": str(exc), "s": exc.published_size, "n": log_name, "o": exc.origin})
