@@ -163,32 +163,31 @@ def check_origin(origin: str) -> None:
         raise ConfigurationError("the origin must be a non-empty line of text (no control characters)")
 
 
-def _claim_origin(conn: psycopg.Connection, origin: str) -> None:
-    """Refuse an origin that a log has or retired: a verifier knows a log by its origin, and one
-    key signing two histories under it would be a split view. Inside the caller's transaction."""
+def _claim_origin(conn: psycopg.Connection, origin: str, *, how_to_pick: str) -> None:
+    """Refuse an origin that a log has or retired, or that a dropped log had: a verifier knows a
+    log by its origin, and one key signing two histories under it would be a split view. Inside
+    the caller's transaction."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (ORIGIN_LOCK,))
     taken = conn.execute(
-        "SELECT format('log %%s has', name) FROM merkle.logs WHERE origin = %(o)s "
-        "UNION ALL SELECT format('log %%s%%s retired', log_name, CASE WHEN log_id IS NULL THEN ' (dropped since)' END) "
+        "SELECT format('log %%s has origin %%L', name, origin) FROM merkle.logs WHERE origin = %(o)s "
+        "UNION ALL SELECT CASE WHEN log_id IS NULL THEN format('origin %%L was log %%s''s (dropped since)', origin, "
+        "                 log_name) ELSE format('log %%s retired origin %%L', log_name, origin) END "
         "  FROM merkle.retired_origins WHERE origin = %(o)s LIMIT 1", {"o": origin}).fetchone()
     if taken is not None:
-        raise ConfigurationError(f"{taken[0]} origin {origin!r}: one origin names one log (its verifiers hold its "
-                                 "checkpoints); pick another" + (" with --origin" if "dropped" in taken[0] else ""))
+        raise ConfigurationError(f"{taken[0]}: one origin names one log (its verifiers hold its checkpoints); "
+                                 f"pick another{how_to_pick}")
 
 
 def retire_origin(conn: psycopg.Connection, log: Log) -> int | None:
     """Keep the log's origin among the retired ones, with the largest size published under it
-    (merkle.checkpoints', or what the signer's memory told the listener when it refused). An
-    origin that another log still has (two logs shared one before) stays that log's only."""
+    (merkle.checkpoints', or what the signer's memory told the listener when it refused). Also
+    when another log still has it (two logs shared one before): that log may not sign it either."""
     published = conn.execute(
         "SELECT greatest((SELECT max(tree_size) FROM merkle.checkpoints WHERE log_id = %(l)s AND origin = %(o)s), "
         "                (SELECT signing_refused_size FROM merkle.logs WHERE log_id = %(l)s))",
         {"l": log.log_id, "o": log.origin}).fetchone()[0]
-    if not conn.execute("SELECT EXISTS (SELECT 1 FROM merkle.logs WHERE origin = %s AND log_id <> %s)",
-                        (log.origin, log.log_id)).fetchone()[0]:
-        conn.execute("INSERT INTO merkle.retired_origins (log_id, log_name, origin, tree_size, root, published_size) "
-                     "VALUES (%s, %s, %s, %s, %s, %s)",
-                     (log.log_id, log.name, log.origin, log.tree_size, log.root, published))
+    conn.execute("INSERT INTO merkle.retired_origins (log_id, log_name, origin, tree_size, root, published_size) "
+                 "VALUES (%s, %s, %s, %s, %s, %s)", (log.log_id, log.name, log.origin, log.tree_size, log.root, published))
     return published
 
 
@@ -200,7 +199,7 @@ def create_log(conn: psycopg.Connection, name: str, origin: str | None = None) -
         check_database_encoding(conn)
         if conn.execute("SELECT 1 FROM merkle.logs WHERE name = %s", (name,)).fetchone():
             raise ConfigurationError(f"log {name!r} exists already; pick another name")
-        _claim_origin(conn, origin)
+        _claim_origin(conn, origin, how_to_pick=" with --origin")
         with conn.cursor(row_factory=class_row(Log)) as cur:
             cur.execute(
                 f"INSERT INTO merkle.logs (name, origin) VALUES (%s, %s) RETURNING {_LOG_COLUMNS}",
@@ -248,7 +247,7 @@ def set_origin(conn: psycopg.Connection, name: str, origin: str) -> RetiredOrigi
         log = get_log(conn, name, for_update=True)
         if origin == log.origin:
             raise ConfigurationError(f"log {name!r} has origin {origin!r} already")
-        _claim_origin(conn, origin)
+        _claim_origin(conn, origin, how_to_pick="")
         published = retire_origin(conn, log)
         conn.execute("UPDATE merkle.logs SET origin = %s, signing_refused = NULL, signing_refused_at = NULL, "
                      "signing_refused_size = NULL WHERE log_id = %s", (origin, log.log_id))

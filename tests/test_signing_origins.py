@@ -260,7 +260,8 @@ def test_an_origin_with_a_control_character_is_refused_by_name(rconn):
 
 def test_two_logs_that_shared_an_origin_are_untangled_as_the_refusal_says(conn, dsn, signer, tmp_path):
     """Logs a and b share origin X (an earlier version allowed it): both are refused. Once b
-    moves away, X is a's alone: a signs under it, and can move away later too."""
+    moves away, X is retired for a too (b may have been signed under it): a is told to move away
+    as well, and can."""
     a = registry.create_log(conn, "a", "example.com/a")
     b = registry.create_log(conn, "b", "example.com/b")
     conn.execute("UPDATE merkle.logs SET origin = 'example.com/x'")
@@ -269,13 +270,17 @@ def test_two_logs_that_shared_an_origin_are_untangled_as_the_refusal_says(conn, 
     state = tmp_path / "state"
     with psycopg.connect(dsn) as wconn:
         for name in ("a", "b"):
-            with pytest.raises(SigningRefused, match="give one of them another origin"):
+            with pytest.raises(SigningRefused, match=f"give log {name} another origin"):
                 publish(wconn, name, signer, state)
-        registry.set_origin(conn, "b", "example.com/b/2")
+        assert registry.set_origin(conn, "b", "example.com/b/2").published_size is None
         assert publish(wconn, "b", signer, state).origin == "example.com/b/2"
-        assert publish(wconn, "a", signer, state).origin == "example.com/x"
-    registry.set_origin(conn, "a", "example.com/a/2")
-    assert conn.execute("SELECT log_name, origin FROM merkle.retired_origins").fetchall() == [("a", "example.com/x")]
+        with pytest.raises(SigningRefused, match="log b retired origin 'example.com/x' too.*"
+                                                 "`merkle-listener log set-origin a NEW_ORIGIN`"):
+            publish(wconn, "a", signer, state)
+        registry.set_origin(conn, "a", "example.com/a/2")
+        assert publish(wconn, "a", signer, state).origin == "example.com/a/2"
+    assert conn.execute("SELECT log_name, origin FROM merkle.retired_origins ORDER BY retired_at").fetchall() == [
+        ("b", "example.com/x"), ("a", "example.com/x")]
 
 
 def test_an_origin_verifiers_saw_outlives_its_log(conn, dsn, signer, tmp_path):
@@ -292,7 +297,7 @@ def test_an_origin_verifiers_saw_outlives_its_log(conn, dsn, signer, tmp_path):
         publish(wconn, "audit", signer, tmp_path / "state")
     drop_log(conn, "audit", dsn=dsn)
     for origin in ("merkle-listener/audit", "example.com/audit/2"):
-        with pytest.raises(ConfigurationError, match=rf"log audit \(dropped since\) retired origin '{origin}'.*"
+        with pytest.raises(ConfigurationError, match=rf"origin '{origin}' was log audit's \(dropped since\).*"
                                                      "pick another with --origin"):
             registry.create_log(conn, "audit", origin)
     registry.create_log(conn, "unsigned")
@@ -352,3 +357,44 @@ def test_a_long_origin_is_remembered_apart_from_one_spelled_like_its_digest():
     digest = checkpoints.state_file_name(long)
     assert digest.startswith("digest-sha256-") and len(digest) < 255
     assert checkpoints.state_file_name(digest.removeprefix("digest-").removesuffix(".json")) != digest
+
+
+def test_an_origin_refused_for_the_log_stays_taken_when_it_is_dropped(conn, dsn, signer, tmp_path):
+    """The key published under the origin, but the database does not know how far (an unreadable
+    memory): the refusal alone keeps the origin taken after `log drop`."""
+    from listener.sources.replication_setup import drop_log
+
+    log = registry.create_log(conn, "audit", "O")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / checkpoints.state_file_name("O")).write_text("{torn")
+    set_tree(conn, log.log_id, leaves("a", 3))
+    with psycopg.connect(dsn) as wconn:
+        anyio.run(_writer_step(wconn, "audit", signer, state).maybe_publish)
+    drop_log(conn, "audit", dsn=dsn)
+    with pytest.raises(ConfigurationError, match="origin 'O' was log audit's"):
+        registry.create_log(conn, "other", "O")
+    with pytest.raises(ConfigurationError, match=r"pick another$"):  # set-origin takes it as an argument
+        registry.set_origin(conn, registry.create_log(conn, "third").name, "O")
+
+
+def test_a_memory_that_cannot_be_marked_retired_neither_hides_a_refusal_nor_fails_a_signature(
+        conn, dsn, signer, tmp_path, monkeypatch, caplog):
+    log = registry.create_log(conn, "audit", "O")
+    state = tmp_path / "state"
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    with psycopg.connect(dsn) as wconn:
+        _signed_then_set_origin(conn, wconn, log.log_id, signer, state, leaves("a", 10), "O2", leaves("a", 12))
+        monkeypatch.setattr(checkpoints.StateFile, "retire", full_disk)
+        with caplog.at_level("ERROR", logger="listener.run"):
+            assert publish(wconn, "audit", signer, state).origin == "O2"
+            assert publish(wconn, "audit", signer, state) is None
+        assert [r.getMessage() for r in caplog.records] == [
+            "cannot mark the key's memory of a retired origin; tried again at every checkpoint"]
+        conn.execute("DELETE FROM merkle.checkpoints")  # and the database went back
+        set_tree(conn, log.log_id, leaves("b", 5))
+        with pytest.raises(SigningRefused, match="fewer leaves"):
+            publish(wconn, "audit", signer, state)

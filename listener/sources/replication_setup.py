@@ -361,7 +361,7 @@ def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dic
         conn.execute("DELETE FROM merkle.processed_log WHERE log_id = %s", (log.log_id,))
         # An origin verifiers were shown stays taken: a new log signing under it would be a split view.
         if conn.execute("SELECT EXISTS (SELECT 1 FROM merkle.checkpoints WHERE log_id = %s AND origin = %s) "
-                        "OR (SELECT signing_refused_size FROM merkle.logs WHERE log_id = %s) IS NOT NULL",
+                        "OR (SELECT signing_refused FROM merkle.logs WHERE log_id = %s) IS NOT NULL",
                         (log.log_id, log.origin, log.log_id)).fetchone()[0]:
             registry.retire_origin(conn, log)
         conn.execute("DELETE FROM merkle.logs WHERE log_id = %s", (log.log_id,))

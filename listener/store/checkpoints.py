@@ -28,6 +28,7 @@ the key sign the retired origin again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from listener.proofs import b64
 from listener.store.tiles import TileNodeReader
 
 NOTIFY_CHANNEL = "merkle_checkpoint"
+
+log = logging.getLogger("listener.run")
 
 
 @dataclass(frozen=True)
@@ -180,15 +183,19 @@ def check_extends(reader: merkle.NodeReader, what: str, origin: str, old_size: i
             "restored or altered", old_size, way_out=True) from None
 
 
-def _check_origin_is_this_logs(conn: psycopg.Connection, log_id: int, origin: str) -> None:
+def _check_origin_is_this_logs(conn: psycopg.Connection, log_id: int, log_name: str, origin: str) -> None:
     """An origin names one log: the same key signing two logs under it would show two histories.
-    (`log create` and `log set-origin` refuse a taken origin; an earlier version did not.)"""
-    other = conn.execute("SELECT name FROM merkle.logs WHERE origin = %s AND log_id <> %s LIMIT 1",
-                         (origin, log_id)).fetchone()
+    (`log create` and `log set-origin` refuse a taken origin; an earlier version did not, and a
+    log that shared one keeps it after the other left it: it is retired for both.)"""
+    other = conn.execute(
+        "SELECT format('log %%s has', name) FROM merkle.logs WHERE origin = %(o)s AND log_id <> %(l)s "
+        "UNION ALL SELECT format('log %%s%%s retired', log_name, CASE WHEN log_id IS NULL THEN ' (dropped since)' END) "
+        "  FROM merkle.retired_origins WHERE origin = %(o)s AND log_id IS DISTINCT FROM %(l)s LIMIT 1",
+        {"o": origin, "l": log_id}).fetchone()
     if other is not None:
         raise SigningRefused(
-            f"refusing to sign: log {other[0]} has origin {origin!r} too, and one origin names one log; give one of "
-            "them another origin with `merkle-listener log set-origin`")
+            f"refusing to sign: {other[0]} origin {origin!r} too, and one origin names one log; give log {log_name} "
+            f"another origin with `merkle-listener log set-origin {log_name} NEW_ORIGIN`")
 
 
 def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: Path | None) -> Checkpoint | None:
@@ -219,7 +226,7 @@ def publish(conn: psycopg.Connection, log_name: str, signer: Signer, state_dir: 
             state = StateFile(state_dir, origin, log_name, first_origin) if state_dir is not None else None
             reader = TileNodeReader(conn, log_id)
             try:
-                _check_origin_is_this_logs(conn, log_id, origin)
+                _check_origin_is_this_logs(conn, log_id, log_name, origin)
                 remembered = state.read() if state is not None else None
                 if last is not None:
                     check_extends(reader, "merkle.checkpoints", origin, last.size, last.root, size, root)
@@ -259,14 +266,25 @@ def _remember_retirements(conn: psycopg.Connection, state_dir: Path, log_name: s
     """Mark the key's memory of each origin the log retired, at every attempt (a listener may
     have stopped before it could): a database restored from before a retirement cannot have the
     origin signed again. The size the key published under one goes to merkle.retired_origins,
-    where `status` shows it as the size its verifiers are to be told."""
+    where `status` shows it as the size its verifiers are to be told. Never raises: it runs
+    after the attempt, whose signature or refusal is what the writer must learn of."""
     for origin, known in retired:
-        remembered = StateFile(state_dir, origin, log_name, retired[0][0]).retire()
-        if remembered is not None and (known is None or remembered > known):
-            with conn.transaction():
-                conn.execute("UPDATE merkle.retired_origins SET published_size = greatest(published_size, %s) "
-                             "WHERE origin = %s AND log_id = (SELECT log_id FROM merkle.logs WHERE name = %s)",
-                             (remembered, origin, log_name))
+        try:
+            remembered = StateFile(state_dir, origin, log_name, retired[0][0]).retire()
+            if remembered is not None and (known is None or remembered > known):
+                with conn.transaction():
+                    conn.execute("UPDATE merkle.retired_origins SET published_size = greatest(published_size, %s) "
+                                 "WHERE origin = %s AND log_id = (SELECT log_id FROM merkle.logs WHERE name = %s)",
+                                 (remembered, origin, log_name))
+        except (OSError, psycopg.Error) as exc:
+            if (log_name, origin) not in _unmarked:  # once per process: this runs every interval
+                _unmarked.add((log_name, origin))
+                log.error("cannot mark the key's memory of a retired origin; tried again at every checkpoint",
+                          extra={"log": log_name, "origin": origin, "error": str(exc).strip()})
+
+
+# (log, origin) whose retirement the key's memory could not be told of, reported once.
+_unmarked: set[tuple[str, str]] = set()
 
 
 def record_refusal(conn: psycopg.Connection, log_name: str, exc: SigningRefused) -> None:
