@@ -16,7 +16,10 @@ ALTER TABLE merkle.checkpoints ADD PRIMARY KEY (log_id, origin, tree_size);
 -- the largest checkpoint known to have been signed under it (merkle.checkpoints', or the
 -- signer's memory, as a refusal or the listener reported it): the size its verifiers are told
 -- it ended at.
+-- A key of its own: a publication FOR ALL TABLES (a CDC tool's) publishes this table too, and
+-- PostgreSQL refuses its updates (log_id set NULL by `log drop`) without a replica identity.
 CREATE TABLE merkle.retired_origins (
+    retired_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     origin          text NOT NULL,
     log_id          integer REFERENCES merkle.logs ON DELETE SET NULL,
     log_name        text NOT NULL,
