@@ -269,22 +269,24 @@ def _remember_retirements(conn: psycopg.Connection, state_dir: Path, log_name: s
     where `status` shows it as the size its verifiers are to be told. Never raises: it runs
     after the attempt, whose signature or refusal is what the writer must learn of."""
     for origin, known in retired:
+        memory = StateFile(state_dir, origin, log_name, retired[0][0])
         try:
-            remembered = StateFile(state_dir, origin, log_name, retired[0][0]).retire()
+            remembered = memory.retire()
             if remembered is not None and (known is None or remembered > known):
                 with conn.transaction():
                     conn.execute("UPDATE merkle.retired_origins SET published_size = greatest(published_size, %s) "
                                  "WHERE origin = %s AND log_id = (SELECT log_id FROM merkle.logs WHERE name = %s)",
                                  (remembered, origin, log_name))
         except (OSError, psycopg.Error) as exc:
-            if (log_name, origin) not in _unmarked:  # once per process: this runs every interval
-                _unmarked.add((log_name, origin))
+            if memory.path not in _unmarked:  # once per process: this runs every interval
+                _unmarked.add(memory.path)
                 log.error("cannot mark the key's memory of a retired origin; tried again at every checkpoint",
-                          extra={"log": log_name, "origin": origin, "error": str(exc).strip()})
+                          extra={"log": log_name, "origin": origin, "memory": str(memory.path),
+                                 "error": str(exc).strip()})
 
 
-# (log, origin) whose retirement the key's memory could not be told of, reported once.
-_unmarked: set[tuple[str, str]] = set()
+# The memories of retired origins that could not be marked, each reported once.
+_unmarked: set[Path] = set()
 
 
 def record_refusal(conn: psycopg.Connection, log_name: str, exc: SigningRefused) -> None:
