@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Retire the log's origin and give it a new one. Checkpoints begin again under "
                        "the new origin, signing the whole tree as it is; the old origin's checkpoints stay in "
                        "merkle.checkpoints. Verifiers and witnesses key a log by its origin: tell them the old one "
-                       "ended, and at which size. A retired origin is never given back to its log.")
+                       "ended, and at which size. A retired origin is never given to a log again.")
     lo.add_argument("name", help="the log's name")
     lo.add_argument("origin", help="the new origin line, e.g. example.com/audit/2 (a verifier will be told it)")
     for verb, what in (("pause", "stop appending to a log (changes stay queued)"), ("resume", "resume a paused log")):
