@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import shlex
 import signal
 import sys
@@ -458,7 +459,7 @@ def cmd_log(args) -> int:
         elif args.log_command == "set-origin":
             retired = registry.set_origin(conn, args.name, args.origin)
             ended = ("no checkpoint of it is known here (if one was published, the signer's memory beside its key, "
-                     f"KEY.published/, has the last)" if retired.published_size is None
+                     "KEY.published/, has the last)" if retired.published_size is None
                      else f"its last checkpoint known here is at size {retired.published_size}")
             print(f"log {args.name!r}: origin {retired.origin!r} retired ({ended}; the log has "
                   f"{retired.tree_size} leaves); checkpoints are signed under {args.origin!r} from now on.\n"
@@ -515,6 +516,18 @@ def _warn_of_unlogged_events(conn, source) -> None:
               "is logged in part or not at all (docs/replication.md, Partitioned sources).", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _gap_warnings_printed():
+    """Print each CaptureGapWarning raised in the block (what is not in the log, and how to get
+    it there) to stderr once the block has succeeded."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CaptureGapWarning)
+        yield
+    for gap in caught:
+        if issubclass(gap.category, CaptureGapWarning):
+            print(f"warning: {gap.message}", file=sys.stderr)
+
+
 def cmd_source(args) -> int:
     from listener import registry
 
@@ -522,17 +535,13 @@ def cmd_source(args) -> int:
         _checked(conn)
         conn.commit()
         if args.source_command == "add":
-            with warnings.catch_warnings(record=True) as gaps:
-                warnings.simplefilter("always", CaptureGapWarning)
+            with _gap_warnings_printed():
                 source, queued = registry.add_source(
                     conn, args.log, args.table, key=_split(args.key), columns=_split(args.columns), where=args.where,
                     entry_column=args.entry_column, append_only=args.append_only, backfill=args.backfill,
                     mode=args.mode, events=_events(args.events), truncate=args.truncate, dsn=dsn,
                     doorbell=args.doorbell,
                 )
-            for gap in gaps:
-                if issubclass(gap.category, CaptureGapWarning):
-                    print(f"warning: {gap.message}", file=sys.stderr)
             extra = f"; {queued} existing rows queued" if args.backfill else ""
             if source.mode == "replication":
                 extra += f"; {source.mode} mode, events {', '.join(source.events)}"
@@ -574,7 +583,8 @@ def cmd_source(args) -> int:
                 source = registry.named_now(conn, [registry.find_source(conn, registry.get_log(conn, args.log),
                                                                         args.table)])[0]
                 missing = registry.missing_capture(conn, args.log, [source])
-            queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
+            with _gap_warnings_printed():
+                queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
             if queued < 0:
                 from listener.sources.replication_setup import pending_message
 
@@ -773,6 +783,10 @@ async def _until_signal(fn, *args) -> None:
             async def stop_on_signal():
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
+                        # A large batch can take seconds to commit: say why nothing seems to happen.
+                        logging.getLogger("listener").info(
+                            "stopping once the work in flight is done (a batch being appended commits first; "
+                            "a second signal abandons it, and it is rolled back)")
                         tg.cancel_scope.cancel()
                         return
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from base64 import b64encode
 from dataclasses import dataclass, field
 from functools import partial
@@ -198,6 +199,7 @@ async def _serve_log(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, nam
 async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: str) -> None:
     """Write the log until it is dropped; every other trouble is retried."""
     backoff = _Backoff()
+    errors = _WriterErrors(opts.dsn, name)
     while True:
         conn = None
         try:
@@ -239,6 +241,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                             backoff.reset()  # only progress resets it: a wedged log keeps backing off
                         if streamed_batch is None and (drained_batch is None or not drained_batch.more):
                             break
+                    await errors.running(conn)
                     await cps.maybe_publish()
                     poll = min(opts.poll_interval, QUIET_POLL_INTERVAL) if seq.quiet_sources else opts.poll_interval
                     with anyio.move_on_after(cps.wait_limit(poll)):
@@ -254,6 +257,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                 # The server refused a statement: the connection is fine, and retrying helps only
                 # once the cause is gone.
                 log.error("writer stopped on error; retrying", extra={"log": name, "error": str(exc).strip()})
+                await errors.stopped(exc)
             else:
                 log.warning("database connection lost; reconnecting", extra={"log": name, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one log's trouble must not stop the others
@@ -263,6 +267,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
             # The batch was rolled back and the state will be reloaded: nothing is lost by retrying.
             log.error("writer stopped on error; retrying", exc_info=not isinstance(exc, (MerkleListenerError, psycopg.Error)),
                       extra={"log": name, "error": str(exc).strip()})
+            await errors.stopped(exc)
         finally:
             if conn is not None:
                 with anyio.CancelScope(shield=True):
@@ -398,6 +403,56 @@ class _Checkpoints:
         if cp is not None:
             log.info("checkpoint signed", extra={"log": self.name, "origin": cp.origin, "tree_size": cp.size,
                                                  "root": b64encode(cp.root).decode()})
+
+
+# A writer that has not stopped on an error for this long is taken to be past it.
+ERROR_FORGOTTEN_AFTER = 30.0
+
+
+class _WriterErrors:
+    """The error that stops the log's writer, kept on the log's row for `status`
+    (merkle.logs.writer_error) once it has stopped it twice running, so that one a retry gets
+    past is not reported; forgotten, and cleared there, once the writer has gone
+    ERROR_FORGOTTEN_AFTER seconds without stopping (longer than the retries' longest wait)."""
+
+    def __init__(self, dsn: str, name: str):
+        self.dsn, self.name = dsn, name
+        self.last: str | None = None  # the last error, and how many times running it stopped the writer
+        self.repeats = 0
+        self.last_stop = float("-inf")
+        self.kept = True  # unknown at start: an earlier listener may have kept one
+
+    async def stopped(self, exc: BaseException) -> None:
+        text = str(exc).strip() or type(exc).__name__
+        now = time.monotonic()
+        same = text == self.last and now - self.last_stop < ERROR_FORGOTTEN_AFTER
+        self.last, self.last_stop = text, now
+        self.repeats = self.repeats + 1 if same else 1
+        if self.repeats == 2:
+            self.kept = True
+            await anyio.to_thread.run_sync(self._keep, text)
+
+    def _keep(self, text: str) -> None:
+        # On a connection of its own: the writer's may be what failed.
+        try:
+            with connect(self.dsn) as conn:
+                conn.execute("SET LOCAL lock_timeout = '2s'")  # not behind a `log drop` or `source add`
+                conn.execute("UPDATE merkle.logs SET writer_error = %(e)s, writer_error_at = now() "
+                             "WHERE name = %(n)s AND writer_error IS DISTINCT FROM %(e)s", {"e": text, "n": self.name})
+        except psycopg.Error as exc:
+            log.warning("could not keep the writer's error for `status`", extra={"log": self.name, "error": str(exc)})
+
+    async def running(self, conn: psycopg.Connection) -> None:
+        """After each round of the writer that did not stop."""
+        if self.kept and time.monotonic() - self.last_stop >= ERROR_FORGOTTEN_AFTER:
+            await anyio.to_thread.run_sync(_clear_writer_error, conn, self.name)
+            self.kept = False
+
+
+def _clear_writer_error(conn: psycopg.Connection, name: str) -> None:
+    with conn.transaction():
+        conn.execute("UPDATE merkle.logs SET writer_error = NULL, writer_error_at = NULL "
+                     "WHERE name = %s AND writer_error IS NOT NULL", (name,))
 
 
 class _Backoff:

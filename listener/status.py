@@ -73,10 +73,12 @@ def collect(conn: psycopg.Connection) -> dict:
                                     "table was not found (the database was restored from a dump?): remove the "
                                     "source and add it again")
         ages = [s["oldest_queued_seconds"] for s in sources if s["oldest_queued_seconds"] is not None]
-        refused, refused_at = conn.execute(
-            "SELECT signing_refused, signing_refused_at FROM merkle.logs WHERE log_id = %s", (log.log_id,)).fetchone()
+        refused, refused_at, writer_error, writer_error_at = conn.execute(
+            "SELECT signing_refused, signing_refused_at, writer_error, writer_error_at FROM merkle.logs "
+            "WHERE log_id = %s", (log.log_id,)).fetchone()
         logs.append({
             "name": log.name, "origin": log.origin, "tree_size": log.tree_size, "paused": log.paused,
+            "writer_error": writer_error, "writer_error_since": writer_error_at.isoformat() if writer_error_at else None,
             "signing_refused": refused, "signing_refused_since": refused_at.isoformat() if refused_at else None,
             "retired_origins": [{"origin": r.origin, "published_size": r.published_size, "tree_size": r.tree_size,
                                  "retired_at": r.retired_at.isoformat()} for r in retired_origins(conn, log.log_id)],
@@ -93,9 +95,10 @@ def has_errors(report: dict) -> bool:
     """A replication slot that is missing, lost or moved past the log, a publication changed by
     hand, a source's table back under a new OID, or a source without its outbox or publication (a
     data-only restore): changes are not being captured, or not checked, until the user recovers.
-    Or the listener refuses to sign the log's tree. `status` exits 3, for monitoring scripts."""
+    Or the listener refuses to sign the log's tree, or its writer is stopped by an error it keeps
+    running into. `status` exits 3, for monitoring scripts."""
     return any(log.get("slot") and (log["slot"]["level"] == "error" or log["slot"]["publication_problem"])
-               or any(s.get("error") for s in log["sources"]) or log["signing_refused"]
+               or any(s.get("error") for s in log["sources"]) or log["signing_refused"] or log["writer_error"]
                for log in report["logs"])
 
 
@@ -114,6 +117,9 @@ def render(report: dict) -> str:
                      else f"its last checkpoint at size {old['published_size']}")
             lines.append(f"  retired origin {old['origin']} ({ended}; retired at {old['retired_at']}, "
                          f"log size {old['tree_size']})")
+        if log["writer_error"]:
+            lines.append(f"  error: since {log['writer_error_since']}, the listener cannot append to this log "
+                         f"(nothing after the change it is stuck on is logged): {log['writer_error']}")
         if log["signing_refused"]:
             lines.append(f"  error: since {log['signing_refused_since']}, {log['signing_refused']}")
         for s in log["sources"]:

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,17 +117,10 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
 def rconn(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
     """`conn`, and afterwards no slot of the test's database is left behind (each pins WAL,
     and DROP DATABASE refuses a database with a slot)."""
-    from tests.helpers import slots
+    from tests.helpers import drop_slot, slots
 
     try:
         yield conn
     finally:
         for name in slots(conn):
-            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                         "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
-            for _ in range(50):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
+            drop_slot(conn, name)

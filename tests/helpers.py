@@ -107,3 +107,16 @@ def slots(conn: psycopg.Connection) -> list[str]:
     """Replication slots of the connection's database."""
     return [r[0] for r in conn.execute(
         "SELECT slot_name FROM pg_replication_slots WHERE database = current_database() ORDER BY 1")]
+
+
+def drop_slot(conn: psycopg.Connection, name: str) -> None:
+    """Drop the slot (an autocommit superuser connection), ending the walsender streaming it."""
+    conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                 "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
+    for _ in range(100):
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            return
+        except psycopg.errors.ObjectInUse:  # the walsender has not exited yet
+            time.sleep(0.05)
+    raise AssertionError(f"slot {name} stayed in use")

@@ -13,7 +13,7 @@ import pytest
 
 from listener.store import guard
 from listener.store.connect import options_string
-from tests.helpers import check_log, cli, slots, start_listener
+from tests.helpers import check_log, cli, drop_slot, slots, start_listener
 from tests.test_replication import wait_for_size
 
 _counter = itertools.count()
@@ -38,14 +38,7 @@ def plain(pg_server):
         yield su, psycopg.conninfo.make_conninfo(pg_server.dsn(db), user=role), role, writer
     finally:
         for name in slots(su):
-            su.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                       "WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
-            for _ in range(50):
-                try:
-                    su.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
+            drop_slot(su, name)
         su.close()
         with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {db} WITH (FORCE)")

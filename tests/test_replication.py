@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -426,9 +427,12 @@ def test_a_source_is_not_removed_while_its_backfill_is_being_appended(rconn, mon
         assert seq.append_changes(ReplicationBatch(log.log_id, [])).count == 100
         with connect(conn.info.dsn) as c:
             assert registry.remove_source(c, "rmbf", "a", wait=0) == -1  # out of the publication
-            # The slot has passed the removal (as a listener that caught up confirms it); the
-            # backfill has not.
-            c.execute("SELECT pg_replication_slot_advance('merkle_rmbf', pg_current_wal_lsn())")
+            # The slot has passed the removal (as a listener that caught up stores the position,
+            # then confirms it); the backfill has not.
+            c.execute("UPDATE merkle.replication_progress SET end_lsn = pg_current_wal_lsn()")
+            c.commit()
+            c.execute("SELECT pg_replication_slot_advance('merkle_rmbf', "
+                      "(SELECT end_lsn FROM merkle.replication_progress))")
             assert c.execute("SELECT confirmed_flush_lsn >= (SELECT until_lsn FROM merkle.replication_retired) "
                              "FROM pg_replication_slots WHERE slot_name = 'merkle_rmbf'").fetchone()[0]
             assert registry.remove_source(c, "rmbf", "a", wait=0) == -1
@@ -802,42 +806,70 @@ def test_log_drop_while_running_stops_its_writer_only(rconn):
     assert slots(conn) == []
 
 
+@contextlib.contextmanager
+def _role_that_may_drop(conn: psycopg.Connection, log_name: str, table: str, *, replication: bool):
+    """The DSN of a new role that may do all of `log drop` itself but (perhaps) the slot's part."""
+    role = f"dropper_{conn.info.backend_pid}"
+    conn.execute(f"CREATE ROLE {role} LOGIN" + (" REPLICATION" if replication else ""))
+    try:
+        conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {role}")
+        conn.execute(f"GRANT USAGE ON SCHEMA merkle TO {role}")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA merkle TO {role}")
+        conn.execute(f"ALTER TABLE {table} OWNER TO {role}")
+        conn.execute(f"ALTER PUBLICATION merkle_{log_name} OWNER TO {role}")
+        yield psycopg.conninfo.make_conninfo(conn.info.dsn, user=role)
+    finally:
+        conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+
+
 def test_log_drop_that_cannot_drop_the_slot_drops_nothing(rconn):
     """The slot is dropped last, inside the transaction that holds the log's lock: a `log drop`
     that may not end the walsender streaming it (a role that cannot terminate a superuser's
     process) rolls back, leaving the log, its sources and its slot."""
     conn = rconn
-    role = f"dropper_{conn.info.backend_pid}"
     conn.execute("CREATE TABLE held (id int PRIMARY KEY)")
     registry.create_log(conn, "held")
     with connect(conn.info.dsn) as c:
         registry.add_source(c, "held", "held", mode="replication")
-    # A role that may do all the rest of the drop itself.
-    conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
-    conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {role}")
-    conn.execute(f"GRANT USAGE ON SCHEMA merkle TO {role}")
-    conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA merkle TO {role}")
-    conn.execute(f"ALTER TABLE held OWNER TO {role}")
-    conn.execute(f"ALTER PUBLICATION merkle_held OWNER TO {role}")
     listener = start_listener(conn.info.dsn)
     try:
-        conn.execute("INSERT INTO held VALUES (1)")
-        wait_for_size(conn, "held", 1, listener=listener)
-        out = cli("log", "drop", "held", "--yes", dsn=psycopg.conninfo.make_conninfo(conn.info.dsn, user=role))
-        assert out.returncode != 0
-        assert slots(conn) == ["merkle_held"]
-        assert conn.execute("SELECT count(*) FROM merkle.sources s JOIN merkle.logs l USING (log_id) "
-                            "WHERE l.name = 'held'").fetchone()[0] == 1, out.stderr
-        assert "cannot drop replication slot merkle_held (nothing was dropped)" in out.stderr, out.stderr
-        assert "pg_drop_replication_slot('merkle_held')" in out.stderr
-        # Capture goes on.
-        conn.execute("INSERT INTO held VALUES (2)")
-        wait_for_size(conn, "held", 2, listener=listener)
+        with _role_that_may_drop(conn, "held", "held", replication=True) as dsn:
+            conn.execute("INSERT INTO held VALUES (1)")
+            wait_for_size(conn, "held", 1, listener=listener)
+            out = cli("log", "drop", "held", "--yes", dsn=dsn)
+            assert out.returncode != 0
+            assert slots(conn) == ["merkle_held"]
+            assert conn.execute("SELECT count(*) FROM merkle.sources s JOIN merkle.logs l USING (log_id) "
+                                "WHERE l.name = 'held'").fetchone()[0] == 1, out.stderr
+            assert "cannot drop replication slot merkle_held (nothing was dropped)" in out.stderr, out.stderr
+            assert "pg_drop_replication_slot('merkle_held')" in out.stderr
+            # Capture goes on.
+            conn.execute("INSERT INTO held VALUES (2)")
+            wait_for_size(conn, "held", 2, listener=listener)
     finally:
         listener.stop()
-        conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
-        conn.execute(f"DROP OWNED BY {role}")
-        conn.execute(f"DROP ROLE {role}")
+
+
+def test_log_drop_by_a_role_without_replication_says_how_to_grant_it(rconn):
+    """Dropping the slot needs the REPLICATION attribute: the refusal rolls the whole drop back
+    and says how to get it, not to stop a process that streams (found by review: it said so, as
+    for any failure to drop the slot)."""
+    conn = rconn
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    registry.create_log(conn, "keep")
+    with connect(conn.info.dsn) as c:
+        registry.add_source(c, "keep", "kept", mode="replication")
+    with _role_that_may_drop(conn, "keep", "kept", replication=False) as dsn:
+        out = cli("log", "drop", "keep", "--yes", dsn=dsn)
+        role = psycopg.conninfo.conninfo_to_dict(dsn)["user"]
+        assert out.returncode != 0
+        assert "cannot drop replication slot merkle_keep (nothing was dropped)" in out.stderr, out.stderr
+        assert f'ALTER ROLE "{role}" REPLICATION' in out.stderr, out.stderr
+        assert "Stop the process streaming" not in out.stderr and ".." not in out.stderr, out.stderr
+        assert slots(conn) == ["merkle_keep"]
+        assert conn.execute("SELECT count(*) FROM merkle.logs WHERE name = 'keep'").fetchone()[0] == 1
 
 
 def test_source_remove_says_what_it_waits_for(rconn):

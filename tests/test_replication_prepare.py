@@ -65,7 +65,7 @@ def test_key_only_old_row_never_fills_an_unchanged_value(rconn, slot):
     (txn,) = _transactions(rconn, slot, "pd")
     update = po.decode(txn.changes[0][1], raw=True)
     assert update.old_kind == "K" and update.new[1] is po.UNCHANGED
-    with pytest.raises(ProcessingError, match="did not send column body"):
+    with pytest.raises(ProcessingError, match="without the value of column body"):
         prepare(txn, {txn.changes[0][0].oid: _source(rconn, "d", ["insert", "update"])}, 1)
     # A source that does not hash the missing column logs the update.
     ok = prepare(txn, {txn.changes[0][0].oid: _source(rconn, "d", ["update"], columns=("id", "n"))}, 1)
@@ -81,7 +81,7 @@ def test_update_sent_as_insert_without_a_value_is_refused(rconn, slot):
     (txn,) = _transactions(rconn, slot, "pf")
     payload = txn.changes[0][1]
     assert payload[:1] == b"I" and po.UNCHANGED in po.insert_new_values(payload)
-    with pytest.raises(ProcessingError, match="did not send column body"):
+    with pytest.raises(ProcessingError, match="without the value of column body"):
         prepare(txn, {txn.changes[0][0].oid: _source(rconn, "d", ["insert"])}, 1)
 
 
@@ -103,5 +103,5 @@ def test_feed_prepares_on_arrival_and_leaves_errors_to_the_batch(rconn, slot):
     assert insert_txn.prepared.hashes == [canonical.leaf_hash_of_entry(entry)]
     assert insert_txn.prepared.rows[0].startswith(b'7\t1\t{"id":"3"}\tinsert\t\\\\x')
     assert update_txn.prepared is None
-    with pytest.raises(ProcessingError, match="did not send column body"):
+    with pytest.raises(ProcessingError, match="without the value of column body"):
         prepare(update_txn, sources, 7)

@@ -33,7 +33,7 @@ from listener import canonical_sql
 from listener.errors import ConfigurationError, DatabaseError, SourceTableError
 from listener.sources import trigger
 from listener.sources.validate import SourceSpec
-from listener.store.connect import open_replication
+from listener.store.connect import open_replication, replication_refusal
 
 REPLICATION_EVENTS = ("insert", "update", "delete", "truncate")
 
@@ -302,9 +302,9 @@ class ReplicationCommandConnection:
     def __init__(self, dsn: str):
         self.pgconn = open_replication(dsn)
         if self.pgconn.status != pq.ConnStatus.OK:
-            message = self.pgconn.get_error_message()
+            message = replication_refusal(self.pgconn)
             self.pgconn.finish()
-            raise DatabaseError(f"cannot open a replication connection: {message.strip()}")
+            raise DatabaseError(f"cannot open a replication connection: {message}")
 
     def command(self, text: str) -> list[tuple[str | None, ...]]:
         res = self.pgconn.exec_(text.encode())

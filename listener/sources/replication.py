@@ -31,7 +31,7 @@ from psycopg import pq
 from listener.errors import DatabaseError, ProcessingError
 from listener.sources import pgoutput as po
 from listener.sources import spill
-from listener.store.connect import open_replication
+from listener.store.connect import open_replication, replication_refusal
 
 if TYPE_CHECKING:
     from listener.sources.replication_apply import Prepared
@@ -157,7 +157,7 @@ class ReplicationStream:
         # The pinned settings make pgoutput's text values the ones trigger mode hashes.
         pgconn = open_replication(self.dsn)
         if pgconn.status != pq.ConnStatus.OK:
-            message = pgconn.get_error_message().strip()
+            message = replication_refusal(pgconn)
             pgconn.finish()
             raise psycopg.OperationalError(f"replication connection failed: {message}")
         return pgconn

@@ -230,12 +230,9 @@ def _old_or_new_values(s: Source, relation: po.Relation, plan: _Plan, op: str, m
         values, old = msg.old, None
         if msg.old_kind == "K" and not all(relation.columns[i].part_of_key for i in plan.key_idx):
             # Only the replica identity was sent: the source's key would be hashed as nulls.
-            raise ProcessingError(
-                f"{s.qualified}: a DELETE arrived with REPLICA IDENTITY columns only, which do not include "
-                f"the source's key ({', '.join(s.key_columns)}); deletes are logged with REPLICA IDENTITY "
-                "FULL only. Recover as for a lost slot (docs/replication.md) after ALTER TABLE ... "
-                "REPLICA IDENTITY FULL"
-            )
+            raise ProcessingError(_unloggable(
+                s, f"a DELETE arrived with REPLICA IDENTITY columns only, which do not include the source's key "
+                   f"({', '.join(s.key_columns)})"))
     if UNCHANGED in values:
         values = _fill_unchanged(s, relation, values, old, plan)
     return values
@@ -247,12 +244,21 @@ def _fill_unchanged(s: Source, relation: po.Relation, values, old, plan: _Plan) 
         values = tuple(o if v is po.UNCHANGED else v for v, o in zip(values, old))
     for i in plan.used_idx:
         if values[i] is po.UNCHANGED:
-            raise ProcessingError(
-                f"{s.qualified}: the stream did not send column {relation.columns[i].name} (an unchanged TOASTed "
-                f"value); run ALTER TABLE {s.qualified} REPLICA IDENTITY FULL (on a partitioned table: on the partition "
-                f"that holds the row, each of them) so updates carry every value, then restart"
-            )
+            raise ProcessingError(_unloggable(
+                s, f"a change arrived without the value of column {relation.columns[i].name} (an unchanged "
+                   "TOASTed value, which an update carries only under REPLICA IDENTITY FULL)"))
     return values
+
+
+def _unloggable(s: Source, what: str) -> str:
+    """The error for a change whose WAL lacks a value its leaf needs: the table's replica identity
+    was lowered from FULL without the DDL guard. Nothing can bring the value back."""
+    table = s.ident.as_string(None)
+    return (f"{s.qualified}: {what}. The value is not in the WAL, so this transaction cannot be logged as "
+            f"written, and the log stops here. Recover as for a lost slot (docs/replication.md, Slot health): "
+            f"ALTER TABLE {table} REPLICA IDENTITY FULL (on a partitioned table: on each partition); stop "
+            "`merkle-listener run`; drop the log's slot; remove and re-add each of the log's replication sources "
+            "with --backfill (`merkle-listener status` gives the commands once the slot is dropped)")
 
 
 def _entry_column_bytes(s: Source, text: bytes | None) -> bytes:

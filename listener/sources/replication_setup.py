@@ -256,7 +256,9 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
                 "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s "
                 "ON s.slot_name = %s AND s.database = current_database() "
                 "WHERE r.source_id = %s", (publication.slot_name(log_name), source.source_id)).fetchone()
-        if caught_up:
+            broken = _stream_broken(conn, log.log_id, log_name)
+        if caught_up or broken:
+            # A slot that cannot be streamed has nothing more of the table to give.
             break
         # A running listener confirms the stream soon: wait a little rather than ask for a rerun
         # (not for a paused log, which it does not append to).
@@ -265,28 +267,65 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
         time.sleep(0.1)
     with conn.transaction():
         registry.get_log(conn, log_name, for_update=True)
-        # A backfill is appended over several batches: deleting the source now would drop the
-        # rest of it, leaving part of the table's rows in the log.
-        if conn.execute("SELECT EXISTS (SELECT 1 FROM merkle.replication_backfill WHERE source_id = %s)",
-                        (source.source_id,)).fetchone()[0]:
-            return -1
+        left, appended = conn.execute(
+            "SELECT (SELECT count(*) FROM merkle.replication_backfill WHERE source_id = %(s)s), "
+            "(SELECT next_ord - 1 FROM merkle.replication_backfill_state WHERE source_id = %(s)s)",
+            {"s": source.source_id}).fetchone()
+        if left:
+            broken = _stream_broken(conn, log.log_id, log_name)
+            if broken is None:
+                # A backfill is appended over several batches: deleting the source now would drop
+                # the rest of it, leaving part of the table's rows in the log.
+                return -1
+            # The listener appends a backfill only while it streams the slot, which it cannot:
+            # waiting would be for ever. Re-added with --backfill, the table's rows are logged anew.
+            before = f" (the {appended} before them in key order are)" if appended else ""
+            warnings.warn(CaptureGapWarning(
+                f"the log's slot {broken}, so the listener could not append the rest of {source.qualified}'s "
+                f"backfill: {left} rows are not in the log{before}. Adding the table again with --backfill logs "
+                "all its rows as they are now"), stacklevel=2)
         registry.delete_source(conn, source.source_id)
         _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source is still registered; run this again")
     return 0
+
+
+def _stream_broken(conn: psycopg.Connection, log_id: int, log_name: str) -> str | None:
+    """Why the log's slot can never be streamed again (missing or lost), or None. A slot moved
+    past the log is not: the user may yet accept the gap (slot_health.ahead_message)."""
+    row = conn.execute(
+        "SELECT s.slot_name IS NULL, s.wal_status = 'lost' "
+        "FROM merkle.replication_progress p LEFT JOIN pg_replication_slots s "
+        "ON s.slot_name = %s AND s.database = current_database() WHERE p.log_id = %s",
+        (publication.slot_name(log_name), log_id)).fetchone()
+    if row is None:
+        return None
+    missing, lost = row
+    if missing:
+        return "is missing"
+    if lost:
+        return "is lost"
+    return None
 
 
 def pending_message(conn: psycopg.Connection, log_name: str, table: str) -> str:
     """What a `source remove` that returned -1 waits for, and what to do about it."""
     log = registry.get_log(conn, log_name)
     source = registry.find_source(conn, log, table)
-    behind, streaming, backfill = conn.execute(
+    behind, streaming, backfill, moved = conn.execute(
         "SELECT greatest(r.until_lsn - s.confirmed_flush_lsn, 0)::bigint, s.active_pid IS NOT NULL, "
-        "(SELECT count(*) FROM merkle.replication_backfill b WHERE b.source_id = r.source_id) "
+        "(SELECT count(*) FROM merkle.replication_backfill b WHERE b.source_id = r.source_id), "
+        "coalesce(p.slot_checked AND p.end_lsn <> '0/0' AND s.confirmed_flush_lsn > p.end_lsn, false) "
         "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s "
-        "ON s.slot_name = %s AND s.database = current_database() WHERE r.source_id = %s",
-        (publication.slot_name(log_name), source.source_id)).fetchone() or (None, False, 0)
+        "ON s.slot_name = %s AND s.database = current_database() "
+        "LEFT JOIN merkle.replication_progress p ON p.log_id = %s WHERE r.source_id = %s",
+        (publication.slot_name(log_name), log.log_id, source.source_id)).fetchone() or (None, False, 0, False)
     conn.commit()
     start = f"{source.qualified} left the log's publication; "
+    if moved:
+        # The listener does not stream such a slot (slot_health.ahead_message).
+        return (start + f"but log {log_name!r}'s slot was moved past the log, and no listener streams it until you "
+                "choose how to go on (`merkle-listener status` gives both ways); then run `source remove` again "
+                "to finish")
     if log.paused:
         return (start + f"log {log_name!r} is paused, so what was committed before is not logged yet: "
                 f"`merkle-listener log resume {log_name}`, then `source remove` again to finish")
@@ -332,13 +371,19 @@ def _drop_publication_if_unused(conn: psycopg.Connection, log_id: int, log_name:
 
 def _drop_slot(dsn: str, slot: str, state: str) -> None:
     """Drop the slot; on failure say what `state` the registry is in and how to finish."""
+    role, may_replicate = None, True
     try:
         with open_session(dsn, autocommit=True) as admin:
+            role, may_replicate = admin.execute(
+                "SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
             publication.drop_slot(admin, slot)
     except (psycopg.Error, DatabaseError) as exc:
-        raise DatabaseError(f"cannot drop replication slot {slot} ({state}): {str(exc).strip()}. Stop the process "
-                            "streaming from it (pg_stat_replication), or have a superuser do so, then run this "
-                            f"again; by hand: SELECT pg_drop_replication_slot('{slot}')") from exc
+        why = f"cannot drop replication slot {slot} ({state}): {str(exc).strip().rstrip('.')}. "
+        if not may_replicate:
+            raise DatabaseError(why + "Run this again as a superuser, or after one has run ALTER ROLE "
+                                f"{sql.Identifier(role).as_string(None)} REPLICATION") from exc
+        raise DatabaseError(why + "Stop the process streaming from it (pg_stat_replication), or have a superuser "
+                            f"do so, then run this again; by hand: SELECT pg_drop_replication_slot('{slot}')") from exc
 
 
 def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dict:

@@ -113,6 +113,17 @@ def open_replication(dsn: str) -> pq.PGconn:
     return pgconn
 
 
+def replication_refusal(pgconn: pq.PGconn) -> str:
+    """Why a walsender connection failed, with the fix when it is a setting."""
+    message = pgconn.get_error_message().strip()
+    if "max_wal_senders" in message:
+        # PostgreSQL's message names the setting but not who holds the walsenders.
+        message += ("; every log a listener streams holds a walsender, `source add --mode replication` takes one "
+                    "more while it creates a log's slot, and standbys and base backups take theirs: raise "
+                    "max_wal_senders (a restart of PostgreSQL), or stop a stream (pg_stat_replication)")
+    return message
+
+
 class KeptConnection:
     """One autocommit connection of `run` (RUN_SEARCH_PATH) kept open for periodic small
     queries (a new backend per query costs PostgreSQL milliseconds of CPU that the writers

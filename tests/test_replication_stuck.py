@@ -1,0 +1,199 @@
+"""A replication log that cannot go on: what `status` says, and that the way out it gives works.
+
+A stream that lost a value the leaf needs, a slot gone while a backfill waited, and
+walsenders used up.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from listener import canonical, registry
+from listener.embedded import EmbeddedPostgres
+from listener.store import migrate
+from listener.store.connect import open_replication
+from tests.helpers import check_log, cli, drop_slot, start_listener
+from tests.test_replication import orjson_id, wait_for_size
+
+
+def _without_the_guard(conn: psycopg.Connection, statement: str) -> None:
+    """Run `statement` as in a database where the DDL guard is not installed."""
+    guard = conn.execute("SELECT evtname, evtenabled FROM pg_event_trigger WHERE evtname LIKE 'merkle%'").fetchall()
+    assert guard, "the test databases have the guard"
+    for name, _ in guard:
+        conn.execute(f'ALTER EVENT TRIGGER "{name}" DISABLE')
+    try:
+        conn.execute(statement)
+    finally:
+        for name, enabled in guard:
+            how = {"O": "ENABLE", "A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}[enabled]
+            conn.execute(f'ALTER EVENT TRIGGER "{name}" {how}')
+
+
+def _status(dsn: str, want_code: int, want_text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = cli("status", dsn=dsn)
+        if out.returncode == want_code and want_text in out.stdout:
+            return out.stdout
+        assert time.monotonic() < deadline, f"status never said {want_text!r} (exit {out.returncode}):\n{out.stdout}"
+        time.sleep(0.3)
+
+
+def test_a_change_the_stream_cannot_log_stops_the_log_and_status_says_so(rconn):
+    """An UPDATE whose unchanged TOASTed value the WAL lacks (the table's identity lowered from
+    FULL with the DDL guard out of the way) cannot be logged: the log stops there, `status` exits
+    3 with the listener's reason, and the recovery the message gives (FULL again, drop the slot,
+    remove and re-add with --backfill) logs the rows as they are and clears the error."""
+    conn, dsn = rconn, rconn.info.dsn
+    conn.execute("CREATE TABLE tt (id int PRIMARY KEY, big text, n int)")
+    conn.execute("ALTER TABLE tt ALTER big SET STORAGE EXTERNAL")  # out of line: "unchanged" on update
+    conn.execute("ALTER TABLE tt REPLICA IDENTITY FULL")
+    registry.create_log(conn, "stuck")
+    cli("source", "add", "stuck", "tt", "--mode", "replication", "--events", "insert,update,delete",
+        dsn=dsn, check=True)
+    listener = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO tt VALUES (1, repeat('x', 5000), 0)")
+        wait_for_size(conn, "stuck", 1, listener=listener)
+        _without_the_guard(conn, "ALTER TABLE tt REPLICA IDENTITY DEFAULT")
+        conn.execute("UPDATE tt SET n = 1 WHERE id = 1")
+        conn.execute("INSERT INTO tt VALUES (2, 'small', 0)")
+        listener.wait_for("without the value of column big", timeout=30)
+        shown = _status(dsn, 3, "the listener cannot append to this log")
+        assert 'ALTER TABLE "public"."tt" REPLICA IDENTITY FULL' in shown and "drop the log's slot" in shown, shown
+        assert conn.execute("SELECT tree_size FROM merkle.logs WHERE name = 'stuck'").fetchone()[0] == 1
+    finally:
+        listener.stop()
+    # The recovery, as the message gives it.
+    conn.execute("ALTER TABLE tt REPLICA IDENTITY FULL")
+    drop_slot(conn, "merkle_stuck")
+    cli("source", "remove", "stuck", "tt", dsn=dsn, check=True)
+    out = cli("source", "add", "stuck", "tt", "--mode", "replication", "--events", "insert,update,delete",
+              "--backfill", dsn=dsn, check=True)
+    assert "2 existing rows queued" in out.stdout, out.stdout
+    listener = start_listener(dsn)
+    try:
+        wait_for_size(conn, "stuck", 3, listener=listener)
+        conn.execute("UPDATE tt SET n = 2 WHERE id = 1")  # carried whole again
+        wait_for_size(conn, "stuck", 4, listener=listener)
+        shown = _status(dsn, 0, "log stuck")
+        assert "cannot append" not in shown, shown
+    finally:
+        said = listener.stop()
+    assert "writer stopped on error" not in said, said[-3000:]
+    h, e = canonical.leaf_hash_of_entry, canonical.entry_v1
+    rows = check_log(conn, "stuck")
+    assert [bytes(r[4]) for r in rows] == [
+        h(e("insert", "public.tt", {"id": "1", "big": "x" * 5000, "n": "0"})),
+        h(e("backfill", "public.tt", {"id": "1", "big": "x" * 5000, "n": "1"})),
+        h(e("backfill", "public.tt", {"id": "2", "big": "small", "n": "0"})),
+        h(e("update", "public.tt", {"id": "1", "big": "x" * 5000, "n": "2"})),
+    ]
+
+
+def test_source_remove_finishes_when_the_slot_is_gone_before_its_backfill_was_appended(rconn):
+    """A backfill is appended only while the log's slot streams: with the slot dropped first,
+    `source remove` used to wait for it for ever (exit 3, "run `merkle-listener run`"), and the
+    re-add that `status` asks for was refused. It now removes the source, saying which rows of
+    the backfill are not in the log, and the re-add logs them."""
+    conn, dsn = rconn, rconn.info.dsn
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO b SELECT generate_series(1, 3)")
+    registry.create_log(conn, "bf")
+    out = cli("source", "add", "bf", "b", "--mode", "replication", "--backfill", dsn=dsn, check=True)
+    assert "3 existing rows queued" in out.stdout
+    drop_slot(conn, "merkle_bf")
+    assert _status(dsn, 3, "slot merkle_bf: MISSING")
+    out = cli("source", "remove", "bf", "b", "--wait", "0", dsn=dsn)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ("the log's slot is missing, so the listener could not append the rest of public.b's backfill: "
+            "3 rows are not in the log") in out.stderr, out.stderr
+    assert conn.execute("SELECT count(*) FROM merkle.replication_backfill").fetchone()[0] == 0
+    conn.execute("INSERT INTO b VALUES (4)")
+    out = cli("source", "add", "bf", "b", "--mode", "replication", "--backfill", dsn=dsn, check=True)
+    assert "4 existing rows queued" in out.stdout
+    listener = start_listener(dsn)
+    try:
+        conn.execute("INSERT INTO b VALUES (5)")
+        wait_for_size(conn, "bf", 5, listener=listener)
+    finally:
+        listener.stop()
+    assert [(r[3], orjson_id(r[2])) for r in check_log(conn, "bf")] == [
+        ("backfill", "1"), ("backfill", "2"), ("backfill", "3"), ("backfill", "4"), ("insert", "5")]
+    _status(dsn, 0, "log bf")
+
+
+def test_source_remove_still_waits_for_a_backfill_the_slot_can_append(rconn):
+    """With the slot in place the backfill is still on its way: `source remove` keeps waiting
+    (exit 3) rather than leave part of the table's rows in the log."""
+    conn, dsn = rconn, rconn.info.dsn
+    conn.execute("CREATE TABLE w (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO w VALUES (1)")
+    registry.create_log(conn, "bw")
+    cli("source", "add", "bw", "w", "--mode", "replication", "--backfill", dsn=dsn, check=True)
+    out = cli("source", "remove", "bw", "w", "--wait", "0", dsn=dsn)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "1 rows of its backfill may still be on their way" in out.stdout, out.stdout
+    assert conn.execute("SELECT count(*) FROM merkle.replication_backfill").fetchone()[0] == 1
+
+
+@pytest.mark.oldest_and_newest
+def test_walsenders_used_up_are_reported_with_the_fix(pg_server):
+    """Each streaming log holds a walsender and `source add` needs one more to create a slot:
+    with none free, the refusal names max_wal_senders and what holds them, and nothing is
+    registered."""
+    base = Path(tempfile.mkdtemp(prefix="ml-senders-"))
+    server = EmbeddedPostgres(base, settings={"max_wal_senders": "1"}, bin_dir=pg_server.bin_dir)
+    server.start(owned=True)
+    try:
+        dsn = server.dsn()
+        with psycopg.connect(dsn) as conn:
+            migrate.apply(conn)
+            conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+            conn.commit()
+            registry.create_log(conn, "sa")
+            conn.commit()
+        held = open_replication(dsn)  # the one walsender, as a streaming listener holds it
+        try:
+            out = cli("source", "add", "sa", "a", "--mode", "replication", dsn=dsn)
+        finally:
+            held.finish()
+        assert out.returncode != 0
+        assert "max_wal_senders" in out.stderr and "every log a listener streams holds a walsender" in out.stderr, \
+            out.stderr
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM merkle.sources").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+        # With the walsender free again, the same command works.
+        cli("source", "add", "sa", "a", "--mode", "replication", dsn=dsn, check=True)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot('merkle_sa')")
+    finally:
+        server.destroy()
+
+
+def test_source_remove_with_the_slot_moved_past_the_log_says_so(rconn):
+    """A slot moved past the log is not streamed until the user chooses how to go on: `source
+    remove` keeps the backfill waiting (the user may accept the gap, and it is then appended) and
+    says why, not "run `merkle-listener run`"."""
+    conn, dsn = rconn, rconn.info.dsn
+    conn.execute("CREATE TABLE m (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO m VALUES (1)")
+    registry.create_log(conn, "mv")
+    cli("source", "add", "mv", "m", "--mode", "replication", "--backfill", dsn=dsn, check=True)
+    conn.execute("CREATE TABLE elsewhere (id int)")
+    conn.execute("INSERT INTO elsewhere VALUES (1)")  # WAL to move the slot over
+    conn.execute("SELECT pg_replication_slot_advance('merkle_mv', pg_current_wal_lsn())")
+    assert _status(dsn, 3, "something other than merkle-listener moved it")
+    out = cli("source", "remove", "mv", "m", "--wait", "0", dsn=dsn)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "log 'mv''s slot was moved past the log, and no listener streams it until you choose" in out.stdout, \
+        out.stdout
+    assert conn.execute("SELECT count(*) FROM merkle.replication_backfill").fetchone()[0] == 1
