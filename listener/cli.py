@@ -519,13 +519,14 @@ def _warn_of_unlogged_events(conn, source) -> None:
 @contextlib.contextmanager
 def _gap_warnings_printed():
     """Print each CaptureGapWarning raised in the block (what is not in the log, and how to get
-    it there) to stderr once the block has succeeded."""
+    it there) to stderr once the block has succeeded; the list yielded holds them then."""
+    gaps: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CaptureGapWarning)
-        yield
-    for gap in caught:
-        if issubclass(gap.category, CaptureGapWarning):
-            print(f"warning: {gap.message}", file=sys.stderr)
+        yield gaps
+    gaps.extend(str(w.message) for w in caught if issubclass(w.category, CaptureGapWarning))
+    for gap in gaps:
+        print(f"warning: {gap}", file=sys.stderr)
 
 
 def cmd_source(args) -> int:
@@ -583,7 +584,7 @@ def cmd_source(args) -> int:
                 source = registry.named_now(conn, [registry.find_source(conn, registry.get_log(conn, args.log),
                                                                         args.table)])[0]
                 missing = registry.missing_capture(conn, args.log, [source])
-            with _gap_warnings_printed():
+            with _gap_warnings_printed() as gaps:
                 queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
             if queued < 0:
                 from listener.sources.replication_setup import pending_message
@@ -598,14 +599,15 @@ def cmd_source(args) -> int:
                         else f"its outbox merkle.outbox_{source.source_id}")
                 print(f"{args.table} removed from log {args.log!r}; {gone} did not exist (a data-only restore?), "
                       "so no change of it was left to log")
-                # Nothing was captured since the restore, nor were the changes queued at the dump.
-                print("to add it again as it was, logging its rows as they are now: "
-                      f"{registry.add_command(args.log, source, backfill=True)}")
-                return 0
             else:
                 print(f"{args.table} removed from log {args.log!r}")
-            # Its options are gone with its registration: say how to add it again as it was.
-            print(f"to add it again as it was: {registry.add_command(args.log, source)}")
+            # Its options are gone with its registration: say how to add it again as it was. With
+            # changes of it not in the log (since a restore, or a slot gone), logging its rows anew.
+            if missing or gaps:
+                print("to add it again as it was, logging its rows as they are now: "
+                      f"{registry.add_command(args.log, source, backfill=True)}")
+            else:
+                print(f"to add it again as it was: {registry.add_command(args.log, source)}")
     return 0
 
 
@@ -634,7 +636,7 @@ def cmd_run(args) -> int:
         opts = RunOptions(dsn=dsn, logs=args.logs, poll_interval=args.poll, max_batch=args.max_batch,
                           signer=signer, state_dir=state_dir, checkpoint_interval=args.checkpoint_interval / 1000,
                           http=args.http)
-        anyio.run(_until_signal, run, opts)
+        anyio.run(_until_signal, _RUN_STOPPING, run, opts)
     return 0
 
 
@@ -743,7 +745,7 @@ def cmd_serve(args) -> int:
     if not args.worker_of_serve and port != 0:
         refuse_a_port_in_use(host, port)  # before the workers take it
     with database(args) as dsn, _workers(args, dsn):
-        anyio.run(_until_signal, partial(serve_http, shares_port=True), dsn, args.http, args.cache_mb,
+        anyio.run(_until_signal, "stopping", partial(serve_http, shares_port=True), dsn, args.http, args.cache_mb,
                   args.ready_max_age, args.preload, backend_options=options)
     return 0
 
@@ -775,7 +777,13 @@ def cmd_monitor(args) -> int:
     return monitor(args.url, args.log, _read_vkey(args.vkey), once=args.once, state=args.state, interval=args.interval)
 
 
-async def _until_signal(fn, *args) -> None:
+# A large batch can take seconds to commit: why nothing seems to happen after Ctrl-C.
+_RUN_STOPPING = ("stopping once the work in flight is done (a batch being appended commits first; a second signal "
+                 "abandons it, and it is rolled back)")
+
+
+async def _until_signal(stopping: str, fn, *args) -> None:
+    """Run fn until SIGINT or SIGTERM, logging `stopping` when one comes."""
     import anyio
 
     try:
@@ -783,10 +791,7 @@ async def _until_signal(fn, *args) -> None:
             async def stop_on_signal():
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
-                        # A large batch can take seconds to commit: say why nothing seems to happen.
-                        logging.getLogger("listener").info(
-                            "stopping once the work in flight is done (a batch being appended commits first; "
-                            "a second signal abandons it, and it is rolled back)")
+                        logging.getLogger("listener").info(stopping)
                         tg.cancel_scope.cancel()
                         return
 

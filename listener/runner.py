@@ -405,30 +405,33 @@ class _Checkpoints:
                                                  "root": b64encode(cp.root).decode()})
 
 
-# A writer that has not stopped on an error for this long is taken to be past it.
-ERROR_FORGOTTEN_AFTER = 30.0
+# A writer that has not stopped on an error for this long is taken to be past it: well over
+# the retries' longest wait (_Backoff), and the time a retry takes to get back to a change.
+ERROR_FORGOTTEN_AFTER = 120.0
 
 
 class _WriterErrors:
     """The error that stops the log's writer, kept on the log's row for `status`
-    (merkle.logs.writer_error) once it has stopped it twice running, so that one a retry gets
-    past is not reported; forgotten, and cleared there, once the writer has gone
-    ERROR_FORGOTTEN_AFTER seconds without stopping (longer than the retries' longest wait)."""
+    (merkle.logs.writer_error) from its second stop running on, so that one a retry gets past
+    is not reported; forgotten, and cleared there, once the writer has gone
+    ERROR_FORGOTTEN_AFTER seconds without stopping. `source add` and `source remove` clear it
+    too (registry.forget_writer_error): a writer still stopped keeps it again at its next stop."""
 
     def __init__(self, dsn: str, name: str):
         self.dsn, self.name = dsn, name
         self.last: str | None = None  # the last error, and how many times running it stopped the writer
         self.repeats = 0
-        self.last_stop = float("-inf")
-        self.kept = True  # unknown at start: an earlier listener may have kept one
+        # From start-up: an error kept by an earlier listener stands until this one is past it.
+        self.last_stop = time.monotonic()
+        self.kept = True  # unknown at start
 
     async def stopped(self, exc: BaseException) -> None:
         text = str(exc).strip() or type(exc).__name__
-        now = time.monotonic()
-        same = text == self.last and now - self.last_stop < ERROR_FORGOTTEN_AFTER
-        self.last, self.last_stop = text, now
-        self.repeats = self.repeats + 1 if same else 1
-        if self.repeats == 2:
+        self.repeats = self.repeats + 1 if text == self.last else 1
+        self.last, self.last_stop = text, time.monotonic()
+        if self.repeats >= 2:
+            # At every stop, not once: a save that failed (a lock held too long), or an error
+            # cleared by a `source add` meanwhile, is put back.
             self.kept = True
             await anyio.to_thread.run_sync(self._keep, text)
 
@@ -444,7 +447,10 @@ class _WriterErrors:
 
     async def running(self, conn: psycopg.Connection) -> None:
         """After each round of the writer that did not stop."""
-        if self.kept and time.monotonic() - self.last_stop >= ERROR_FORGOTTEN_AFTER:
+        if time.monotonic() - self.last_stop < ERROR_FORGOTTEN_AFTER:
+            return
+        self.last, self.repeats = None, 0
+        if self.kept:
             await anyio.to_thread.run_sync(_clear_writer_error, conn, self.name)
             self.kept = False
 

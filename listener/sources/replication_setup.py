@@ -271,19 +271,22 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
             "SELECT (SELECT count(*) FROM merkle.replication_backfill WHERE source_id = %(s)s), "
             "(SELECT next_ord - 1 FROM merkle.replication_backfill_state WHERE source_id = %(s)s)",
             {"s": source.source_id}).fetchone()
-        if left:
-            broken = _stream_broken(conn, log.log_id, log_name)
-            if broken is None:
-                # A backfill is appended over several batches: deleting the source now would drop
-                # the rest of it, leaving part of the table's rows in the log.
-                return -1
-            # The listener appends a backfill only while it streams the slot, which it cannot:
-            # waiting would be for ever. Re-added with --backfill, the table's rows are logged anew.
+        broken = _stream_broken(conn, log.log_id, log_name)
+        if left and broken is None:
+            # A backfill is appended over several batches: deleting the source now would drop
+            # the rest of it, leaving part of the table's rows in the log.
+            return -1
+        if broken is not None:
+            # Nothing more of the table can come through the slot, not even the rest of its
+            # backfill (appended only while the slot streams): waiting would be for ever.
+            end_lsn = conn.execute("SELECT end_lsn::text FROM merkle.replication_progress WHERE log_id = %s",
+                                   (log.log_id,)).fetchone()[0]
             before = f" (the {appended} before them in key order are)" if appended else ""
+            unappended = f", nor are the last {left} rows of its backfill{before}" if left else ""
             warnings.warn(CaptureGapWarning(
-                f"the log's slot {broken}, so the listener could not append the rest of {source.qualified}'s "
-                f"backfill: {left} rows are not in the log{before}. Adding the table again with --backfill logs "
-                "all its rows as they are now"), stacklevel=2)
+                f"the log's slot {broken}: changes of {source.qualified} committed after {end_lsn}, the position "
+                f"the log is logged up to, are not in the log{unappended}. Adding the table again with --backfill "
+                "logs its rows as they are now"), stacklevel=2)
         registry.delete_source(conn, source.source_id)
         _drop_slot_if_unused(conn, dsn, log.log_id, log_name, "the source is still registered; run this again")
     return 0
@@ -371,19 +374,26 @@ def _drop_publication_if_unused(conn: psycopg.Connection, log_id: int, log_name:
 
 def _drop_slot(dsn: str, slot: str, state: str) -> None:
     """Drop the slot; on failure say what `state` the registry is in and how to finish."""
-    role, may_replicate = None, True
+    why = f"cannot drop replication slot {slot} ({state})"
     try:
         with open_session(dsn, autocommit=True) as admin:
-            role, may_replicate = admin.execute(
-                "SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
-            publication.drop_slot(admin, slot)
+            role, may_replicate, streamed = admin.execute(
+                "SELECT current_user, (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), "
+                "(SELECT active_pid IS NOT NULL FROM pg_replication_slots "
+                " WHERE slot_name = %s AND database = current_database())", (slot,)).fetchone()
+            if streamed is None or may_replicate:  # no slot, or a role that may drop it
+                publication.drop_slot(admin, slot)
+                return
     except (psycopg.Error, DatabaseError) as exc:
-        why = f"cannot drop replication slot {slot} ({state}): {str(exc).strip().rstrip('.')}. "
-        if not may_replicate:
-            raise DatabaseError(why + "Run this again as a superuser, or after one has run ALTER ROLE "
-                                f"{sql.Identifier(role).as_string(None)} REPLICATION") from exc
-        raise DatabaseError(why + "Stop the process streaming from it (pg_stat_replication), or have a superuser "
-                            f"do so, then run this again; by hand: SELECT pg_drop_replication_slot('{slot}')") from exc
+        raise DatabaseError(f"{why}: {str(exc).strip().rstrip('.')}. Stop the process streaming from it "
+                            "(pg_stat_replication), or have a superuser do so, then run this again; by hand: "
+                            f"SELECT pg_drop_replication_slot('{slot}')") from exc
+    # PostgreSQL would refuse the drop; and ending a walsender is a step of its own.
+    raise DatabaseError(
+        f"{why}: role {role} lacks the REPLICATION attribute that dropping a slot needs. Run this again as a "
+        f"superuser, or after one has run ALTER ROLE {sql.Identifier(role).as_string(None)} REPLICATION"
+        + ("; and stop the `merkle-listener run` that streams from it first (ending another role's process needs "
+           "a superuser or a member of that role)" if streamed else ""))
 
 
 def drop_log(conn: psycopg.Connection, name: str, dsn: str | None = None) -> dict:
