@@ -543,6 +543,7 @@ def cmd_source(args) -> int:
                     mode=args.mode, events=_events(args.events), truncate=args.truncate, dsn=dsn,
                     doorbell=args.doorbell,
                 )
+            registry.forget_writer_error(conn, args.log)
             extra = f"; {queued} existing rows queued" if args.backfill else ""
             if source.mode == "replication":
                 extra += f"; {source.mode} mode, events {', '.join(source.events)}"
@@ -586,6 +587,8 @@ def cmd_source(args) -> int:
                 missing = registry.missing_capture(conn, args.log, [source])
             with _gap_warnings_printed() as gaps:
                 queued = registry.remove_source(conn, args.log, args.table, dsn=dsn, wait=args.wait)
+            if queued == 0:
+                registry.forget_writer_error(conn, args.log)
             if queued < 0:
                 from listener.sources.replication_setup import pending_message
 

@@ -368,15 +368,15 @@ def _insert_source(conn: psycopg.Connection, log: Log, spec: SourceSpec, append_
         )
         source = cur.fetchone()
     _record_column_types(conn, source.source_id, spec)
-    forget_writer_error(conn, log.log_id)
     return source
 
 
-def forget_writer_error(conn: psycopg.Connection, log_id: int) -> None:
+def forget_writer_error(conn: psycopg.Connection, log_name: str) -> None:
     """The log's sources changed (the way out of most errors that stop its writer): whatever
     error a listener kept for `status` is of before, and a writer still stopped keeps it again."""
-    conn.execute("UPDATE merkle.logs SET writer_error = NULL, writer_error_at = NULL "
-                 "WHERE log_id = %s AND writer_error IS NOT NULL", (log_id,))
+    with conn.transaction():
+        conn.execute("UPDATE merkle.logs SET writer_error = NULL, writer_error_at = NULL "
+                     "WHERE name = %s AND writer_error IS NOT NULL", (log_name,))
 
 
 def _record_column_types(conn: psycopg.Connection, source_id: int, spec: SourceSpec) -> None:
@@ -531,12 +531,9 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, *, dsn: s
 def delete_source(conn: psycopg.Connection, source_id: int) -> None:
     """Unregister a source. One with leaves in its log leaves its name behind in
     merkle.retired_sources (sql/019), for the proofs and lookups of those leaves."""
-    row = conn.execute("SELECT log_id FROM merkle.sources WHERE source_id = %s", (source_id,)).fetchone()
     conn.execute(
         "WITH gone AS (DELETE FROM merkle.sources WHERE source_id = %s "
         "RETURNING source_id, log_id, table_schema, table_name, mode) "
         "INSERT INTO merkle.retired_sources (source_id, log_id, table_schema, table_name, mode) "
         "SELECT * FROM gone g WHERE EXISTS (SELECT 1 FROM merkle.processed_log p "
         "WHERE p.log_id = g.log_id AND p.source_id = g.source_id)", (source_id,))
-    if row is not None:
-        forget_writer_error(conn, row[0])

@@ -415,7 +415,7 @@ class _WriterErrors:
     (merkle.logs.writer_error) from its second stop running on, so that one a retry gets past
     is not reported; forgotten, and cleared there, once the writer has gone
     ERROR_FORGOTTEN_AFTER seconds without stopping. `source add` and `source remove` clear it
-    too (registry.forget_writer_error): a writer still stopped keeps it again at its next stop."""
+    too (`registry.forget_writer_error`): a writer still stopped keeps it again at its next stop."""
 
     def __init__(self, dsn: str, name: str):
         self.dsn, self.name = dsn, name
