@@ -313,7 +313,7 @@ def bench_ceiling(dsn: str, conn: psycopg.Connection, rows: int, *, cpu: bool = 
     tree = MemoryTree()
     pids = {"python": [os.getpid()]}
 
-    async def read() -> tuple[float, dict[str, float]]:
+    async def read() -> tuple[float, dict[str, float], dict[str, float]]:
         done = anyio.Event()
 
         def received(txn: Transaction) -> None:
@@ -341,16 +341,19 @@ def bench_ceiling(dsn: str, conn: psycopg.Connection, rows: int, *, cpu: bool = 
                 with anyio.fail_after(600):
                     await done.wait()
                 tg.cancel_scope.cancel()
-            return time.perf_counter() - t, cpu_before
+            elapsed = time.perf_counter() - t
+            # Before the stream closes: its walsender exits then, and /proc forgets it.
+            cpu_after = {kind: _cpu_seconds(p) for kind, p in pids.items()} if cpu else {}
+            return elapsed, cpu_before, cpu_after
         finally:
             stream.close()
 
-    elapsed, cpu_before = anyio.run(read)
+    elapsed, cpu_before, cpu_after = anyio.run(read)
     # The root lets a caller check that this computed the leaves the listener commits.
     result = {"rows_per_s": round(rows / elapsed), "tree_size": tree.size, "tree_root": tree.root().hex()}
     if cpu:
-        result["cpu_us_per_row"] = {kind: round((_cpu_seconds(p) - cpu_before[kind]) / rows * 1e6, 1)
-                                    for kind, p in pids.items()}
+        result["cpu_us_per_row"] = {kind: round((cpu_after[kind] - cpu_before[kind]) / rows * 1e6, 1)
+                                    for kind in pids}
     return result
 
 
