@@ -27,6 +27,7 @@ import anyio
 import psycopg
 
 from listener.errors import ConfigurationError, MerkleListenerError, ProcessingError
+from listener.registry import forget_writer_error
 from listener.sequencer import DEFAULT_MAX_BATCH, QUIET_POLL_INTERVAL, Sequencer
 from listener.sources.replication_feed import ReplicationFeed
 from listener.sources.trigger import DOORBELL_CHANNEL
@@ -415,7 +416,7 @@ class _WriterErrors:
     (merkle.logs.writer_error) from its second stop running on, so that one a retry gets past
     is not reported; forgotten, and cleared there, once the writer has gone
     ERROR_FORGOTTEN_AFTER seconds without stopping. `source add` and `source remove` clear it
-    too (`registry.forget_writer_error`): a writer still stopped keeps it again at its next stop."""
+    too: a writer still stopped keeps it again at its next stop."""
 
     def __init__(self, dsn: str, name: str):
         self.dsn, self.name = dsn, name
@@ -451,14 +452,8 @@ class _WriterErrors:
             return
         self.last, self.repeats = None, 0
         if self.kept:
-            await anyio.to_thread.run_sync(_clear_writer_error, conn, self.name)
+            await anyio.to_thread.run_sync(forget_writer_error, conn, self.name)
             self.kept = False
-
-
-def _clear_writer_error(conn: psycopg.Connection, name: str) -> None:
-    with conn.transaction():
-        conn.execute("UPDATE merkle.logs SET writer_error = NULL, writer_error_at = NULL "
-                     "WHERE name = %s AND writer_error IS NOT NULL", (name,))
 
 
 class _Backoff:
