@@ -23,6 +23,9 @@ from listener import registry
 from listener.embedded import EmbeddedPostgres
 from tests.helpers import ROOT, cli, environment, start_listener
 
+# The command line's behaviour, which no PostgreSQL version between the ends changes.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def _footprint(conn) -> tuple:
     return conn.execute(

@@ -24,6 +24,9 @@ from listener.store.connect import open_replication
 from tests.helpers import check_log, cli, drop_slot, slots, start_listener
 from tests.test_replication import orjson_id, wait_for_size
 
+# Messages and recovery paths, alike on every version between the ends.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def _without_the_guard(conn: psycopg.Connection, statement: str) -> None:
     """Run `statement` as in a database where the DDL guard is not installed."""
@@ -155,7 +158,6 @@ def test_source_remove_still_waits_for_a_backfill_the_slot_can_append(rconn):
     assert conn.execute("SELECT count(*) FROM merkle.replication_backfill").fetchone()[0] == 1
 
 
-@pytest.mark.oldest_and_newest
 def test_walsenders_used_up_are_reported_with_the_fix(pg_server):
     """Each streaming log holds a walsender and `source add` needs one more to create a slot:
     with none free, the refusal names max_wal_senders and what holds them, and nothing is

@@ -15,6 +15,9 @@ from listener import registry
 from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import wait_for_size
 
+# Registration's bookkeeping, alike on every version between the ends.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def _with_guard_off(conn, event_triggers: str, statement: str) -> bool:
     """Run `statement` with the guard's event triggers named LIKE `event_triggers` disabled (as a
