@@ -293,35 +293,23 @@ def remove_source(conn: psycopg.Connection, log_name: str, table: str, dsn: str 
 
 
 def _stream_broken(conn: psycopg.Connection, log_id: int, log_name: str) -> str | None:
-    """Why the log's slot can never be streamed again (missing or lost), or None. A slot moved
-    past the log is not: the user may yet accept the gap (slot_health.ahead_message)."""
-    row = conn.execute(
-        "SELECT s.slot_name IS NULL, s.wal_status = 'lost' "
-        "FROM merkle.replication_progress p LEFT JOIN pg_replication_slots s "
-        "ON s.slot_name = %s AND s.database = current_database() WHERE p.log_id = %s",
-        (publication.slot_name(log_name), log_id)).fetchone()
-    if row is None:
-        return None
-    missing, lost = row
-    if missing:
-        return "is missing"
-    if lost:
-        return "is lost"
-    return None
+    """Why the log's slot can never be streamed again, or None. A slot moved past the log can:
+    the user may yet accept the gap (slot_health.ahead_message)."""
+    state = slot_health.stream_state(conn, log_id, log_name)
+    return None if state in (None, "moved") else f"is {state}"
 
 
 def pending_message(conn: psycopg.Connection, log_name: str, table: str) -> str:
     """What a `source remove` that returned -1 waits for, and what to do about it."""
     log = registry.get_log(conn, log_name)
     source = registry.find_source(conn, log, table)
-    behind, streaming, backfill, moved = conn.execute(
+    behind, streaming, backfill = conn.execute(
         "SELECT greatest(r.until_lsn - s.confirmed_flush_lsn, 0)::bigint, s.active_pid IS NOT NULL, "
-        "(SELECT count(*) FROM merkle.replication_backfill b WHERE b.source_id = r.source_id), "
-        "coalesce(p.slot_checked AND p.end_lsn <> '0/0' AND s.confirmed_flush_lsn > p.end_lsn, false) "
+        "(SELECT count(*) FROM merkle.replication_backfill b WHERE b.source_id = r.source_id) "
         "FROM merkle.replication_retired r LEFT JOIN pg_replication_slots s "
-        "ON s.slot_name = %s AND s.database = current_database() "
-        "LEFT JOIN merkle.replication_progress p ON p.log_id = %s WHERE r.source_id = %s",
-        (publication.slot_name(log_name), log.log_id, source.source_id)).fetchone() or (None, False, 0, False)
+        "ON s.slot_name = %s AND s.database = current_database() WHERE r.source_id = %s",
+        (publication.slot_name(log_name), source.source_id)).fetchone() or (None, False, 0)
+    moved = slot_health.stream_state(conn, log.log_id, log_name) == "moved"
     conn.commit()
     start = f"{source.qualified} left the log's publication; "
     if moved:

@@ -73,6 +73,21 @@ def collect(conn: psycopg.Connection, log_id: int, log_name: str) -> dict | None
     return report
 
 
+def stream_state(conn: psycopg.Connection, log_id: int, log_name: str) -> str | None:
+    """"missing", "lost" or "moved" (past the log, as collect() reports them), or None: the
+    few columns of collect() that decide whether the listener can stream the log's slot."""
+    row = conn.execute(
+        "SELECT s.slot_name IS NULL, s.wal_status = 'lost', "
+        "       p.slot_checked AND p.end_lsn <> '0/0' AND s.confirmed_flush_lsn > p.end_lsn "
+        "FROM merkle.replication_progress p LEFT JOIN pg_replication_slots s "
+        "ON s.slot_name = %s AND s.database = current_database() WHERE p.log_id = %s",
+        (slot_name(log_name), log_id)).fetchone()
+    if row is None:
+        return None
+    missing, lost, moved = row
+    return "missing" if missing else "lost" if lost else "moved" if moved else None
+
+
 def publication_message(log_name: str, problems: list[str], sources: list[Source]) -> str:
     pub = publication_name(log_name)
     return (f"publication {pub} was changed by hand ({'; '.join(problems)}): changes of the log's replication "
