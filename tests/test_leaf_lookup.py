@@ -27,6 +27,14 @@ def leaf(i: int) -> bytes:
     return hashlib.sha256(b"leaf %d" % i).digest()
 
 
+def summarize_only_by_hand(conn) -> None:
+    """Leave the summaries to the test's own calls. Autosummarize's requests are run by
+    autovacuum workers even for a table whose autovacuum is off, so both are turned off:
+    under load a worker summarized ranges between the test's steps."""
+    conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
+    conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")
+
+
 def heap_blocks(conn) -> int:
     return conn.execute("SELECT pg_relation_size('merkle.processed_log') / current_setting('block_size')::int"
                         ).fetchone()[0]
@@ -78,7 +86,7 @@ def by_key(conn, log_id: int, source: str, key: str, size: int = 2**63 - 1) -> t
 
 
 def test_summarized_ranges_narrow_a_lookup_to_the_leafs_range(conn):
-    conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")  # summaries are ours only
+    summarize_only_by_hand(conn)
     leaves = [leaf(i) for i in range(20_000)]
     log_id = insert_log(conn, "big", leaves, tiles=False)
     blocks = heap_blocks(conn)
@@ -117,9 +125,7 @@ def test_only_the_schemas_owner_summarizes(conn):
 
 
 def test_the_listener_summarizes_what_it_appended(conn, dsn):
-    # Autosummarize and autovacuum off: only the listener can summarize here.
-    conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
-    conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")
+    summarize_only_by_hand(conn)  # and by the listener's
     conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
     registry.create_log(conn, "audit")
     registry.add_source(conn, "audit", "orders")
@@ -144,8 +150,7 @@ def test_a_block_past_a_shrunk_table_starts_again(conn):
     """Found by review: after VACUUM FULL merkle.processed_log (docs/design.md advises it after
     a large log drop) the listener's block lay past the table's end, and the ranges refilled
     below it were never summarized by it: every lookup read them all."""
-    conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
-    conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")
+    summarize_only_by_hand(conn)
     insert_log(conn, "dropped", [leaf(-i) for i in range(1, 20_001)], tiles=False)
     reached = conn.execute("SELECT merkle.summarize_leaf_lookup(0)").fetchone()[0]
     assert reached > MARGIN
@@ -166,8 +171,7 @@ def test_leaves_of_a_row_are_found_by_key_through_the_summaries(conn):
     """sql/017: the unique change index no longer holds the key, so lookups by key (the HTTP
     API's /lookup) go through the BRIN summaries: every leaf of that row of that source, in log
     order, below the size asked for, and only a few ranges of the table read."""
-    conn.execute("ALTER TABLE merkle.processed_log SET (autovacuum_enabled = off)")
-    conn.execute("ALTER INDEX merkle.processed_log_leaf_lookup SET (autosummarize = off)")
+    summarize_only_by_hand(conn)
     for table in ("orders", "refunds"):
         conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text)")
     log_id = registry.create_log(conn, "audit").log_id
