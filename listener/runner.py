@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from base64 import b64encode
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -203,6 +204,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
     errors = _WriterErrors(opts.dsn, name)
     while True:
         conn = None
+        errors.attempt()
         try:
             conn = await anyio.to_thread.run_sync(partial(connect, opts.dsn, search_path=RUN_SEARCH_PATH))
             await _become_writer(conn, name, opts)
@@ -239,6 +241,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
                             _log_batch(name, streamed_batch)
                             await cps.maybe_publish()
                         if drained_batch is not None or streamed_batch is not None:
+                            errors.progressed()
                             backoff.reset()  # only progress resets it: a wedged log keeps backing off
                         if streamed_batch is None and (drained_batch is None or not drained_batch.more):
                             break
@@ -407,7 +410,8 @@ class _Checkpoints:
 
 
 # A writer that has not stopped on an error for this long is taken to be past it: well over
-# the retries' longest wait (_Backoff), and the time a retry takes to get back to a change.
+# the retries' longest wait (_Backoff), and the time a retry takes to get back to a change. A
+# retry seen to take longer (a huge transaction decoded again) stretches it: see _WriterErrors.
 ERROR_FORGOTTEN_AFTER = 120.0
 
 
@@ -415,21 +419,35 @@ class _WriterErrors:
     """The error that stops the log's writer, kept on the log's row for `status`
     (merkle.logs.writer_error) from its second stop running on, so that one a retry gets past
     is not reported; forgotten, and cleared there, once the writer has gone
-    ERROR_FORGOTTEN_AFTER seconds without stopping. `source add` and `source remove` clear it
-    too: a writer still stopped keeps it again at its next stop."""
+    ERROR_FORGOTTEN_AFTER seconds without stopping, or twice as long as its last attempt took
+    to stop when that attempt appended nothing (so a retry that needs minutes to reach the
+    change it is stuck on still finds the error remembered). `source add` and `source remove`
+    clear it too: a writer still stopped keeps it again at its next stop."""
 
-    def __init__(self, dsn: str, name: str):
-        self.dsn, self.name = dsn, name
+    def __init__(self, dsn: str, name: str, clock: Callable[[], float] = time.monotonic):
+        self.dsn, self.name, self.clock = dsn, name, clock
         self.last: str | None = None  # the last error, and how many times running it stopped the writer
         self.repeats = 0
         # From start-up: an error kept by an earlier listener stands until this one is past it.
-        self.last_stop = time.monotonic()
+        self.last_stop = self.attempt_start = clock()
+        self.forget_after = ERROR_FORGOTTEN_AFTER
+        self.appended = False  # whether the writer's current attempt has appended a batch
         self.kept = True  # unknown at start
+
+    def attempt(self) -> None:
+        """At each (re)start of the writer."""
+        self.attempt_start, self.appended = self.clock(), False
+
+    def progressed(self) -> None:
+        """When the writer appended a batch."""
+        self.appended = True
 
     async def stopped(self, exc: BaseException) -> None:
         text = str(exc).strip() or type(exc).__name__
         self.repeats = self.repeats + 1 if text == self.last else 1
-        self.last, self.last_stop = text, time.monotonic()
+        self.last, self.last_stop = text, self.clock()
+        took = 0.0 if self.appended else self.last_stop - self.attempt_start
+        self.forget_after = max(ERROR_FORGOTTEN_AFTER, 2 * took)
         if self.repeats >= 2:
             # At every stop, not once: a save that failed (a lock held too long), or an error
             # cleared by a `source add` meanwhile, is put back.
@@ -448,7 +466,7 @@ class _WriterErrors:
 
     async def running(self, conn: psycopg.Connection) -> None:
         """After each round of the writer that did not stop."""
-        if time.monotonic() - self.last_stop < ERROR_FORGOTTEN_AFTER:
+        if self.clock() - self.last_stop < self.forget_after:
             return
         self.last, self.repeats = None, 0
         if self.kept:

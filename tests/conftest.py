@@ -62,6 +62,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_INSTALLATIONS] = [(path, _version_id(path)) for path in _installations()]
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker more than the cores this process may use, since much of a test's
+    time is spent waiting on a server or a timer with the cores idle."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Every test that needs the database runs once per installation; pytest groups them so
     # that each installation's cluster starts once.

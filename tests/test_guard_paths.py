@@ -779,7 +779,7 @@ def test_dropping_what_a_hashed_composites_attribute_is_made_of_is_refused(guard
         other.execute(f"CREATE TYPE types.pair AS (x numeric, y {attr_type})")
         other.execute(f"GRANT USAGE ON SCHEMA types TO {role}")
         # the composite in a schema the writer does not own, so that DROP OWNED drops only d
-        su.execute(f"CREATE SCHEMA keep; ALTER TYPE types.pair SET SCHEMA keep")
+        su.execute("CREATE SCHEMA keep; ALTER TYPE types.pair SET SCHEMA keep")
         su.execute(f"ALTER TYPE keep.pair OWNER TO {role}; GRANT USAGE ON SCHEMA keep TO {role}")
         value = {"types.d": "(1,2)", "types.e": "(1,a)", "types.inner_row": "(1,\"(3)\")"}[attr_type]
         _text_kept(guarded, other, "keep.pair", value, drop.format(writer=writer))

@@ -19,6 +19,9 @@ from tests.helpers import ROOT, cli, environment
 from tests.test_guard_role import _guard_cli, _is_superuser, owned  # noqa: F401 (the fixture)
 from tests.test_nonsuperuser import plain  # noqa: F401 (the fixture)
 
+# Lock waits of the guard's event triggers, alike from 15 on: run at either end.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def _recorder(app, role: str) -> None:
     """public.folded(), IMMUTABLE, records whom it ran as, and makes the role a superuser if that was one."""

@@ -19,6 +19,9 @@ from listener.runner import connect
 from tests.helpers import cli
 from tests.http_server import ORDERS, http_log  # noqa: F401  (fixture)
 
+# The HTTP API over a log's rows: plain queries, alike on every version between the ends.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def leaf_hashes(dsn: str) -> list[bytes]:
     with psycopg.connect(dsn) as conn:

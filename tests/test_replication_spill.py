@@ -25,6 +25,9 @@ from tests.test_replication import _receive, wait_for_size
 from tests.test_replication_transactions import _replication_log
 from tests.test_sql_vs_python import stored_tiles
 
+# A spill file that cannot grow: the same decoding to disk on every version between the ends.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def _relation(oid: int, name: str) -> po.Relation:
     return po.Relation(oid, "public", name, "f", (po.Column("id", 23, -1, True),))

@@ -18,7 +18,7 @@ import pytest
 from listener import canonical, registry
 from listener.errors import ProcessingError
 from listener.embedded import EmbeddedPostgres
-from listener.runner import _WriterErrors
+from listener.runner import ERROR_FORGOTTEN_AFTER, _WriterErrors
 from listener.store import migrate
 from listener.store.connect import open_replication
 from tests.helpers import check_log, cli, drop_slot, slots, start_listener
@@ -276,3 +276,63 @@ def test_source_remove_with_a_lost_slot_says_which_changes_are_not_in_the_log(rc
     assert "--backfill" in [line for line in out.stdout.splitlines() if "source add" in line][0], out.stdout
     assert conn.execute("SELECT tree_size FROM merkle.logs WHERE name = 'lossy'").fetchone()[0] == 0
     assert slots(conn) == []
+
+
+def test_an_error_that_a_slow_retry_takes_minutes_to_reach_is_still_kept(rconn):
+    """Each retry decodes the stuck transaction again before it fails: if that takes longer
+    than ERROR_FORGOTTEN_AFTER, the error was forgotten between stops and never shown. An
+    attempt that appended nothing before it stopped now tells how long to remember it."""
+    conn, dsn = rconn, rconn.info.dsn
+    registry.create_log(conn, "slow")
+    now = [0.0]
+    errors = _WriterErrors(dsn, "slow", clock=lambda: now[0])
+    stuck = ProcessingError("public.tt: a change arrived without the value of column big")
+
+    def kept() -> str | None:
+        return conn.execute("SELECT writer_error FROM merkle.logs WHERE name = 'slow'").fetchone()[0]
+
+    def attempt_that_stops_after(seconds: float) -> None:
+        errors.attempt()
+        for _ in range(int(seconds // 10)):  # its rounds while the stream decodes
+            now[0] += 10
+            anyio.run(errors.running, conn)
+        anyio.run(errors.stopped, stuck)
+
+    attempt_that_stops_after(ERROR_FORGOTTEN_AFTER * 2.5)
+    attempt_that_stops_after(ERROR_FORGOTTEN_AFTER * 2.5)
+    assert kept() == str(stuck)
+    attempt_that_stops_after(ERROR_FORGOTTEN_AFTER * 2.5)
+    assert kept() == str(stuck)
+
+    # An attempt that appends and then runs on is past the error: forgotten after the usual time.
+    errors.attempt()
+    errors.progressed()
+    now[0] += ERROR_FORGOTTEN_AFTER - 1
+    anyio.run(errors.running, conn)
+    assert kept() == str(stuck)
+    now[0] += ERROR_FORGOTTEN_AFTER * 5
+    anyio.run(errors.running, conn)
+    assert kept() is None
+
+
+def test_an_error_after_progress_is_forgotten_after_the_usual_time(rconn):
+    """A writer that appended for hours, then stopped twice on a passing error: the length of
+    its last attempt says nothing of a retry, so the error is not remembered for twice that."""
+    conn, dsn = rconn, rconn.info.dsn
+    registry.create_log(conn, "busy")
+    now = [0.0]
+    errors = _WriterErrors(dsn, "busy", clock=lambda: now[0])
+    passing = ProcessingError("canceling statement due to lock timeout")
+    errors.attempt()
+    errors.progressed()
+    now[0] += 3 * 3600
+    anyio.run(errors.stopped, passing)
+    errors.attempt()
+    now[0] += 1
+    anyio.run(errors.stopped, passing)
+    assert conn.execute("SELECT writer_error FROM merkle.logs WHERE name = 'busy'").fetchone()[0] == str(passing)
+    errors.attempt()
+    errors.progressed()
+    now[0] += ERROR_FORGOTTEN_AFTER + 1
+    anyio.run(errors.running, conn)
+    assert conn.execute("SELECT writer_error FROM merkle.logs WHERE name = 'busy'").fetchone()[0] is None

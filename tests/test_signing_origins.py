@@ -27,6 +27,9 @@ from listener.store.checkpoints import SigningRefused, publish
 from tests.helpers import cli, start_listener
 from tests.test_checkpoints import leaves, set_tree
 
+# Signing and the key's memory: no PostgreSQL version between the ends changes them.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 @pytest.fixture
 def signer():

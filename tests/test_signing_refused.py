@@ -13,12 +13,16 @@ import time
 import urllib.request
 
 import psycopg
+import pytest
 
 from listener.checkpoint import open_checkpoint
 from listener.note import Verifier
 from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import wait_for_size
 from tests.test_restore import _dump, _restore, restored_name  # noqa: F401 - a fixture
+
+# Signing after a restore: pg_dump/pg_restore and plain queries, alike between the ends.
+pytestmark = pytest.mark.oldest_and_newest
 
 
 def _write(dsn: str, ids) -> None:

@@ -293,7 +293,7 @@ def test_a_partition_leaves_its_source_only_empty_and_source_remove_takes_every_
     assert conn.execute("SELECT count(*) FROM m").fetchone()[0] == 1
     conn.execute("DELETE FROM m_2026")
     conn.execute("ALTER TABLE m DETACH PARTITION m_2026")
-    assert (f"m_2026", f"merkle_partition_{sid}", "A") not in _guards(conn)
+    assert ("m_2026", f"merkle_partition_{sid}", "A") not in _guards(conn)
     conn.execute("INSERT INTO m_2026 VALUES (2, '2026-03-01', 1)")  # a table of its own now
     conn.execute("TRUNCATE m_2026")
     conn.execute("DROP TABLE m_2026")

@@ -17,6 +17,9 @@ from listener.runner import connect
 from listener.sequencer import Sequencer
 from tests.helpers import check_log, cli, start_listener
 
+# Trigger capture (transition tables, the outbox), unchanged between the ends.
+pytestmark = pytest.mark.oldest_and_newest
+
 TABLES = """
 CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(12,2), placed_at timestamptz);
 CREATE TABLE payments (id bigint PRIMARY KEY, order_id bigint NOT NULL, method text);

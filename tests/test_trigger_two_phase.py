@@ -17,6 +17,9 @@ from listener.sources import trigger
 from tests.helpers import check_log, cli, start_listener
 from tests.test_replication import orjson_id, wait_for_size
 
+# Prepared transactions and the doorbell, which no version between the ends changes.
+pytestmark = pytest.mark.oldest_and_newest
+
 
 def _prepare_insert(dsn: str, gid: str, *ids: int) -> None:
     """One prepared transaction inserting `ids`, one statement each."""
