@@ -208,6 +208,7 @@ async def _writer(opts: RunOptions, wakeups: _Wakeups, drained: _Drained, name: 
         try:
             conn = await anyio.to_thread.run_sync(partial(connect, opts.dsn, search_path=RUN_SEARCH_PATH))
             await _become_writer(conn, name, opts)
+            errors.attempt()  # again: a wait for another listener's writer lock is not the retry's time
             seq = Sequencer(conn, name, max_batch=opts.max_batch)
             await anyio.to_thread.run_sync(seq.load)
             log.info("writer for log", extra={"log": name, "tree_size": seq.tree.size,
