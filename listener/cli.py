@@ -159,12 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ready-max-age", type=float, default=60.0, metavar="SECONDS",
                     help="/readyz fails when the latest checkpoint is older (default 60)")
 
-    mo = sub.add_parser("monitor", help="follow a log's checkpoints over HTTP; verify signatures and consistency")
+    mo = sub.add_parser(
+        "monitor", help="follow a log's checkpoints over HTTP; verify signatures and consistency",
+        description="Follow a log's signed checkpoints: verify each one's signature, and a consistency proof from "
+                    "the last one verified to it (the log only grew).",
+        epilog="Exit status: 0 with --once when the checkpoint verified and extends the last; 1 on an inconsistency "
+               "(two signed histories: both signed notes are printed, and kept in STATE.evidence; this ends the "
+               "monitor even without --once), or with --once on a checkpoint that does not verify; 2 when the log "
+               "cannot be read (with --once) or an option or the state file is wrong.")
     mo.add_argument("log", help="the log's name on that server")
     mo.add_argument("--url", required=True, help="base URL of the HTTP API, e.g. http://127.0.0.1:8080")
     mo.add_argument("--vkey", required=True, help="verifier key text, or @FILE")
     mo.add_argument("--once", action="store_true", help="check the current checkpoint against the last seen, then exit")
     mo.add_argument("--state", type=Path, help="file remembering the last verified checkpoint (default: none)")
+    mo.add_argument("--origin", help="the log's origin (its checkpoints' first line), e.g. example.com/audit: a "
+                                     "checkpoint of another is refused. Without it, the first checkpoint's is followed")
     mo.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
 
     st = sub.add_parser("status", help="logs, sizes, roots, queued changes")
@@ -180,17 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("first", type=int, help="the older tree size (one whose root you trust)")
     pc.add_argument("second", type=int, help="the newer tree size, at most the log's")
 
-    vf = sub.add_parser("verify", help="check a proof JSON offline (no database)")
-    vf.add_argument("file", help="a file written by `prove`, or - for standard input")
-    vf.add_argument("--root", help="base64 root you trust at the proof's size (an inclusion proof's tree_size, a "
-                                   "consistency proof's SECOND); the proof must lead to it")
-    vf.add_argument("--checkpoint", type=Path, help="a signed checkpoint file: verify it (with --vkey) and use its root "
-                                                    "as --root")
-    vf.add_argument("--old-root", help="consistency proofs: base64 root you trusted at size FIRST; the proof must "
+    vf = sub.add_parser(
+        "verify", help="check a proof JSON or a signed checkpoint offline (no database)",
+        description="Check a proof document (as `prove` or the HTTP API writes it) against roots you trust, or a "
+                    "signed checkpoint against the log's verifier key. A root is trusted at a size: give --root with "
+                    "--size, or a signed checkpoint, which names both.",
+        epilog="Exit status: 0 when it verified; 1 when it did not (the reason follows FAILED:); 2 on a usage "
+               "error (an unreadable file, options that do not fit the document).")
+    vf.add_argument("file", help="a proof document (JSON) or a signed checkpoint (text), or - for standard input")
+    vf.add_argument("--root", help="base64 root you trust at --size; the proof must lead to it")
+    vf.add_argument("--size", type=int, help="the tree size at which you trust --root: an inclusion proof's "
+                                             "tree_size, a consistency proof's second, must be it")
+    vf.add_argument("--checkpoint", type=Path, help="a signed checkpoint file: verify it (with --vkey) and use its "
+                                                    "size and root as --size and --root")
+    vf.add_argument("--old-root", help="consistency proofs: base64 root you trusted at --old-size; the proof must "
                                        "start from it (this is what shows that the log only grew since)")
+    vf.add_argument("--old-size", type=int, help="consistency proofs: the tree size at which you trusted --old-root "
+                                                 "(the proof's first)")
     vf.add_argument("--old-checkpoint", type=Path, help="consistency proofs: a signed checkpoint at size FIRST; verify "
-                                                        "it (with --vkey) and use its root as --old-root")
-    vf.add_argument("--vkey", help="verifier key text, or @FILE (needed with a checkpoint)")
+                                                        "it (with --vkey) and use its size and root as --old-size "
+                                                        "and --old-root")
+    vf.add_argument("--vkey", help="verifier key text, or @FILE: checks a signed checkpoint (the file, or "
+                                   "--checkpoint and --old-checkpoint)")
 
     dm = sub.add_parser("demo", help="a guided run: two tables, concurrent writers, proofs verified")
     dm.add_argument("--rows", type=int, default=200, help="rows per writer (default 200)")
@@ -777,7 +797,8 @@ def cmd_monitor(args) -> int:
     # time.sleep refuses a negative one and inf; 0 would poll the server in a busy loop.
     if not 0 < args.interval < 1e6:
         raise ConfigurationError("--interval must be more than 0 and less than 1e6 seconds")
-    return monitor(args.url, args.log, _read_vkey(args.vkey), once=args.once, state=args.state, interval=args.interval)
+    return monitor(args.url, args.log, _read_vkey(args.vkey), once=args.once, state=args.state, origin=args.origin,
+                   interval=args.interval)
 
 
 # A large batch can take seconds to commit: why nothing seems to happen after Ctrl-C.
@@ -839,53 +860,76 @@ def cmd_prove(args) -> int:
 
 def cmd_verify(args) -> int:
     """A proof document (JSON) or a signed checkpoint (text); a proof may be checked against the
-    root of a signed checkpoint (--checkpoint with --vkey)."""
+    root of a signed checkpoint (--checkpoint with --vkey) or a root trusted at a size."""
     from listener import proofs
     from listener.checkpoint import open_checkpoint
 
     if not args.file:  # Path("") is ".": "cannot read .: Is a directory" would puzzle
         raise ConfigurationError("no proof file given: name a file written by `prove`, or - for standard input")
     raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(Path(args.file))
+    proof_options = [flag for flag, value in (("--root", args.root), ("--size", args.size), ("--checkpoint", args.checkpoint),
+                                              ("--old-root", args.old_root), ("--old-size", args.old_size),
+                                              ("--old-checkpoint", args.old_checkpoint)) if value is not None]
     if "\n\n\u2014 ".encode() in raw:  # a signed note: text, blank line, "— " signature lines
+        if proof_options:
+            raise ConfigurationError(f"{args.file} is a signed checkpoint, checked with --vkey alone; "
+                                     f"{', '.join(proof_options)} are for proofs")
         cp, note = open_checkpoint(raw, [_read_vkey(args.vkey)])
         print(f"OK: checkpoint of {cp.origin} at size {cp.size}, root {proofs.b64(cp.root)}, "
               f"signed by {', '.join(note.verified_by)}")
         return 0
+    if "\r\n\r\n\u2014 ".encode() in raw:
+        raise ProofVerificationError(f"{args.file} is a signed checkpoint with CRLF line ends, which no signature "
+                                     "covers: a signed note's lines end in LF (was it copied through a Windows tool?)")
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ProofVerificationError(f"{args.file} is not JSON: {exc}") from None
+        raise ProofVerificationError(
+            f"{args.file} is neither a signed checkpoint (text, a blank line, then lines starting '\u2014 ') nor a "
+            f"proof document (JSON: {exc})") from None
     kind = doc.get("type") if isinstance(doc, dict) else None
-    if kind == "inclusion" and (args.old_root or args.old_checkpoint):
-        raise ConfigurationError("--old-root and --old-checkpoint are for consistency proofs; an inclusion proof "
-                                 "has one root: give it with --root or --checkpoint")
-    trusted = _trusted_root(args.root, args.checkpoint, args.vkey, doc, "tree_size" if kind == "inclusion" else "second",
-                            "--root", "--checkpoint")
-    trusted_first = _trusted_root(args.old_root, args.old_checkpoint, args.vkey, doc, "first",
-                                  "--old-root", "--old-checkpoint")
+    if kind not in ("inclusion", "consistency"):
+        proofs.verify_document(doc)  # says what a proof document is
+    if kind == "inclusion" and (args.old_root or args.old_size is not None or args.old_checkpoint):
+        raise ConfigurationError("--old-root, --old-size and --old-checkpoint are for consistency proofs; an inclusion "
+                                 "proof has one root: give it with --root and --size, or --checkpoint")
+    if args.vkey and not (args.checkpoint or args.old_checkpoint):
+        raise ConfigurationError("--vkey checks a signed checkpoint: give one with --checkpoint (or --old-checkpoint), "
+                                 "or verify the checkpoint file itself")
+    trusted = _trusted_root(args.root, args.size, args.checkpoint, args.vkey, doc,
+                            "tree_size" if kind == "inclusion" else "second", "--root", "--size", "--checkpoint")
+    trusted_first = _trusted_root(args.old_root, args.old_size, args.old_checkpoint, args.vkey, doc, "first",
+                                  "--old-root", "--old-size", "--old-checkpoint")
     print(proofs.verify_document(doc, trusted, trusted_first))
     return 0
 
 
-def _trusted_root(root: str | None, checkpoint: Path | None, vkey: str | None, doc, size_key: str,
-                  root_flag: str, checkpoint_flag: str) -> bytes | None:
-    """The root given by `root_flag` (base64) or `checkpoint_flag` (a signed checkpoint at the
-    document's `size_key`), or None."""
+def _trusted_root(root: str | None, size: int | None, checkpoint: Path | None, vkey: str | None, doc: dict,
+                  size_key: str, root_flag: str, size_flag: str, checkpoint_flag: str) -> bytes | None:
+    """The root given by `root_flag` (base64, trusted at `size_flag`) or `checkpoint_flag` (a
+    signed checkpoint), or None; the document's `size_key` must be that size: a root alone
+    does not say which tree it is of, and a proof for another size could be made to lead to it."""
     from listener import proofs
     from listener.checkpoint import open_checkpoint
 
+    if (root is None) != (size is None) and checkpoint is None:
+        raise ConfigurationError(f"{root_flag} and {size_flag} go together: the root you trust and the tree size you "
+                                 "trust it at (or give a signed checkpoint, which names both)")
     trusted = proofs.unb64(root, root_flag) if root else None
-    if checkpoint is None:
-        return trusted
-    cp, _ = open_checkpoint(_read_file(checkpoint), [_read_vkey(vkey)])
-    if trusted is not None and trusted != cp.root:
-        raise ProofVerificationError(f"{root_flag} and the root of {checkpoint_flag} differ")
-    if isinstance(doc, dict) and doc.get(size_key) != cp.size:
+    where = f"{root_flag} and {size_flag}"
+    if checkpoint is not None:
+        cp, _ = open_checkpoint(_read_file(checkpoint), [_read_vkey(vkey)])
+        if trusted is not None and trusted != cp.root:
+            raise ProofVerificationError(f"{root_flag} and the root of {checkpoint_flag} differ")
+        if size is not None and size != cp.size:
+            raise ProofVerificationError(f"{size_flag} is {size} but the checkpoint of {checkpoint_flag} is at size {cp.size}")
+        print(f"OK: checkpoint of {cp.origin} at size {cp.size} signed by a known key")
+        trusted, size, where = cp.root, cp.size, f"the checkpoint of {checkpoint_flag}"
+    if size is not None and doc.get(size_key) != size:
         raise ProofVerificationError(
-            f"the proof's {size_key} is {doc.get(size_key)!r} but the checkpoint of {checkpoint_flag} is at size "
-            f"{cp.size}; ask for a proof at size {cp.size}")
-    print(f"OK: checkpoint of {cp.origin} at size {cp.size} signed by a known key")
-    return cp.root
+            f"the proof's {size_key} is {doc.get(size_key)!r} but the root you trust ({where}) is at size {size}; "
+            f"ask for a proof at size {size}")
+    return trusted
 
 
 def _read_file(path: Path) -> bytes:

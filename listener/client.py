@@ -152,6 +152,8 @@ class Client:
 
     def verify_consistency(self, old: Checkpoint, new: Checkpoint) -> None:
         """Check that `new`'s tree extends `old`'s; raises ProofVerificationError if not."""
+        if new.origin != old.origin:
+            raise ProofVerificationError(f"the checkpoints are of two logs: origin {old.origin!r}, then {new.origin!r}")
         if new.size < old.size:
             raise ProofVerificationError(f"the log shrank: checkpoint size {new.size} after {old.size}")
         doc = self.get_json(f"/v1/logs/{self.log}/proof/consistency?first={old.size}&second={new.size}")

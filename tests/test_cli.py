@@ -136,26 +136,39 @@ def test_prove_and_verify_round_trip_and_tampering_is_caught(conn, dsn, tmp_path
     said = cli("verify", "-", input=cons, check=True).stdout
     assert said.startswith(f"OK: the tree of size 300 (root {second_root}) extends the tree of size 17 "
                            f"(root {first_root}); first_root and second_root taken from the proof itself")
-    assert cli("verify", "-", "--root", second_root, input=cons).returncode == 0
-    assert cli("verify", "-", "--root", first_root, input=cons).returncode == 1
+    assert cli("verify", "-", "--root", second_root, "--size", "300", input=cons).returncode == 0
+    assert cli("verify", "-", "--root", first_root, "--size", "300", input=cons).returncode == 1
     # The auditor's question: does the log now extend the root I trusted at size 17?
-    said = cli("verify", "-", "--old-root", first_root, "--root", second_root, input=cons, check=True).stdout
+    said = cli("verify", "-", "--old-root", first_root, "--old-size", "17", "--root", second_root, "--size", "300",
+               input=cons, check=True).stdout
     assert "taken from the proof" not in said
     earlier = json.loads(cli("prove", "inclusion", "audit", "3", "--size", "17", dsn=dsn, check=True).stdout)["root"]
     assert earlier == first_root
     # A proof from a forked history: valid in itself, but not from the root the auditor held.
     forked = json.loads(cli("prove", "consistency", "audit", "18", "300", dsn=dsn, check=True).stdout)
     forked["first"] = 17
-    out = cli("verify", "-", "--old-root", first_root, input=json.dumps(forked))
+    out = cli("verify", "-", "--old-root", first_root, "--old-size", "17", input=json.dumps(forked))
     assert out.returncode == 1 and out.stderr.startswith("FAILED"), out.stdout + out.stderr
     cons18 = cli("prove", "consistency", "audit", "18", "300", dsn=dsn, check=True).stdout
-    out = cli("verify", "-", "--old-root", first_root, input=cons18)
+    out = cli("verify", "-", "--old-root", first_root, "--old-size", "18", input=cons18)
     assert out.returncode == 1 and f"not the trusted root {first_root}" in out.stderr, out.stderr
-    out = cli("verify", str(inc), "--old-root", first_root)
+    out = cli("verify", "-", "--old-root", first_root, "--old-size", "17", input=cons18)
+    assert out.returncode == 1 and "the proof's first is 18 but the root you trust" in out.stderr, out.stderr
+    out = cli("verify", str(inc), "--old-root", first_root, "--old-size", "17")
     assert out.returncode == 2 and "for consistency proofs" in out.stderr
+    out = cli("verify", "-", "--root", second_root, input=cons)
+    assert out.returncode == 2 and "--root and --size go together" in out.stderr, out.stderr
 
     out = cli("prove", "inclusion", "audit", "300", dsn=dsn)
     assert out.returncode == 2 and "outside" in out.stderr
+
+    # Found by review: a root alone does not say which tree it is of. Leaf 2 of the tree of
+    # size 3, its proof relabelled as leaf 1 of size 2, verified against size 3's root, and
+    # verify said "leaf 1 is in the tree of size 2".
+    small = json.loads(cli("prove", "inclusion", "audit", "2", "--size", "3", dsn=dsn, check=True).stdout)
+    relabelled = json.dumps(dict(small, leaf_index=1, tree_size=2))
+    out = cli("verify", "-", "--root", small["root"], "--size", "3", input=relabelled)
+    assert out.returncode == 1 and "the proof's tree_size is 2 but the root you trust" in out.stderr, out.stdout + out.stderr
 
 
 def test_demo_runs_and_every_check_holds(pg_server):

@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from listener import canonical, merkle
-from listener.checkpoint import Checkpoint
+from listener.checkpoint import Checkpoint, open_checkpoint
 from listener.client import ClientError
+from listener.errors import ProofVerificationError
 from listener.runner import connect
 from tests.helpers import cli
 from tests.http_server import ORDERS, http_log  # noqa: F401  (fixture)
@@ -112,6 +113,28 @@ def test_post_verify(http_log):
         assert status == 400 and "error" in orjson.loads(body)
 
 
+def test_an_entry_claim_with_two_different_entries_is_refused(http_log):
+    """Found by review: with "entry" and "entry_base64" both given, one was verified and the
+    other ignored, so a claim about another entry came back verified."""
+    with http_log.client() as c:
+        e = c.entry(5)
+        proof = {k: v for k, v in c.inclusion_proof(index=5).items() if k != "type"}
+        both = {"type": "entry", "entry": e["entry"], "entry_base64": e["entry_base64"], **proof}
+        assert c.verify_remote(both)["verified"] is True  # an entry document's two forms, alike
+        for forged in ({"entry_base64": base64.b64encode(b"other").decode()}, {"entry": "other"}):
+            verdict = c.verify_remote({**both, **forged})
+            assert verdict["verified"] is False and "two different entries" in verdict["reason"], verdict
+
+
+def test_a_leaf_hash_in_unpadded_url_safe_base64_is_found(http_log):
+    with http_log.client() as c:
+        leaf_hash = c.inclusion_proof(index=6)["leaf_hash"]
+        for form in (leaf_hash, base64.urlsafe_b64encode(base64.b64decode(leaf_hash)).decode().rstrip("="),
+                     leaf_hash.rstrip("=")):
+            status, body, _ = c.request("GET", "/v1/logs/audit/proof/inclusion?leaf_hash=" + urllib.parse.quote(form))
+            assert status == 200 and orjson.loads(body)["leaf_index"] == 6, (form, body)
+
+
 @pytest.mark.parametrize("path, status", [
     ("/v1/logs/audit/proof/inclusion?index=-1", 400),
     ("/v1/logs/audit/proof/inclusion?index=99999999", 400),
@@ -122,6 +145,7 @@ def test_post_verify(http_log):
     ("/v1/logs/audit/entries/abc", 400),
     ("/v1/logs/audit/entries/100000", 404),
     ("/v1/logs/audit/lookup?source=public.orders&key=" + urllib.parse.quote("[1]"), 400),
+    ("/v1/logs/audit/lookup?source=public.ord%00ers&key=" + urllib.parse.quote('{"id":"1"}'), 400),  # was a 500
     ("/audit/tile/0/x000/001", 404),
     ("/audit/tile/0/5", 404),
     ("/audit/tile/0/001.p/256", 404),
@@ -154,6 +178,17 @@ def test_monitor_and_verify_cli(http_log, tmp_path):
     state.write_text(http_log.signer.sign(Checkpoint("example.com/audit", 10, hashlib.sha256(b"fork").digest()).body()))
     bad = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(state))
     assert bad.returncode == 1 and "INCONSISTENT" in bad.stderr
+    # Found by review: only the kept note was printed, and alone it proves nothing. Both signed
+    # notes are the evidence: printed, and kept beside the state file.
+    evidence = (tmp_path / "seen.evidence").read_text()
+    kept, served = evidence.split("the checkpoint the server then signed, which does not extend it:\n")
+    assert state.read_text() in kept and kept.startswith("last verified checkpoint (size 10):")
+    served_cp, _ = open_checkpoint(served, [http_log.signer.verifier], "example.com/audit")
+    assert served_cp.size >= 10 and evidence in bad.stderr
+    # Without --once too: a monitor that has seen two histories stops, and says so.
+    looping = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--interval", "0.1", "--state", str(state),
+                  timeout=60)
+    assert looping.returncode == 1 and "INCONSISTENT" in looping.stderr and "OK" not in looping.stdout, looping.stdout
     wrong_key = cli("monitor", "audit", "--url", http_log.url, "--once",
                     "--vkey", str(type(http_log.signer).generate("example.com/audit").verifier))
     assert wrong_key.returncode == 1 and "no signature by a known key" in wrong_key.stderr
@@ -195,7 +230,54 @@ def test_monitor_names_a_bad_state_file(http_log, tmp_path):
     garbage = tmp_path / "garbage"
     garbage.write_text("not a note\n")
     out = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(garbage))
-    assert out.returncode == 1 and out.stderr.startswith(f"FAILED: monitor state {garbage}: "), out.stderr
+    # Exit 2, not 1 (an inconsistency of the log): the file is what is wrong.
+    assert out.returncode == 2 and out.stderr.startswith(
+        f"error: monitor state {garbage} is not a checkpoint this key signed: "), out.stderr
+
+
+def test_monitor_pins_the_origin_it_is_given(http_log, tmp_path):
+    """Found by review: a fresh state file followed whatever origin the server presented (a
+    key may sign several logs). With --origin, a checkpoint of another is refused."""
+    vkey = str(http_log.signer.verifier)
+    state = tmp_path / "seen"
+    monitor = ("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(state))
+    out = cli(*monitor, "--origin", "example.com/other")
+    assert out.returncode == 1 and "example.com/other" in out.stderr and not state.exists(), out.stdout + out.stderr
+    assert cli(*monitor, "--origin", "example.com/audit").returncode == 0
+    out = cli(*monitor, "--origin", "example.com/other")
+    assert out.returncode == 2 and f"monitor state {state} follows origin 'example.com/audit'" in out.stderr, out.stderr
+    with http_log.client() as c:
+        cp = c.checkpoint()
+        other = Checkpoint("example.com/other", cp.size, cp.root)
+        with pytest.raises(ProofVerificationError, match="two logs"):
+            c.verify_consistency(other, cp)
+
+
+def test_verify_refuses_options_that_do_not_fit_the_document(http_log, tmp_path):
+    """Found by review: options that did not apply were ignored (a checkpoint 'verified'
+    against --root), and a checkpoint that was not a note was called 'not JSON'."""
+    vkey = str(http_log.signer.verifier)
+    with http_log.client() as c:
+        cp = c.checkpoint()
+        (tmp_path / "cp").write_text(c.last_note)
+        (tmp_path / "proof.json").write_bytes(orjson.dumps(c.inclusion_proof(index=9, size=cp.size)))
+    checkpoint, proof = str(tmp_path / "cp"), str(tmp_path / "proof.json")
+    out = cli("verify", checkpoint, "--vkey", vkey, "--root", "AAAA")
+    assert out.returncode == 2 and "is a signed checkpoint, checked with --vkey alone; --root are for proofs" \
+        in out.stderr, out.stderr
+    out = cli("verify", proof, "--vkey", vkey)
+    assert out.returncode == 2 and "--vkey checks a signed checkpoint" in out.stderr, out.stderr
+    (tmp_path / "crlf").write_bytes(c.last_note.replace("\n", "\r\n").encode())
+    out = cli("verify", str(tmp_path / "crlf"), "--vkey", vkey)
+    assert out.returncode == 1 and "CRLF line ends" in out.stderr, out.stderr
+    (tmp_path / "unsigned").write_text(c.last_note.split("\n\n")[0] + "\n")
+    out = cli("verify", str(tmp_path / "unsigned"), "--vkey", vkey)
+    assert out.returncode == 1 and "is neither a signed checkpoint" in out.stderr, out.stderr
+    (tmp_path / "other.json").write_text('{"type": "receipt"}')
+    out = cli("verify", str(tmp_path / "other.json"), "--checkpoint", checkpoint, "--vkey", vkey)
+    assert out.returncode == 1 and "not a proof document" in out.stderr, out.stderr
+    out = cli("verify", proof, "--checkpoint", checkpoint, "--size", str(cp.size - 1), "--vkey", vkey)
+    assert out.returncode == 1 and f"--size is {cp.size - 1} but the checkpoint" in out.stderr, out.stderr
 
 
 # -- fuzzing: whatever is sent, the answer is JSON or the resource, never a 5xx -------------------
@@ -212,7 +294,7 @@ _SEGMENT = st.one_of(
 _VALUE = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
     st.sampled_from(["", "0", "1", "601", "602", "603", "AA==", "00" * 32, "+" * 44, '{"id":"7"}', "public.orders",
-                     "1e3", "nan", "inf", "-0", " 1", "0x10"]),
+                     "1e3", "nan", "inf", "-0", " 1", "0x10", "\x00", "public.orders\x00"]),
     st.text(max_size=20),
 )
 _PARAMS = st.dictionaries(st.sampled_from(["index", "size", "leaf_hash", "first", "second", "source", "key", "max_age",

@@ -67,6 +67,7 @@ def _hash_param(raw: str, name: str) -> bytes:
     if re.fullmatch(r"[0-9a-fA-F]{64}", raw):
         return bytes.fromhex(raw)
     text = raw.replace(" ", "+").replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)  # URL-safe base64 usually comes unpadded
     try:
         value = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -202,6 +203,8 @@ async def lookup(request: Request) -> Response:
     source, raw_key = request.query_params.get("source"), request.query_params.get("key")
     if not source or raw_key is None:
         raise ApiError(400, "give 'source' (schema.table) and 'key' (a JSON object of the key columns' text values)")
+    if "\x00" in source:
+        raise ApiError(400, "'source' must not contain a NUL character: no table name does")
     try:
         key = canonical.key_json(orjson.loads(raw_key))
     except (orjson.JSONDecodeError, MerkleListenerError, AttributeError) as exc:
@@ -242,15 +245,19 @@ async def verify(request: Request) -> Response:
 
 def _verify_entry(doc: dict) -> str:
     """{"type": "entry", "entry" (text) or "entry_base64", "leaf_index", "tree_size", "proof", "root"}"""
+    given = []  # an entry document gives both: the claim is the entry only if they agree
     if isinstance(doc.get("entry"), str):
-        data = doc["entry"].encode("utf-8", "surrogatepass")
-    elif isinstance(doc.get("entry_base64"), str):
+        given.append(doc["entry"].encode("utf-8", "surrogatepass"))
+    if isinstance(doc.get("entry_base64"), str):
         try:
-            data = base64.b64decode(doc["entry_base64"], validate=True)
+            given.append(base64.b64decode(doc["entry_base64"], validate=True))
         except (binascii.Error, ValueError):
             raise ProofVerificationError("entry_base64 is not valid base64") from None
-    else:
+    if not given:
         raise ProofVerificationError('an entry claim needs "entry" (text) or "entry_base64"')
+    if len(set(given)) > 1:
+        raise ProofVerificationError('"entry" and "entry_base64" are two different entries: give one, or both alike')
+    data = given[0]
     claim = dict(doc, type="inclusion", leaf_hash=_b64(canonical.leaf_hash_of_entry(data)))
     return proofs.verify_document(claim, None).replace("OK: leaf", "OK: entry of leaf", 1)
 
