@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="server processes sharing the port (SO_REUSEPORT), each with its own cache (default 1)")
     sv.add_argument("--worker-of-serve", action="store_true", help=argparse.SUPPRESS)  # one of --workers' processes
     sv.add_argument("--ready-max-age", type=float, default=60.0, metavar="SECONDS",
-                    help="/readyz fails when the latest checkpoint is older (default 60)")
+                    help="/readyz fails when a leaf has waited longer for a checkpoint (default 60)")
 
     mo = sub.add_parser(
         "monitor", help="follow a log's checkpoints over HTTP; verify signatures and consistency",

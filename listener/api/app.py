@@ -377,12 +377,19 @@ async def readyz(request: Request) -> Response:
         await state.refresh()
     except psycopg.Error as exc:
         return json_response({"ready": False, "reason": f"database unreachable: {str(exc).strip()}"}, 503)
-    now, stale = time.time(), []
+    # A quiet log's checkpoint may be hours old and still cover every leaf: what is not ready is
+    # a log without one, or a leaf that has waited longer than max_age for one (a stalled signer).
+    now, unsigned, waiting = time.time(), [], []
     for info in state.logs.values():
-        if info.checkpoint_time is None or now - info.checkpoint_time > max_age:
-            stale.append(info.name)
-    if stale:
-        return json_response({"ready": False, "reason": f"no checkpoint newer than {max_age}s for log(s) {', '.join(sorted(stale))}"}, 503)
+        if info.checkpoint_time is None:
+            unsigned.append(info.name)
+        elif info.uncovered_since is not None and now - info.uncovered_since > max_age:
+            waiting.append(info.name)
+    if unsigned or waiting:
+        reasons = ([f"no checkpoint for log(s) {', '.join(sorted(unsigned))}"] if unsigned else []) + (
+            [f"leaves appended over {max_age:g}s ago and not in a checkpoint yet in log(s) {', '.join(sorted(waiting))}"]
+            if waiting else [])
+        return json_response({"ready": False, "reason": "; ".join(reasons)}, 503)
     return json_response({"ready": True, "logs": len(state.logs)})
 
 

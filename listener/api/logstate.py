@@ -22,7 +22,9 @@ log = logging.getLogger("listener.api")
 
 _QUERY = """
 SELECT l.log_id, l.name, l.origin, l.tree_size, l.root, c.tree_size, c.root, c.note,
-       extract(epoch FROM c.created_at)::float8
+       extract(epoch FROM c.created_at)::float8,
+       (SELECT extract(epoch FROM p.sequenced_at)::float8 FROM merkle.processed_log p
+         WHERE p.log_id = l.log_id AND p.seq = coalesce(c.tree_size, 0) AND l.tree_size > coalesce(c.tree_size, 0))
   FROM merkle.logs l
   LEFT JOIN LATERAL (SELECT tree_size, root, note, created_at FROM merkle.checkpoints k
                       WHERE k.log_id = l.log_id AND k.origin = l.origin ORDER BY tree_size DESC LIMIT 1) c ON true
@@ -40,6 +42,7 @@ class LogInfo:
     checkpoint_root: bytes | None
     checkpoint_note: str | None
     checkpoint_time: float | None
+    uncovered_since: float | None = None  # when the first leaf no checkpoint covers was appended
 
     @property
     def default_size(self) -> int:
@@ -60,7 +63,8 @@ class LogState:
             async with self.pool.connection() as conn:
                 rows = await (await conn.execute(_QUERY)).fetchall()
             self.logs = {
-                r[1]: LogInfo(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], None if r[6] is None else bytes(r[6]), r[7], r[8])
+                r[1]: LogInfo(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], None if r[6] is None else bytes(r[6]), r[7], r[8],
+                                r[9])
                 for r in rows
             }
             self.refreshed_at = time.time()

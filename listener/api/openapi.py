@@ -50,7 +50,7 @@ def spec() -> dict:
                                 "C2SP tlog-tiles, tlog-checkpoint, signed-note). See docs/http-api.md."},
         "paths": {
             "/healthz": _get("the process is up", [], _json("Status", "ok")),
-            "/readyz": _get("database reachable and every log has a checkpoint newer than max_age",
+            "/readyz": _get("database reachable, every log has a checkpoint, and no leaf has waited longer than max_age for one",
                             [_param("max_age", schema={"type": "number", "minimum": 0}, doc="seconds")],
                             _json("Status", "ready"), "503"),
             "/openapi.json": _get("this document", [], {"description": "OpenAPI 3.1"}),
