@@ -40,7 +40,8 @@ def inclusion(conn: psycopg.Connection, log_name: str, index: int, size: int | N
             raise ConfigurationError(f"log {log.name!r} has no leaves yet" if asked is None else
                                      "the tree of size 0 has no leaves: give a --size larger than the leaf index")
         if not 0 <= index < size:
-            raise ConfigurationError(f"leaf index {index} is outside 0..{size - 1} (tree size {size})")
+            raise ConfigurationError(f"leaf index {index} is outside 0..{size - 1} (tree size {size})" if size else
+                                     f"the tree of size 0 has no leaf {index}")
         row = conn.execute(
             "SELECT p.leaf_hash, s.table_schema || '.' || s.table_name, p.source_key, p.op "
             "FROM merkle.processed_log p LEFT JOIN merkle.source_names s USING (source_id) "

@@ -57,6 +57,15 @@ def test_checkpoint_and_tiles_are_byte_exact(http_log):
         assert c.last_headers["cache-control"] == "public, max-age=60"
         c.request("GET", "/audit/checkpoint")
         assert c.last_headers["content-type"].startswith("text/plain")
+    # tlog-tiles: entry bundles SHOULD be compressed at the HTTP layer, for clients that accept it.
+    import gzip
+    import urllib.request
+
+    asked = urllib.request.Request(http_log.url + "/audit/tile/entries/000", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(asked, timeout=30) as answer:
+        assert answer.headers["Content-Encoding"] == "gzip" and answer.headers["Vary"] == "Accept-Encoding"
+        compressed = answer.read()
+    assert gzip.decompress(compressed) == bundle and len(compressed) < len(bundle) / 2
 
 
 def test_inclusion_and_consistency_proofs_verify(http_log):
@@ -141,6 +150,9 @@ def test_a_leaf_hash_in_unpadded_url_safe_base64_is_found(http_log):
     ("/v1/logs/audit/proof/inclusion?index=1&leaf_hash=AA", 400),
     ("/v1/logs/audit/proof/inclusion?leaf_hash=" + "00" * 32, 404),
     ("/v1/logs/audit/proof/consistency?first=10&second=5", 400),
+    ("/v1/logs/audit/proof/inclusion?index=0&size=0", 400),
+    ("/readyz?max_age=" + urllib.parse.quote("\u0663"), 400),  # float() reads it as 3
+    ("/readyz?max_age=1_000", 400),
     ("/v1/logs/nope/proof/inclusion?index=1", 404),
     ("/v1/logs/audit/entries/abc", 400),
     ("/v1/logs/audit/entries/100000", 404),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import logging
 import os
 import re
@@ -114,7 +115,8 @@ def _b64(h: bytes) -> str:
 async def _inclusion_doc(request: Request, info: LogInfo, index: int, size: int) -> dict:
     tiles: TileStore = request.app.state.tiles
     if not 0 <= index < size:
-        raise ApiError(400, f"leaf index {index} is outside 0..{size - 1} (tree size {size})")
+        raise ApiError(400, f"leaf index {index} is outside 0..{size - 1} (tree size {size})" if size else
+                       f"the tree of size 0 has no leaf {index}")
     plan = merkle.inclusion_plan(index, size)
     root_plan = None if size == info.default_size and info.checkpoint_root is not None else merkle.root_plan(size)
     ids = [(0, index), *plan.ids, *(root_plan.ids if root_plan else ())]
@@ -349,7 +351,10 @@ async def _entry_bundle(request: Request, info: LogInfo, index: int, width: int,
         body = entries_mod.bundle([leaf.entry for leaf in leaves])
     except MerkleListenerError as exc:
         raise ApiError(410, str(exc)) from None
-    return Response(body, media_type="application/octet-stream", headers={"Cache-Control": cache})
+    headers = {"Cache-Control": cache, "Vary": "Accept-Encoding"}
+    if "gzip" in request.headers.get("accept-encoding", ""):  # tlog-tiles: bundles SHOULD be compressed
+        body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=6, mtime=0), "gzip"
+    return Response(body, media_type="application/octet-stream", headers=headers)
 
 
 # -- health and spec -----------------------------------------------------------------------------
@@ -366,10 +371,9 @@ async def readyz(request: Request) -> Response:
     max_age = request.app.state.ready_max_age
     raw = request.query_params.get("max_age")
     if raw is not None:
-        try:
-            max_age = float(raw)
-        except ValueError:
-            raise ApiError(400, f"max_age must be a number of seconds, got {raw!r}") from None
+        if not re.fullmatch(r"[0-9]{1,10}(\.[0-9]{1,9})?", raw):  # float() takes '1_0', '٣', 'inf'
+            raise ApiError(400, f"max_age must be a number of seconds, got {raw!r}")
+        max_age = float(raw)
         if not 0 <= max_age < 1e9:
             raise ApiError(400, f"max_age must be between 0 and 1e9 seconds, got {raw!r}")
     state: LogState = request.app.state.logs
