@@ -381,6 +381,7 @@ class _Checkpoints:
         self.last = float("-inf")
         self.pending = opts.signer is not None  # a first checkpoint at start-up if none is current
         self.refused: str | None = None  # the refusal last logged
+        self.origin_told: str | None = None  # the origin last said to differ from the key's name
 
     def wait_limit(self, poll: float) -> float:
         if not self.pending:
@@ -408,6 +409,13 @@ class _Checkpoints:
         if cp is not None:
             log.info("checkpoint signed", extra={"log": self.name, "origin": cp.origin, "tree_size": cp.size,
                                                  "root": b64encode(cp.root).decode()})
+            if cp.origin != self.opts.signer.name and cp.origin != self.origin_told:
+                # C2SP tlog-checkpoint: the key name SHOULD match the origin. Said once per origin.
+                log.warning("the log's origin is not the signer key's name: verifiers must pin the origin "
+                            "(`monitor --origin`); for a key named by each log's origin, run a listener per log "
+                            "(`run --log NAME --key KEY`)",
+                            extra={"log": self.name, "origin": cp.origin, "key_name": self.opts.signer.name})
+                self.origin_told = cp.origin
 
 
 # A writer that has not stopped on an error for this long is taken to be past it: well over

@@ -401,3 +401,28 @@ def test_a_memory_that_cannot_be_marked_retired_neither_hides_a_refusal_nor_fail
         set_tree(conn, log.log_id, leaves("b", 5))
         with pytest.raises(SigningRefused, match="fewer leaves"):
             publish(wconn, "audit", signer, state)
+
+
+def test_a_log_whose_origin_is_not_the_keys_name_is_said_once(conn, dsn, tmp_path):
+    """C2SP tlog-checkpoint: the key name SHOULD match the origin. Found by review: `run --key`
+    signs every log with one key, and nothing said so; now the listener warns, once per origin."""
+    for name, origin in (("same", "example.com/same"), ("other", "example.com/other")):
+        conn.execute(f"CREATE TABLE t_{name} (id int PRIMARY KEY)")
+        registry.create_log(conn, name, origin)
+        registry.add_source(conn, name, f"t_{name}")
+    key = tmp_path / "key"
+    key.write_text(str(Signer.generate("example.com/same")) + "\n")
+    listener = start_listener(dsn, "--key", str(key), "--checkpoint-interval", "0")
+    try:
+        for i in range(1, 4):
+            conn.execute("INSERT INTO t_same VALUES (%s)", (i,))
+            conn.execute("INSERT INTO t_other VALUES (%s)", (i,))
+            deadline = time.monotonic() + 30
+            while conn.execute("SELECT count(*) FROM merkle.checkpoints WHERE tree_size = %s", (i,)).fetchone()[0] < 2:
+                assert time.monotonic() < deadline, "the two logs were not signed"
+                time.sleep(0.05)
+    finally:
+        said = listener.stop()
+    warnings = [orjson.loads(line) for line in said.splitlines() if "the signer key's name" in line]
+    assert [(w["log"], w["origin"], w["key_name"]) for w in warnings] == [
+        ("other", "example.com/other", "example.com/same")], said[-3000:]
