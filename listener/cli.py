@@ -923,6 +923,9 @@ def _trusted_root(root: str | None, size: int | None, checkpoint: Path | None, v
             raise ProofVerificationError(f"{root_flag} and the root of {checkpoint_flag} differ")
         if size is not None and size != cp.size:
             raise ProofVerificationError(f"{size_flag} is {size} but the checkpoint of {checkpoint_flag} is at size {cp.size}")
+        if doc.get("origin", cp.origin) != cp.origin:
+            raise ProofVerificationError(f"the proof names log origin {doc.get('origin')!r} but the checkpoint of "
+                                         f"{checkpoint_flag} is of {cp.origin!r}")
         print(f"OK: checkpoint of {cp.origin} at size {cp.size} signed by a known key")
         trusted, size, where = cp.root, cp.size, f"the checkpoint of {checkpoint_flag}"
     if size is not None and doc.get(size_key) != size:

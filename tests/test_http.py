@@ -288,6 +288,10 @@ def test_verify_refuses_options_that_do_not_fit_the_document(http_log, tmp_path)
     assert out.returncode == 1 and "not a proof document" in out.stderr, out.stderr
     out = cli("verify", proof, "--checkpoint", checkpoint, "--size", str(cp.size - 1), "--vkey", vkey)
     assert out.returncode == 1 and f"--size is {cp.size - 1} but the checkpoint" in out.stderr, out.stderr
+    doc = orjson.loads((tmp_path / "proof.json").read_bytes())
+    assert doc["origin"] == "example.com/audit"
+    out = cli("verify", "-", "--checkpoint", checkpoint, "--vkey", vkey, input=json.dumps(dict(doc, origin="evil.example/log")))
+    assert out.returncode == 1 and "names log origin 'evil.example/log'" in out.stderr, out.stderr
 
 
 # -- fuzzing: whatever is sent, the answer is JSON or the resource, never a 5xx -------------------
