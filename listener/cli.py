@@ -915,7 +915,7 @@ def _trusted_root(root: str | None, size: int | None, checkpoint: Path | None, v
     if (root is None) != (size is None) and checkpoint is None:
         raise ConfigurationError(f"{root_flag} and {size_flag} go together: the root you trust and the tree size you "
                                  "trust it at (or give a signed checkpoint, which names both)")
-    trusted = proofs.unb64(root, root_flag) if root else None
+    trusted = proofs.unb64(root, root_flag) if root is not None else None  # "" is a bad root, not none
     where = f"{root_flag} and {size_flag}"
     if checkpoint is not None:
         cp, _ = open_checkpoint(_read_file(checkpoint), [_read_vkey(vkey)])

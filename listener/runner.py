@@ -367,6 +367,9 @@ def _try_lock(conn: psycopg.Connection, name: str) -> bool:
     return row[0]
 
 
+_ORIGINS_TOLD: set[tuple[str, str]] = set()  # (log, origin) said to differ from the signer key's name
+
+
 class _Checkpoints:
     """The writer's checkpoint step: after batches, at most once per checkpoint_interval,
     publish a signed checkpoint in its own transaction (listener/store/checkpoints.py).
@@ -381,7 +384,6 @@ class _Checkpoints:
         self.last = float("-inf")
         self.pending = opts.signer is not None  # a first checkpoint at start-up if none is current
         self.refused: str | None = None  # the refusal last logged
-        self.origin_told: str | None = None  # the origin last said to differ from the key's name
 
     def wait_limit(self, poll: float) -> float:
         if not self.pending:
@@ -409,13 +411,14 @@ class _Checkpoints:
         if cp is not None:
             log.info("checkpoint signed", extra={"log": self.name, "origin": cp.origin, "tree_size": cp.size,
                                                  "root": b64encode(cp.root).decode()})
-            if cp.origin != self.opts.signer.name and cp.origin != self.origin_told:
-                # C2SP tlog-checkpoint: the key name SHOULD match the origin. Said once per origin.
+            if cp.origin != self.opts.signer.name and (self.name, cp.origin) not in _ORIGINS_TOLD:
+                # C2SP tlog-checkpoint: the key name SHOULD match the origin. Said once per origin
+                # and process, not at each of the writer's restarts.
                 log.warning("the log's origin is not the signer key's name: verifiers must pin the origin "
                             "(`monitor --origin`); for a key named by each log's origin, run a listener per log "
                             "(`run --log NAME --key KEY`)",
                             extra={"log": self.name, "origin": cp.origin, "key_name": self.opts.signer.name})
-                self.origin_told = cp.origin
+                _ORIGINS_TOLD.add((self.name, cp.origin))
 
 
 # A writer that has not stopped on an error for this long is taken to be past it: well over
@@ -428,9 +431,10 @@ class _WriterErrors:
     """The error that stops the log's writer, kept on the log's row for `status`
     (merkle.logs.writer_error) from its second stop running on, so that one a retry gets past
     is not reported; forgotten, and cleared there, once the writer has gone
-    ERROR_FORGOTTEN_AFTER seconds without stopping, or twice as long as its last attempt took
-    to stop when that attempt appended nothing (so a retry that needs minutes to reach the
-    change it is stuck on still finds the error remembered). `source add` and `source remove`
+    ERROR_FORGOTTEN_AFTER seconds without stopping; while the attempt after a stop has appended
+    nothing, twice as long as the stopped attempt took when it appended nothing either (so a
+    retry that needs minutes to reach the change it is stuck on still finds the error
+    remembered). `source add` and `source remove`
     clear it too: a writer still stopped keeps it again at its next stop."""
 
     def __init__(self, dsn: str, name: str, clock: Callable[[], float] = time.monotonic):
@@ -475,7 +479,8 @@ class _WriterErrors:
 
     async def running(self, conn: psycopg.Connection) -> None:
         """After each round of the writer that did not stop."""
-        if self.clock() - self.last_stop < self.forget_after:
+        # Once this attempt has appended, it is past what stopped the last one.
+        if self.clock() - self.last_stop < (ERROR_FORGOTTEN_AFTER if self.appended else self.forget_after):
             return
         self.last, self.repeats = None, 0
         if self.kept:

@@ -158,6 +158,9 @@ def test_prove_and_verify_round_trip_and_tampering_is_caught(conn, dsn, tmp_path
     assert out.returncode == 2 and "for consistency proofs" in out.stderr
     out = cli("verify", "-", "--root", second_root, input=cons)
     assert out.returncode == 2 and "--root and --size go together" in out.stderr, out.stderr
+    for empty in (("--root", "", "--size", "300"), ("--old-root", "", "--old-size", "17")):  # $ROOT unset
+        out = cli("verify", "-", *empty, input=cons)
+        assert out.returncode in (1, 2) and "OK" not in out.stdout, out.stdout + out.stderr
 
     out = cli("prove", "inclusion", "audit", "300", dsn=dsn)
     assert out.returncode == 2 and "outside" in out.stderr

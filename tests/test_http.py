@@ -66,6 +66,13 @@ def test_checkpoint_and_tiles_are_byte_exact(http_log):
         assert answer.headers["Content-Encoding"] == "gzip" and answer.headers["Vary"] == "Accept-Encoding"
         compressed = answer.read()
     assert gzip.decompress(compressed) == bundle and len(compressed) < len(bundle) / 2
+    for refused in ("gzip;q=0, identity", "identity", "*;q=0", "br"):
+        asked = urllib.request.Request(http_log.url + "/audit/tile/entries/000", headers={"Accept-Encoding": refused})
+        with urllib.request.urlopen(asked, timeout=30) as answer:
+            assert "Content-Encoding" not in answer.headers and answer.read() == bundle, refused
+    asked = urllib.request.Request(http_log.url + "/audit/tile/entries/000", headers={"Accept-Encoding": "br, *;q=0.5"})
+    with urllib.request.urlopen(asked, timeout=30) as answer:
+        assert answer.headers["Content-Encoding"] == "gzip"
 
 
 def test_inclusion_and_consistency_proofs_verify(http_log):

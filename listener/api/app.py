@@ -352,9 +352,23 @@ async def _entry_bundle(request: Request, info: LogInfo, index: int, width: int,
     except MerkleListenerError as exc:
         raise ApiError(410, str(exc)) from None
     headers = {"Cache-Control": cache, "Vary": "Accept-Encoding"}
-    if "gzip" in request.headers.get("accept-encoding", ""):  # tlog-tiles: bundles SHOULD be compressed
+    if _accepts_gzip(request.headers.get("accept-encoding", "")):  # tlog-tiles: bundles SHOULD be compressed
         body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=6, mtime=0), "gzip"
     return Response(body, media_type="application/octet-stream", headers=headers)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (RFC 9110 12.5.3: "gzip;q=0" refuses it)."""
+    weights = {}
+    for coding in accept_encoding.split(","):
+        name, *params = (part.strip() for part in coding.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                weight = float(value) if re.fullmatch(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?", value.strip()) else 0.0
+        weights[name.lower()] = weight
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0))) > 0
 
 
 # -- health and spec -----------------------------------------------------------------------------
