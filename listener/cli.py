@@ -163,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "monitor", help="follow a log's checkpoints over HTTP; verify signatures and consistency",
         description="Follow a log's signed checkpoints: verify each one's signature, and a consistency proof from "
                     "the last one verified to it (the log only grew).",
-        epilog="Exit status: 0 with --once when the checkpoint verified and extends the last; 1 on an inconsistency "
-               "(two signed histories: both signed notes are printed, and kept in STATE.evidence; this ends the "
-               "monitor even without --once), or with --once on a checkpoint that does not verify; 2 when the log "
-               "cannot be read (with --once) or an option or the state file is wrong.")
+        epilog="Exit status: 0 with --once when the checkpoint verified and extends the last (or is an older one "
+               "the server proves a prefix of it: a replica that lags); 1 on a split view (two signed roots for one "
+               "size: both notes are printed and kept in STATE.evidence) or another origin, with or without --once, "
+               "and with --once on a checkpoint the server does not prove consistent or that does not verify; 2 "
+               "with --once when the log cannot be read, and on a wrong option or state file. Without --once an "
+               "unproven checkpoint is asked about again at every poll, and nothing is OK until it is proven.")
     mo.add_argument("log", help="the log's name on that server")
     mo.add_argument("--url", required=True, help="base URL of the HTTP API, e.g. http://127.0.0.1:8080")
     mo.add_argument("--vkey", required=True, help="verifier key text, or @FILE")

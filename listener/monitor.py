@@ -1,12 +1,21 @@
 """`merkle-listener monitor`: follow a log's signed checkpoints and prove the log only grows.
 
 Each poll: fetch the checkpoint, verify its signature with the verifier key, and verify a
-consistency proof (RFC 9162 §2.1.4) from the last verified checkpoint to it. The last verified
-checkpoint (its signed note) can be kept in a state file, so a monitor run daily with --once
-proves the log never rewrote history between runs. An inconsistency is reported loudly on
-stderr with both signed notes as evidence (also kept beside the state file) and ends the
-monitor with exit status 1; a log that cannot be read is reported, and ends a --once run with
-exit status 2.
+consistency proof (RFC 9162 §2.1.4) between the last verified checkpoint and it. The last
+verified checkpoint (its signed note) can be kept in a state file, so a monitor run daily with
+--once proves the log never rewrote history between runs.
+
+What a poll can find, and what the monitor does:
+- a split view (two signed roots for one size): proof in itself that the log's key signed two
+  histories. Both notes are printed, kept in STATE.evidence, and the monitor exits 1.
+- a signed checkpoint the server does not prove consistent with the last one (a failed or
+  malformed proof): printed with both notes; --once exits 1. Without --once the monitor asks
+  again at every poll and says nothing is OK until the server proves it, since a garbled
+  answer (a proxy) and a second history look alike until then.
+- an older checkpoint that is consistent with the last (a lagging replica): said, and the last
+  one is kept.
+- another origin than the one followed: exits 1, with or without --once.
+- a checkpoint that does not verify, or a log that cannot be read: said; --once exits 1 or 2.
 """
 
 from __future__ import annotations
@@ -46,38 +55,48 @@ def _save(path: Path | None, text: str) -> None:
             raise ConfigurationError(f"cannot write monitor state {path}: {exc.strerror}") from None
 
 
-class Inconsistent(ProofVerificationError):
-    """A checkpoint that verified, signed by the log's key, that does not extend the last one:
-    the two signed notes together are the evidence."""
-
-    def __init__(self, message: str, note: str):
-        super().__init__(message)
-        self.note = note
+class SplitView(ProofVerificationError):
+    """Two signed roots for one size."""
 
 
-def check_once(client: Client, last: Checkpoint | None) -> Checkpoint:
-    """The current checkpoint, verified and proven to extend `last`. Raises
-    ProofVerificationError on any inconsistency, ClientError when the log cannot be read."""
-    cp = client.checkpoint()
+class Unproven(ProofVerificationError):
+    """A signed checkpoint the server did not prove consistent with the last verified one."""
+
+
+class OtherOrigin(ProofVerificationError):
+    """A checkpoint of another origin than the one followed."""
+
+
+def _prove(client: Client, a: Checkpoint, b: Checkpoint) -> None:
+    """That the smaller of two checkpoints is a prefix of the larger, by the server's proof."""
+    older, newer = (a, b) if a.size <= b.size else (b, a)
+    if older.size == newer.size:
+        if older.root != newer.root:
+            raise SplitView(f"two different signed roots for size {older.size}: a split view")
+        return
     try:
-        _extends(client, last, cp)
+        client.verify_consistency(older, newer)
+    except ClientError as exc:
+        if newer is b:
+            raise
+        # A server whose log is behind what was verified cannot prove up to it: a replica that
+        # lags, as far as anyone can tell from here.
+        raise ClientError(0, f"the server serves the checkpoint of size {b.size}, older than the last verified "
+                             f"({a.size}), and cannot prove it a prefix of it (a replica that lags?): {exc}") from None
     except ProofVerificationError as exc:
-        raise Inconsistent(str(exc), client.last_note) from None
-    return cp
+        raise Unproven(f"the server did not prove that the checkpoint of size {newer.size} extends the one of size "
+                       f"{older.size} ({exc}); unless it can, the log's key signed two histories") from None
 
 
-def _extends(client: Client, last: Checkpoint | None, cp: Checkpoint) -> None:
-    if last is not None:
-        if cp.origin != last.origin:
-            # Not a proof of anything: the log's operator retired the origin (`log set-origin`,
-            # after the database went back behind a checkpoint). Following on is the verifier's call.
-            raise ProofVerificationError(
-                f"origin changed from {last.origin!r} to {cp.origin!r}: the log's operator retired the old origin "
-                "(after its database went back behind a published checkpoint?); ask them why, keep the last "
-                "checkpoint, and follow the new origin only deliberately, with a new monitor state")
-        if cp.size == last.size and cp.root != last.root:
-            raise ProofVerificationError(f"two different signed roots for size {cp.size}: a split view")
-        client.verify_consistency(last, cp)
+def _check_origin(cp: Checkpoint, expected: str | None) -> None:
+    if expected is not None and cp.origin != expected:
+        # Not a proof of anything: the log's operator may have retired the origin (`log
+        # set-origin`, after the database went back behind a checkpoint), or the URL names
+        # another log. Following a new origin is the verifier's call, with a new state.
+        raise OtherOrigin(
+            f"the checkpoint is of origin {cp.origin!r}, not {expected!r}: the log's operator retired the old origin "
+            "(after its database went back behind a published checkpoint?) or this is another log; ask them why, "
+            "keep the last checkpoint, and follow the new origin only deliberately, with a new monitor state")
 
 
 def monitor(url: str, log: str, verifier: Verifier, *, once: bool = False, state: Path | None = None,
@@ -88,37 +107,64 @@ def monitor(url: str, log: str, verifier: Verifier, *, once: bool = False, state
         raise ConfigurationError(f"cannot write monitor state {state}: {state.parent} is not a directory")
     if origin is not None and last is not None and last.origin != origin:
         raise ConfigurationError(f"monitor state {state} follows origin {last.origin!r}, not --origin {origin!r}")
-    with Client(url, log, verifier, origin=origin) as client:
+
+    def say(text: str) -> None:
+        print(text, file=err, flush=True)
+
+    def both_notes(other: str) -> str:
+        return f"last verified checkpoint (size {last.size}):\n{note}\nthe checkpoint the server signed:\n{other}"
+
+    suspect: tuple[Checkpoint, str] | None = None  # signed, and not proven consistent with `last`
+    with Client(url, log, verifier) as client:
         while True:
             try:
-                cp = check_once(client, last)
-            except Inconsistent as exc:
-                # Proof that the log's key signed two histories: the monitor's whole purpose. It
-                # stops here, so that no later checkpoint reads as if all were well.
-                print(f"INCONSISTENT: log {log!r} at {url}: {exc}", file=err, flush=True)
-                evidence = (f"last verified checkpoint (size {last.size}):\n{note}\n"
-                            f"the checkpoint the server then signed, which does not extend it:\n{exc.note}")
-                print(f"keep both signed notes as evidence:\n{evidence}", file=err, flush=True)
+                if suspect is not None:
+                    fresh = suspect[1]
+                    _prove(client, last, suspect[0])
+                    say(f"resolved: the server proved the checkpoint of size {suspect[0].size} consistent with the "
+                        "last verified one")
+                    suspect = None
+                cp = client.checkpoint()
+                fresh = client.last_note
+                _check_origin(cp, origin or (last.origin if last is not None else None))
+                if last is not None:
+                    _prove(client, last, cp)
+            except SplitView as exc:
+                # Both notes prove it to anyone: nothing the monitor sees later can undo it.
+                evidence = both_notes(fresh)
+                say(f"INCONSISTENT: log {log!r} at {url}: {exc}\nkeep both signed notes as evidence:\n{evidence}")
                 if state is not None:
                     kept = state.with_name(state.name + ".evidence")
                     _save(kept, evidence)
-                    print(f"(kept in {kept})", file=err, flush=True)
+                    say(f"(kept in {kept})")
+                return 1
+            except Unproven as exc:
+                if suspect is None:
+                    suspect = (cp, fresh)
+                say(f"INCONSISTENT: log {log!r} at {url}: {exc}\n{both_notes(suspect[1])}")
+                if once:
+                    return 1
+            except OtherOrigin as exc:
+                say(f"INCONSISTENT: log {log!r} at {url}: {exc}")
                 return 1
             except ProofVerificationError as exc:
-                # A checkpoint that does not verify (a bad signature, another origin than
-                # --origin): not signed by the log's key, so no evidence against it.
-                print(f"INCONSISTENT: log {log!r} at {url}: {exc}", file=err, flush=True)
+                # Not signed by the log's key (or not a checkpoint): no evidence against the log.
+                say(f"INCONSISTENT: log {log!r} at {url}: {exc}")
                 if once:
                     return 1
             except ClientError as exc:
-                print(f"cannot read log {log!r} at {url}: {exc}", file=err, flush=True)
+                say(f"cannot read log {log!r} at {url}: {exc}")
                 if once:
                     return 2
             else:
-                grew = "" if last is None else f" (+{cp.size - last.size} leaves, consistent)"
-                print(f"OK: {cp.origin} size {cp.size}{grew}", file=out, flush=True)
-                last, note = cp, client.last_note
-                _save(state, note)
+                if last is not None and cp.size < last.size:
+                    say(f"behind: the server serves the checkpoint of size {cp.size}, older than the last verified "
+                        f"({last.size}) and consistent with it (a replica that lags?); keeping size {last.size}")
+                else:
+                    grew = "" if last is None else f" (+{cp.size - last.size} leaves, consistent)"
+                    print(f"OK: {cp.origin} size {cp.size}{grew}", file=out, flush=True)
+                    last, note = cp, fresh
+                    _save(state, note)
                 if once:
                     return 0
             time.sleep(interval)

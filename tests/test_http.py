@@ -195,17 +195,21 @@ def test_monitor_and_verify_cli(http_log, tmp_path):
     state.write_text(http_log.signer.sign(Checkpoint("example.com/audit", 10, hashlib.sha256(b"fork").digest()).body()))
     bad = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--once", "--state", str(state))
     assert bad.returncode == 1 and "INCONSISTENT" in bad.stderr
-    # Found by review: only the kept note was printed, and alone it proves nothing. Both signed
-    # notes are the evidence: printed, and kept beside the state file.
-    evidence = (tmp_path / "seen.evidence").read_text()
-    kept, served = evidence.split("the checkpoint the server then signed, which does not extend it:\n")
-    assert state.read_text() in kept and kept.startswith("last verified checkpoint (size 10):")
-    served_cp, _ = open_checkpoint(served, [http_log.signer.verifier], "example.com/audit")
-    assert served_cp.size >= 10 and evidence in bad.stderr
-    # Without --once too: a monitor that has seen two histories stops, and says so.
-    looping = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--interval", "0.1", "--state", str(state),
-                  timeout=60)
-    assert looping.returncode == 1 and "INCONSISTENT" in looping.stderr and "OK" not in looping.stdout, looping.stdout
+    # Two roots signed for the server's size: both notes are the evidence, printed and kept
+    # beside the state file, and the monitor stops, with or without --once.
+    with http_log.client() as c:
+        size = c.checkpoint().size
+    forged = http_log.signer.sign(Checkpoint("example.com/audit", size, hashlib.sha256(b"fork").digest()).body())
+    for once in (("--once",), ()):
+        state.write_text(forged)
+        split = cli("monitor", "audit", "--url", http_log.url, "--vkey", vkey, "--interval", "0.1", "--state",
+                    str(state), *once, timeout=60)
+        assert split.returncode == 1 and "a split view" in split.stderr and "OK" not in split.stdout, split
+        evidence = (tmp_path / "seen.evidence").read_text()
+        kept, served = evidence.split("the checkpoint the server signed:\n")
+        assert forged in kept and kept.startswith(f"last verified checkpoint (size {size}):")
+        served_cp, _ = open_checkpoint(served, [http_log.signer.verifier], "example.com/audit")
+        assert served_cp.size == size and evidence in split.stderr
     wrong_key = cli("monitor", "audit", "--url", http_log.url, "--once",
                     "--vkey", str(type(http_log.signer).generate("example.com/audit").verifier))
     assert wrong_key.returncode == 1 and "no signature by a known key" in wrong_key.stderr
