@@ -76,6 +76,8 @@ def consistency(conn: psycopg.Connection, log_name: str, first: int, second: int
 
 def _int(doc: dict, key: str) -> int:
     v = doc.get(key)
+    if isinstance(v, float) and abs(v) >= 2**63:  # orjson reads a JSON integer past 64 bits as a float
+        raise ProofVerificationError(f"field {key!r} must be an integer below 2^63, got one of {len(str(int(v)))} digits")
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProofVerificationError(f"field {key!r} must be an integer, got {v!r}")
     return v
