@@ -160,6 +160,8 @@ def test_a_leaf_hash_in_unpadded_url_safe_base64_is_found(http_log):
     ("/v1/logs/audit/proof/inclusion?index=0&size=0", 400),
     ("/readyz?max_age=" + urllib.parse.quote("\u0663"), 400),  # float() reads it as 3
     ("/readyz?max_age=1_000", 400),
+    ("/v1/logs/audit/proof/inclusion?index=1&index=2", 400),  # which one was meant is not ours to guess
+    ("/v1/logs/audit/lookup?source=public.orders&source=public.notes&key=" + urllib.parse.quote('{"id":"1"}'), 400),
     ("/v1/logs/nope/proof/inclusion?index=1", 404),
     ("/v1/logs/audit/entries/abc", 400),
     ("/v1/logs/audit/entries/100000", 404),

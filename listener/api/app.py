@@ -52,8 +52,16 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
 # -- input parsing -------------------------------------------------------------------------
 
 
+def _query(request: Request, name: str) -> str | None:
+    """A query parameter given at most once: which of two a caller meant is not ours to guess."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"query parameter {name!r} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
 def _int_param(request: Request, name: str, *, required: bool = False, default: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
+    raw = _query(request, name)
     if raw is None:
         if required:
             raise ApiError(400, f"query parameter {name!r} is required")
@@ -133,7 +141,7 @@ async def _inclusion_doc(request: Request, info: LogInfo, index: int, size: int)
 async def inclusion(request: Request) -> Response:
     info = _log(request)
     info, size = await _size(request, info)
-    raw_hash = request.query_params.get("leaf_hash")
+    raw_hash = _query(request, "leaf_hash")
     index = _int_param(request, "index")
     if (raw_hash is None) == (index is None):
         raise ApiError(400, "give exactly one of 'index' or 'leaf_hash'")
@@ -202,7 +210,7 @@ async def entry(request: Request) -> Response:
 
 async def lookup(request: Request) -> Response:
     info = _log(request)
-    source, raw_key = request.query_params.get("source"), request.query_params.get("key")
+    source, raw_key = _query(request, "source"), _query(request, "key")
     if not source or raw_key is None:
         raise ApiError(400, "give 'source' (schema.table) and 'key' (a JSON object of the key columns' text values)")
     if "\x00" in source:
@@ -383,7 +391,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     max_age = request.app.state.ready_max_age
-    raw = request.query_params.get("max_age")
+    raw = _query(request, "max_age")
     if raw is not None:
         if not re.fullmatch(r"[0-9]{1,10}(\.[0-9]{1,9})?", raw):  # float() takes '1_0', '٣', 'inf'
             raise ApiError(400, f"max_age must be a number of seconds, got {raw!r}")
