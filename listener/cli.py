@@ -892,7 +892,7 @@ def cmd_verify(args) -> int:
     kind = doc.get("type") if isinstance(doc, dict) else None
     if kind not in ("inclusion", "consistency"):
         proofs.verify_document(doc)  # says what a proof document is
-    if kind == "inclusion" and (args.old_root or args.old_size is not None or args.old_checkpoint):
+    if kind == "inclusion" and any(flag.startswith("--old-") for flag in proof_options):
         raise ConfigurationError("--old-root, --old-size and --old-checkpoint are for consistency proofs; an inclusion "
                                  "proof has one root: give it with --root and --size, or --checkpoint")
     if args.vkey and not (args.checkpoint or args.old_checkpoint):

@@ -434,8 +434,8 @@ class _WriterErrors:
     ERROR_FORGOTTEN_AFTER seconds without stopping; while the attempt after a stop has appended
     nothing, twice as long as the stopped attempt took when it appended nothing either (so a
     retry that needs minutes to reach the change it is stuck on still finds the error
-    remembered). `source add` and `source remove`
-    clear it too: a writer still stopped keeps it again at its next stop."""
+    remembered). `source add` and `source remove` clear it too: a writer still stopped keeps
+    it again at its next stop."""
 
     def __init__(self, dsn: str, name: str, clock: Callable[[], float] = time.monotonic):
         self.dsn, self.name, self.clock = dsn, name, clock
